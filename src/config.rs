@@ -1,0 +1,718 @@
+//! The configuration: the TOML schema, its validation into a typed `Config`, and errors that name
+//! the file, line, key, bad value and what is allowed.
+//!
+//! Two layers, as ripgrep does with its flags: serde reads the file into `Raw*` structs whose fields
+//! are `Spanned<Value>` (so every error can point at a line), then `validate` turns them into a
+//! `Config` whose fields already hold `Duration`s, addresses and checked limits. `parse` is pure
+//! (a `&str` in, a `Result` out); `load` only adds the file read.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::{Spanned, Value};
+
+/// The configuration file shipped in `config/config.toml`; its values are the built-in defaults
+/// (this unit test holds the two together).
+#[cfg(test)]
+const SHIPPED: &str = include_str!("../config/config.toml");
+
+/// A validated configuration. Every field is within its documented range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub bind: IpAddr,
+    pub port: u16,
+    pub max_connections: usize,
+    pub queue_depth: usize,
+    pub backlog: u32,
+    pub idle_timeout: Duration,
+    pub max_line_bytes: usize,
+    pub thread_stack_kib: usize,
+    pub shutdown_grace: Duration,
+    pub mode: Mode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every byte goes back to its sender as it arrives.
+    Echo,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub level: log::LevelFilter,
+}
+
+/// Where a configuration came from; the first log line names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// `--config PATH`.
+    Flag(PathBuf),
+    /// `$FERRYD_CONFIG`.
+    Env(PathBuf),
+    /// `/etc/ferryd/config.toml`, found on disk.
+    System(PathBuf),
+    /// No file: the built-in defaults.
+    Builtin,
+}
+
+/// A configuration that cannot be used. `Display` names the file, line, key, value and what is
+/// allowed, as far as each is known.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file could not be read.
+    Read { path: PathBuf, err: std::io::Error },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong shape.
+    Invalid {
+        file: String,
+        line: Option<usize>,
+        key: Option<String>,
+        value: Option<String>,
+        problem: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, err } => {
+                write!(f, "cannot read config file {}: {err}", path.display())
+            }
+            ConfigError::Invalid {
+                file,
+                line,
+                key,
+                value,
+                problem,
+            } => {
+                write!(f, "{file}")?;
+                if let Some(line) = line {
+                    write!(f, ":{line}")?;
+                }
+                match (key, value) {
+                    (Some(k), Some(v)) => write!(f, ": {k} = {v}")?,
+                    (Some(k), None) => write!(f, ": {k}")?,
+                    _ => {}
+                }
+                write!(f, ": {problem}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The system-wide configuration path tried when neither `--config` nor `$FERRYD_CONFIG` is given.
+pub const SYSTEM_PATH: &str = "/etc/ferryd/config.toml";
+
+impl Origin {
+    /// Picks the configuration source: `flag`, else `env` (the value of `$FERRYD_CONFIG`), else
+    /// `/etc/ferryd/config.toml` if it exists, else the built-in defaults.
+    pub fn choose(flag: Option<PathBuf>, env: Option<PathBuf>) -> Origin {
+        if let Some(p) = flag {
+            return Origin::Flag(p);
+        }
+        if let Some(p) = env.filter(|p| !p.as_os_str().is_empty()) {
+            return Origin::Env(p);
+        }
+        let system = Path::new(SYSTEM_PATH);
+        if system.exists() {
+            return Origin::System(system.to_path_buf());
+        }
+        Origin::Builtin
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Origin::Flag(p) | Origin::Env(p) | Origin::System(p) => Some(p),
+            Origin::Builtin => None,
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Flag(p) => write!(f, "{} (from --config)", p.display()),
+            Origin::Env(p) => write!(f, "{} (from $FERRYD_CONFIG)", p.display()),
+            Origin::System(p) => write!(f, "{}", p.display()),
+            Origin::Builtin => write!(
+                f,
+                "built-in defaults (same as the shipped config/config.toml)"
+            ),
+        }
+    }
+}
+
+/// Reads and validates the configuration named by `origin`.
+pub fn load(origin: &Origin) -> Result<Config, ConfigError> {
+    let Some(path) = origin.path() else {
+        return Ok(Config::default());
+    };
+    let src = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+        path: path.to_path_buf(),
+        err,
+    })?;
+    parse(&src, &path.display().to_string())
+}
+
+/// Parses and validates configuration text. `file` is only used in error messages.
+pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+    let ctx = Ctx { src, file };
+    let raw: RawConfig = toml::from_str(src).map_err(|e| ctx.toml_error(&e))?;
+    ctx.validate(&raw)
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            server: ServerConfig {
+                bind: IpAddr::from([127, 0, 0, 1]),
+                port: PORT.default as u16,
+                max_connections: MAX_CONNECTIONS.default as usize,
+                queue_depth: QUEUE_DEPTH.default as usize,
+                backlog: BACKLOG.default as u32,
+                idle_timeout: Duration::from_secs(IDLE_TIMEOUT_SECS.default as u64),
+                max_line_bytes: MAX_LINE_BYTES.default as usize,
+                thread_stack_kib: THREAD_STACK_KIB.default as usize,
+                shutdown_grace: Duration::from_secs(SHUTDOWN_GRACE_SECS.default as u64),
+                mode: Mode::Echo,
+            },
+            log: LogConfig {
+                level: log::LevelFilter::Info,
+            },
+        }
+    }
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Echo => "echo",
+        }
+    }
+}
+
+/// Renders the effective configuration as TOML that `parse` reads back to the same `Config`.
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.server;
+        writeln!(f, "[server]")?;
+        writeln!(f, "bind = \"{}\"", s.bind)?;
+        writeln!(f, "port = {}", s.port)?;
+        writeln!(f, "max_connections = {}", s.max_connections)?;
+        writeln!(f, "queue_depth = {}", s.queue_depth)?;
+        writeln!(f, "backlog = {}", s.backlog)?;
+        writeln!(f, "idle_timeout_secs = {}", s.idle_timeout.as_secs())?;
+        writeln!(f, "max_line_bytes = {}", s.max_line_bytes)?;
+        writeln!(f, "thread_stack_kib = {}", s.thread_stack_kib)?;
+        writeln!(f, "shutdown_grace_secs = {}", s.shutdown_grace.as_secs())?;
+        writeln!(f, "mode = \"{}\"", s.mode.as_str())?;
+        writeln!(f)?;
+        writeln!(f, "[log]")?;
+        writeln!(
+            f,
+            "level = \"{}\"",
+            self.log.level.as_str().to_ascii_lowercase()
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The schema: each key once, with its default and range. Error messages and the syntax-error hint
+// both read these, so the range a user is told is the range that is checked.
+
+/// An integer key and its inclusive range.
+struct IntKey {
+    name: &'static str,
+    min: i64,
+    max: i64,
+    default: i64,
+}
+
+/// A string key that takes one of a fixed set of words.
+struct WordKey {
+    name: &'static str,
+    words: &'static [&'static str],
+}
+
+const PORT: IntKey = IntKey {
+    name: "server.port",
+    min: 1,
+    max: 65535,
+    default: 7878,
+};
+const MAX_CONNECTIONS: IntKey = IntKey {
+    name: "server.max_connections",
+    min: 1,
+    max: 65535,
+    default: 64,
+};
+const QUEUE_DEPTH: IntKey = IntKey {
+    name: "server.queue_depth",
+    min: 1,
+    max: 1_000_000,
+    default: 16,
+};
+const BACKLOG: IntKey = IntKey {
+    name: "server.backlog",
+    min: 1,
+    max: 65535,
+    default: 128,
+};
+const IDLE_TIMEOUT_SECS: IntKey = IntKey {
+    name: "server.idle_timeout_secs",
+    min: 1,
+    max: 86_400,
+    default: 300,
+};
+const MAX_LINE_BYTES: IntKey = IntKey {
+    name: "server.max_line_bytes",
+    min: 1,
+    max: 16 << 20,
+    default: 65536,
+};
+const THREAD_STACK_KIB: IntKey = IntKey {
+    name: "server.thread_stack_kib",
+    min: 16,
+    max: 65536,
+    default: 128,
+};
+const SHUTDOWN_GRACE_SECS: IntKey = IntKey {
+    name: "server.shutdown_grace_secs",
+    min: 0,
+    max: 3600,
+    default: 5,
+};
+const INT_KEYS: &[&IntKey] = &[
+    &PORT,
+    &MAX_CONNECTIONS,
+    &QUEUE_DEPTH,
+    &BACKLOG,
+    &IDLE_TIMEOUT_SECS,
+    &MAX_LINE_BYTES,
+    &THREAD_STACK_KIB,
+    &SHUTDOWN_GRACE_SECS,
+];
+
+const MODE: WordKey = WordKey {
+    name: "server.mode",
+    words: &["echo"],
+};
+const LEVEL: WordKey = WordKey {
+    name: "log.level",
+    words: &["error", "warn", "info", "debug"],
+};
+const WORD_KEYS: &[&WordKey] = &[&MODE, &LEVEL];
+
+const BIND: &str = "server.bind";
+const BIND_ALLOWED: &str =
+    "an IPv4 or IPv6 address literal such as \"127.0.0.1\", \"0.0.0.0\" or \"::\"";
+
+impl IntKey {
+    fn allowed(&self) -> String {
+        format!("an integer in {}–{}", self.min, self.max)
+    }
+}
+
+impl WordKey {
+    fn allowed(&self) -> String {
+        let quoted: Vec<String> = self.words.iter().map(|w| format!("\"{w}\"")).collect();
+        format!("one of {}", quoted.join(", "))
+    }
+}
+
+/// What is allowed for `key`, for hints on syntax errors.
+fn allowed_for(key: &str) -> Option<String> {
+    if let Some(k) = INT_KEYS.iter().find(|k| k.name == key) {
+        return Some(k.allowed());
+    }
+    if let Some(k) = WORD_KEYS.iter().find(|k| k.name == key) {
+        return Some(k.allowed());
+    }
+    (key == BIND).then(|| BIND_ALLOWED.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The raw layer: what serde reads.
+
+type Field = Option<Spanned<Value>>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    bind: Field,
+    port: Field,
+    max_connections: Field,
+    queue_depth: Field,
+    backlog: Field,
+    idle_timeout_secs: Field,
+    max_line_bytes: Field,
+    thread_stack_kib: Field,
+    shutdown_grace_secs: Field,
+    mode: Field,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Field,
+}
+
+/// The text being validated, for turning spans into lines and values.
+struct Ctx<'a> {
+    src: &'a str,
+    file: &'a str,
+}
+
+impl Ctx<'_> {
+    fn validate(&self, raw: &RawConfig) -> Result<Config, ConfigError> {
+        let s = &raw.server;
+        // "echo" is the only mode so far; `word` still rejects every other value.
+        self.word(&s.mode, &MODE)?;
+        let mode = Mode::Echo;
+        let level = match self.word(&raw.log.level, &LEVEL)? {
+            Some("error") => log::LevelFilter::Error,
+            Some("warn") => log::LevelFilter::Warn,
+            Some("debug") => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Info,
+        };
+        Ok(Config {
+            server: ServerConfig {
+                bind: self
+                    .ip(&s.bind, BIND)?
+                    .unwrap_or(IpAddr::from([127, 0, 0, 1])),
+                port: self.int(&s.port, &PORT)? as u16,
+                max_connections: self.int(&s.max_connections, &MAX_CONNECTIONS)? as usize,
+                queue_depth: self.int(&s.queue_depth, &QUEUE_DEPTH)? as usize,
+                backlog: self.int(&s.backlog, &BACKLOG)? as u32,
+                idle_timeout: self.secs(&s.idle_timeout_secs, &IDLE_TIMEOUT_SECS)?,
+                max_line_bytes: self.int(&s.max_line_bytes, &MAX_LINE_BYTES)? as usize,
+                thread_stack_kib: self.int(&s.thread_stack_kib, &THREAD_STACK_KIB)? as usize,
+                shutdown_grace: self.secs(&s.shutdown_grace_secs, &SHUTDOWN_GRACE_SECS)?,
+                mode,
+            },
+            log: LogConfig { level },
+        })
+    }
+
+    /// An integer within the key's range, or the key's default when absent. The range check
+    /// happens here, so the `as` casts by the callers cannot truncate.
+    fn int(&self, field: &Field, key: &IntKey) -> Result<i64, ConfigError> {
+        let Some(v) = field else {
+            return Ok(key.default);
+        };
+        match v.get_ref() {
+            Value::Integer(i) if (key.min..=key.max).contains(i) => Ok(*i),
+            Value::Integer(_) => Err(self.bad(v, key.name, "out of range", &key.allowed())),
+            other => Err(self.bad(
+                v,
+                key.name,
+                &format!("expected an integer, found {}", type_name(other)),
+                &key.allowed(),
+            )),
+        }
+    }
+
+    fn secs(&self, field: &Field, key: &IntKey) -> Result<Duration, ConfigError> {
+        Ok(Duration::from_secs(self.int(field, key)? as u64))
+    }
+
+    fn word(&self, field: &Field, key: &WordKey) -> Result<Option<&'static str>, ConfigError> {
+        let Some(v) = field else {
+            return Ok(None);
+        };
+        let Value::String(s) = v.get_ref() else {
+            let problem = format!("expected a string, found {}", type_name(v.get_ref()));
+            return Err(self.bad(v, key.name, &problem, &key.allowed()));
+        };
+        match key.words.iter().find(|w| **w == s.as_str()) {
+            Some(w) => Ok(Some(w)),
+            None => Err(self.bad(v, key.name, "not a known value", &key.allowed())),
+        }
+    }
+
+    fn ip(&self, field: &Field, key: &str) -> Result<Option<IpAddr>, ConfigError> {
+        let Some(v) = field else {
+            return Ok(None);
+        };
+        let Value::String(s) = v.get_ref() else {
+            let problem = format!("expected a string, found {}", type_name(v.get_ref()));
+            return Err(self.bad(v, key, &problem, BIND_ALLOWED));
+        };
+        s.parse()
+            .map(Some)
+            .map_err(|_| self.bad(v, key, "not an IP address", BIND_ALLOWED))
+    }
+
+    fn bad(&self, v: &Spanned<Value>, key: &str, problem: &str, allowed: &str) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line: Some(line_of(self.src, v.span().start)),
+            key: Some(key.to_string()),
+            value: Some(self.raw_text(v.span())),
+            problem: format!("{problem}; allowed: {allowed}"),
+        }
+    }
+
+    fn raw_text(&self, span: Range<usize>) -> String {
+        self.src.get(span).unwrap_or("").trim().to_string()
+    }
+
+    /// Turns a TOML or serde error into one that names the line, the qualified key on that line
+    /// and its value text, plus what the key allows when the key is known.
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let message = e.message().trim().to_string();
+        let Some(span) = e.span() else {
+            return ConfigError::Invalid {
+                file: self.file.to_string(),
+                line: None,
+                key: None,
+                value: None,
+                problem: message,
+            };
+        };
+        let line_no = line_of(self.src, span.start);
+        let text = self.src.lines().nth(line_no - 1).unwrap_or("");
+        let (key, value) = match split_key_value(text) {
+            Some((k, v)) => {
+                let table = table_before(self.src, span.start);
+                let key = if table.is_empty() {
+                    k.to_string()
+                } else {
+                    format!("{table}.{k}")
+                };
+                (Some(key), (!v.is_empty()).then(|| v.to_string()))
+            }
+            None => (None, None),
+        };
+        let problem = match key.as_deref().and_then(allowed_for) {
+            Some(allowed) => format!("{message}; allowed: {allowed}"),
+            None => message,
+        };
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line: Some(line_no),
+            key,
+            value,
+            problem,
+        }
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a float",
+        Value::Boolean(_) => "a boolean",
+        Value::Datetime(_) => "a date",
+        Value::Array(_) => "an array",
+        Value::Table(_) => "a table",
+    }
+}
+
+/// The 1-based line number of byte offset `pos`.
+fn line_of(src: &str, pos: usize) -> usize {
+    let pos = pos.min(src.len());
+    src.as_bytes()[..pos]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Splits `key = value  # comment` into the bare key and the value text.
+fn split_key_value(line: &str) -> Option<(&str, &str)> {
+    let (k, v) = line.split_once('=')?;
+    let k = k.trim().trim_matches('"');
+    if k.is_empty() || k.starts_with('[') || k.starts_with('#') {
+        return None;
+    }
+    let v = match v.find(" #") {
+        Some(i) => &v[..i],
+        None => v,
+    };
+    Some((k, v.trim()))
+}
+
+/// The name of the `[table]` whose body contains byte offset `pos` ("" at the top level).
+fn table_before(src: &str, pos: usize) -> &str {
+    let head = src.get(..pos).unwrap_or(src);
+    head.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .and_then(|l| l.strip_prefix('['))
+        .and_then(|l| l.split(']').next())
+        .map(str::trim)
+        .unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(src: &str) -> String {
+        match parse(src, "test.toml") {
+            Ok(c) => panic!("expected an error for {src:?}, got {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn shipped_file_equals_builtin_defaults() {
+        assert_eq!(parse(SHIPPED, "config.toml").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(parse("", "x").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn display_round_trips() {
+        let src = "[server]\nbind = \"::\"\nport = 9000\nidle_timeout_secs = 7\n[log]\nlevel = \"debug\"\n";
+        let c = parse(src, "x").unwrap();
+        assert_eq!(parse(&c.to_string(), "y").unwrap(), c);
+        assert_eq!(
+            parse(&Config::default().to_string(), "y").unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn bad_ports_name_file_line_key_value_and_range() {
+        let cases = [
+            ("0", "out of range"),
+            ("00", "leading zero"),
+            ("\"0000\"", "expected an integer, found a string"),
+            ("70000", "out of range"),
+            ("-1", "out of range"),
+            ("\"abc\"", "expected an integer, found a string"),
+            ("7878.5", "expected an integer, found a float"),
+        ];
+        for (value, problem) in cases {
+            let msg = err(&format!("# comment\n[server]\nport = {value}\n"));
+            let want = format!("test.toml:3: server.port = {value}: ");
+            assert!(msg.starts_with(&want), "{msg:?} should start with {want:?}");
+            assert!(msg.contains(problem), "{msg:?} should contain {problem:?}");
+            assert!(msg.contains("1–65535"), "{msg:?} should name the range");
+        }
+    }
+
+    #[test]
+    fn absurd_limits_are_rejected() {
+        let cases = [
+            ("max_connections = 0", "server.max_connections = 0"),
+            ("queue_depth = 0", "server.queue_depth = 0"),
+            ("queue_depth = 1000001", "server.queue_depth = 1000001"),
+            ("thread_stack_kib = 15", "server.thread_stack_kib = 15"),
+            ("max_line_bytes = 0", "server.max_line_bytes = 0"),
+            ("idle_timeout_secs = 0", "server.idle_timeout_secs = 0"),
+            ("backlog = -5", "server.backlog = -5"),
+        ];
+        for (line, want) in cases {
+            let msg = err(&format!("[server]\n{line}\n"));
+            assert!(msg.starts_with(&format!("test.toml:2: {want}: ")), "{msg}");
+            assert!(msg.contains("allowed: an integer in"), "{msg}");
+        }
+        assert_eq!(
+            parse("[server]\nqueue_depth = 1000000\n", "x")
+                .unwrap()
+                .server
+                .queue_depth,
+            1_000_000
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_tables_name_line_and_key() {
+        let msg = err("[server]\nport = 1\nprot = 2\n");
+        assert!(
+            msg.starts_with("test.toml:3: server.prot = 2: unknown field `prot`"),
+            "{msg}"
+        );
+        let msg = err("[sever]\nport = 1\n");
+        assert!(
+            msg.starts_with("test.toml:1: unknown field `sever`"),
+            "{msg}"
+        );
+        let msg = err("[log]\nlevel = \"info\"\ncolour = true\n");
+        assert!(
+            msg.starts_with("test.toml:3: log.colour = true: unknown field"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn wrong_words_and_types() {
+        let msg = err("[server]\nmode = \"relay\"\n");
+        assert!(
+            msg.contains("server.mode = \"relay\": not a known value; allowed: one of \"echo\""),
+            "{msg}"
+        );
+        let msg = err("[log]\nlevel = 3\n");
+        assert!(
+            msg.contains("test.toml:2: log.level = 3: expected a string"),
+            "{msg}"
+        );
+        let msg = err("[server]\nbind = \"localhost\"\n");
+        assert!(
+            msg.contains("server.bind = \"localhost\": not an IP address"),
+            "{msg}"
+        );
+        let msg = err("server = 5\n");
+        assert!(msg.starts_with("test.toml:1: server = 5: "), "{msg}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let msg = err("[server]\nport = 7878\nbind = \"127.0.0.1\n");
+        assert!(
+            msg.starts_with("test.toml:3: server.bind = \"127.0.0.1: "),
+            "{msg}"
+        );
+        let msg = err("[server\n");
+        assert!(msg.starts_with("test.toml:1: "), "{msg}");
+    }
+
+    #[test]
+    fn valid_values_are_typed() {
+        let c = parse(
+            "[server]\nbind = \"::\"\nport = 65535\nidle_timeout_secs = 2\n[log]\nlevel = \"warn\"\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.server.bind, "::".parse::<IpAddr>().unwrap());
+        assert_eq!(c.server.port, 65535);
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(2));
+        assert_eq!(c.log.level, log::LevelFilter::Warn);
+    }
+
+    #[test]
+    fn origin_prefers_flag_then_env() {
+        let flag = Origin::choose(Some("a.toml".into()), Some("b.toml".into()));
+        assert_eq!(flag, Origin::Flag("a.toml".into()));
+        let env = Origin::choose(None, Some("b.toml".into()));
+        assert_eq!(env, Origin::Env("b.toml".into()));
+    }
+}

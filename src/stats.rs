@@ -1,0 +1,46 @@
+//! Daemon-wide counters, updated with relaxed atomics and read for the shutdown summary (and, with
+//! systemd, the `STATUS=` line).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections accepted since start.
+    pub accepted: AtomicU64,
+    /// Connections being served by a worker now.
+    pub open: AtomicU64,
+    /// Connections accepted and waiting for a worker now.
+    pub queued: AtomicU64,
+    /// Connections refused because the work queue was full.
+    pub refused_busy: AtomicU64,
+    /// Bytes received from and sent to TCP peers.
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn sub(counter: &AtomicU64, n: u64) {
+        counter.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// One line for logs: `accepted 12, open 3, queued 0, refused 1, in 1.2 kB, out 1.2 kB`.
+    pub fn summary(&self) -> String {
+        format!(
+            "accepted {}, open {}, queued {}, refused busy {}, in {} B, out {} B",
+            Stats::get(&self.accepted),
+            Stats::get(&self.open),
+            Stats::get(&self.queued),
+            Stats::get(&self.refused_busy),
+            Stats::get(&self.bytes_in),
+            Stats::get(&self.bytes_out),
+        )
+    }
+}
