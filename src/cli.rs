@@ -2,6 +2,9 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::client::SendOptions;
 
 /// The usage text shown by `--help`.
 pub const HELP: &str = "\
@@ -10,17 +13,25 @@ ferryd — a small TCP daemon that echoes text and stores uploaded files
 Usage:
   ferryd [--config PATH]                 run the daemon
   ferryd check-config [--config PATH]    validate a config and print the effective settings
+  ferryd send --to HOST:PORT [--timeout SECS] FILE...
+                                         upload files over one connection, one answer per file
+  ferryd pack FILE...                    write the same frames to stdout, for netcat:
+                                           ferryd pack photo.jpg | nc -N 127.0.0.1 7878
   ferryd --help | --version
 
 Options:
   -c, --config PATH   config file; without it: $FERRYD_CONFIG, else /etc/ferryd/config.toml
                       if it exists, else the built-in defaults (127.0.0.1:7878, echo)
+      --to HOST:PORT  (send) the server to upload to
+      --timeout SECS  (send) connect timeout, and how long a stalled write may block; default 5
   -h, --help          print this help
   -V, --version       print the version
 
-Exit codes: 0 success, 1 runtime failure (e.g. the port is taken), 64 bad command line,
-78 bad configuration, 130 a second SIGINT/SIGTERM during shutdown.
+Exit codes: 0 success, 1 runtime failure (the port is taken; a file was not stored),
+64 bad command line, 78 bad configuration, 130 a second SIGINT/SIGTERM during shutdown.
 ";
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
@@ -31,6 +42,12 @@ pub enum Command {
     /// Validate the configuration and print it.
     CheckConfig {
         config: Option<PathBuf>,
+    },
+    /// Upload files to a server.
+    Send(SendOptions),
+    /// Write file frames to stdout.
+    Pack {
+        files: Vec<PathBuf>,
     },
     Help,
     Version,
@@ -47,30 +64,71 @@ where
     let mut parser = lexopt::Parser::from_args(args);
     let mut subcommand: Option<String> = None;
     let mut config = None;
+    let mut to = None;
+    let mut timeout = None;
+    let mut files = Vec::new();
     while let Some(arg) = parser.next()? {
         match arg {
             Short('c') | Long("config") => config = Some(PathBuf::from(parser.value()?)),
+            Long("to") => to = Some(parser.value()?.string()?),
+            Long("timeout") => timeout = Some(parse_timeout(&parser.value()?.string()?)?),
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
             Value(v) if subcommand.is_none() => {
                 let name = v.string()?;
                 match name.as_str() {
-                    "check-config" | "run" => subcommand = Some(name),
+                    "run" | "check-config" | "send" | "pack" => subcommand = Some(name),
                     _ => {
                         return Err(format!(
-                            "unknown command '{name}' (commands: run, check-config; see --help)"
+                            "unknown command '{name}' (commands: run, check-config, send, pack; see --help)"
                         )
                         .into());
                     }
                 }
             }
+            Value(v) if matches!(subcommand.as_deref(), Some("send" | "pack")) => {
+                files.push(PathBuf::from(v));
+            }
             _ => return Err(arg.unexpected()),
         }
     }
-    Ok(match subcommand.as_deref() {
-        Some("check-config") => Command::CheckConfig { config },
+    let sub = subcommand.as_deref().unwrap_or("run");
+    let misplaced = [
+        (
+            "--config",
+            config.is_some(),
+            matches!(sub, "run" | "check-config"),
+        ),
+        ("--to", to.is_some(), sub == "send"),
+        ("--timeout", timeout.is_some(), sub == "send"),
+    ];
+    if let Some((flag, ..)) = misplaced
+        .iter()
+        .find(|(_, used, allowed)| *used && !*allowed)
+    {
+        return Err(format!("{flag} does not apply to '{sub}'").into());
+    }
+    Ok(match sub {
+        "check-config" => Command::CheckConfig { config },
+        "send" => {
+            let to = to.ok_or("send needs --to HOST:PORT")?;
+            if files.is_empty() {
+                return Err("send needs at least one FILE".into());
+            }
+            let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
+            Command::Send(SendOptions { to, timeout, files })
+        }
+        "pack" if files.is_empty() => return Err("pack needs at least one FILE".into()),
+        "pack" => Command::Pack { files },
         _ => Command::Run { config },
     })
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, lexopt::Error> {
+    match s.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs <= 3600.0 => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(format!("--timeout {s}: expected seconds, more than 0 and at most 3600").into()),
+    }
 }
 
 #[cfg(test)]
@@ -83,37 +141,77 @@ mod tests {
 
     #[test]
     fn commands() {
-        assert_eq!(ok(&[]), Command::Run { config: None });
+        let cases: [(&[&str], Command); 6] = [
+            (&[], Command::Run { config: None }),
+            (
+                &["--config", "a.toml"],
+                Command::Run {
+                    config: Some("a.toml".into()),
+                },
+            ),
+            (
+                &["check-config", "-c", "b.toml"],
+                Command::CheckConfig {
+                    config: Some("b.toml".into()),
+                },
+            ),
+            (
+                &["--config=c.toml", "run"],
+                Command::Run {
+                    config: Some("c.toml".into()),
+                },
+            ),
+            (&["--help"], Command::Help),
+            (&["-V"], Command::Version),
+        ];
+        for (args, want) in cases {
+            assert_eq!(ok(args), want, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn send_and_pack() {
+        let send = |to: &str, ms: u64, files: &[&str]| {
+            Command::Send(SendOptions {
+                to: to.into(),
+                timeout: Duration::from_millis(ms),
+                files: files.iter().map(PathBuf::from).collect(),
+            })
+        };
         assert_eq!(
-            ok(&["--config", "a.toml"]),
-            Command::Run {
-                config: Some("a.toml".into())
-            }
+            ok(&["send", "--to", "h:1", "a", "b"]),
+            send("h:1", 5000, &["a", "b"])
         );
         assert_eq!(
-            ok(&["check-config", "-c", "b.toml"]),
-            Command::CheckConfig {
-                config: Some("b.toml".into())
-            }
+            ok(&["send", "a", "--timeout", "0.5", "--to=h:2"]),
+            send("h:2", 500, &["a"])
         );
         assert_eq!(
-            ok(&["--config=c.toml", "run"]),
-            Command::Run {
-                config: Some("c.toml".into())
+            ok(&["pack", "x"]),
+            Command::Pack {
+                files: vec!["x".into()]
             }
         );
-        assert_eq!(ok(&["--help"]), Command::Help);
-        assert_eq!(ok(&["-V"]), Command::Version);
     }
 
     #[test]
     fn errors() {
-        for args in [
-            &["--nope"][..],
+        let cases: [&[&str]; 13] = [
+            &["--nope"],
             &["frobnicate"],
             &["--config"],
             &["run", "extra"],
-        ] {
+            &["send", "a"],
+            &["send", "--to", "h:1"],
+            &["send", "--to", "h:1", "--timeout", "0", "a"],
+            &["send", "--to", "h:1", "--timeout", "abc", "a"],
+            &["pack"],
+            &["pack", "--to", "h:1", "a"],
+            &["send", "--config", "c", "--to", "h:1", "a"],
+            &["--to", "h:1"],
+            &["check-config", "x"],
+        ];
+        for args in cases {
             assert!(parse(args.iter().copied()).is_err(), "{args:?}");
         }
     }

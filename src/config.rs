@@ -24,6 +24,7 @@ const SHIPPED: &str = include_str!("../config/config.toml");
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub server: ServerConfig,
+    pub files: FilesConfig,
     pub log: LogConfig,
 }
 
@@ -45,6 +46,38 @@ pub struct ServerConfig {
 pub enum Mode {
     /// Every byte goes back to its sender as it arrives.
     Echo,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilesConfig {
+    /// Where uploads are stored (created with mode 0750 if missing).
+    pub dir: PathBuf,
+    pub max_file_size: u64,
+    pub on_conflict: OnConflict,
+    /// Permission bits of stored files.
+    pub file_mode: u32,
+    pub min_free_bytes: u64,
+}
+
+/// What happens when an upload's name is already taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnConflict {
+    /// Store as `name (1).ext`, `name (2).ext`, …
+    Rename,
+    /// Refuse with `ERR exists`.
+    Reject,
+    /// Replace the old file atomically.
+    Overwrite,
+}
+
+impl OnConflict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnConflict::Rename => "rename",
+            OnConflict::Reject => "reject",
+            OnConflict::Overwrite => "overwrite",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -187,6 +220,13 @@ impl Default for Config {
                 shutdown_grace: Duration::from_secs(SHUTDOWN_GRACE_SECS.default as u64),
                 mode: Mode::Echo,
             },
+            files: FilesConfig {
+                dir: PathBuf::from(FILES_DIR_DEFAULT),
+                max_file_size: MAX_FILE_SIZE.default as u64,
+                on_conflict: OnConflict::Rename,
+                file_mode: FILE_MODE.default as u32,
+                min_free_bytes: MIN_FREE_BYTES.default as u64,
+            },
             log: LogConfig {
                 level: log::LevelFilter::Info,
             },
@@ -218,6 +258,14 @@ impl fmt::Display for Config {
         writeln!(f, "shutdown_grace_secs = {}", s.shutdown_grace.as_secs())?;
         writeln!(f, "mode = \"{}\"", s.mode.as_str())?;
         writeln!(f)?;
+        let files = &self.files;
+        writeln!(f, "[files]")?;
+        writeln!(f, "dir = {}", toml_string(&files.dir.to_string_lossy()))?;
+        writeln!(f, "max_file_size = {}", files.max_file_size)?;
+        writeln!(f, "on_conflict = \"{}\"", files.on_conflict.as_str())?;
+        writeln!(f, "file_mode = {:#o}", files.file_mode)?;
+        writeln!(f, "min_free_bytes = {}", files.min_free_bytes)?;
+        writeln!(f)?;
         writeln!(f, "[log]")?;
         writeln!(
             f,
@@ -237,6 +285,8 @@ struct IntKey {
     min: i64,
     max: i64,
     default: i64,
+    /// Shown and described in octal (file modes).
+    octal: bool,
 }
 
 /// A string key that takes one of a fixed set of words.
@@ -250,48 +300,77 @@ const PORT: IntKey = IntKey {
     min: 1,
     max: 65535,
     default: 7878,
+    octal: false,
 };
 const MAX_CONNECTIONS: IntKey = IntKey {
     name: "server.max_connections",
     min: 1,
     max: 65535,
     default: 64,
+    octal: false,
 };
 const QUEUE_DEPTH: IntKey = IntKey {
     name: "server.queue_depth",
     min: 1,
     max: 1_000_000,
     default: 16,
+    octal: false,
 };
 const BACKLOG: IntKey = IntKey {
     name: "server.backlog",
     min: 1,
     max: 65535,
     default: 128,
+    octal: false,
 };
 const IDLE_TIMEOUT_SECS: IntKey = IntKey {
     name: "server.idle_timeout_secs",
     min: 1,
     max: 86_400,
     default: 300,
+    octal: false,
 };
 const MAX_LINE_BYTES: IntKey = IntKey {
     name: "server.max_line_bytes",
     min: 1,
     max: 16 << 20,
     default: 65536,
+    octal: false,
 };
 const THREAD_STACK_KIB: IntKey = IntKey {
     name: "server.thread_stack_kib",
-    min: 16,
+    min: 32,
     max: 65536,
     default: 128,
+    octal: false,
 };
 const SHUTDOWN_GRACE_SECS: IntKey = IntKey {
     name: "server.shutdown_grace_secs",
     min: 0,
     max: 3600,
     default: 5,
+    octal: false,
+};
+const MAX_FILE_SIZE: IntKey = IntKey {
+    name: "files.max_file_size",
+    min: 0,
+    max: i64::MAX,
+    default: 1 << 30,
+    octal: false,
+};
+const FILE_MODE: IntKey = IntKey {
+    name: "files.file_mode",
+    min: 0,
+    max: 0o777,
+    default: 0o640,
+    octal: true,
+};
+const MIN_FREE_BYTES: IntKey = IntKey {
+    name: "files.min_free_bytes",
+    min: 0,
+    max: i64::MAX,
+    default: 64 << 20,
+    octal: false,
 };
 const INT_KEYS: &[&IntKey] = &[
     &PORT,
@@ -302,6 +381,9 @@ const INT_KEYS: &[&IntKey] = &[
     &MAX_LINE_BYTES,
     &THREAD_STACK_KIB,
     &SHUTDOWN_GRACE_SECS,
+    &MAX_FILE_SIZE,
+    &FILE_MODE,
+    &MIN_FREE_BYTES,
 ];
 
 const MODE: WordKey = WordKey {
@@ -312,15 +394,30 @@ const LEVEL: WordKey = WordKey {
     name: "log.level",
     words: &["error", "warn", "info", "debug"],
 };
-const WORD_KEYS: &[&WordKey] = &[&MODE, &LEVEL];
+const ON_CONFLICT: WordKey = WordKey {
+    name: "files.on_conflict",
+    words: &["rename", "reject", "overwrite"],
+};
+const WORD_KEYS: &[&WordKey] = &[&MODE, &LEVEL, &ON_CONFLICT];
 
 const BIND: &str = "server.bind";
 const BIND_ALLOWED: &str =
     "an IPv4 or IPv6 address literal such as \"127.0.0.1\", \"0.0.0.0\" or \"::\"";
+const FILES_DIR: &str = "files.dir";
+const FILES_DIR_DEFAULT: &str = "uploads";
+const FILES_DIR_ALLOWED: &str =
+    "a non-empty directory path (relative paths start at ferryd's working directory)";
 
 impl IntKey {
     fn allowed(&self) -> String {
-        format!("an integer in {}–{}", self.min, self.max)
+        if self.octal {
+            format!(
+                "an octal mode in {:#o}–{:#o}, e.g. {:#o}",
+                self.min, self.max, self.default
+            )
+        } else {
+            format!("an integer in {}–{}", self.min, self.max)
+        }
     }
 }
 
@@ -339,7 +436,11 @@ fn allowed_for(key: &str) -> Option<String> {
     if let Some(k) = WORD_KEYS.iter().find(|k| k.name == key) {
         return Some(k.allowed());
     }
-    (key == BIND).then(|| BIND_ALLOWED.to_string())
+    match key {
+        BIND => Some(BIND_ALLOWED.to_string()),
+        FILES_DIR => Some(FILES_DIR_ALLOWED.to_string()),
+        _ => None,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -353,7 +454,19 @@ struct RawConfig {
     #[serde(default)]
     server: RawServer,
     #[serde(default)]
+    files: RawFiles,
+    #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFiles {
+    dir: Field,
+    max_file_size: Field,
+    on_conflict: Field,
+    file_mode: Field,
+    min_free_bytes: Field,
 }
 
 #[derive(Deserialize, Default)]
@@ -410,8 +523,40 @@ impl Ctx<'_> {
                 shutdown_grace: self.secs(&s.shutdown_grace_secs, &SHUTDOWN_GRACE_SECS)?,
                 mode,
             },
+            files: self.files(&raw.files)?,
             log: LogConfig { level },
         })
+    }
+
+    fn files(&self, f: &RawFiles) -> Result<FilesConfig, ConfigError> {
+        let on_conflict = match self.word(&f.on_conflict, &ON_CONFLICT)? {
+            Some("reject") => OnConflict::Reject,
+            Some("overwrite") => OnConflict::Overwrite,
+            _ => OnConflict::Rename,
+        };
+        Ok(FilesConfig {
+            dir: self
+                .path(&f.dir, FILES_DIR)?
+                .unwrap_or_else(|| PathBuf::from(FILES_DIR_DEFAULT)),
+            max_file_size: self.int(&f.max_file_size, &MAX_FILE_SIZE)? as u64,
+            on_conflict,
+            file_mode: self.int(&f.file_mode, &FILE_MODE)? as u32,
+            min_free_bytes: self.int(&f.min_free_bytes, &MIN_FREE_BYTES)? as u64,
+        })
+    }
+
+    fn path(&self, field: &Field, key: &str) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(v) = field else {
+            return Ok(None);
+        };
+        match v.get_ref() {
+            Value::String(s) if !s.is_empty() => Ok(Some(PathBuf::from(s))),
+            Value::String(_) => Err(self.bad(v, key, "empty path", FILES_DIR_ALLOWED)),
+            other => {
+                let problem = format!("expected a string, found {}", type_name(other));
+                Err(self.bad(v, key, &problem, FILES_DIR_ALLOWED))
+            }
+        }
     }
 
     /// An integer within the key's range, or the key's default when absent. The range check
@@ -516,6 +661,22 @@ impl Ctx<'_> {
             problem,
         }
     }
+}
+
+/// A TOML basic string with the characters that need it escaped.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -706,6 +867,34 @@ mod tests {
         assert_eq!(c.server.port, 65535);
         assert_eq!(c.server.idle_timeout, Duration::from_secs(2));
         assert_eq!(c.log.level, log::LevelFilter::Warn);
+    }
+
+    #[test]
+    fn files_section() {
+        let c = parse(
+            "[files]\ndir = \"/var/lib/ferryd/up \\\"q\\\"\"\nmax_file_size = 10\non_conflict = \"reject\"\nfile_mode = 0o600\nmin_free_bytes = 0\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.files.dir, PathBuf::from("/var/lib/ferryd/up \"q\""));
+        assert_eq!(c.files.max_file_size, 10);
+        assert_eq!(c.files.on_conflict, OnConflict::Reject);
+        assert_eq!(c.files.file_mode, 0o600);
+        assert_eq!(parse(&c.to_string(), "y").unwrap(), c);
+        let msg = err("[files]\nfile_mode = 640\n");
+        assert!(msg.contains("files.file_mode = 640: out of range; allowed: an octal mode in 0o0–0o777, e.g. 0o640"), "{msg}");
+        let msg = err("[files]\ndir = \"\"\n");
+        assert!(msg.contains("files.dir = \"\": empty path"), "{msg}");
+        let msg = err("[files]\non_conflict = \"replace\"\n");
+        assert!(
+            msg.contains("one of \"rename\", \"reject\", \"overwrite\""),
+            "{msg}"
+        );
+        let msg = err("[files]\nmax_file_size = -1\n");
+        assert!(
+            msg.contains("files.max_file_size = -1: out of range"),
+            "{msg}"
+        );
     }
 
     #[test]

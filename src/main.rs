@@ -4,15 +4,19 @@
 #![forbid(unsafe_code)]
 
 mod cli;
+mod client;
 mod config;
 mod conn;
 mod escape;
 mod listener;
 mod logger;
 mod peer;
+mod proto;
 mod registry;
 mod server;
 mod stats;
+mod store;
+mod upload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +49,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckConfig { config } => check_config(config),
+        Command::Send(opts) => send(&opts),
+        Command::Pack { files } => pack(&files),
         Command::Run { config } => run(config),
     }
 }
@@ -69,6 +75,31 @@ fn check_config(flag: Option<PathBuf>) -> ExitCode {
         Err(e) => {
             eprintln!("ferryd: config error: {e}");
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn send(opts: &client::SendOptions) -> ExitCode {
+    match client::send(opts, &mut std::io::stdout()) {
+        Ok(stored) if stored.iter().all(|&ok| ok) => ExitCode::SUCCESS,
+        Ok(stored) => {
+            let failed = stored.iter().filter(|&&ok| !ok).count();
+            eprintln!("ferryd: {failed} of {} file(s) not stored", stored.len());
+            ExitCode::from(EXIT_FAILURE)
+        }
+        Err(e) => {
+            eprintln!("ferryd: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn pack(files: &[PathBuf]) -> ExitCode {
+    match client::pack(files, &mut std::io::stdout().lock()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferryd: {e}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }

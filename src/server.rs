@@ -21,12 +21,15 @@ use crate::listener::{self, BindError};
 use crate::peer::Peer;
 use crate::registry::Registry;
 use crate::stats::Stats;
+use crate::store::{Store, StoreError};
 
 /// The line a client is sent when the daemon stops.
 pub const ERR_SHUTDOWN: &[u8] = b"ERR server shutting down\n";
 /// The line a client is sent when every worker is busy and the queue is full.
 pub const ERR_BUSY: &[u8] = b"ERR busy\n";
 
+/// Smallest worker stack in a debug build, in KiB.
+const DEBUG_MIN_STACK_KIB: usize = 64;
 /// How long the accept loop waits after a failed `accept` before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -36,6 +39,7 @@ pub struct Shared {
     pub config: Config,
     pub stats: Stats,
     pub conns: Registry,
+    pub store: Store,
     stopping: AtomicBool,
 }
 
@@ -55,6 +59,8 @@ pub struct Job {
 #[derive(Debug)]
 pub enum ServerError {
     Bind(BindError),
+    /// The upload directory cannot be used.
+    Store(StoreError),
     /// A worker thread could not be started (usually a process or memory limit).
     Spawn {
         index: usize,
@@ -67,6 +73,7 @@ impl std::fmt::Display for ServerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ServerError::Bind(e) => write!(f, "{e}"),
+            ServerError::Store(e) => write!(f, "files.dir: {e}"),
             ServerError::Spawn { index, total, err } => write!(
                 f,
                 "cannot start worker thread {index} of {total}: {err} (lower server.max_connections or raise the process/thread limits)"
@@ -92,8 +99,21 @@ pub struct StopHandle {
 }
 
 impl Server {
-    /// Binds the listening socket. Nothing is served until `run`.
+    /// Opens the upload directory and binds the listening socket. Nothing is served until `run`.
     pub fn bind(config: Config) -> Result<Server, ServerError> {
+        let opened = Store::open(&config.files).map_err(ServerError::Store)?;
+        for name in &opened.stale_removed {
+            log::warn!(
+                "removed stale partial upload {}/{name} (left by an earlier crash or kill)",
+                config.files.dir.display()
+            );
+        }
+        log::info!(
+            "storing uploads in {} (on_conflict {}, max {} B per file)",
+            opened.store.dir().display(),
+            config.files.on_conflict.as_str(),
+            config.files.max_file_size
+        );
         let addr = SocketAddr::new(config.server.bind, config.server.port);
         let listener =
             listener::bind_tcp(addr, config.server.backlog).map_err(ServerError::Bind)?;
@@ -103,6 +123,7 @@ impl Server {
                 config,
                 stats: Stats::default(),
                 conns: Registry::default(),
+                store: opened.store,
                 stopping: AtomicBool::new(false),
             }),
             listener: Arc::new(listener),
@@ -124,11 +145,18 @@ impl Server {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_depth);
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
         let n_workers = cfg.max_connections;
+        // Unoptimised code has much larger stack frames; a debug build must not overflow where a
+        // release build does not.
+        let stack_kib = if cfg!(debug_assertions) {
+            cfg.thread_stack_kib.max(DEBUG_MIN_STACK_KIB)
+        } else {
+            cfg.thread_stack_kib
+        };
         for index in 0..n_workers {
             let (shared, rx, done) = (Arc::clone(&self.shared), rx.clone(), done_tx.clone());
             thread::Builder::new()
                 .name(format!("worker-{index}"))
-                .stack_size(cfg.thread_stack_kib * 1024)
+                .stack_size(stack_kib * 1024)
                 .spawn(move || worker(&shared, &rx, &done))
                 .map_err(|err| {
                     // Workers already started end when the queue's sender is dropped below.

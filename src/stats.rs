@@ -16,6 +16,9 @@ pub struct Stats {
     /// Bytes received from and sent to TCP peers.
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Files stored, and frames that ended in an `ERR`.
+    pub files_stored: AtomicU64,
+    pub files_failed: AtomicU64,
 }
 
 impl Stats {
@@ -31,14 +34,16 @@ impl Stats {
         counter.load(Ordering::Relaxed)
     }
 
-    /// One line for logs: `accepted 12, open 3, queued 0, refused 1, in 1.2 kB, out 1.2 kB`.
+    /// One line for logs, e.g. `accepted 12, open 3, queued 0, refused busy 1, …`.
     pub fn summary(&self) -> String {
         format!(
-            "accepted {}, open {}, queued {}, refused busy {}, in {} B, out {} B",
+            "accepted {}, open {}, queued {}, refused busy {}, files stored {}, files failed {}, in {} B, out {} B",
             Stats::get(&self.accepted),
             Stats::get(&self.open),
             Stats::get(&self.queued),
             Stats::get(&self.refused_busy),
+            Stats::get(&self.files_stored),
+            Stats::get(&self.files_failed),
             Stats::get(&self.bytes_in),
             Stats::get(&self.bytes_out),
         )

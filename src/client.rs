@@ -1,0 +1,400 @@
+//! The client half of the file protocol: `ferryd send` (upload files to a server, one connection,
+//! one answer per file) and `ferryd pack` (write the same frames to stdout for `nc`).
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, IsTerminal, Read, Seek, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::proto::answer::{Answer, parse_answer};
+use crate::proto::{Header, name};
+
+/// Chunk size for hashing and for sending (progress is updated per chunk).
+const CHUNK: usize = 1 << 20;
+/// Longest answer line read from a server.
+const MAX_ANSWER: u64 = 4096;
+
+/// What `ferryd send` was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendOptions {
+    pub to: String,
+    pub timeout: Duration,
+    pub files: Vec<PathBuf>,
+}
+
+/// A client failure, with the reason a user can act on.
+#[derive(Debug)]
+pub enum ClientError {
+    Resolve { to: String, err: io::Error },
+    Refused { to: String },
+    ConnectTimeout { to: String, timeout: Duration },
+    Connect { to: String, err: io::Error },
+    File { path: PathBuf, err: io::Error },
+    BadName { path: PathBuf, err: name::NameError },
+    Io(io::Error),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Resolve { to, err } => write!(f, "cannot resolve {to}: {err}"),
+            ClientError::Refused { to } => {
+                write!(
+                    f,
+                    "connection refused by {to} (is ferryd running and listening there?)"
+                )
+            }
+            ClientError::ConnectTimeout { to, timeout } => {
+                write!(
+                    f,
+                    "timed out after {} s connecting to {to}",
+                    timeout.as_secs_f64()
+                )
+            }
+            ClientError::Connect { to, err } => write!(f, "cannot connect to {to}: {err}"),
+            ClientError::File { path, err } => write!(f, "{}: {err}", path.display()),
+            ClientError::BadName { path, err } => {
+                write!(
+                    f,
+                    "{}: cannot be sent under this name: {err}",
+                    path.display()
+                )
+            }
+            ClientError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+/// A file ready to go: opened, measured and hashed.
+struct Prepared {
+    path: PathBuf,
+    file: File,
+    name: String,
+    header: Header,
+}
+
+impl Prepared {
+    fn open(path: &Path, progress: bool) -> Result<Prepared, ClientError> {
+        let file_err = |err| ClientError::File {
+            path: path.to_path_buf(),
+            err,
+        };
+        let raw_name = path
+            .file_name()
+            .map(|n| n.as_encoded_bytes())
+            .unwrap_or_default();
+        let name = name::validate(raw_name)
+            .map_err(|err| ClientError::BadName {
+                path: path.to_path_buf(),
+                err,
+            })?
+            .to_string();
+        let mut file = File::open(path).map_err(file_err)?;
+        let meta = file.metadata().map_err(file_err)?;
+        if !meta.is_file() {
+            return Err(file_err(io::Error::other("not a regular file")));
+        }
+        let size = meta.len();
+        let bar = progress_bar(progress, size, &format!("hashing {name}"));
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut seen = 0u64;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(file_err(e)),
+            };
+            hasher.update(&buf[..n]);
+            seen += n as u64;
+            bar.set_position(seen);
+        }
+        bar.finish_and_clear();
+        if seen != size {
+            return Err(file_err(io::Error::other(
+                "file changed size while being read",
+            )));
+        }
+        file.rewind().map_err(file_err)?;
+        Ok(Prepared {
+            path: path.to_path_buf(),
+            file,
+            header: Header {
+                name_len: name.len() as u16,
+                size,
+                checksum: *hasher.finalize().as_bytes(),
+            },
+            name,
+        })
+    }
+
+    /// Writes header, name and body to `out`, calling `tick` with the bytes sent so far after
+    /// each chunk; `tick` returning false stops the body early.
+    /// Generic over the writer so that `io::copy` can use its sendfile/splice specialisation.
+    fn write_to<W: Write>(
+        &mut self,
+        out: &mut W,
+        tick: &mut dyn FnMut(u64) -> bool,
+    ) -> io::Result<bool> {
+        out.write_all(&self.header.encode())?;
+        out.write_all(self.name.as_bytes())?;
+        let size = self.header.size;
+        let mut sent = 0u64;
+        while sent < size {
+            let want = (size - sent).min(CHUNK as u64 * 4);
+            // `io::copy` between two descriptors uses sendfile/splice on Linux: no copy through
+            // user space.
+            let n = io::copy(&mut (&mut self.file).take(want), out)?;
+            if n == 0 {
+                return Err(io::Error::other(format!(
+                    "{} shrank while being sent",
+                    self.path.display()
+                )));
+            }
+            sent += n;
+            if !tick(sent) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// `ferryd pack FILE...`: writes one frame per file to `out`.
+pub fn pack<W: Write>(files: &[PathBuf], out: &mut W) -> Result<(), ClientError> {
+    for path in files {
+        let mut prepared = Prepared::open(path, false)?;
+        prepared
+            .write_to(out, &mut |_| true)
+            .map_err(ClientError::Io)?;
+    }
+    out.flush().map_err(ClientError::Io)
+}
+
+/// `ferryd send`: uploads each file, printing one result line per file to `out`. Returns whether
+/// each file was stored; failing to connect is an error.
+pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, ClientError> {
+    let progress = io::stderr().is_terminal();
+    let mut conn: Option<Connection> = None;
+    let mut results = Vec::new();
+    for path in &opts.files {
+        let mut prepared = match Prepared::open(path, progress) {
+            Ok(p) => p,
+            Err(e) => {
+                results.push(report(out, path, false, e.to_string()));
+                continue;
+            }
+        };
+        if conn.is_none() {
+            conn = Some(Connection::open(&opts.to, opts.timeout)?);
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let (ok, message, keep) = c.upload(&mut prepared, opts.timeout, progress);
+        results.push(report(out, path, ok, message));
+        if !keep {
+            // The server closes after refusing a frame; the next file gets a new connection.
+            conn = None;
+        }
+    }
+    Ok(results)
+}
+
+fn report(out: &mut dyn Write, path: &Path, ok: bool, message: String) -> bool {
+    let _ = writeln!(out, "{}: {message}", path.display());
+    ok
+}
+
+/// A connection to a server and the lines it has sent.
+struct Connection {
+    stream: TcpStream,
+    answers: Receiver<io::Result<String>>,
+}
+
+impl Connection {
+    fn open(to: &str, timeout: Duration) -> Result<Connection, ClientError> {
+        let addrs: Vec<SocketAddr> = to
+            .to_socket_addrs()
+            .map_err(|err| ClientError::Resolve {
+                to: to.to_string(),
+                err,
+            })?
+            .collect();
+        let mut last = ClientError::Resolve {
+            to: to.to_string(),
+            err: io::Error::other("no addresses"),
+        };
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(stream) => return Connection::start(stream, timeout).map_err(ClientError::Io),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    last = ClientError::Refused { to: to.to_string() }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                    ) =>
+                {
+                    last = ClientError::ConnectTimeout {
+                        to: to.to_string(),
+                        timeout,
+                    }
+                }
+                Err(err) => {
+                    last = ClientError::Connect {
+                        to: to.to_string(),
+                        err,
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Starts a reader thread that forwards every line the server sends, so that an early
+    /// refusal (`ERR busy`, `ERR too-large`) is seen while the body is still being sent.
+    fn start(stream: TcpStream, timeout: Duration) -> io::Result<Connection> {
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(timeout))?;
+        let reader = stream.try_clone()?;
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        thread::spawn(move || {
+            let mut reader = BufReader::new(reader);
+            loop {
+                let mut line = String::new();
+                match (&mut reader).take(MAX_ANSWER).read_line(&mut line) {
+                    Ok(0) => {
+                        let _ = tx.send(Err(io::ErrorKind::UnexpectedEof.into()));
+                        return;
+                    }
+                    Ok(_) => {
+                        if tx.send(Ok(line)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Connection {
+            stream,
+            answers: rx,
+        })
+    }
+
+    /// Sends one file and waits for its answer. Returns (ok, message, keep the connection).
+    fn upload(
+        &mut self,
+        p: &mut Prepared,
+        timeout: Duration,
+        progress: bool,
+    ) -> (bool, String, bool) {
+        let bar = progress_bar(progress, p.header.size, &format!("sending {}", p.name));
+        let answers = &self.answers;
+        let mut early = None;
+        let sent = p.write_to(&mut self.stream, &mut |n| {
+            bar.set_position(n);
+            match answers.try_recv() {
+                Ok(line) => {
+                    early = Some(line);
+                    false
+                }
+                Err(_) => true,
+            }
+        });
+        bar.finish_and_clear();
+        let line = match (early, sent) {
+            (Some(line), _) => line,
+            (None, Ok(_)) => match self.answers.recv_timeout(answer_wait(timeout)) {
+                Ok(line) => line,
+                Err(RecvTimeoutError::Timeout) => {
+                    return (
+                        false,
+                        format!(
+                            "no answer from the server within {} s",
+                            answer_wait(timeout).as_secs()
+                        ),
+                        false,
+                    );
+                }
+                Err(RecvTimeoutError::Disconnected) => Err(io::ErrorKind::UnexpectedEof.into()),
+            },
+            // The write failed: the server may have refused and closed; its reason, if it got
+            // one out, is the better message.
+            (None, Err(e)) => self
+                .answers
+                .recv_timeout(Duration::from_secs(2))
+                .unwrap_or(Err(e)),
+        };
+        match line {
+            Ok(line) => interpret(&line),
+            Err(e) if is_timeout(&e) => (false, format!("timed out sending: {e}"), false),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => (
+                false,
+                "the server closed the connection without answering".into(),
+                false,
+            ),
+            Err(e) => (false, format!("connection failed: {e}"), false),
+        }
+    }
+}
+
+/// Turns the server's answer into (ok, message, keep the connection).
+fn interpret(line: &str) -> (bool, String, bool) {
+    let text = line.trim_end().to_string();
+    match parse_answer(line) {
+        Some(Answer::Ok { .. }) => (true, text, true),
+        Some(Answer::Err { code, .. }) => {
+            let hint = match code.as_str() {
+                "busy" => " (all workers busy and the queue full: try again later)",
+                "checksum" => {
+                    " (the file changed while being sent, or bytes were damaged on the way)"
+                }
+                _ => "",
+            };
+            // After a checksum mismatch or a commit-time failure the server keeps the
+            // connection; after anything else it closes.
+            let keep = matches!(code.as_str(), "checksum");
+            (false, format!("{text}{hint}"), keep)
+        }
+        None => (false, format!("unexpected answer: {text}"), false),
+    }
+}
+
+/// How long to wait for the answer after the last body byte: the server fsyncs the file first.
+fn answer_wait(timeout: Duration) -> Duration {
+    (timeout * 12).max(Duration::from_secs(60))
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+fn progress_bar(shown: bool, len: u64, what: &str) -> ProgressBar {
+    if !shown {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg:24!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}

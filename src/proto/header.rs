@@ -1,0 +1,221 @@
+//! The fixed 48-byte file header: parsing a possibly incomplete prefix (rejecting bad bytes as
+//! soon as they arrive) and encoding one, both with `byteorder` in big-endian.
+
+use std::fmt;
+
+use byteorder::{BigEndian, ByteOrder};
+
+/// The four magic bytes that open every frame.
+pub const MAGIC: [u8; 4] = [0xF5, b'F', b'R', b'Y'];
+/// The only protocol version this build speaks.
+pub const VERSION: u8 = 1;
+/// Length of the fixed header in bytes.
+pub const HEADER_LEN: usize = 48;
+/// Longest file name, in bytes (the common file-system limit, NAME_MAX).
+pub const MAX_NAME_LEN: u16 = 255;
+
+const VERSION_AT: usize = 4;
+const FLAGS_AT: usize = 5;
+const NAME_LEN_AT: usize = 6;
+const SIZE_AT: usize = 8;
+const CHECKSUM_AT: usize = 16;
+
+/// A complete, checked header. The name and body follow it on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub name_len: u16,
+    pub size: u64,
+    pub checksum: [u8; 32],
+}
+
+/// A parse that needs more bytes is not an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parsed<T> {
+    Complete(T),
+    /// Every byte so far is valid; more are needed.
+    Partial,
+}
+
+/// What is wrong with a header. Small and `Copy`, with static lowercase messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// The first byte announced a frame but the rest of the magic is wrong.
+    Magic,
+    /// A version this build does not speak.
+    Version(u8),
+    /// Reserved flag bits were set.
+    Flags(u8),
+    /// The name length is 0 or over 255.
+    NameLength(u16),
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::Magic => f.write_str("bad magic: a frame starts with F5 46 52 59"),
+            FrameError::Version(v) => {
+                write!(
+                    f,
+                    "unsupported version {v}; this server speaks version {VERSION}"
+                )
+            }
+            FrameError::Flags(b) => write!(f, "reserved flag bits set: {b:#04x}"),
+            FrameError::NameLength(0) => f.write_str("empty name"),
+            FrameError::NameLength(n) => {
+                write!(f, "name length {n} is over {MAX_NAME_LEN} bytes")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+impl Header {
+    /// Parses the header at the start of `buf`, which may be shorter than `HEADER_LEN`. Each field
+    /// is checked as soon as its bytes are present, so garbage is refused without waiting for 48
+    /// bytes that may never come. Bytes past `HEADER_LEN` are ignored.
+    pub fn parse(buf: &[u8]) -> Result<Parsed<Header>, FrameError> {
+        let have = buf.len().min(HEADER_LEN);
+        let magic_have = have.min(MAGIC.len());
+        if buf[..magic_have] != MAGIC[..magic_have] {
+            return Err(FrameError::Magic);
+        }
+        if let Some(&v) = buf.get(VERSION_AT) {
+            if v != VERSION {
+                return Err(FrameError::Version(v));
+            }
+        }
+        if let Some(&flags) = buf.get(FLAGS_AT) {
+            if flags != 0 {
+                return Err(FrameError::Flags(flags));
+            }
+        }
+        if let Some(b) = buf.get(NAME_LEN_AT..NAME_LEN_AT + 2) {
+            let n = BigEndian::read_u16(b);
+            if n == 0 || n > MAX_NAME_LEN {
+                return Err(FrameError::NameLength(n));
+            }
+        }
+        let Some(buf) = buf.get(..HEADER_LEN) else {
+            return Ok(Parsed::Partial);
+        };
+        let mut checksum = [0u8; 32];
+        checksum.copy_from_slice(&buf[CHECKSUM_AT..HEADER_LEN]);
+        Ok(Parsed::Complete(Header {
+            name_len: BigEndian::read_u16(&buf[NAME_LEN_AT..SIZE_AT]),
+            size: BigEndian::read_u64(&buf[SIZE_AT..CHECKSUM_AT]),
+            checksum,
+        }))
+    }
+
+    /// Encodes the header.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        out[..4].copy_from_slice(&MAGIC);
+        out[VERSION_AT] = VERSION;
+        out[FLAGS_AT] = 0;
+        BigEndian::write_u16(&mut out[NAME_LEN_AT..SIZE_AT], self.name_len);
+        BigEndian::write_u64(&mut out[SIZE_AT..CHECKSUM_AT], self.size);
+        out[CHECKSUM_AT..].copy_from_slice(&self.checksum);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Header {
+        Header {
+            name_len: 9,
+            size: 0x0102_0304_0506_0708,
+            checksum: *blake3::hash(b"hello").as_bytes(),
+        }
+    }
+
+    #[test]
+    fn encodes_the_documented_layout() {
+        let bytes = sample().encode();
+        assert_eq!(&bytes[..8], b"\xF5FRY\x01\x00\x00\x09");
+        assert_eq!(&bytes[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&bytes[16..], blake3::hash(b"hello").as_bytes());
+    }
+
+    #[test]
+    fn round_trip() {
+        let h = sample();
+        assert_eq!(Header::parse(&h.encode()), Ok(Parsed::Complete(h)));
+        let mut longer = h.encode().to_vec();
+        longer.extend_from_slice(b"photo.jpg and body");
+        assert_eq!(Header::parse(&longer), Ok(Parsed::Complete(h)));
+    }
+
+    #[test]
+    fn every_truncated_prefix_is_partial() {
+        let bytes = sample().encode();
+        for len in 0..HEADER_LEN {
+            assert_eq!(
+                Header::parse(&bytes[..len]),
+                Ok(Parsed::Partial),
+                "prefix of {len} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_bytes_are_refused_as_soon_as_they_arrive() {
+        let good = sample().encode();
+        let cases: [(usize, u8, FrameError); 9] = [
+            (1, b'f', FrameError::Magic),
+            (2, b'X', FrameError::Magic),
+            (3, 0, FrameError::Magic),
+            (4, 0, FrameError::Version(0)),
+            (4, 2, FrameError::Version(2)),
+            (5, 1, FrameError::Flags(1)),
+            (5, 0x80, FrameError::Flags(0x80)),
+            (7, 0, FrameError::NameLength(0)),
+            (6, 1, FrameError::NameLength(0x0109)),
+        ];
+        for (at, byte, want) in cases {
+            let mut bad = good;
+            bad[at] = byte;
+            let field_end = if at == 6 || at == 7 { 8 } else { at + 1 };
+            // Refused with exactly the bytes up to the bad field, and with every longer prefix.
+            for len in field_end..=HEADER_LEN {
+                assert_eq!(
+                    Header::parse(&bad[..len]),
+                    Err(want),
+                    "byte {at} = {byte:#x}, {len} bytes"
+                );
+            }
+            // A shorter prefix that stops before the bad field is still partial.
+            assert_eq!(Header::parse(&bad[..at.min(6)]), Ok(Parsed::Partial));
+        }
+    }
+
+    #[test]
+    fn name_length_limits() {
+        for (n, ok) in [
+            (0u16, false),
+            (1, true),
+            (255, true),
+            (256, false),
+            (u16::MAX, false),
+        ] {
+            let h = Header {
+                name_len: n,
+                ..sample()
+            };
+            let got = Header::parse(&h.encode());
+            assert_eq!(got.is_ok(), ok, "name_len {n}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn any_size_parses() {
+        for size in [0, 1, u64::MAX] {
+            let h = Header { size, ..sample() };
+            assert_eq!(Header::parse(&h.encode()), Ok(Parsed::Complete(h)));
+        }
+    }
+}

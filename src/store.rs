@@ -1,0 +1,444 @@
+//! The upload directory: where a file's bytes go while they arrive (an exclusive hidden temp file)
+//! and how a complete, verified file gets its final name without ever clobbering another.
+//!
+//! Invariant: a file under a final name is complete and verified. Until `Pending::commit`, the
+//! bytes live in `.ferryd-<random>.part`, which no upload can name and which is removed on any
+//! failure (and at start-up, if a crash left one behind).
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::io::{self, Write};
+use std::num::NonZeroU64;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use rustix::fs::{Advice, RenameFlags};
+
+use crate::config::{FilesConfig, OnConflict};
+use crate::proto::name::RESERVED_PREFIX;
+
+/// Suffix of temporary files.
+const PART_SUFFIX: &str = ".part";
+/// Mode of the upload directory when ferryd creates it.
+const DIR_MODE: u32 = 0o750;
+/// After this many bytes, ask the kernel to start writing them to disk, so that the final fsync
+/// finds little left to do (the transfer and the flush overlap).
+const WRITEBACK_STEP: u64 = 8 << 20;
+/// How many `name (N).ext` candidates `rename` tries before giving up.
+const MAX_RENAMES: u32 = 9999;
+
+/// Why a file could not be stored.
+#[derive(Debug)]
+pub enum StoreError {
+    TooLarge {
+        size: u64,
+        max: u64,
+    },
+    NoSpace {
+        size: u64,
+        usable: u64,
+    },
+    Exists(String),
+    /// Every `name (N).ext` up to `MAX_RENAMES` is taken.
+    NoFreeName(String),
+    Io {
+        op: &'static str,
+        err: io::Error,
+    },
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::TooLarge { size, max } => {
+                write!(f, "size {size} is over the limit of {max} bytes")
+            }
+            StoreError::NoSpace { size, usable } => write!(
+                f,
+                "size {size} does not fit: {usable} bytes usable (free space minus files.min_free_bytes and uploads in progress)"
+            ),
+            StoreError::Exists(name) => write!(f, "{name} already exists"),
+            StoreError::NoFreeName(name) => {
+                write!(
+                    f,
+                    "{name} and its first {MAX_RENAMES} renamed variants all exist"
+                )
+            }
+            StoreError::Io { op, err } => write!(f, "cannot {op}: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
+    move |err| StoreError::Io { op, err }
+}
+
+/// The upload directory and its policy.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    /// An open handle on the directory: the anchor for `*at` calls and for fsync.
+    dir_handle: File,
+    cfg: FilesConfig,
+    /// Bytes promised to uploads in progress and not yet written.
+    reserved: Mutex<u64>,
+}
+
+/// What `Store::open` found.
+#[derive(Debug)]
+pub struct Opened {
+    pub store: Store,
+    /// Stale `.part` files (left by a crash) that were removed.
+    pub stale_removed: Vec<String>,
+}
+
+impl Store {
+    /// Creates the directory if missing, removes stale temp files and checks that a file can be
+    /// created there.
+    pub fn open(cfg: &FilesConfig) -> Result<Opened, StoreError> {
+        let dir = cfg.dir.clone();
+        DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&dir)
+            .map_err(io_err("create the upload directory"))?;
+        let dir_handle = File::open(&dir).map_err(io_err("open the upload directory"))?;
+        let mut stale_removed = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("list the upload directory"))? {
+            let entry = entry.map_err(io_err("list the upload directory"))?;
+            let name = entry.file_name();
+            if is_temp_name(&name) {
+                fs::remove_file(entry.path()).map_err(io_err("remove a stale .part file"))?;
+                stale_removed.push(name.to_string_lossy().into_owned());
+            }
+        }
+        let store = Store {
+            dir,
+            dir_handle,
+            cfg: cfg.clone(),
+            reserved: Mutex::new(0),
+        };
+        // Fail at start-up, not on the first upload, if the directory is not writable.
+        let (probe, path) = store.create_temp()?;
+        drop(probe);
+        fs::remove_file(&path).map_err(io_err("remove the probe file"))?;
+        Ok(Opened {
+            store,
+            stale_removed,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Checks an announced upload against the limits and, if it may go ahead, opens its temp
+    /// file. Nothing of the body has been read yet.
+    pub fn begin(&self, name: &str, size: u64) -> Result<Pending<'_>, StoreError> {
+        if size > self.cfg.max_file_size {
+            return Err(StoreError::TooLarge {
+                size,
+                max: self.cfg.max_file_size,
+            });
+        }
+        if self.cfg.on_conflict == OnConflict::Reject
+            && self.dir.join(name).symlink_metadata().is_ok()
+        {
+            // An early answer saves the transfer; `commit` still refuses atomically if the name
+            // appears meanwhile.
+            return Err(StoreError::Exists(name.to_string()));
+        }
+        self.reserve(size)?;
+        let (file, temp_path) = match self.create_temp() {
+            Ok(pair) => pair,
+            Err(e) => {
+                self.release(size);
+                return Err(e);
+            }
+        };
+        Ok(Pending {
+            store: self,
+            file,
+            temp_path,
+            name: name.to_string(),
+            size,
+            written: 0,
+            flushed: 0,
+            done: false,
+        })
+    }
+
+    /// Reserves `size` bytes of free space, or says how much is usable.
+    fn reserve(&self, size: u64) -> Result<(), StoreError> {
+        let vfs = rustix::fs::fstatvfs(&self.dir_handle).map_err(|e| StoreError::Io {
+            op: "read the free space of the upload directory",
+            err: e.into(),
+        })?;
+        let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+        let mut reserved = self.reserved.lock().unwrap_or_else(PoisonError::into_inner);
+        let usable = free
+            .saturating_sub(self.cfg.min_free_bytes)
+            .saturating_sub(*reserved);
+        if size > usable {
+            return Err(StoreError::NoSpace { size, usable });
+        }
+        *reserved += size;
+        Ok(())
+    }
+
+    fn release(&self, n: u64) {
+        let mut reserved = self.reserved.lock().unwrap_or_else(PoisonError::into_inner);
+        *reserved = reserved.saturating_sub(n);
+    }
+
+    /// Creates `.ferryd-<random>.part` exclusively (O_EXCL), retrying on the rare collision.
+    fn create_temp(&self) -> Result<(File, PathBuf), StoreError> {
+        let mut last = None;
+        for _ in 0..8 {
+            let path = self.dir.join(format!(
+                "{RESERVED_PREFIX}{:016x}{PART_SUFFIX}",
+                random_u64()
+            ));
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(self.cfg.file_mode)
+                .open(&path)
+            {
+                Ok(file) => return Ok((file, path)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        op: "create a temporary file",
+                        err: e,
+                    });
+                }
+            }
+        }
+        Err(StoreError::Io {
+            op: "create a temporary file",
+            err: last.unwrap_or_else(|| io::Error::other("no free temporary name")),
+        })
+    }
+
+    /// Moves `temp` to `name` under the conflict policy; returns the name it got.
+    fn place(&self, temp: &Path, name: &str) -> Result<String, StoreError> {
+        let temp_name = temp.file_name().unwrap_or_default();
+        match self.cfg.on_conflict {
+            OnConflict::Overwrite => {
+                rustix::fs::renameat(&self.dir_handle, temp_name, &self.dir_handle, name).map_err(
+                    |e| StoreError::Io {
+                        op: "rename the file into place",
+                        err: e.into(),
+                    },
+                )?;
+                Ok(name.to_string())
+            }
+            OnConflict::Reject => match self.place_new(temp_name, name) {
+                Ok(()) => Ok(name.to_string()),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    Err(StoreError::Exists(name.to_string()))
+                }
+                Err(e) => Err(StoreError::Io {
+                    op: "move the file into place",
+                    err: e,
+                }),
+            },
+            OnConflict::Rename => {
+                for n in 0..=MAX_RENAMES {
+                    let candidate = numbered(name, n);
+                    match self.place_new(temp_name, &candidate) {
+                        Ok(()) => return Ok(candidate),
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                        Err(e) => {
+                            return Err(StoreError::Io {
+                                op: "move the file into place",
+                                err: e,
+                            });
+                        }
+                    }
+                }
+                Err(StoreError::NoFreeName(name.to_string()))
+            }
+        }
+    }
+
+    /// Gives `temp_name` the name `name` only if `name` does not exist, atomically: renameat2
+    /// with RENAME_NOREPLACE, or on a file system without it, link(2) then unlink(2) (link never
+    /// replaces an existing name either).
+    fn place_new(&self, temp_name: &OsStr, name: &str) -> io::Result<()> {
+        let d = &self.dir_handle;
+        match rustix::fs::renameat_with(d, temp_name, d, name, RenameFlags::NOREPLACE) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {}
+            Err(e) => return Err(e.into()),
+        }
+        rustix::fs::linkat(d, temp_name, d, name, rustix::fs::AtFlags::empty())?;
+        rustix::fs::unlinkat(d, temp_name, rustix::fs::AtFlags::empty())?;
+        Ok(())
+    }
+}
+
+/// A file being received. Dropping it without `commit` removes the temp file.
+pub struct Pending<'a> {
+    store: &'a Store,
+    file: File,
+    temp_path: PathBuf,
+    name: String,
+    size: u64,
+    written: u64,
+    /// Bytes for which writeback has been started.
+    flushed: u64,
+    done: bool,
+}
+
+impl Pending<'_> {
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends body bytes. Never writes more than the announced size.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        let room = self.size - self.written;
+        if data.len() as u64 > room {
+            return Err(StoreError::Io {
+                op: "write the file",
+                err: io::Error::other("more bytes than announced"),
+            });
+        }
+        self.file
+            .write_all(data)
+            .map_err(io_err("write the file"))?;
+        self.written += data.len() as u64;
+        self.store.release(data.len() as u64);
+        if self.written - self.flushed >= WRITEBACK_STEP {
+            // Start writeback of what was written since the last step (and drop the clean pages
+            // of the step before): with POSIX_FADV_DONTNEED, Linux queues the dirty pages for
+            // writing without waiting. Purely a hint; an error changes nothing.
+            let from = self.flushed.saturating_sub(WRITEBACK_STEP);
+            let _ = rustix::fs::fadvise(
+                &self.file,
+                from,
+                NonZeroU64::new(self.written - from),
+                Advice::DontNeed,
+            );
+            self.flushed = self.written;
+        }
+        Ok(())
+    }
+
+    /// Makes the file durable and gives it its final name; returns that name. Call only when
+    /// every byte arrived and the checksum matched.
+    pub fn commit(mut self) -> Result<String, StoreError> {
+        if self.written != self.size {
+            return Err(StoreError::Io {
+                op: "commit the file",
+                err: io::Error::other(format!("{} of {} bytes written", self.written, self.size)),
+            });
+        }
+        let mode = Permissions::from_mode(self.store.cfg.file_mode);
+        // The umask may have narrowed the mode at creation; set it exactly.
+        self.file
+            .set_permissions(mode)
+            .map_err(io_err("set the file mode"))?;
+        self.file.sync_all().map_err(io_err("sync the file"))?;
+        let stored = self.store.place(&self.temp_path, &self.name)?;
+        self.done = true;
+        self.store
+            .dir_handle
+            .sync_all()
+            .map_err(io_err("sync the upload directory"))?;
+        Ok(stored)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.store.release(self.size - self.written);
+        if !self.done {
+            let _ = fs::remove_file(&self.temp_path);
+        }
+    }
+}
+
+/// Whether `name` is one of ferryd's temporary files.
+fn is_temp_name(name: &OsStr) -> bool {
+    let name = name.to_string_lossy();
+    name.starts_with(RESERVED_PREFIX) && name.ends_with(PART_SUFFIX)
+}
+
+/// `name` for `n = 0`, else `stem (n).ext` as croc's `--rename` does: the number goes before the
+/// last extension (`photo (1).jpg`, `archive.tar (1).gz`, `.bashrc (1)`, `README (1)`). The stem
+/// is shortened (on a character boundary) so the result stays within 255 bytes.
+pub fn numbered(name: &str, n: u32) -> String {
+    if n == 0 {
+        return name.to_string();
+    }
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => name.split_at(i),
+        _ => (name, ""),
+    };
+    let tag = format!(" ({n})");
+    let budget = 255usize.saturating_sub(tag.len() + ext.len());
+    let mut cut = stem.len().min(budget);
+    while !stem.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{tag}{ext}", &stem[..cut])
+}
+
+/// 64 random bits from the kernel (getrandom(2)). Should the call fail, a counter mixed with the
+/// clock stands in: names then become guessable, which only matters to O_EXCL, and that retries.
+fn random_u64() -> u64 {
+    static FALLBACK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut buf = [0u8; 8];
+    match rustix::rand::getrandom(&mut buf, rustix::rand::GetRandomFlags::empty()) {
+        Ok(8) => u64::from_le_bytes(buf),
+        _ => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as u64;
+            nanos ^ FALLBACK.fetch_add(0x9e37_79b9_7f4a_7c15, std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_names() {
+        let long = format!("{}.txt", "é".repeat(125)); // 250 + 4 bytes
+        let cases = [
+            ("photo.jpg", 0, "photo.jpg".to_string()),
+            ("photo.jpg", 1, "photo (1).jpg".to_string()),
+            ("archive.tar.gz", 2, "archive.tar (2).gz".to_string()),
+            (".bashrc", 1, ".bashrc (1)".to_string()),
+            ("README", 12, "README (12)".to_string()),
+            ("a.", 1, "a (1).".to_string()),
+            (
+                long.as_str(),
+                3,
+                format!("{}{}", "é".repeat(123), " (3).txt"),
+            ),
+        ];
+        for (name, n, want) in cases {
+            let got = numbered(name, n);
+            assert_eq!(got, want, "{name} {n}");
+            assert!(got.len() <= 255);
+        }
+    }
+
+    #[test]
+    fn temp_names() {
+        assert!(is_temp_name(OsStr::new(".ferryd-0123456789abcdef.part")));
+        assert!(!is_temp_name(OsStr::new("photo.part")));
+        assert!(!is_temp_name(OsStr::new(".ferryd-x")));
+    }
+}

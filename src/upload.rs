@@ -1,0 +1,220 @@
+//! Receiving one file frame after its header: check the name and the limits before a byte of body
+//! is stored, stream the body into the store while hashing it, and commit only a verified file.
+//! The bytes come from a `BodySource`, so this file touches no socket.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::escape::escaped;
+use crate::proto::answer::{self, Code};
+use crate::proto::{Header, name};
+use crate::store::{Store, StoreError};
+
+/// How often a large upload logs its progress, at most.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Where body bytes come from: the connection's buffered bytes first, then the socket.
+pub trait BodySource {
+    /// Returns at least one and at most `max` (> 0) next bytes of the body.
+    fn next_chunk(&mut self, max: usize) -> Result<&[u8], Lost>;
+}
+
+/// Why the body stopped arriving.
+#[derive(Debug)]
+pub enum Lost {
+    /// The peer closed its side before the end of the body.
+    Eof,
+    /// No byte arrived within the time limit.
+    Timeout,
+    /// The daemon is stopping.
+    Shutdown,
+    /// The connection failed.
+    Error(std::io::Error),
+}
+
+impl fmt::Display for Lost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Lost::Eof => f.write_str("peer closed the connection in the middle of the body"),
+            Lost::Timeout => f.write_str("body stalled past the time limit"),
+            Lost::Shutdown => f.write_str("server shutting down"),
+            Lost::Error(e) => write!(f, "connection error: {e}"),
+        }
+    }
+}
+
+/// How a frame ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Stored under `stored_name`; answer `OK`, keep the connection.
+    Stored {
+        stored_name: String,
+        size: u64,
+        checksum: [u8; 32],
+    },
+    /// Refused before the body: answer `ERR` and close, since the unread body would otherwise be
+    /// taken for text.
+    Refused { code: Code, reason: String },
+    /// The whole body arrived but did not match its checksum: answer `ERR checksum`, nothing is
+    /// stored, and the connection goes on.
+    Mismatch { reason: String },
+    /// The body was cut short; the connection is over (answer if the peer may still listen).
+    Lost(Lost),
+    /// The file could not be stored: answer `ERR`. `in_sync` says whether the whole body was
+    /// read (so the connection can go on) or the failure came in the middle of it (close).
+    Failed {
+        code: Code,
+        reason: String,
+        in_sync: bool,
+    },
+}
+
+impl Outcome {
+    /// The answer line for the peer.
+    pub fn answer(&self) -> String {
+        match self {
+            Outcome::Stored {
+                stored_name,
+                size,
+                checksum,
+            } => answer::ok_line(stored_name, *size, checksum),
+            Outcome::Refused { code, reason } | Outcome::Failed { code, reason, .. } => {
+                answer::err_line(*code, reason)
+            }
+            Outcome::Mismatch { reason } => answer::err_line(Code::Checksum, reason),
+            Outcome::Lost(Lost::Shutdown) => "ERR server shutting down\n".to_string(),
+            Outcome::Lost(Lost::Timeout) => answer::err_line(Code::Timeout, &Lost::Timeout),
+            Outcome::Lost(lost) => answer::err_line(Code::ShortBody, lost),
+        }
+    }
+
+    /// Whether the connection can carry further messages after this frame.
+    pub fn keeps_connection(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Stored { .. }
+                | Outcome::Mismatch { .. }
+                | Outcome::Failed { in_sync: true, .. }
+        )
+    }
+}
+
+/// Receives the frame whose `header` and raw `name` have been read. `peer` only labels logs.
+pub fn receive(
+    store: &Store,
+    header: &Header,
+    raw_name: &[u8],
+    source: &mut dyn BodySource,
+    buf_size: usize,
+    peer: &dyn fmt::Display,
+) -> Outcome {
+    let started = Instant::now();
+    let shown = escaped(raw_name, 255);
+    let name = match name::validate(raw_name) {
+        Ok(n) => n,
+        Err(e) => {
+            log::warn!("{peer} file \"{shown}\" refused: bad-name: {e}");
+            return Outcome::Refused {
+                code: Code::BadName,
+                reason: e.to_string(),
+            };
+        }
+    };
+    let size = header.size;
+    let mut pending = match store.begin(name, size) {
+        Ok(p) => p,
+        Err(e) => {
+            let code = match e {
+                StoreError::TooLarge { .. } => Code::TooLarge,
+                StoreError::NoSpace { .. } => Code::NoSpace,
+                StoreError::Exists(_) => Code::Exists,
+                StoreError::NoFreeName(_) | StoreError::Io { .. } => Code::Io,
+            };
+            log::warn!("{peer} file \"{shown}\" ({size} B) refused: {code}: {e}");
+            return Outcome::Refused {
+                code,
+                reason: e.to_string(),
+            };
+        }
+    };
+    log::debug!("{peer} receiving \"{shown}\" ({size} B)");
+    let mut hasher = blake3::Hasher::new();
+    let mut last_progress = started;
+    while pending.written() < size {
+        let want = (size - pending.written()).min(buf_size as u64) as usize;
+        let chunk = match source.next_chunk(want) {
+            Ok(c) => c,
+            Err(lost) => {
+                log::warn!(
+                    "{peer} file \"{shown}\" lost after {} of {size} B: {lost}; nothing stored",
+                    pending.written()
+                );
+                return Outcome::Lost(lost);
+            }
+        };
+        hasher.update(chunk);
+        if let Err(e) = pending.write(chunk) {
+            log::error!("{peer} file \"{shown}\" failed: {e}; nothing stored");
+            return Outcome::Failed {
+                code: Code::Io,
+                reason: e.to_string(),
+                in_sync: false,
+            };
+        }
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            last_progress = Instant::now();
+            let done = pending.written();
+            log::info!(
+                "{peer} receiving \"{shown}\": {} of {size} B ({:.0}%), {:.1} MB/s",
+                done,
+                done as f64 * 100.0 / size as f64,
+                mb_per_s(done, started.elapsed())
+            );
+        }
+    }
+    let got = *hasher.finalize().as_bytes();
+    if got != header.checksum {
+        let reason = format!(
+            "body hashes to {}, header says {}",
+            answer::hex(&got),
+            answer::hex(&header.checksum)
+        );
+        log::warn!(
+            "{peer} file \"{shown}\" ({size} B) refused: checksum: {reason}; nothing stored"
+        );
+        return Outcome::Mismatch { reason };
+    }
+    match pending.commit() {
+        Ok(stored_name) => {
+            let took = started.elapsed();
+            log::info!(
+                "{peer} stored \"{shown}\" as \"{}\" ({size} B, blake3 {}, {:.2} s, {:.1} MB/s)",
+                escaped(stored_name.as_bytes(), 255),
+                answer::hex(&got),
+                took.as_secs_f64(),
+                mb_per_s(size, took)
+            );
+            Outcome::Stored {
+                stored_name,
+                size,
+                checksum: got,
+            }
+        }
+        Err(e) => {
+            let code = match e {
+                StoreError::Exists(_) => Code::Exists,
+                _ => Code::Io,
+            };
+            log::error!("{peer} file \"{shown}\" not stored: {code}: {e}");
+            Outcome::Failed {
+                code,
+                reason: e.to_string(),
+                in_sync: true,
+            }
+        }
+    }
+}
+
+fn mb_per_s(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / took.as_secs_f64().max(1e-6) / 1e6
+}
