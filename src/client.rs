@@ -12,6 +12,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::filehash;
 use crate::proto::answer::{Answer, parse_answer};
 use crate::proto::{Header, name};
 
@@ -104,26 +105,9 @@ impl Prepared {
         }
         let size = meta.len();
         let bar = progress_bar(progress, size, &format!("hashing {name}"));
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; CHUNK];
-        let mut seen = 0u64;
-        loop {
-            let n = match file.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(file_err(e)),
-            };
-            hasher.update(&buf[..n]);
-            seen += n as u64;
-            bar.set_position(seen);
-        }
+        let checksum =
+            filehash::hash_file(&file, size, hash_depth(), &|n| bar.inc(n)).map_err(file_err)?;
         bar.finish_and_clear();
-        if seen != size {
-            return Err(file_err(io::Error::other(
-                "file changed size while being read",
-            )));
-        }
         file.rewind().map_err(file_err)?;
         Ok(Prepared {
             path: path.to_path_buf(),
@@ -131,7 +115,7 @@ impl Prepared {
             header: Header {
                 name_len: name.len() as u16,
                 size,
-                checksum: *hasher.finalize().as_bytes(),
+                checksum,
             },
             name,
         })
@@ -370,6 +354,17 @@ fn interpret(line: &str) -> (bool, String, bool) {
             (false, format!("{text}{hint}"), keep)
         }
         None => (false, format!("unexpected answer: {text}"), false),
+    }
+}
+
+/// How many times to halve the file's hash tree for parallel hashing: enough subtrees for every
+/// core, twice over, so that uneven halves still keep all cores busy.
+fn hash_depth() -> u32 {
+    let cores = thread::available_parallelism().map_or(1, usize::from) as u32;
+    if cores <= 1 {
+        0
+    } else {
+        (cores.next_power_of_two().trailing_zeros() + 1).min(4)
     }
 }
 

@@ -3,27 +3,13 @@
 
 #![forbid(unsafe_code)]
 
-mod cli;
-mod client;
-mod config;
-mod conn;
-mod escape;
-mod listener;
-mod logger;
-mod peer;
-mod proto;
-mod registry;
-mod server;
-mod stats;
-mod store;
-mod upload;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::cli::Command;
-use crate::config::{ConfigError, Origin};
-use crate::server::Server;
+use ferryd::cli::{self, Command};
+use ferryd::config::{self, ConfigError, Origin};
+use ferryd::server::Server;
+use ferryd::{client, logger};
 
 /// Exit codes (sysexits.h where one fits).
 const EXIT_FAILURE: u8 = 1;

@@ -1,0 +1,140 @@
+//! BLAKE3 of a whole file, on several threads: the tree hash is split at its top nodes (with
+//! `blake3::hazmat`), each subtree is read with `pread` and hashed on its own thread, and the
+//! chaining values are merged. Used by the client, which must know a file's hash before its
+//! header can be sent.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::thread;
+
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
+};
+
+/// Files smaller than this are hashed on one thread; splitting would cost more than it saves.
+const PARALLEL_MIN: u64 = 8 << 20;
+/// Read size per `pread`.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Hashes the first `len` bytes of `file`, splitting the work into up to `2^depth` subtrees
+/// hashed at once. `progress` is called with byte counts as they are hashed (from any thread).
+pub fn hash_file(
+    file: &File,
+    len: u64,
+    depth: u32,
+    progress: &(dyn Fn(u64) + Sync),
+) -> io::Result<[u8; 32]> {
+    if len < PARALLEL_MIN || depth == 0 || len <= blake3::CHUNK_LEN as u64 {
+        let mut hasher = blake3::Hasher::new();
+        feed(file, 0, len, &mut hasher, progress)?;
+        return Ok(*hasher.finalize().as_bytes());
+    }
+    let left_len = left_subtree_len(len);
+    let (left, right) = thread::scope(|s| {
+        let right = s.spawn(|| subtree(file, left_len, len - left_len, depth - 1, progress));
+        let left = subtree(file, 0, left_len, depth - 1, progress);
+        (left, right.join())
+    });
+    let right = right.map_err(|_| io::Error::other("hashing thread panicked"))??;
+    Ok(*merge_subtrees_root(&left?, &right, Mode::Hash).as_bytes())
+}
+
+/// The chaining value of the subtree covering `file[offset..offset + len]`, which must be a
+/// complete subtree of the file's BLAKE3 tree (as the halves `left_subtree_len` gives are).
+fn subtree(
+    file: &File,
+    offset: u64,
+    len: u64,
+    depth: u32,
+    progress: &(dyn Fn(u64) + Sync),
+) -> io::Result<ChainingValue> {
+    if depth == 0 || len <= blake3::CHUNK_LEN as u64 {
+        let mut hasher = blake3::Hasher::new();
+        hasher.set_input_offset(offset);
+        feed(file, offset, len, &mut hasher, progress)?;
+        return Ok(hasher.finalize_non_root());
+    }
+    let left_len = left_subtree_len(len);
+    let (left, right) = thread::scope(|s| {
+        let right =
+            s.spawn(|| subtree(file, offset + left_len, len - left_len, depth - 1, progress));
+        let left = subtree(file, offset, left_len, depth - 1, progress);
+        (left, right.join())
+    });
+    let right = right.map_err(|_| io::Error::other("hashing thread panicked"))??;
+    Ok(merge_subtrees_non_root(&left?, &right, Mode::Hash))
+}
+
+fn feed(
+    file: &File,
+    offset: u64,
+    len: u64,
+    hasher: &mut blake3::Hasher,
+    progress: &(dyn Fn(u64) + Sync),
+) -> io::Result<()> {
+    let mut buf = vec![0u8; READ_CHUNK.min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(buf.len() as u64) as usize;
+        let n = match file.read_at(&mut buf[..want], offset + done) {
+            Ok(0) => return Err(io::Error::other("file shrank while being hashed")),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        done += n as u64;
+        progress(n as u64);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn matches_blake3_hash_at_every_split() {
+        let dir = std::env::temp_dir().join(format!("ferryd-filehash-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("data");
+        let data: Vec<u8> = (0..(20u32 << 20) + 777)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        File::create(&path).unwrap().write_all(&data).unwrap();
+        let file = File::open(&path).unwrap();
+        let sizes = [
+            0u64,
+            1,
+            1024,
+            1025,
+            3 << 20,
+            (8 << 20) - 1,
+            8 << 20,
+            (8 << 20) + 1,
+            (12 << 20) + 5,
+            16 << 20,
+            data.len() as u64,
+        ];
+        for len in sizes {
+            let want = *blake3::hash(&data[..len as usize]).as_bytes();
+            for depth in 0..4 {
+                let seen = std::sync::atomic::AtomicU64::new(0);
+                let got = hash_file(&file, len, depth, &|n| {
+                    seen.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                })
+                .unwrap();
+                assert_eq!(got, want, "len {len} depth {depth}");
+                assert_eq!(
+                    seen.into_inner(),
+                    len,
+                    "progress for len {len} depth {depth}"
+                );
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
