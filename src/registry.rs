@@ -33,7 +33,7 @@ impl Registry {
         Registration { registry: self, id }
     }
 
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.lock().conns.len()
     }
 

@@ -262,7 +262,7 @@ impl StopHandle {
         }
         log::info!(
             "shutting down: closing {} connection(s)",
-            self.shared.conns.len()
+            self.shared.conns.count()
         );
         listener::stop_listening(&self.listener);
         self.shared.conns.wake_readers();
