@@ -1,0 +1,667 @@
+//! Shared helpers for the integration tests: temp directories, free ports, starting the real
+//! `ferryd` binary with a generated config and capturing its log, and small socket helpers whose
+//! every read has a time limit.
+
+// Each test binary (`tests/*.rs`) includes this module and uses a different subset of it; without
+// this, every helper one binary does not call would be a dead-code warning there.
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long `DaemonBuilder::start` waits for the daemon to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many ports `DaemonBuilder::start` tries when the one it picked was taken meanwhile.
+const START_ATTEMPTS: usize = 5;
+/// The read and write timeouts of `Daemon::connect` streams, and `run_ferryd`'s watchdog.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the polling helpers look again.
+const POLL: Duration = Duration::from_millis(10);
+
+/// The path of the `ferryd` binary cargo built for these tests.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ferryd")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Temp directories.
+
+/// A fresh directory under the system temp dir, removed with everything in it on drop.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        loop {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .subsec_nanos();
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let name = format!("ferryd-test-{}-{n}-{nanos}", std::process::id());
+            let path = std::env::temp_dir().join(name);
+            match std::fs::create_dir(&path) {
+                Ok(()) => return TempDir { path },
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("cannot create temp dir {}: {e}", path.display()),
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tools and ports.
+
+/// Panics, saying how to install it, unless an executable `name` is on `PATH`. Tests call this
+/// instead of skipping when a tool is missing.
+pub fn require_tool(name: &str, install_hint: &str) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(name))
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    });
+    assert!(
+        found,
+        "`{name}` not found on PATH: install it with `{install_hint}`"
+    );
+}
+
+/// A port on 127.0.0.1 that was free a moment ago. Ports come from a process-wide counter whose
+/// start depends on the pid, so parallel tests in one binary never pick the same port and
+/// concurrent test binaries rarely do; ports that fail a probe bind are skipped.
+pub fn free_port() -> u16 {
+    static NEXT: OnceLock<AtomicU16> = OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let base = 20_000 + (std::process::id() % 400) * 100;
+        AtomicU16::new(base as u16)
+    });
+    for _ in 0..10_000 {
+        let mut port = next.fetch_add(1, Ordering::Relaxed);
+        if port < 1024 {
+            // The counter wrapped past 65535; start again in the unprivileged range.
+            port += 20_000;
+        }
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port found on 127.0.0.1 after 10000 tries");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Starting the daemon.
+
+/// Builds a config for one daemon and starts it; see `config_text` for the file it writes.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonBuilder {
+    /// `[table]` name and its lines, in the order first set; `server` is always written first.
+    tables: Vec<(String, Vec<String>)>,
+    env: Vec<(String, String)>,
+    shell_prefix: Option<String>,
+}
+
+impl DaemonBuilder {
+    pub fn new() -> DaemonBuilder {
+        DaemonBuilder::default()
+    }
+
+    /// Adds `line` (e.g. `max_connections = 2`) under `[table]`.
+    pub fn set(mut self, table: &str, line: &str) -> Self {
+        match self.tables.iter_mut().find(|(t, _)| t == table) {
+            Some((_, lines)) => lines.push(line.to_string()),
+            None => self
+                .tables
+                .push((table.to_string(), vec![line.to_string()])),
+        }
+        self
+    }
+
+    /// Sets an environment variable for the daemon.
+    pub fn env(mut self, key: &str, val: &str) -> Self {
+        self.env.push((key.to_string(), val.to_string()));
+        self
+    }
+
+    /// Starts the daemon through `sh -c '<commands>; exec "$0" --config "$1"' BIN CONFIG` instead
+    /// of directly, e.g. `.shell_prefix("ulimit -n 40")` to run it with a low descriptor limit.
+    /// Thanks to `exec` the shell's pid becomes the daemon's, so `pid`, `signal` and the `/proc`
+    /// readings all apply to the daemon itself.
+    pub fn shell_prefix(mut self, commands: &str) -> Self {
+        self.shell_prefix = Some(commands.to_string());
+        self
+    }
+
+    /// The TOML `start` writes: `[server]` with `bind = "127.0.0.1"` and `port = N` (each only
+    /// if the caller did not set it) followed by the caller's lines, then every other table that
+    /// has lines.
+    pub fn config_text(&self, port: u16) -> String {
+        let mut out = String::from("[server]\n");
+        if self.server_value("bind").is_none() {
+            out.push_str("bind = \"127.0.0.1\"\n");
+        }
+        if self.server_value("port").is_none() {
+            out.push_str(&format!("port = {port}\n"));
+        }
+        for line in self.lines("server") {
+            out.push_str(line);
+            out.push('\n');
+        }
+        for (table, lines) in &self.tables {
+            if table == "server" || lines.is_empty() {
+                continue;
+            }
+            out.push_str(&format!("\n[{table}]\n"));
+            for line in lines {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Starts the daemon on a free port in a new temp dir and waits (at most 10 s) until it
+    /// listens: its log shows `listening on`, or, when the log level hides that line, a TCP
+    /// connect succeeds (that probe connection then shows in the daemon's log). If it exits first
+    /// because the port was taken meanwhile, tries another port (5 attempts in all); any other
+    /// early exit panics with the log.
+    pub fn start(mut self) -> Daemon {
+        let dir = TempDir::new();
+        // Uploads go to <tempdir>/uploads unless the test chose a directory.
+        if !self
+            .lines("files")
+            .any(|l| l.trim_start().starts_with("dir"))
+        {
+            let uploads = dir.path().join("uploads");
+            self = self.set(
+                "files",
+                &format!("dir = {:?}", uploads.display().to_string()),
+            );
+        }
+        let config_path = dir.path().join("config.toml");
+        let fixed_port: Option<u16> = self.server_value("port").map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("DaemonBuilder: cannot use port = {v} with start()"))
+        });
+        let connect_ip = match self
+            .server_value("bind")
+            .map(|v| v.trim_matches('"').to_string())
+        {
+            Some(ip) if ip == "::1" => "::1".parse().unwrap(),
+            _ => Ipv4Addr::LOCALHOST.into(),
+        };
+        // "listening on" is an INFO line: at a quieter level, probe with a connect instead.
+        let quiet = self.lines("log").any(|l| {
+            let l = l.replace(' ', "");
+            l.starts_with("level=\"warn\"") || l.starts_with("level=\"error\"")
+        });
+        let mut last_log = String::new();
+        for attempt in 1..=START_ATTEMPTS {
+            let port = fixed_port.unwrap_or_else(free_port);
+            std::fs::write(&config_path, self.config_text(port)).unwrap_or_else(|e| {
+                panic!("cannot write {}: {e}", config_path.display());
+            });
+            let mut cmd = match &self.shell_prefix {
+                None => {
+                    let mut c = Command::new(bin());
+                    c.arg("--config").arg(&config_path);
+                    c
+                }
+                Some(prefix) => {
+                    let mut c = Command::new("sh");
+                    c.arg("-c")
+                        .arg(format!("{prefix}; exec \"$0\" --config \"$1\""))
+                        .arg(bin())
+                        .arg(&config_path);
+                    c
+                }
+            };
+            cmd.env_remove("FERRYD_CONFIG")
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            for (k, v) in &self.env {
+                cmd.env(k, v);
+            }
+            let mut child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin()));
+            let log = LogBuf::capture(child.stderr.take().expect("stderr is piped"));
+            let mut daemon = Daemon {
+                child,
+                exited: None,
+                port,
+                addr: SocketAddr::new(connect_ip, port),
+                log,
+                dir: None,
+            };
+            let deadline = Instant::now() + START_TIMEOUT;
+            loop {
+                if daemon.log.text().contains("listening on") {
+                    daemon.dir = Some(dir);
+                    return daemon;
+                }
+                if quiet && TcpStream::connect_timeout(&daemon.addr, POLL * 10).is_ok() {
+                    daemon.dir = Some(dir);
+                    return daemon;
+                }
+                if let Some(status) = daemon.try_wait() {
+                    daemon.log.wait_eof(Duration::from_secs(2));
+                    last_log = daemon.log();
+                    if last_log.contains("Address already in use") && fixed_port.is_none() {
+                        break;
+                    }
+                    panic!(
+                        "ferryd exited ({status}) before listening on port {port}\n\
+                         --- config ---\n{}--- ferryd log ---\n{last_log}",
+                        self.config_text(port)
+                    );
+                }
+                if Instant::now() > deadline {
+                    panic!(
+                        "ferryd did not listen on port {port} within {START_TIMEOUT:?}\n\
+                         --- ferryd log ---\n{}",
+                        daemon.log()
+                    );
+                }
+                thread::sleep(POLL);
+            }
+            eprintln!("port {port} was taken before ferryd bound it (attempt {attempt}); retrying");
+        }
+        panic!(
+            "ferryd could not bind a free port in {START_ATTEMPTS} attempts\n\
+             --- last ferryd log ---\n{last_log}"
+        );
+    }
+
+    fn lines<'a>(&'a self, table: &str) -> impl Iterator<Item = &'a str> + 'a {
+        let table = table.to_string();
+        self.tables
+            .iter()
+            .filter(move |(t, _)| *t == table)
+            .flat_map(|(_, lines)| lines.iter().map(String::as_str))
+    }
+
+    /// The value text of `key = value` under `[server]`, if the caller set it.
+    fn server_value(&self, key: &str) -> Option<String> {
+        self.lines("server").find_map(|line| {
+            let (k, v) = line.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// The daemon's stderr, collected by a background thread as it is written.
+#[derive(Debug, Default)]
+struct LogBuf {
+    bytes: Mutex<Vec<u8>>,
+    eof: AtomicBool,
+}
+
+impl LogBuf {
+    fn capture(mut stderr: impl Read + Send + 'static) -> Arc<LogBuf> {
+        let buf = Arc::new(LogBuf::default());
+        let sink = Arc::clone(&buf);
+        thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            loop {
+                match stderr.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => sink.lock().extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+            sink.eof.store(true, Ordering::SeqCst);
+        });
+        buf
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.bytes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.lock()).into_owned()
+    }
+
+    /// Waits until the pipe has been read to its end (the process exited), at most `timeout`.
+    fn wait_eof(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.eof.load(Ordering::SeqCst) && Instant::now() < deadline {
+            thread::sleep(POLL);
+        }
+    }
+}
+
+/// A running `ferryd`, killed (SIGKILL) and reaped on drop if still running. If the test is
+/// panicking, the drop also prints the daemon's log, so that every failure shows it.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    exited: Option<ExitStatus>,
+    port: u16,
+    addr: SocketAddr,
+    log: Arc<LogBuf>,
+    /// Set once started; dropped (removed) after the process is gone.
+    dir: Option<TempDir>,
+}
+
+impl Daemon {
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Where clients connect: 127.0.0.1 (also for a wildcard bind), or ::1 if bound there.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The daemon's temp dir (holding its `config.toml`).
+    pub fn dir(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .expect("a started daemon has a dir")
+            .path()
+    }
+
+    /// The default upload directory, `<dir>/uploads` (unless the test set `files.dir`).
+    pub fn uploads(&self) -> PathBuf {
+        self.dir().join("uploads")
+    }
+
+    /// A new client connection with 10 s read and write timeouts.
+    pub fn connect(&self) -> TcpStream {
+        let stream = TcpStream::connect_timeout(&self.addr, IO_TIMEOUT).unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to ferryd at {}: {e}\n--- ferryd log ---\n{}",
+                self.addr,
+                self.log()
+            )
+        });
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream
+    }
+
+    /// Everything the daemon has written to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.text()
+    }
+
+    /// Waits until the log contains `needle` and returns it; panics with the log on timeout.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "ferryd's log did not show {needle:?} within {timeout:?}\n--- ferryd log ---\n{log}"
+                );
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// Sends signal `sig` (e.g. "TERM", "INT") with `kill -s`.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("sh")
+            .args(["-c", "kill -s \"$0\" \"$1\"", sig, &self.pid().to_string()])
+            .status()
+            .expect("cannot run sh for kill");
+        assert!(status.success(), "kill -s {sig} {} failed", self.pid());
+    }
+
+    /// Waits up to `timeout` for the process to exit; once it has, its log is complete.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                self.log.wait_eof(Duration::from_secs(2));
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// Open descriptors of the daemon (entries in /proc/PID/fd).
+    pub fn fd_count(&self) -> usize {
+        self.proc_entries("fd")
+    }
+
+    /// Threads of the daemon (entries in /proc/PID/task).
+    pub fn thread_count(&self) -> usize {
+        self.proc_entries("task")
+    }
+
+    /// The daemon's resident set size (VmRSS in /proc/PID/status), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let path = format!("/proc/{}/status", self.pid());
+        let status =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS line in {path}:\n{status}"))
+    }
+
+    fn proc_entries(&self, what: &str) -> usize {
+        let path = format!("/proc/{}/{what}", self.pid());
+        std::fs::read_dir(&path)
+            .unwrap_or_else(|e| panic!("cannot list {path}: {e}"))
+            .count()
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("try_wait on ferryd");
+        }
+        self.exited
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            self.log.wait_eof(Duration::from_secs(1));
+            eprintln!(
+                "--- ferryd log (pid {}, port {}) ---\n{}--- end of ferryd log ---",
+                self.child.id(),
+                self.port,
+                self.log()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Socket helpers.
+
+/// Writes `msg` and reads exactly `msg.len()` bytes back, asserting they are equal.
+pub fn echo_round_trip(stream: &mut TcpStream, msg: &[u8]) {
+    ensure_read_timeout(stream);
+    stream
+        .write_all(msg)
+        .unwrap_or_else(|e| panic!("writing {:?}: {e}", String::from_utf8_lossy(msg)));
+    let mut got = vec![0u8; msg.len()];
+    let mut n = 0;
+    while n < got.len() {
+        match stream.read(&mut got[n..]) {
+            Ok(0) => panic!(
+                "EOF after {n} of {} echoed bytes; got {:?}",
+                msg.len(),
+                String::from_utf8_lossy(&got[..n])
+            ),
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!(
+                "reading the echo of {:?}: {e} after {n} bytes: {:?}",
+                String::from_utf8_lossy(msg),
+                String::from_utf8_lossy(&got[..n])
+            ),
+        }
+    }
+    assert!(
+        got == msg,
+        "echo differs: sent {:?}, got {:?}",
+        String::from_utf8_lossy(msg),
+        String::from_utf8_lossy(&got)
+    );
+}
+
+/// Reads until EOF, at most `timeout` in all; returns the bytes and, if the read stopped on an
+/// error or the time ran out, that error. For tests that want to report failures themselves.
+pub fn read_until_eof(stream: &mut TcpStream, timeout: Duration) -> (Vec<u8>, Option<io::Error>) {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let err = io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no EOF within {timeout:?}"),
+            );
+            return (out, Some(err));
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut chunk) {
+            Ok(0) => return (out, None),
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (out, Some(e)),
+        }
+    }
+}
+
+/// Reads until EOF, at most `timeout` in all; panics with what it got on an error or timeout.
+pub fn read_to_eof(stream: &mut TcpStream, timeout: Duration) -> Vec<u8> {
+    match read_until_eof(stream, timeout) {
+        (out, None) => out,
+        (out, Some(e)) => panic!(
+            "reading to EOF: {e} after {} bytes: {:?}",
+            out.len(),
+            String::from_utf8_lossy(&out)
+        ),
+    }
+}
+
+/// Reads byte by byte up to and including `\n`; panics with what it got on EOF or timeout. Uses
+/// the stream's read timeout, or 10 s if it has none.
+pub fn read_line(stream: &mut TcpStream) -> String {
+    ensure_read_timeout(stream);
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => panic!(
+                "EOF before the end of a line; got {:?}",
+                String::from_utf8_lossy(&line)
+            ),
+            Ok(_) => {
+                line.push(byte[0]);
+                if byte[0] == b'\n' {
+                    return String::from_utf8_lossy(&line).into_owned();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!(
+                "reading a line: {e}; got {:?}",
+                String::from_utf8_lossy(&line)
+            ),
+        }
+    }
+}
+
+fn ensure_read_timeout(stream: &TcpStream) {
+    if stream.read_timeout().ok().flatten().is_none() {
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One-shot runs.
+
+/// Runs `ferryd ARGS` to completion with `env` added and `FERRYD_CONFIG` removed (unless `env`
+/// sets it). A 10 s watchdog kills a run that does not finish, and the call then panics with
+/// what it printed.
+pub fn run_ferryd(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .env_remove("FERRYD_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin()));
+    let stdout = LogBuf::capture(child.stdout.take().expect("stdout is piped"));
+    let stderr = LogBuf::capture(child.stderr.take().expect("stderr is piped"));
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait on ferryd") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            stdout.wait_eof(Duration::from_secs(1));
+            stderr.wait_eof(Duration::from_secs(1));
+            panic!(
+                "`ferryd {}` did not finish within {IO_TIMEOUT:?}; killed it\n\
+                 --- stdout ---\n{}--- stderr ---\n{}",
+                args.join(" "),
+                stdout.text(),
+                stderr.text()
+            );
+        }
+        thread::sleep(POLL);
+    };
+    stdout.wait_eof(Duration::from_secs(2));
+    stderr.wait_eof(Duration::from_secs(2));
+    let take = |b: &LogBuf| std::mem::take(&mut *b.lock());
+    Output {
+        status,
+        stdout: take(&stdout),
+        stderr: take(&stderr),
+    }
+}
