@@ -1,0 +1,272 @@
+//! Upload benchmark (run with `cargo bench --bench upload`; `-- --size-mib N` for a smaller file).
+//!
+//! A random file (1 GiB by default) is stored over loopback, durably, by four contenders,
+//! alternated round by round on the same disk with the source in the page cache:
+//!   - ferryd: `ferryd send` to a running daemon; the time runs until the `OK` line, which the
+//!     daemon sends only after the checksum matched, the file and its directory were fsynced and
+//!     the file got its final name;
+//!   - netcat: `nc -l 127.0.0.1 PORT > dst` fed by `nc -N 127.0.0.1 PORT < src`, then `sync dst`;
+//!   - socat: `socat -u TCP-LISTEN:PORT OPEN:dst,creat,trunc` fed by
+//!     `socat -u FILE:src TCP:127.0.0.1:PORT`, then `sync dst`;
+//!   - dd: `dd if=src of=dst bs=1M conv=fsync` (no network at all: the local copy ceiling).
+//!
+//! Each destination is deleted (and the deletion synced) between runs. Medians and ratios are
+//! printed. Needs netcat-openbsd and socat (`apt-get install -y netcat-openbsd socat`).
+
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+    };
+    let size_mib: u64 = arg("--size-mib").map_or(1024, |s| s.parse().expect("--size-mib N"));
+    let rounds: usize = arg("--rounds").map_or(5, |s| s.parse().expect("--rounds N"));
+    for tool in ["nc", "socat", "dd", "sync"] {
+        if Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            panic!("`{tool}` not found: apt-get install -y netcat-openbsd socat coreutils");
+        }
+    }
+
+    // Work next to the build output, i.e. on the project's disk.
+    let work = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("upload-bench-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(work.join("uploads")).unwrap();
+    let src = work.join("src.bin");
+    write_random(&src, size_mib << 20);
+    let bytes = (size_mib << 20) as f64;
+
+    let port = free_port();
+    let cfg = work.join("config.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[server]\nport = {port}\n[files]\ndir = {:?}\nmax_file_size = {}\n[log]\nlevel = \"warn\"\n",
+            work.join("uploads").display().to_string(),
+            (size_mib + 1) << 20
+        ),
+    )
+    .unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_ferryd"))
+        .arg("--config")
+        .arg(&cfg)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(300));
+
+    println!(
+        "upload benchmark: {size_mib} MiB random file, {rounds} rounds, contenders alternated"
+    );
+    let names = ["ferryd", "netcat", "socat", "dd"];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for round in 0..rounds {
+        for k in 0..names.len() {
+            // Rotate the order every round so that no contender always follows the same one.
+            let which = (k + round) % names.len();
+            warm(&src);
+            let dst = work.join("dst.bin");
+            let secs = match which {
+                0 => run_ferryd(port, &src, &work.join("uploads")),
+                1 => run_netcat(&src, &dst),
+                2 => run_socat(&src, &dst),
+                _ => run_dd(&src, &dst),
+            };
+            check_and_remove(&src, &work, which);
+            times[which].push(secs);
+            println!(
+                "  round {round} {:<7} {secs:.3} s  {:.2} GB/s",
+                names[which],
+                bytes / secs / 1e9
+            );
+        }
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    let med: Vec<f64> = times.iter().map(|t| median(t)).collect();
+    println!();
+    for (i, name) in names.iter().enumerate() {
+        println!(
+            "{name:<7} median {:.3} s  {:.2} GB/s",
+            med[i],
+            bytes / med[i] / 1e9
+        );
+    }
+    let best_peer = med[1].min(med[2]);
+    println!(
+        "ferryd / faster of netcat and socat: {:.2}×  (goal ≥ 1.5×)",
+        best_peer / med[0]
+    );
+    println!(
+        "ferryd / dd conv=fsync: {:.2}×  (goal ≥ 0.75×)",
+        med[3] / med[0]
+    );
+    let _ = fs::remove_dir_all(&work);
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_random(path: &Path, len: u64) {
+    let mut f = fs::File::create(path).unwrap();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        for w in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.sync_all().unwrap();
+}
+
+/// Reads the source so that it is in the page cache for every contender.
+fn warm(src: &Path) {
+    let _ = fs::read(src).map(drop);
+}
+
+fn run(cmd: &mut Command) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+fn sh(script: &str) {
+    let st = Command::new("sh").arg("-c").arg(script).status().unwrap();
+    assert!(st.success(), "{script} failed");
+}
+
+fn run_ferryd(port: u16, src: &Path, _uploads: &Path) -> f64 {
+    let t = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferryd"))
+        .args(["send", "--to", &format!("127.0.0.1:{port}")])
+        .arg(src)
+        .output()
+        .unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(": OK "),
+        "ferryd send failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    secs
+}
+
+fn run_netcat(src: &Path, dst: &Path) -> f64 {
+    let port = free_port();
+    let mut rx = Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec nc -l 127.0.0.1 {port} > '{}'", dst.display()))
+        .spawn()
+        .unwrap();
+    wait_port(port);
+    let t = Instant::now();
+    sh(&format!("nc -N 127.0.0.1 {port} < '{}'", src.display()));
+    assert!(rx.wait().unwrap().success());
+    sh(&format!("sync '{}'", dst.display()));
+    t.elapsed().as_secs_f64()
+}
+
+fn run_socat(src: &Path, dst: &Path) -> f64 {
+    let port = free_port();
+    let mut rx = run(Command::new("socat").args([
+        "-u".to_string(),
+        format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"),
+        format!("OPEN:{},creat,trunc", dst.display()),
+    ]));
+    wait_port(port);
+    let t = Instant::now();
+    let st = Command::new("socat")
+        .args([
+            "-u".to_string(),
+            format!("FILE:{}", src.display()),
+            format!("TCP:127.0.0.1:{port}"),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(rx.wait().unwrap().success());
+    sh(&format!("sync '{}'", dst.display()));
+    t.elapsed().as_secs_f64()
+}
+
+fn run_dd(src: &Path, dst: &Path) -> f64 {
+    let t = Instant::now();
+    sh(&format!(
+        "dd if='{}' of='{}' bs=1M conv=fsync status=none",
+        src.display(),
+        dst.display()
+    ));
+    t.elapsed().as_secs_f64()
+}
+
+/// Waits until something listens on `port` (without connecting to it: a probe connection would
+/// be the one nc or socat serves).
+fn wait_port(port: u16) {
+    let hex = format!(":{port:04X} ");
+    for _ in 0..500 {
+        let tcp = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        if tcp
+            .lines()
+            .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
+        {
+            return;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    panic!("nothing listens on {port}");
+}
+
+/// Checks the copy is complete, then deletes it and syncs the deletion outside the timing.
+fn check_and_remove(src: &Path, work: &Path, which: usize) {
+    let dst = if which == 0 {
+        work.join("uploads").join(src.file_name().unwrap())
+    } else {
+        work.join("dst.bin")
+    };
+    let (a, b) = (
+        fs::metadata(src).unwrap().len(),
+        fs::metadata(&dst).unwrap().len(),
+    );
+    assert_eq!(a, b, "{} is incomplete", dst.display());
+    fs::remove_file(&dst).unwrap();
+    sh("sync");
+}
