@@ -83,6 +83,31 @@ impl OnConflict {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub level: log::LevelFilter,
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `Journal` when stderr is connected to the journal (`$JOURNAL_STREAM`), else `Human`.
+    Auto,
+    /// RFC 3339 timestamp, level, message.
+    Human,
+    /// `<N>message`: the sd-daemon priority prefix, no timestamp.
+    Journal,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Auto => "auto",
+            LogFormat::Human => "human",
+            LogFormat::Journal => "journal",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 /// Where a configuration came from; the first log line names it.
@@ -229,6 +254,7 @@ impl Default for Config {
             },
             log: LogConfig {
                 level: log::LevelFilter::Info,
+                format: LogFormat::Auto,
             },
         }
     }
@@ -271,7 +297,8 @@ impl fmt::Display for Config {
             f,
             "level = \"{}\"",
             self.log.level.as_str().to_ascii_lowercase()
-        )
+        )?;
+        writeln!(f, "format = \"{}\"", self.log.format.as_str())
     }
 }
 
@@ -398,7 +425,11 @@ const ON_CONFLICT: WordKey = WordKey {
     name: "files.on_conflict",
     words: &["rename", "reject", "overwrite"],
 };
-const WORD_KEYS: &[&WordKey] = &[&MODE, &LEVEL, &ON_CONFLICT];
+const FORMAT: WordKey = WordKey {
+    name: "log.format",
+    words: &["auto", "human", "journal", "json"],
+};
+const WORD_KEYS: &[&WordKey] = &[&MODE, &LEVEL, &ON_CONFLICT, &FORMAT];
 
 const BIND: &str = "server.bind";
 const BIND_ALLOWED: &str =
@@ -488,6 +519,7 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawLog {
     level: Field,
+    format: Field,
 }
 
 /// The text being validated, for turning spans into lines and values.
@@ -524,7 +556,15 @@ impl Ctx<'_> {
                 mode,
             },
             files: self.files(&raw.files)?,
-            log: LogConfig { level },
+            log: LogConfig {
+                level,
+                format: match self.word(&raw.log.format, &FORMAT)? {
+                    Some("human") => LogFormat::Human,
+                    Some("journal") => LogFormat::Journal,
+                    Some("json") => LogFormat::Json,
+                    _ => LogFormat::Auto,
+                },
+            },
         })
     }
 

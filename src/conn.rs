@@ -64,8 +64,8 @@ impl fmt::Display for Reason {
 pub fn serve(shared: &Shared, job: Job) {
     let Job { stream, peer } = job;
     let started = Instant::now();
-    let cfg = &shared.config.server;
-    if let Err(e) = listener::prepare_stream(&stream, cfg.idle_timeout) {
+    let idle_timeout = shared.config().server.idle_timeout;
+    if let Err(e) = listener::prepare_stream(&stream, idle_timeout) {
         log::warn!("{peer} cannot set socket options: {e}; closing");
         return;
     }
@@ -221,7 +221,8 @@ impl Conn<'_> {
             input,
             body: Vec::new(),
         };
-        let outcome = upload::receive(&shared.store, &header, name, &mut source, BODY_BUF, &peer);
+        let store = shared.store();
+        let outcome = upload::receive(&store, &header, name, &mut source, BODY_BUF, &peer);
         drop(source);
         let line = outcome.answer();
         match outcome {

@@ -1,20 +1,56 @@
 //! The `log` backend: one line per record on stderr, written with a single `write` so that lines
-//! from different threads never interleave.
+//! from different threads never interleave. Three formats: human (RFC 3339 timestamp and level),
+//! journal (the sd-daemon `<N>` priority prefix and no timestamp, since journald adds its own)
+//! and JSON (one object per line, for log shippers).
 
 use std::io::Write;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use log::{LevelFilter, Log, Metadata, Record};
+use log::{Level, LevelFilter, Log, Metadata, Record};
 
-/// Installs the logger with `level` as the most verbose level shown. Safe to call once; later
-/// calls only change the level (`log::set_max_level` is what a reload uses).
-pub fn init(level: LevelFilter) {
-    // A second `set_logger` fails harmlessly (tests may call `init` more than once).
+use crate::config::LogFormat;
+
+/// The format actually used (`Auto` resolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    Human = 0,
+    Journal = 1,
+    Json = 2,
+}
+
+/// Installs the logger, or, if it is installed already, changes its level and format (a reload).
+pub fn init(level: LevelFilter, format: LogFormat) -> Resolved {
+    // A second `set_logger` fails harmlessly; the settings below still apply.
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
+    let resolved = resolve(format, std::env::var("JOURNAL_STREAM").ok().as_deref());
+    FORMAT.store(resolved as u8, Ordering::Relaxed);
+    resolved
+}
+
+/// `Auto` is `Journal` when stderr is the stream `$JOURNAL_STREAM` names (systemd sets it to
+/// the `device:inode` of the journal stream it connects stderr to), else `Human`.
+fn resolve(format: LogFormat, journal_stream: Option<&str>) -> Resolved {
+    match format {
+        LogFormat::Human => Resolved::Human,
+        LogFormat::Journal => Resolved::Journal,
+        LogFormat::Json => Resolved::Json,
+        LogFormat::Auto => match (journal_stream, stderr_id()) {
+            (Some(want), Some((dev, ino))) if want == format!("{dev}:{ino}") => Resolved::Journal,
+            _ => Resolved::Human,
+        },
+    }
+}
+
+fn stderr_id() -> Option<(u64, u64)> {
+    let st = rustix::fs::fstat(std::io::stderr().as_fd()).ok()?;
+    Some((st.st_dev as u64, st.st_ino as u64))
 }
 
 static LOGGER: StderrLogger = StderrLogger;
+static FORMAT: AtomicU8 = AtomicU8::new(Resolved::Human as u8);
 
 struct StderrLogger;
 
@@ -27,11 +63,16 @@ impl Log for StderrLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let line = format!(
-            "{} {:<5} {}\n",
-            rfc3339(SystemTime::now()),
+        let format = match FORMAT.load(Ordering::Relaxed) {
+            1 => Resolved::Journal,
+            2 => Resolved::Json,
+            _ => Resolved::Human,
+        };
+        let line = format_line(
+            format,
             record.level(),
-            record.args()
+            &record.args().to_string(),
+            SystemTime::now(),
         );
         // Logging must never take the daemon down: a closed stderr loses the line, nothing else.
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
@@ -40,6 +81,48 @@ impl Log for StderrLogger {
     fn flush(&self) {
         let _ = std::io::stderr().flush();
     }
+}
+
+/// One log line, with its newline.
+pub fn format_line(format: Resolved, level: Level, msg: &str, now: SystemTime) -> String {
+    match format {
+        Resolved::Human => format!("{} {level:<5} {msg}\n", rfc3339(now)),
+        Resolved::Journal => {
+            // sd-daemon(3) priorities: 3 error, 4 warning, 6 info, 7 debug.
+            let prio = match level {
+                Level::Error => 3,
+                Level::Warn => 4,
+                Level::Info => 6,
+                Level::Debug | Level::Trace => 7,
+            };
+            format!("<{prio}>{msg}\n")
+        }
+        Resolved::Json => format!(
+            "{{\"ts\":\"{}\",\"level\":\"{}\",\"msg\":{}}}\n",
+            rfc3339(now),
+            level.as_str().to_ascii_lowercase(),
+            json_string(msg)
+        ),
+    }
+}
+
+/// A JSON string literal (RFC 8259): quotes, backslashes and control characters escaped.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Formats `t` as an RFC 3339 UTC timestamp with milliseconds, e.g. `2026-11-22T13:38:48.123Z`.
@@ -77,6 +160,47 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn formats() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_354_728_123);
+        let cases = [
+            (
+                Resolved::Human,
+                Level::Info,
+                "hi",
+                "2026-11-22T13:38:48.123Z INFO  hi\n",
+            ),
+            (Resolved::Journal, Level::Error, "bad", "<3>bad\n"),
+            (Resolved::Journal, Level::Warn, "w", "<4>w\n"),
+            (Resolved::Journal, Level::Info, "i", "<6>i\n"),
+            (Resolved::Journal, Level::Debug, "d", "<7>d\n"),
+            (
+                Resolved::Json,
+                Level::Warn,
+                "a \"q\" \\ \u{1}\n",
+                "{\"ts\":\"2026-11-22T13:38:48.123Z\",\"level\":\"warn\",\"msg\":\"a \\\"q\\\" \\\\ \\u0001\\n\"}\n",
+            ),
+        ];
+        for (format, level, msg, want) in cases {
+            assert_eq!(format_line(format, level, msg, t), want);
+        }
+    }
+
+    #[test]
+    fn auto_follows_journal_stream() {
+        let (dev, ino) = stderr_id().unwrap();
+        assert_eq!(
+            resolve(LogFormat::Auto, Some(&format!("{dev}:{ino}"))),
+            Resolved::Journal
+        );
+        assert_eq!(resolve(LogFormat::Auto, Some("1:2")), Resolved::Human);
+        assert_eq!(resolve(LogFormat::Auto, None), Resolved::Human);
+        assert_eq!(
+            resolve(LogFormat::Json, Some(&format!("{dev}:{ino}"))),
+            Resolved::Json
+        );
+    }
 
     #[test]
     fn rfc3339_known_instants() {

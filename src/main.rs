@@ -8,14 +8,14 @@ use std::process::ExitCode;
 
 use ferryd::cli::{self, Command};
 use ferryd::config::{self, ConfigError, Origin};
+use ferryd::notify::Notifier;
 use ferryd::server::Server;
-use ferryd::{client, logger};
+use ferryd::{activation, client, logger, signals};
 
 /// Exit codes (sysexits.h where one fits).
 const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 64;
 const EXIT_CONFIG: u8 = 78;
-const EXIT_SECOND_SIGNAL: i32 = 130;
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args_os().skip(1)) {
@@ -91,6 +91,12 @@ fn pack(files: &[PathBuf]) -> ExitCode {
 }
 
 fn run(flag: Option<PathBuf>) -> ExitCode {
+    // Before any thread exists, so that every thread inherits it: SIGHUP is then only ever taken
+    // by the reload thread.
+    if let Err(e) = signals::block_sighup() {
+        eprintln!("ferryd: cannot block SIGHUP: {e}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
     let (origin, config) = match load(flag) {
         Ok(pair) => pair,
         Err(e) => {
@@ -98,27 +104,28 @@ fn run(flag: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    logger::init(config.log.level);
+    logger::init(config.log.level, config.log.format);
     log::info!(
         "ferryd {} using config: {origin}",
         env!("CARGO_PKG_VERSION")
     );
-    let server = match Server::bind(config) {
+    let activated = match activation::from_env() {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!("socket activation: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let server = match Server::bind(config, origin, activated, Notifier::from_env()) {
         Ok(s) => s,
         Err(e) => {
             log::error!("{e}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let handle = server.stop_handle();
-    let installed = ctrlc::set_handler(move || {
-        if !handle.stop() {
-            log::warn!("second signal during shutdown: exiting now");
-            std::process::exit(EXIT_SECOND_SIGNAL);
-        }
-    });
-    if let Err(e) = installed {
-        log::error!("cannot install the SIGINT/SIGTERM handler: {e}");
+    let (stop, reload) = (server.handle(), server.handle());
+    if let Err(e) = signals::install(move || stop.stop(), move || reload.reload()) {
+        log::error!("{e}");
         return ExitCode::from(EXIT_FAILURE);
     }
     match server.run() {

@@ -1,25 +1,32 @@
 //! The TCP server: one accept thread, a bounded crossbeam work queue and a fixed pool of worker
-//! threads, plus the shutdown sequence that ends them all.
+//! threads, plus the control paths that reach them: shutdown, reload and systemd notifications.
 //!
 //! The accept thread never blocks on the workers: it `try_send`s each connection into the queue
 //! and, when the queue is full, answers `ERR busy` itself and closes. The thread count is
-//! therefore `max_connections` workers plus a constant, whatever the load.
+//! therefore `max_connections` workers plus a constant, whatever the load. The accept thread also
+//! wakes every `TICK` (the listener's receive timeout) to feed the systemd watchdog and refresh
+//! `STATUS=`, so a hung accept loop stops the watchdog and gets the service restarted.
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use socket2::SockRef;
 
-use crate::config::Config;
+use crate::activation::Activated;
+use crate::config::{self, Config, Origin};
 use crate::conn;
 use crate::listener::{self, BindError};
+use crate::logger;
+use crate::notify::Notifier;
 use crate::peer::Peer;
 use crate::registry::Registry;
+use crate::reload;
 use crate::stats::Stats;
 use crate::store::{Store, StoreError};
 
@@ -28,24 +35,52 @@ pub const ERR_SHUTDOWN: &[u8] = b"ERR server shutting down\n";
 /// The line a client is sent when every worker is busy and the queue is full.
 pub const ERR_BUSY: &[u8] = b"ERR busy\n";
 
-/// Smallest worker stack in a debug build, in KiB.
-const DEBUG_MIN_STACK_KIB: usize = 64;
 /// How long the accept loop waits after a failed `accept` before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often the accept loop wakes when no connection arrives. It bounds how long a stop takes
+/// to be noticed on a socket passed by systemd, which ferryd must not shut down (see `stop`).
+const TICK: Duration = Duration::from_millis(250);
+/// How often `STATUS=` is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// Smallest worker stack in a debug build, in KiB.
+const DEBUG_MIN_STACK_KIB: usize = 64;
 
-/// State shared by the accept thread, the workers and the signal handler.
+/// State shared by the accept thread, the workers and the control paths.
 #[derive(Debug)]
 pub struct Shared {
-    pub config: Config,
+    config: RwLock<Arc<Config>>,
+    store: RwLock<Arc<Store>>,
     pub stats: Stats,
     pub conns: Registry,
-    pub store: Store,
     stopping: AtomicBool,
 }
 
 impl Shared {
+    /// The configuration in force now (a reload may replace it; holders keep their snapshot).
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The upload store in force now.
+    pub fn store(&self) -> Arc<Store> {
+        Arc::clone(&self.store.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// The live counts, for `STATUS=` and the logs.
+    pub fn status(&self) -> String {
+        let s = &self.stats;
+        format!(
+            "{} open, {} queued, {} refused busy, {} files stored, {} accepted",
+            Stats::get(&s.open),
+            Stats::get(&s.queued),
+            Stats::get(&s.refused_busy),
+            Stats::get(&s.files_stored),
+            Stats::get(&s.accepted)
+        )
     }
 }
 
@@ -86,22 +121,31 @@ impl std::error::Error for ServerError {}
 
 /// A bound server, ready to run.
 pub struct Server {
-    shared: Arc<Shared>,
-    listener: Arc<TcpListener>,
+    handle: Handle,
     local_addr: SocketAddr,
 }
 
-/// A cheap handle that can stop a running server from another thread (the signal handler).
+/// A cheap handle for the control paths: stop (SIGINT/SIGTERM) and reload (SIGHUP).
 #[derive(Clone)]
-pub struct StopHandle {
+pub struct Handle {
     shared: Arc<Shared>,
     listener: Arc<TcpListener>,
+    notifier: Arc<Notifier>,
+    origin: Arc<Origin>,
+    /// False when systemd passed the listening socket: it is systemd's to keep listening on.
+    owns_listener: bool,
 }
 
 impl Server {
-    /// Opens the upload directory and binds the listening socket. Nothing is served until `run`.
-    pub fn bind(config: Config) -> Result<Server, ServerError> {
-        let opened = Store::open(&config.files).map_err(ServerError::Store)?;
+    /// Opens the upload directory and takes the listening socket (the one systemd passed, or a
+    /// new one bound to `server.bind`/`server.port`). Nothing is served until `run`.
+    pub fn bind(
+        config: Config,
+        origin: Origin,
+        activated: Option<Activated>,
+        notifier: Notifier,
+    ) -> Result<Server, ServerError> {
+        let opened = Store::open(&config.files, true).map_err(ServerError::Store)?;
         for name in &opened.stale_removed {
             log::warn!(
                 "removed stale partial upload {}/{name} (left by an earlier crash or kill)",
@@ -114,34 +158,54 @@ impl Server {
             config.files.on_conflict.as_str(),
             config.files.max_file_size
         );
-        let addr = SocketAddr::new(config.server.bind, config.server.port);
-        let listener =
-            listener::bind_tcp(addr, config.server.backlog).map_err(ServerError::Bind)?;
-        let local_addr = listener.local_addr().unwrap_or(addr);
+        let (listener, local_addr, owns_listener) = match activated.and_then(|a| {
+            for line in &a.described {
+                log::info!("socket activation: {line}");
+            }
+            a.tcp
+        }) {
+            Some((listener, addr)) => {
+                log::info!(
+                    "serving on the socket passed by systemd ({addr}); server.bind and server.port are not used"
+                );
+                (listener, addr, false)
+            }
+            None => {
+                let addr = SocketAddr::new(config.server.bind, config.server.port);
+                let listener =
+                    listener::bind_tcp(addr, config.server.backlog).map_err(ServerError::Bind)?;
+                let local = listener.local_addr().unwrap_or(addr);
+                (listener, local, true)
+            }
+        };
         Ok(Server {
-            shared: Arc::new(Shared {
-                config,
-                stats: Stats::default(),
-                conns: Registry::default(),
-                store: opened.store,
-                stopping: AtomicBool::new(false),
-            }),
-            listener: Arc::new(listener),
+            handle: Handle {
+                shared: Arc::new(Shared {
+                    config: RwLock::new(Arc::new(config)),
+                    store: RwLock::new(Arc::new(opened.store)),
+                    stats: Stats::default(),
+                    conns: Registry::default(),
+                    stopping: AtomicBool::new(false),
+                }),
+                listener: Arc::new(listener),
+                notifier: Arc::new(notifier),
+                origin: Arc::new(origin),
+                owns_listener,
+            },
             local_addr,
         })
     }
 
-    pub fn stop_handle(&self) -> StopHandle {
-        StopHandle {
-            shared: Arc::clone(&self.shared),
-            listener: Arc::clone(&self.listener),
-        }
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
     }
 
-    /// Serves until a `StopHandle` stops the server, then closes every connection and waits up to
+    /// Serves until a `Handle` stops the server, then closes every connection and waits up to
     /// `shutdown_grace_secs` for the workers.
     pub fn run(self) -> Result<(), ServerError> {
-        let cfg = &self.shared.config.server;
+        let shared = &self.handle.shared;
+        let cfg = shared.config();
+        let cfg = &cfg.server;
         let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_depth);
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
         let n_workers = cfg.max_connections;
@@ -153,7 +217,7 @@ impl Server {
             cfg.thread_stack_kib
         };
         for index in 0..n_workers {
-            let (shared, rx, done) = (Arc::clone(&self.shared), rx.clone(), done_tx.clone());
+            let (shared, rx, done) = (Arc::clone(shared), rx.clone(), done_tx.clone());
             thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .stack_size(stack_kib * 1024)
@@ -168,6 +232,12 @@ impl Server {
                 })?;
         }
         drop(done_tx);
+        // The accept loop wakes every TICK even when nobody connects.
+        if let Err(e) = SockRef::from(&*self.handle.listener).set_read_timeout(Some(TICK)) {
+            log::warn!(
+                "cannot set the listener's wake-up timeout: {e}; the watchdog is fed only when clients connect"
+            );
+        }
         log::info!(
             "listening on {} (mode {}, {} workers, queue {}, idle timeout {} s)",
             self.local_addr,
@@ -176,17 +246,18 @@ impl Server {
             cfg.queue_depth,
             cfg.idle_timeout.as_secs()
         );
+        self.handle.notifier.ready(&shared.status());
 
         self.accept_loop(&tx);
 
         // Stopping: no new connections; tell the queued ones and let the workers finish theirs.
         drop(tx);
         while let Ok(job) = rx.try_recv() {
-            Stats::sub(&self.shared.stats.queued, 1);
+            Stats::sub(&shared.stats.queued, 1);
             refuse(&job.stream, ERR_SHUTDOWN);
         }
         drop(rx);
-        let grace = cfg.shutdown_grace;
+        let grace = shared.config().server.shutdown_grace;
         let mut finished = wait_for(&done_rx, n_workers, Instant::now() + grace);
         if finished < n_workers {
             log::warn!(
@@ -194,7 +265,7 @@ impl Server {
                 n_workers - finished,
                 grace.as_secs()
             );
-            self.shared.conns.close_all();
+            shared.conns.close_all();
             finished += wait_for(
                 &done_rx,
                 n_workers - finished,
@@ -203,24 +274,51 @@ impl Server {
         }
         log::info!(
             "stopped: {}; {finished} of {n_workers} workers joined",
-            self.shared.stats.summary()
+            shared.stats.summary()
         );
         Ok(())
     }
 
     fn accept_loop(&self, tx: &Sender<Job>) {
-        let shared = &self.shared;
+        let shared = &self.handle.shared;
+        let notifier = &self.handle.notifier;
+        let watchdog = notifier.watchdog_interval();
+        let mut last_watchdog = Instant::now();
+        let mut last_status = Instant::now();
+        if watchdog.is_some() {
+            notifier.watchdog();
+        }
         loop {
-            let accepted = self.listener.accept();
+            let accepted = self.handle.listener.accept();
             if shared.is_stopping() {
                 if let Ok((stream, _)) = accepted {
                     refuse(&stream, ERR_SHUTDOWN);
                 }
                 return;
             }
+            // Feed the watchdog from this thread: if accepting hangs, systemd notices.
+            if let Some(every) = watchdog {
+                if last_watchdog.elapsed() >= every {
+                    notifier.watchdog();
+                    last_watchdog = Instant::now();
+                }
+            }
+            if notifier.is_active() && last_status.elapsed() >= STATUS_EVERY {
+                notifier.status(&shared.status());
+                last_status = Instant::now();
+            }
             let (stream, addr) = match accepted {
                 Ok(pair) => pair,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
                 Err(e) => {
                     // Typically EMFILE/ENFILE (out of descriptors) or ECONNABORTED: the loop must
                     // survive all of them.
@@ -241,7 +339,7 @@ impl Server {
                     Stats::sub(&shared.stats.queued, 1);
                     Stats::add(&shared.stats.refused_busy, 1);
                     refuse(&job.stream, ERR_BUSY);
-                    let cfg = &shared.config.server;
+                    let cfg = &shared.config().server;
                     log::warn!(
                         "{peer} refused: busy ({} connections served, the limit of server.max_connections, and {} waiting, the limit of server.queue_depth)",
                         cfg.max_connections,
@@ -253,20 +351,76 @@ impl Server {
     }
 }
 
-impl StopHandle {
+impl Handle {
     /// Begins the shutdown: stops accepting at once and wakes every worker blocked in `read`.
     /// Returns false if a shutdown had already begun.
     pub fn stop(&self) -> bool {
         if self.shared.stopping.swap(true, Ordering::SeqCst) {
             return false;
         }
+        self.notifier.stopping();
         log::info!(
             "shutting down: closing {} connection(s)",
             self.shared.conns.count()
         );
-        listener::stop_listening(&self.listener);
+        // Our own socket is shut at once: accept returns and new connections are refused. A
+        // socket systemd passed stays open and listening (shutting it would break it for the
+        // next activation); the accept loop notices the stop within one TICK, and connections
+        // still in its backlog wait there for the next start.
+        if self.owns_listener {
+            listener::stop_listening(&self.listener);
+        }
         self.shared.conns.wake_readers();
         true
+    }
+
+    /// Re-reads the configuration file and applies what can change while running; an invalid
+    /// file is refused and the running configuration stays in force.
+    pub fn reload(&self) {
+        self.notifier.reloading();
+        log::info!("reloading configuration from {}", self.origin);
+        match config::load(&self.origin) {
+            Ok(new) => self.apply(new),
+            Err(e) => log::error!("reload refused, the running configuration stays in force: {e}"),
+        }
+        self.notifier.ready(&self.shared.status());
+    }
+
+    fn apply(&self, new: Config) {
+        let old = self.shared.config();
+        let plan = reload::plan(&old, &new);
+        if plan.effective.files != old.files {
+            // In-flight uploads keep the store they started with.
+            match Store::open(&plan.effective.files, false) {
+                Ok(opened) => {
+                    *self
+                        .shared
+                        .store
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner) = Arc::new(opened.store);
+                }
+                Err(e) => {
+                    log::error!(
+                        "reload refused, the running configuration stays in force: files.dir: {e}"
+                    );
+                    return;
+                }
+            }
+        }
+        logger::init(plan.effective.log.level, plan.effective.log.format);
+        *self
+            .shared
+            .config
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(plan.effective);
+        for change in &plan.needs_restart {
+            log::warn!("reload: {change} needs a restart; the running value stays");
+        }
+        if plan.applied.is_empty() {
+            log::info!("reloaded: nothing that can change while running changed");
+        } else {
+            log::info!("reloaded: {}", plan.applied.join(", "));
+        }
     }
 }
 

@@ -97,9 +97,9 @@ pub struct Opened {
 }
 
 impl Store {
-    /// Creates the directory if missing, removes stale temp files and checks that a file can be
-    /// created there.
-    pub fn open(cfg: &FilesConfig) -> Result<Opened, StoreError> {
+    /// Creates the directory if missing, removes stale temp files if `clean_stale` (at start-up;
+    /// not on a reload, when uploads may be in flight) and checks that a file can be created.
+    pub fn open(cfg: &FilesConfig, clean_stale: bool) -> Result<Opened, StoreError> {
         let dir = cfg.dir.clone();
         DirBuilder::new()
             .recursive(true)
@@ -111,7 +111,7 @@ impl Store {
         for entry in fs::read_dir(&dir).map_err(io_err("list the upload directory"))? {
             let entry = entry.map_err(io_err("list the upload directory"))?;
             let name = entry.file_name();
-            if is_temp_name(&name) {
+            if clean_stale && is_temp_name(&name) {
                 fs::remove_file(entry.path()).map_err(io_err("remove a stale .part file"))?;
                 stale_removed.push(name.to_string_lossy().into_owned());
             }
