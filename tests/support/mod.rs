@@ -622,23 +622,34 @@ fn ensure_read_timeout(stream: &TcpStream) {
 /// sets it). A 10 s watchdog kills a run that does not finish, and the call then panics with
 /// what it printed.
 pub fn run_ferryd(args: &[&str], env: &[(&str, &str)]) -> Output {
+    run_ferryd_for(args, env, IO_TIMEOUT)
+}
+
+/// `run_ferryd` with a watchdog of `timeout` instead of 10 s, for runs that move a lot of data.
+pub fn run_ferryd_for(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
     let mut cmd = Command::new(bin());
-    cmd.args(args)
-        .env_remove("FERRYD_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args).env_remove("FERRYD_CONFIG");
     for (k, v) in env {
         cmd.env(k, v);
     }
+    run_for(cmd, &format!("ferryd {}", args.join(" ")), timeout)
+}
+
+/// Runs `cmd` to completion with stdin empty and stdout and stderr captured. A watchdog kills a
+/// run that takes longer than `timeout`, and the call then panics with what it printed, naming
+/// the run `label`.
+pub fn run_for(mut cmd: Command, label: &str, timeout: Duration) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin()));
+        .unwrap_or_else(|e| panic!("cannot start `{label}`: {e}"));
     let stdout = LogBuf::capture(child.stdout.take().expect("stdout is piped"));
     let stderr = LogBuf::capture(child.stderr.take().expect("stderr is piped"));
-    let deadline = Instant::now() + IO_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait on ferryd") {
+        if let Some(status) = child.try_wait().expect("try_wait on a child") {
             break status;
         }
         if Instant::now() > deadline {
@@ -647,9 +658,8 @@ pub fn run_ferryd(args: &[&str], env: &[(&str, &str)]) -> Output {
             stdout.wait_eof(Duration::from_secs(1));
             stderr.wait_eof(Duration::from_secs(1));
             panic!(
-                "`ferryd {}` did not finish within {IO_TIMEOUT:?}; killed it\n\
+                "`{label}` did not finish within {timeout:?}; killed it\n\
                  --- stdout ---\n{}--- stderr ---\n{}",
-                args.join(" "),
                 stdout.text(),
                 stderr.text()
             );
@@ -663,5 +673,21 @@ pub fn run_ferryd(args: &[&str], env: &[(&str, &str)]) -> Output {
         status,
         stdout: take(&stdout),
         stderr: take(&stderr),
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` has passed; returns whether it held.
+/// The last look is taken after the deadline, so a condition that became true just in time
+/// counts.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return cond();
+        }
+        thread::sleep(POLL);
     }
 }
