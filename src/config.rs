@@ -24,6 +24,7 @@ const SHIPPED: &str = include_str!("../config/config.toml");
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub server: ServerConfig,
+    pub udp: UdpConfig,
     pub files: FilesConfig,
     pub log: LogConfig,
 }
@@ -40,12 +41,31 @@ pub struct ServerConfig {
     pub thread_stack_kib: usize,
     pub shutdown_grace: Duration,
     pub mode: Mode,
+    /// Chat mode: messages waiting for one slow client before it is dropped.
+    pub chat_queue_depth: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UdpConfig {
+    pub enabled: bool,
+    /// Defaults to `server.bind`.
+    pub bind: IpAddr,
+    /// Defaults to `server.port`.
+    pub port: u16,
+    pub max_datagram_bytes: usize,
+    /// Token bucket per peer address: datagrams echoed per second, and the bucket size.
+    pub rate_per_sec: u32,
+    pub burst: u32,
+    /// Peer addresses whose buckets are remembered at once.
+    pub max_peers: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Every byte goes back to its sender as it arrives.
     Echo,
+    /// Every complete line goes to every other client, prefixed with its sender.
+    Chat,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -244,6 +264,16 @@ impl Default for Config {
                 thread_stack_kib: THREAD_STACK_KIB.default as usize,
                 shutdown_grace: Duration::from_secs(SHUTDOWN_GRACE_SECS.default as u64),
                 mode: Mode::Echo,
+                chat_queue_depth: CHAT_QUEUE_DEPTH.default as usize,
+            },
+            udp: UdpConfig {
+                enabled: true,
+                bind: IpAddr::from([127, 0, 0, 1]),
+                port: PORT.default as u16,
+                max_datagram_bytes: MAX_DATAGRAM_BYTES.default as usize,
+                rate_per_sec: RATE_PER_SEC.default as u32,
+                burst: BURST.default as u32,
+                max_peers: MAX_PEERS.default as usize,
             },
             files: FilesConfig {
                 dir: PathBuf::from(FILES_DIR_DEFAULT),
@@ -264,6 +294,7 @@ impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Echo => "echo",
+            Mode::Chat => "chat",
         }
     }
 }
@@ -283,6 +314,17 @@ impl fmt::Display for Config {
         writeln!(f, "thread_stack_kib = {}", s.thread_stack_kib)?;
         writeln!(f, "shutdown_grace_secs = {}", s.shutdown_grace.as_secs())?;
         writeln!(f, "mode = \"{}\"", s.mode.as_str())?;
+        writeln!(f, "chat_queue_depth = {}", s.chat_queue_depth)?;
+        writeln!(f)?;
+        let u = &self.udp;
+        writeln!(f, "[udp]")?;
+        writeln!(f, "enabled = {}", u.enabled)?;
+        writeln!(f, "bind = \"{}\"", u.bind)?;
+        writeln!(f, "port = {}", u.port)?;
+        writeln!(f, "max_datagram_bytes = {}", u.max_datagram_bytes)?;
+        writeln!(f, "rate_per_sec = {}", u.rate_per_sec)?;
+        writeln!(f, "burst = {}", u.burst)?;
+        writeln!(f, "max_peers = {}", u.max_peers)?;
         writeln!(f)?;
         let files = &self.files;
         writeln!(f, "[files]")?;
@@ -399,6 +441,48 @@ const MIN_FREE_BYTES: IntKey = IntKey {
     default: 64 << 20,
     octal: false,
 };
+const CHAT_QUEUE_DEPTH: IntKey = IntKey {
+    name: "server.chat_queue_depth",
+    min: 1,
+    max: 1_000_000,
+    default: 128,
+    octal: false,
+};
+const UDP_PORT: IntKey = IntKey {
+    name: "udp.port",
+    min: 1,
+    max: 65535,
+    default: 7878,
+    octal: false,
+};
+const MAX_DATAGRAM_BYTES: IntKey = IntKey {
+    name: "udp.max_datagram_bytes",
+    min: 1,
+    max: 65507,
+    default: 65507,
+    octal: false,
+};
+const RATE_PER_SEC: IntKey = IntKey {
+    name: "udp.rate_per_sec",
+    min: 1,
+    max: 10_000_000,
+    default: 1000,
+    octal: false,
+};
+const BURST: IntKey = IntKey {
+    name: "udp.burst",
+    min: 1,
+    max: 10_000_000,
+    default: 200,
+    octal: false,
+};
+const MAX_PEERS: IntKey = IntKey {
+    name: "udp.max_peers",
+    min: 1,
+    max: 1_000_000,
+    default: 4096,
+    octal: false,
+};
 const INT_KEYS: &[&IntKey] = &[
     &PORT,
     &MAX_CONNECTIONS,
@@ -411,11 +495,17 @@ const INT_KEYS: &[&IntKey] = &[
     &MAX_FILE_SIZE,
     &FILE_MODE,
     &MIN_FREE_BYTES,
+    &CHAT_QUEUE_DEPTH,
+    &UDP_PORT,
+    &MAX_DATAGRAM_BYTES,
+    &RATE_PER_SEC,
+    &BURST,
+    &MAX_PEERS,
 ];
 
 const MODE: WordKey = WordKey {
     name: "server.mode",
-    words: &["echo"],
+    words: &["echo", "chat"],
 };
 const LEVEL: WordKey = WordKey {
     name: "log.level",
@@ -432,6 +522,8 @@ const FORMAT: WordKey = WordKey {
 const WORD_KEYS: &[&WordKey] = &[&MODE, &LEVEL, &ON_CONFLICT, &FORMAT];
 
 const BIND: &str = "server.bind";
+const UDP_BIND: &str = "udp.bind";
+const UDP_ENABLED: &str = "udp.enabled";
 const BIND_ALLOWED: &str =
     "an IPv4 or IPv6 address literal such as \"127.0.0.1\", \"0.0.0.0\" or \"::\"";
 const FILES_DIR: &str = "files.dir";
@@ -468,7 +560,8 @@ fn allowed_for(key: &str) -> Option<String> {
         return Some(k.allowed());
     }
     match key {
-        BIND => Some(BIND_ALLOWED.to_string()),
+        BIND | UDP_BIND => Some(BIND_ALLOWED.to_string()),
+        UDP_ENABLED => Some("true or false".to_string()),
         FILES_DIR => Some(FILES_DIR_ALLOWED.to_string()),
         _ => None,
     }
@@ -485,9 +578,23 @@ struct RawConfig {
     #[serde(default)]
     server: RawServer,
     #[serde(default)]
+    udp: RawUdp,
+    #[serde(default)]
     files: RawFiles,
     #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUdp {
+    enabled: Field,
+    bind: Field,
+    port: Field,
+    max_datagram_bytes: Field,
+    rate_per_sec: Field,
+    burst: Field,
+    max_peers: Field,
 }
 
 #[derive(Deserialize, Default)]
@@ -513,6 +620,7 @@ struct RawServer {
     thread_stack_kib: Field,
     shutdown_grace_secs: Field,
     mode: Field,
+    chat_queue_depth: Field,
 }
 
 #[derive(Deserialize, Default)]
@@ -531,9 +639,10 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn validate(&self, raw: &RawConfig) -> Result<Config, ConfigError> {
         let s = &raw.server;
-        // "echo" is the only mode so far; `word` still rejects every other value.
-        self.word(&s.mode, &MODE)?;
-        let mode = Mode::Echo;
+        let mode = match self.word(&s.mode, &MODE)? {
+            Some("chat") => Mode::Chat,
+            _ => Mode::Echo,
+        };
         let level = match self.word(&raw.log.level, &LEVEL)? {
             Some("error") => log::LevelFilter::Error,
             Some("warn") => log::LevelFilter::Warn,
@@ -554,6 +663,25 @@ impl Ctx<'_> {
                 thread_stack_kib: self.int(&s.thread_stack_kib, &THREAD_STACK_KIB)? as usize,
                 shutdown_grace: self.secs(&s.shutdown_grace_secs, &SHUTDOWN_GRACE_SECS)?,
                 mode,
+                chat_queue_depth: self.int(&s.chat_queue_depth, &CHAT_QUEUE_DEPTH)? as usize,
+            },
+            udp: UdpConfig {
+                enabled: self.boolean(&raw.udp.enabled, UDP_ENABLED)?.unwrap_or(true),
+                bind: match self.ip(&raw.udp.bind, UDP_BIND)? {
+                    Some(ip) => ip,
+                    None => self
+                        .ip(&s.bind, BIND)?
+                        .unwrap_or(IpAddr::from([127, 0, 0, 1])),
+                },
+                port: match raw.udp.port {
+                    Some(_) => self.int(&raw.udp.port, &UDP_PORT)? as u16,
+                    None => self.int(&s.port, &PORT)? as u16,
+                },
+                max_datagram_bytes: self.int(&raw.udp.max_datagram_bytes, &MAX_DATAGRAM_BYTES)?
+                    as usize,
+                rate_per_sec: self.int(&raw.udp.rate_per_sec, &RATE_PER_SEC)? as u32,
+                burst: self.int(&raw.udp.burst, &BURST)? as u32,
+                max_peers: self.int(&raw.udp.max_peers, &MAX_PEERS)? as usize,
             },
             files: self.files(&raw.files)?,
             log: LogConfig {
@@ -632,6 +760,19 @@ impl Ctx<'_> {
         match key.words.iter().find(|w| **w == s.as_str()) {
             Some(w) => Ok(Some(w)),
             None => Err(self.bad(v, key.name, "not a known value", &key.allowed())),
+        }
+    }
+
+    fn boolean(&self, field: &Field, key: &str) -> Result<Option<bool>, ConfigError> {
+        let Some(v) = field else {
+            return Ok(None);
+        };
+        match v.get_ref() {
+            Value::Boolean(b) => Ok(Some(*b)),
+            other => {
+                let problem = format!("expected a boolean, found {}", type_name(other));
+                Err(self.bad(v, key, &problem, "true or false"))
+            }
         }
     }
 

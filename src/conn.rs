@@ -7,13 +7,19 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::escape::escaped;
+use socket2::SockRef;
+
+use crate::chat::{self, Seat};
+use crate::config::{Config, Mode};
+use crate::escape::{escaped, push_chat_text};
 use crate::listener;
 use crate::peer::Peer;
 use crate::proto::{self, Code, FrameError, HEADER_LEN, Header, Parsed};
-use crate::server::{ERR_SHUTDOWN, Job, Shared};
+use crate::server::{self, ERR_SHUTDOWN, Job, Shared};
 use crate::stats::Stats;
 use crate::upload::{self, BodySource, Lost, Outcome};
 
@@ -31,6 +37,10 @@ const BODY_BUF: usize = 1 << 20;
 /// closing, so that the peer gets the `ERR` line instead of a connection reset.
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: u64 = 8 << 20;
+/// The kernel send buffer of a chat client (Linux doubles it). A fixed size bounds what a client
+/// that stops reading can hold in the kernel, so that its outbound queue fills and it is dropped
+/// instead of the kernel buffering megabytes for it.
+const CHAT_SNDBUF: usize = 64 * 1024;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -43,8 +53,12 @@ pub enum Reason {
     Shutdown,
     /// A read or write failed.
     Error(io::Error),
-    /// The peer broke the protocol or a file was refused in a way that ends the connection.
+    /// The peer broke the protocol.
     Protocol(String),
+    /// A file frame was refused in a way that ends the connection (the `ERR` line).
+    Refused(String),
+    /// Chat: the client stopped reading and its outbound queue filled up.
+    TooSlow,
 }
 
 impl fmt::Display for Reason {
@@ -56,6 +70,8 @@ impl fmt::Display for Reason {
             Reason::Error(e) if is_timeout(e) => f.write_str("error: peer stopped reading"),
             Reason::Error(e) => write!(f, "error: {e}"),
             Reason::Protocol(what) => write!(f, "error: {what}"),
+            Reason::Refused(line) => write!(f, "refused: {line}"),
+            Reason::TooSlow => f.write_str("too slow: not reading, chat queue full"),
         }
     }
 }
@@ -64,8 +80,8 @@ impl fmt::Display for Reason {
 pub fn serve(shared: &Shared, job: Job) {
     let Job { stream, peer } = job;
     let started = Instant::now();
-    let idle_timeout = shared.config().server.idle_timeout;
-    if let Err(e) = listener::prepare_stream(&stream, idle_timeout) {
+    let cfg = shared.config();
+    if let Err(e) = listener::prepare_stream(&stream, cfg.server.idle_timeout) {
         log::warn!("{peer} cannot set socket options: {e}; closing");
         return;
     }
@@ -74,16 +90,20 @@ pub fn serve(shared: &Shared, job: Job) {
     Stats::add(&shared.stats.open, 1);
     let mut conn = Conn {
         shared,
+        cfg: Arc::clone(&cfg),
         stream: &stream,
         peer,
         bytes_in: 0,
         bytes_out: 0,
+        chat: None,
     };
     log::info!("{peer} online");
     let reason = if shared.is_stopping() {
         // Registered after the shutdown woke everyone: end here rather than wait for a read.
         conn.say(ERR_SHUTDOWN);
         Reason::Shutdown
+    } else if cfg.server.mode == Mode::Chat {
+        conn.run_chat(&stream)
     } else {
         conn.run()
     };
@@ -127,13 +147,70 @@ impl Input {
 
 struct Conn<'a> {
     shared: &'a Shared,
+    /// The configuration as it was when the connection started.
+    cfg: Arc<Config>,
     stream: &'a TcpStream,
     peer: Peer,
     bytes_in: u64,
     bytes_out: u64,
+    /// Chat mode: this client's seat in the room and its unfinished line.
+    chat: Option<ChatLine>,
+}
+
+/// A chat client's line being assembled.
+struct ChatLine {
+    seat: Seat,
+    line: Vec<u8>,
+    /// The current line was too long and is being thrown away up to its newline.
+    skipping: bool,
 }
 
 impl Conn<'_> {
+    /// Chat mode: joins the room, starts this client's writer thread (the only one that writes
+    /// to its socket from now on), serves, leaves.
+    fn run_chat(&mut self, stream: &Arc<TcpStream>) -> Reason {
+        let shared = self.shared;
+        // Best effort: without it the kernel buffers more for a client that does not read.
+        let _ = SockRef::from(&**stream).set_send_buffer_size(CHAT_SNDBUF);
+        let (seat, rx) = shared.room.join(
+            self.peer,
+            Arc::clone(stream),
+            self.cfg.server.chat_queue_depth,
+        );
+        let (id, dropped) = (seat.id, Arc::clone(&seat.dropped));
+        let written = AtomicU64::new(0);
+        let stack = server::worker_stack_bytes(&self.cfg);
+        let reason = thread::scope(|s| {
+            let writer = thread::Builder::new()
+                .name("chat-writer".into())
+                .stack_size(stack)
+                .spawn_scoped(s, || chat::write_queue(stream, &rx, &written));
+            if let Err(e) = writer {
+                shared.room.leave(id, "server error");
+                return Reason::Error(e);
+            }
+            self.chat = Some(ChatLine {
+                seat,
+                line: Vec::new(),
+                skipping: false,
+            });
+            let reason = self.run();
+            let reason = if dropped.load(Ordering::SeqCst) {
+                Reason::TooSlow
+            } else {
+                reason
+            };
+            shared.room.leave(id, &reason.to_string());
+            // Dropping the seat's sender lets the writer send what is queued, then end.
+            self.chat = None;
+            reason
+        });
+        let written = written.load(Ordering::Relaxed);
+        self.bytes_out += written;
+        Stats::add(&self.shared.stats.bytes_out, written);
+        reason
+    }
+
     fn run(&mut self) -> Reason {
         let mut input = Input {
             buf: [0; READ_BUF],
@@ -160,11 +237,55 @@ impl Conn<'_> {
             let text = &data[..n];
             at_message_start = text[n - 1] == b'\n';
             log::debug!("{} req {}", self.peer, escaped(text, LOG_WIDTH));
-            if let Err(e) = self.write_all(text) {
-                return Reason::Error(e);
+            if self.chat.is_some() {
+                self.chat_text(text);
+            } else {
+                if let Err(e) = self.write_all(text) {
+                    return Reason::Error(e);
+                }
+                log::debug!("{} resp {}", self.peer, escaped(text, LOG_WIDTH));
             }
-            log::debug!("{} resp {}", self.peer, escaped(text, LOG_WIDTH));
             input.consume(n);
+        }
+    }
+
+    /// Chat: adds text to the current line; each completed line goes to everyone else as
+    /// `[ip:port] line`. A line over `max_line_bytes` is refused to its sender and thrown away.
+    fn chat_text(&mut self, text: &[u8]) {
+        let max = self.cfg.server.max_line_bytes;
+        let Some(chat) = self.chat.as_mut() else {
+            return;
+        };
+        let mut too_long = false;
+        for segment in text.split_inclusive(|&b| b == b'\n') {
+            let ends_line = segment.last() == Some(&b'\n');
+            let content = segment.strip_suffix(b"\n").unwrap_or(segment);
+            if chat.skipping {
+                chat.skipping = !ends_line;
+                continue;
+            }
+            if chat.line.len() + content.len() > max {
+                chat.line = Vec::new();
+                chat.skipping = !ends_line;
+                too_long = true;
+                continue;
+            }
+            chat.line.extend_from_slice(content);
+            if ends_line {
+                let line = std::mem::take(&mut chat.line);
+                let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                let mut out = format!("{} ", self.peer);
+                push_chat_text(&mut out, line);
+                out.push('\n');
+                self.shared.room.broadcast(chat.seat.id, out.as_bytes());
+            }
+        }
+        if too_long {
+            log::warn!(
+                "{} chat line over server.max_line_bytes = {max}; refused",
+                self.peer
+            );
+            self.say(format!("ERR line too long: over {max} bytes; not delivered\n").as_bytes());
         }
     }
 
@@ -225,12 +346,23 @@ impl Conn<'_> {
         let outcome = upload::receive(&store, &header, name, &mut source, BODY_BUF, &peer);
         drop(source);
         let line = outcome.answer();
-        match outcome {
-            Outcome::Stored { .. } => Stats::add(&shared.stats.files_stored, 1),
+        match &outcome {
+            Outcome::Stored {
+                stored_name, size, ..
+            } => {
+                Stats::add(&shared.stats.files_stored, 1);
+                if let Some(chat) = &self.chat {
+                    let mut notice = format!("* {peer} uploaded ");
+                    push_chat_text(&mut notice, stored_name.as_bytes());
+                    notice.push_str(&format!(" ({size} B)\n"));
+                    shared.room.broadcast(chat.seat.id, notice.as_bytes());
+                }
+            }
             _ => Stats::add(&shared.stats.files_failed, 1),
         }
         if outcome.keeps_connection() {
-            return self.write_all(line.as_bytes()).map_err(Reason::Error);
+            self.say(line.as_bytes());
+            return Ok(());
         }
         Err(match outcome {
             Outcome::Lost(Lost::Shutdown) => {
@@ -270,7 +402,7 @@ impl Conn<'_> {
                 Ok(n) => drained += n as u64,
             }
         }
-        Reason::Protocol(format!("refused: {}", line.trim_end()))
+        Reason::Refused(line.trim_end().to_string())
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -295,9 +427,18 @@ impl Conn<'_> {
         Ok(())
     }
 
-    /// Sends a one-line notice; a peer that is gone cannot be told, which is not an error.
+    /// Sends a line of our own (an answer or a notice). In chat mode it goes through the
+    /// client's queue, behind what is already queued for it; a full queue means the client is
+    /// being dropped anyway. A peer that is gone cannot be told, which is not an error.
     fn say(&mut self, line: &[u8]) {
-        let _ = self.write_all(line);
+        match &self.chat {
+            Some(chat) => {
+                let _ = chat.seat.tx.try_send(Arc::from(line));
+            }
+            None => {
+                let _ = self.write_all(line);
+            }
+        }
     }
 }
 

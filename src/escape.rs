@@ -39,9 +39,48 @@ pub fn push_escaped<W: Write>(out: &mut W, b: u8) -> fmt::Result {
     }
 }
 
+/// Appends `bytes` for a chat line: printable text as is (UTF-8 included, as people write it),
+/// control characters other than tab and bytes that are not UTF-8 as `\xNN` (C1 controls as
+/// `\u{NN}`), so that no client can send escape sequences to the others' terminals.
+pub fn push_chat_text(out: &mut String, bytes: &[u8]) {
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\t' => out.push(c),
+                c if (c as u32) < 0x80 && c.is_control() => {
+                    let _ = write!(out, "\\x{:02x}", c as u32);
+                }
+                c if c.is_control() => {
+                    let _ = write!(out, "\\u{{{:x}}}", c as u32);
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chat_text_keeps_utf8_and_escapes_the_rest() {
+        let cases: [(&[u8], &str); 5] = [
+            (b"hello", "hello"),
+            ("café ☕".as_bytes(), "café ☕"),
+            (b"a\tb", "a\tb"),
+            (b"\x1b[2Jbell\x07\x7f", "\\x1b[2Jbell\\x07\\x7f"),
+            (b"bad \xff\xc3 utf8 \xc2\x85", "bad \\xff\\xc3 utf8 \\u{85}"),
+        ];
+        for (input, want) in cases {
+            let mut out = String::new();
+            push_chat_text(&mut out, input);
+            assert_eq!(out, want, "{input:?}");
+        }
+    }
 
     #[test]
     fn escapes_controls_and_cuts() {

@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod activation;
+pub mod chat;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -16,10 +17,12 @@ pub mod logger;
 pub mod notify;
 pub mod peer;
 pub mod proto;
+pub mod ratelimit;
 pub mod registry;
 pub mod reload;
 pub mod server;
 pub mod signals;
 pub mod stats;
 pub mod store;
+pub mod udp;
 pub mod upload;

@@ -14,6 +14,11 @@ impl Peer {
         let ip = canonical_ip(addr.ip());
         Peer(SocketAddr::new(ip, addr.port()))
     }
+
+    /// The address, IPv4-mapped addresses already turned into IPv4.
+    pub fn ip(&self) -> IpAddr {
+        self.0.ip()
+    }
 }
 
 /// `::ffff:a.b.c.d` becomes `a.b.c.d`; every other address is unchanged.

@@ -38,6 +38,9 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         "server.backlog" => server.backlog,
         "server.thread_stack_kib" => server.thread_stack_kib,
         "server.mode" => server.mode,
+        "udp.enabled" => udp.enabled,
+        "udp.bind" => udp.bind,
+        "udp.port" => udp.port,
     }
 
     // Settings read at each use: they apply to new connections and files from now on.
@@ -52,6 +55,11 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         "server.idle_timeout_secs" => server.idle_timeout,
         "server.max_line_bytes" => server.max_line_bytes,
         "server.shutdown_grace_secs" => server.shutdown_grace,
+        "server.chat_queue_depth" => server.chat_queue_depth,
+        "udp.max_datagram_bytes" => udp.max_datagram_bytes,
+        "udp.rate_per_sec" => udp.rate_per_sec,
+        "udp.burst" => udp.burst,
+        "udp.max_peers" => udp.max_peers,
         "files.dir" => files.dir,
         "files.max_file_size" => files.max_file_size,
         "files.on_conflict" => files.on_conflict,
@@ -95,7 +103,9 @@ mod tests {
             p.needs_restart,
             [
                 "server.port: 7878 -> 9999",
-                "server.max_connections: 64 -> 3"
+                "server.max_connections: 64 -> 3",
+                // udp.port follows server.port when not set.
+                "udp.port: 7878 -> 9999"
             ]
         );
         assert_eq!(

@@ -8,7 +8,7 @@
 //! `STATUS=`, so a hung accept loop stops the watchdog and gets the service restarted.
 
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -19,6 +19,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use socket2::SockRef;
 
 use crate::activation::Activated;
+use crate::chat::Room;
 use crate::config::{self, Config, Origin};
 use crate::conn;
 use crate::listener::{self, BindError};
@@ -29,6 +30,7 @@ use crate::registry::Registry;
 use crate::reload;
 use crate::stats::Stats;
 use crate::store::{Store, StoreError};
+use crate::udp;
 
 /// The line a client is sent when the daemon stops.
 pub const ERR_SHUTDOWN: &[u8] = b"ERR server shutting down\n";
@@ -52,6 +54,8 @@ pub struct Shared {
     store: RwLock<Arc<Store>>,
     pub stats: Stats,
     pub conns: Registry,
+    /// Chat mode's members.
+    pub room: Room,
     stopping: AtomicBool,
 }
 
@@ -123,6 +127,7 @@ impl std::error::Error for ServerError {}
 pub struct Server {
     handle: Handle,
     local_addr: SocketAddr,
+    udp: Option<UdpSocket>,
 }
 
 /// A cheap handle for the control paths: stop (SIGINT/SIGTERM) and reload (SIGHUP).
@@ -158,12 +163,37 @@ impl Server {
             config.files.on_conflict.as_str(),
             config.files.max_file_size
         );
-        let (listener, local_addr, owns_listener) = match activated.and_then(|a| {
-            for line in &a.described {
-                log::info!("socket activation: {line}");
+        let (tcp, passed_udp) = match activated {
+            Some(a) => {
+                for line in &a.described {
+                    log::info!("socket activation: {line}");
+                }
+                (a.tcp, a.udp)
             }
-            a.tcp
-        }) {
+            None => (None, None),
+        };
+        let udp = match passed_udp {
+            Some((socket, addr)) if config.udp.enabled => {
+                log::info!(
+                    "udp echo on the socket passed by systemd ({addr}); udp.bind and udp.port are not used"
+                );
+                Some(socket)
+            }
+            Some((_, addr)) => {
+                log::info!(
+                    "udp.enabled = false: closing the UDP socket passed by systemd ({addr})"
+                );
+                None
+            }
+            None if config.udp.enabled => {
+                let addr = SocketAddr::new(config.udp.bind, config.udp.port);
+                let socket = udp::bind(addr).map_err(ServerError::Bind)?;
+                log::info!("udp echo on {}", socket.local_addr().unwrap_or(addr));
+                Some(socket)
+            }
+            None => None,
+        };
+        let (listener, local_addr, owns_listener) = match tcp {
             Some((listener, addr)) => {
                 log::info!(
                     "serving on the socket passed by systemd ({addr}); server.bind and server.port are not used"
@@ -185,6 +215,7 @@ impl Server {
                     store: RwLock::new(Arc::new(opened.store)),
                     stats: Stats::default(),
                     conns: Registry::default(),
+                    room: Room::default(),
                     stopping: AtomicBool::new(false),
                 }),
                 listener: Arc::new(listener),
@@ -193,6 +224,7 @@ impl Server {
                 owns_listener,
             },
             local_addr,
+            udp,
         })
     }
 
@@ -202,25 +234,19 @@ impl Server {
 
     /// Serves until a `Handle` stops the server, then closes every connection and waits up to
     /// `shutdown_grace_secs` for the workers.
-    pub fn run(self) -> Result<(), ServerError> {
+    pub fn run(mut self) -> Result<(), ServerError> {
         let shared = &self.handle.shared;
         let cfg = shared.config();
         let cfg = &cfg.server;
         let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_depth);
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
         let n_workers = cfg.max_connections;
-        // Unoptimised code has much larger stack frames; a debug build must not overflow where a
-        // release build does not.
-        let stack_kib = if cfg!(debug_assertions) {
-            cfg.thread_stack_kib.max(DEBUG_MIN_STACK_KIB)
-        } else {
-            cfg.thread_stack_kib
-        };
+        let stack = worker_stack_bytes(&shared.config());
         for index in 0..n_workers {
             let (shared, rx, done) = (Arc::clone(shared), rx.clone(), done_tx.clone());
             thread::Builder::new()
                 .name(format!("worker-{index}"))
-                .stack_size(stack_kib * 1024)
+                .stack_size(stack)
                 .spawn(move || worker(&shared, &rx, &done))
                 .map_err(|err| {
                     // Workers already started end when the queue's sender is dropped below.
@@ -232,6 +258,17 @@ impl Server {
                 })?;
         }
         drop(done_tx);
+        let udp_thread =
+            match self.udp.take() {
+                Some(socket) => Some(udp::spawn(socket, Arc::clone(shared)).map_err(|err| {
+                    ServerError::Spawn {
+                        index: n_workers + 1,
+                        total: n_workers + 1,
+                        err,
+                    }
+                })?),
+                None => None,
+            };
         // The accept loop wakes every TICK even when nobody connects.
         if let Err(e) = SockRef::from(&*self.handle.listener).set_read_timeout(Some(TICK)) {
             log::warn!(
@@ -271,6 +308,9 @@ impl Server {
                 n_workers - finished,
                 Instant::now() + Duration::from_millis(500),
             );
+        }
+        if let Some(t) = udp_thread {
+            let _ = t.join();
         }
         log::info!(
             "stopped: {}; {finished} of {n_workers} workers joined",
@@ -422,6 +462,18 @@ impl Handle {
             log::info!("reloaded: {}", plan.applied.join(", "));
         }
     }
+}
+
+/// The stack size of worker threads (and chat writer threads), from `server.thread_stack_kib`.
+pub fn worker_stack_bytes(cfg: &Config) -> usize {
+    // Unoptimised code has much larger stack frames; a debug build must not overflow where a
+    // release build does not.
+    let kib = if cfg!(debug_assertions) {
+        cfg.server.thread_stack_kib.max(DEBUG_MIN_STACK_KIB)
+    } else {
+        cfg.server.thread_stack_kib
+    };
+    kib * 1024
 }
 
 /// Writes a one-line refusal without ever blocking the caller, then closes the connection.

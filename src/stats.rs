@@ -19,6 +19,8 @@ pub struct Stats {
     /// Files stored, and frames that ended in an `ERR`.
     pub files_stored: AtomicU64,
     pub files_failed: AtomicU64,
+    /// UDP datagrams received.
+    pub udp_in: AtomicU64,
 }
 
 impl Stats {
