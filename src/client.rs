@@ -74,6 +74,17 @@ impl fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
+impl ClientError {
+    /// The error without the file's path, for lines that already start with it.
+    fn detail(&self) -> String {
+        match self {
+            ClientError::File { err, .. } => err.to_string(),
+            ClientError::BadName { err, .. } => format!("cannot be sent under this name: {err}"),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// A file ready to go: opened, measured and hashed.
 struct Prepared {
     path: PathBuf,
@@ -174,7 +185,7 @@ pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, Client
         let mut prepared = match Prepared::open(path, progress) {
             Ok(p) => p,
             Err(e) => {
-                results.push(report(out, path, false, e.to_string()));
+                results.push(report(out, path, false, e.detail()));
                 continue;
             }
         };

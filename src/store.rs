@@ -101,11 +101,17 @@ impl Store {
     /// not on a reload, when uploads may be in flight) and checks that a file can be created.
     pub fn open(cfg: &FilesConfig, clean_stale: bool) -> Result<Opened, StoreError> {
         let dir = cfg.dir.clone();
+        let existed = dir.is_dir();
         DirBuilder::new()
             .recursive(true)
             .mode(DIR_MODE)
             .create(&dir)
             .map_err(io_err("create the upload directory"))?;
+        if !existed {
+            // The umask may have narrowed the mode; a directory we create gets exactly 0750.
+            fs::set_permissions(&dir, Permissions::from_mode(DIR_MODE))
+                .map_err(io_err("set the upload directory's mode"))?;
+        }
         let dir_handle = File::open(&dir).map_err(io_err("open the upload directory"))?;
         let mut stale_removed = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err("list the upload directory"))? {

@@ -1049,6 +1049,12 @@ fn send_reports_a_directory_and_sends_the_other_files() {
         "first line should say the directory is not a file: {:?}",
         lines[0]
     );
+    assert_eq!(
+        lines[0].matches(&dir.display().to_string()).count(),
+        1,
+        "the path is named once: {:?}",
+        lines[0]
+    );
     let answer = lines[1]
         .strip_prefix(&format!("{}: ", file.display()))
         .unwrap_or_else(|| panic!("second line: {:?}", lines[1]));
@@ -1125,13 +1131,10 @@ fn send_connect_timeout_is_reported_promptly() {
 #[test]
 fn stored_files_get_files_file_mode_and_a_missing_dir_is_created_0750() {
     let body = Rng::new(13).bytes(4096);
-    // The file mode is exact whatever the umask; the directory is created 0750 less the umask,
-    // as mkdir(2) does.
-    let cases = [
-        ("umask 022", 0o022, "0o600", 0o600),
-        ("umask 077", 0o077, "0o644", 0o644),
-    ];
-    for (umask, umask_bits, mode_text, mode) in cases {
+    // Both modes are exact whatever the umask: the file's is files.file_mode, the directory
+    // ferryd creates is 0750.
+    let cases = [("umask 022", "0o600", 0o600), ("umask 077", "0o644", 0o644)];
+    for (umask, mode_text, mode) in cases {
         let own = TempDir::new();
         let uploads = own.path().join("new").join("uploads");
         let d = DaemonBuilder::new()
@@ -1140,11 +1143,7 @@ fn stored_files_get_files_file_mode_and_a_missing_dir_is_created_0750() {
             .set("files", &format!("file_mode = {mode_text}"))
             .start();
         let dir_mode = fs::metadata(&uploads).unwrap().permissions().mode() & 0o777;
-        assert_eq!(
-            dir_mode,
-            0o750 & !umask_bits,
-            "{umask}: upload dir mode {dir_mode:#o}"
-        );
+        assert_eq!(dir_mode, 0o750, "{umask}: upload dir mode {dir_mode:#o}");
         let mut s = d.connect();
         send_frame(&d, &mut s, "mode.bin", &body);
         check_ok(

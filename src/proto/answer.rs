@@ -22,7 +22,9 @@ pub enum Code {
     TooLarge,
     /// `size` does not fit in the free space minus `files.min_free_bytes`. The connection is closed.
     NoSpace,
-    /// The name exists and `files.on_conflict = "reject"`. The connection is closed.
+    /// The name exists and `files.on_conflict = "reject"`. Found before the body (the usual
+    /// case) the connection is closed; found only at the final rename (another upload took the
+    /// name meanwhile) the body has been read and the connection stays open.
     Exists,
     /// The body arrived whole but its BLAKE3 differs from the header's. Nothing is stored; the
     /// connection stays open for the next message.
