@@ -1,0 +1,386 @@
+//! Chat fan-out and UDP echo benchmark (run with `cargo bench --bench chat`).
+//!
+//! Chat: 50 clients connect; each sends `LINES` lines as fast as it can while reading; every line
+//! must reach the 49 others. Measured: deliveries per second (from the first send to the last
+//! delivery) and the delivery latency of every line (median and p99), against ferryd in chat mode
+//! and, in the same run, `ncat --chat` (Debian package `ncat`). Lines carry a marker and a send
+//! timestamp, so the two servers' different prefixes and notices do not matter.
+//!
+//! UDP: `UDP_CLIENTS` clients each send a datagram and wait for its echo, in a loop, against
+//! ferryd's UDP echo and against a minimal `std::net` UDP echo written below (re-executed in its
+//! own process). Measured: echoed datagrams per second.
+//!
+//! Contenders alternate, `ROUNDS` times each; medians and ratios are printed.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const CLIENTS: usize = 50;
+const LINES: usize = 200;
+const ROUNDS: usize = 5;
+const UDP_CLIENTS: usize = 4;
+const UDP_MEASURE: Duration = Duration::from_secs(2);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--minimal-udp") {
+        minimal_udp(args[i + 1].parse().expect("port"));
+        return;
+    }
+    let rounds = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .map_or(ROUNDS, |r| r.parse().expect("--rounds N"));
+    let have_ncat = Command::new("sh")
+        .arg("-c")
+        .arg("command -v ncat")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(have_ncat, "ncat not found: apt-get install -y ncat");
+
+    println!(
+        "chat fan-out: {CLIENTS} clients × {LINES} lines, each to the {} others; {rounds} rounds",
+        CLIENTS - 1
+    );
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for first in [round % 2 == 0, round % 2 == 1] {
+            if first {
+                let s = Server::ferryd("chat");
+                let r = chat_round(s.port);
+                println!("  round {round} ferryd {r}");
+                ours.push(r);
+            } else {
+                let s = Server::ncat_chat();
+                let r = chat_round(s.port);
+                println!("  round {round} ncat   {r}");
+                theirs.push(r);
+            }
+        }
+    }
+    let med =
+        |v: &[ChatResult], f: fn(&ChatResult) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+    let (a_rate, b_rate) = (med(&ours, |r| r.rate), med(&theirs, |r| r.rate));
+    let (a_p50, b_p50) = (med(&ours, |r| r.p50_ms), med(&theirs, |r| r.p50_ms));
+    let (a_p99, b_p99) = (med(&ours, |r| r.p99_ms), med(&theirs, |r| r.p99_ms));
+    println!(
+        "deliveries/s        ferryd {a_rate:>10.0}   ncat --chat {b_rate:>10.0}   ratio {:.2}×",
+        a_rate / b_rate
+    );
+    println!("latency median (ms) ferryd {a_p50:>10.2}   ncat --chat {b_p50:>10.2}");
+    println!(
+        "latency p99 (ms)    ferryd {a_p99:>10.2}   ncat --chat {b_p99:>10.2}   ratio (ncat/ferryd) {:.2}×",
+        b_p99 / a_p99
+    );
+
+    println!(
+        "\nudp echo: {UDP_CLIENTS} clients, ping-pong, {} ms per round; {rounds} rounds",
+        UDP_MEASURE.as_millis()
+    );
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for first in [round % 2 == 0, round % 2 == 1] {
+            if first {
+                let s = Server::ferryd("echo");
+                ours.push(udp_round(s.port));
+            } else {
+                let s = Server::minimal_udp();
+                theirs.push(udp_round(s.port));
+            }
+        }
+    }
+    let (a, b) = (median(&ours), median(&theirs));
+    println!(
+        "datagrams/s         ferryd {a:>10.0}   minimal {b:>10.0}   ratio {:.2}×   (ferryd {:?}, minimal {:?})",
+        a / b,
+        ours.iter().map(|x| x.round()).collect::<Vec<_>>(),
+        theirs.iter().map(|x| x.round()).collect::<Vec<_>>()
+    );
+}
+
+struct ChatResult {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    delivered: u64,
+}
+
+impl std::fmt::Display for ChatResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.0} deliveries/s, median {:.2} ms, p99 {:.2} ms ({} delivered)",
+            self.rate, self.p50_ms, self.p99_ms, self.delivered
+        )
+    }
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One chat measurement: connect everyone, let the notices settle, then all send at once.
+fn chat_round(port: u16) -> ChatResult {
+    let base = Instant::now();
+    let expected = (CLIENTS * (CLIENTS - 1) * LINES) as u64;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let last_delivery = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(expected as usize)));
+    let start = Arc::new(Barrier::new(CLIENTS + 1));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut streams = Vec::new();
+    for _ in 0..CLIENTS {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_nodelay(true).unwrap();
+        streams.push(s);
+        thread::sleep(Duration::from_millis(5));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let mut handles = Vec::new();
+    for (k, stream) in streams.into_iter().enumerate() {
+        let reader = stream.try_clone().unwrap();
+        reader
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let (delivered, last, lat, done) = (
+            Arc::clone(&delivered),
+            Arc::clone(&last_delivery),
+            Arc::clone(&latencies),
+            Arc::clone(&done),
+        );
+        handles.push(thread::spawn(move || {
+            let mut r = BufReader::new(reader);
+            let mut line = String::new();
+            let mut mine = Vec::with_capacity((CLIENTS - 1) * LINES);
+            while !done.load(Ordering::Relaxed) {
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(0) => break,
+                    Ok(_) => {
+                        if let Some(t) = line
+                            .split("BENCH ")
+                            .nth(1)
+                            .and_then(|rest| rest.split_whitespace().nth(2))
+                        {
+                            if let Ok(sent) = t.parse::<u64>() {
+                                let now = base.elapsed().as_nanos() as u64;
+                                mine.push(now.saturating_sub(sent));
+                                delivered.fetch_add(1, Ordering::Relaxed);
+                                last.fetch_max(now, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+            lat.lock().unwrap().extend(mine);
+        }));
+        let start = Arc::clone(&start);
+        let mut writer = stream;
+        handles.push(thread::spawn(move || {
+            start.wait();
+            for i in 0..LINES {
+                let t = base.elapsed().as_nanos() as u64;
+                let line = format!("BENCH {k} {i} {t}\n");
+                if writer.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    start.wait();
+    let t0 = base.elapsed().as_nanos() as u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    // Give stragglers (or a server that lost lines) a moment, then stop the readers.
+    thread::sleep(Duration::from_millis(300));
+    done.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    let n = delivered.load(Ordering::Relaxed);
+    let span = (last_delivery.load(Ordering::Relaxed).saturating_sub(t0)) as f64 / 1e9;
+    let mut lat = latencies.lock().unwrap().clone();
+    lat.sort_unstable();
+    let pick = |q: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * q) as usize)
+            .map_or(f64::NAN, |&x| x as f64 / 1e6)
+    };
+    if n < expected {
+        eprintln!("  warning: {n} of {expected} deliveries arrived");
+    }
+    ChatResult {
+        rate: n as f64 / span,
+        p50_ms: pick(0.5),
+        p99_ms: pick(0.99),
+        delivered: n,
+    }
+}
+
+/// Echoed datagrams per second with `UDP_CLIENTS` ping-pong clients.
+fn udp_round(port: u16) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let t = Instant::now();
+    let handles: Vec<_> = (0..UDP_CLIENTS)
+        .map(|k| {
+            let (stop, count) = (Arc::clone(&stop), Arc::clone(&count));
+            thread::spawn(move || {
+                let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let msg = format!("datagram from client {k}: 0123456789abcdef");
+                let mut buf = [0u8; 128];
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    s.send(msg.as_bytes()).unwrap();
+                    if s.recv(&mut buf).is_ok() {
+                        n += 1;
+                    }
+                }
+                count.fetch_add(n, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    thread::sleep(UDP_MEASURE);
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().unwrap();
+    }
+    count.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// A server process under test, killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    dir: Option<std::path::PathBuf>,
+}
+
+impl Server {
+    fn ferryd(mode: &str) -> Server {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("ferryd-chatbench-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // The queue is deep so that no client is dropped as "too slow" while everyone blasts:
+        // this measures throughput, not the drop policy. The UDP limit is lifted for the same
+        // reason (all bench clients share 127.0.0.1).
+        let cfg = format!(
+            "[server]\nport = {port}\nmode = \"{mode}\"\nchat_queue_depth = 100000\n[udp]\nrate_per_sec = 10000000\nburst = 10000000\n[files]\ndir = {:?}\n[log]\nlevel = \"warn\"\n",
+            dir.join("uploads").display().to_string()
+        );
+        let path = dir.join("config.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_tcp(port);
+        Server {
+            child,
+            port,
+            dir: Some(dir),
+        }
+    }
+
+    fn ncat_chat() -> Server {
+        let port = free_port();
+        let child = Command::new("ncat")
+            .args(["--chat", "-l", "127.0.0.1", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_tcp(port);
+        Server {
+            child,
+            port,
+            dir: None,
+        }
+    }
+
+    fn minimal_udp() -> Server {
+        let port = free_port();
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args(["--minimal-udp", &port.to_string()])
+            .spawn()
+            .unwrap();
+        thread::sleep(Duration::from_millis(200));
+        Server {
+            child,
+            port,
+            dir: None,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    // A port free for both TCP and UDP.
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Waits until the port accepts, without leaving a connection a chat server would announce.
+fn wait_tcp(port: u16) {
+    let hex = format!(":{port:04X} ");
+    for _ in 0..1000 {
+        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        if tcp
+            .lines()
+            .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
+        {
+            return;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    panic!("nothing listens on {port}");
+}
+
+/// The ceiling for a one-thread UDP echo: std::net, a 64 KiB buffer, recv_from then send_to.
+fn minimal_udp(port: u16) {
+    let s = UdpSocket::bind(("127.0.0.1", port)).expect("bind");
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    }
+}
