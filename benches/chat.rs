@@ -283,7 +283,7 @@ impl Server {
         // this measures throughput, not the drop policy. The UDP limit is lifted for the same
         // reason (all bench clients share 127.0.0.1).
         let cfg = format!(
-            "[server]\nport = {port}\nmode = \"{mode}\"\nchat_queue_depth = 100000\n[udp]\nrate_per_sec = 10000000\nburst = 10000000\n[files]\ndir = {:?}\n[log]\nlevel = \"warn\"\n",
+            "[server]\nport = {port}\nmode = \"{mode}\"\nchat_queue_depth = 100000\n[udp]\nrate_per_sec = 10000000\nburst = 10000000\n[access]\nmax_per_ip = 1000\n[files]\ndir = {:?}\n[log]\nlevel = \"warn\"\n",
             dir.join("uploads").display().to_string()
         );
         let path = dir.join("config.toml");

@@ -132,7 +132,7 @@ impl Server {
         let dir = std::env::temp_dir().join(format!("ferryd-bench-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut cfg = format!(
-            "[server]\nport = {port}\nmax_connections = {max_connections}\n{}\n[files]\ndir = {:?}\n[log]\nlevel = \"warn\"\n",
+            "[server]\nport = {port}\nmax_connections = {max_connections}\n{}\n[access]\nmax_per_ip = 65535\n[files]\ndir = {:?}\n[log]\nlevel = \"warn\"\n",
             extra.join("\n"),
             dir.join("uploads").display().to_string()
         );

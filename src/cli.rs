@@ -13,7 +13,7 @@ ferryd — a small TCP daemon that echoes text and stores uploaded files
 Usage:
   ferryd [--config PATH]                 run the daemon
   ferryd check-config [--config PATH]    validate a config and print the effective settings
-  ferryd send --to HOST:PORT [--timeout SECS] FILE...
+  ferryd send --to HOST:PORT [--timeout SECS] [--key-file PATH] FILE...
                                          upload files over one connection, one answer per file
   ferryd pack FILE...                    write the same frames to stdout, for netcat:
                                            ferryd pack photo.jpg | nc -N 127.0.0.1 7878
@@ -24,6 +24,7 @@ Options:
                       if it exists, else the built-in defaults (127.0.0.1:7878, echo)
       --to HOST:PORT  (send) the server to upload to
       --timeout SECS  (send) connect timeout, and how long a stalled write may block; default 5
+      --key-file PATH (send) the shared upload key, for servers with files.token_file
   -h, --help          print this help
   -V, --version       print the version
 
@@ -66,12 +67,14 @@ where
     let mut config = None;
     let mut to = None;
     let mut timeout = None;
+    let mut key_file = None;
     let mut files = Vec::new();
     while let Some(arg) = parser.next()? {
         match arg {
             Short('c') | Long("config") => config = Some(PathBuf::from(parser.value()?)),
             Long("to") => to = Some(parser.value()?.string()?),
             Long("timeout") => timeout = Some(parse_timeout(&parser.value()?.string()?)?),
+            Long("key-file") => key_file = Some(PathBuf::from(parser.value()?)),
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
             Value(v) if subcommand.is_none() => {
@@ -101,6 +104,7 @@ where
         ),
         ("--to", to.is_some(), sub == "send"),
         ("--timeout", timeout.is_some(), sub == "send"),
+        ("--key-file", key_file.is_some(), sub == "send"),
     ];
     if let Some((flag, ..)) = misplaced
         .iter()
@@ -116,7 +120,12 @@ where
                 return Err("send needs at least one FILE".into());
             }
             let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
-            Command::Send(SendOptions { to, timeout, files })
+            Command::Send(SendOptions {
+                to,
+                timeout,
+                files,
+                key_file,
+            })
         }
         "pack" if files.is_empty() => return Err("pack needs at least one FILE".into()),
         "pack" => Command::Pack { files },
@@ -176,6 +185,7 @@ mod tests {
                 to: to.into(),
                 timeout: Duration::from_millis(ms),
                 files: files.iter().map(PathBuf::from).collect(),
+                key_file: None,
             })
         };
         assert_eq!(

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::auth::{self, Key, KeyError, NONCE_LEN};
 use crate::filehash;
 use crate::proto::answer::{Answer, parse_answer};
 use crate::proto::{Header, name};
@@ -27,17 +28,41 @@ pub struct SendOptions {
     pub to: String,
     pub timeout: Duration,
     pub files: Vec<PathBuf>,
+    /// The shared upload key, for servers with `files.token_file`.
+    pub key_file: Option<PathBuf>,
 }
 
 /// A client failure, with the reason a user can act on.
 #[derive(Debug)]
 pub enum ClientError {
-    Resolve { to: String, err: io::Error },
-    Refused { to: String },
-    ConnectTimeout { to: String, timeout: Duration },
-    Connect { to: String, err: io::Error },
-    File { path: PathBuf, err: io::Error },
-    BadName { path: PathBuf, err: name::NameError },
+    Resolve {
+        to: String,
+        err: io::Error,
+    },
+    Refused {
+        to: String,
+    },
+    ConnectTimeout {
+        to: String,
+        timeout: Duration,
+    },
+    Connect {
+        to: String,
+        err: io::Error,
+    },
+    File {
+        path: PathBuf,
+        err: io::Error,
+    },
+    BadName {
+        path: PathBuf,
+        err: name::NameError,
+    },
+    Key(KeyError),
+    /// With `--key-file`, the server did not open with a `NONCE` line.
+    NoNonce {
+        to: String,
+    },
     Io(io::Error),
 }
 
@@ -67,6 +92,11 @@ impl fmt::Display for ClientError {
                     path.display()
                 )
             }
+            ClientError::Key(e) => write!(f, "--key-file: {e}"),
+            ClientError::NoNonce { to } => write!(
+                f,
+                "{to} sent no NONCE line: it does not take upload keys (try without --key-file)"
+            ),
             ClientError::Io(e) => write!(f, "{e}"),
         }
     }
@@ -124,6 +154,7 @@ impl Prepared {
             path: path.to_path_buf(),
             file,
             header: Header {
+                authenticated: false,
                 name_len: name.len() as u16,
                 size,
                 checksum,
@@ -138,10 +169,14 @@ impl Prepared {
     fn write_to<W: Write>(
         &mut self,
         out: &mut W,
+        tag: Option<&[u8]>,
         tick: &mut dyn FnMut(u64) -> bool,
     ) -> io::Result<bool> {
         out.write_all(&self.header.encode())?;
         out.write_all(self.name.as_bytes())?;
+        if let Some(tag) = tag {
+            out.write_all(tag)?;
+        }
         let size = self.header.size;
         let mut sent = 0u64;
         while sent < size {
@@ -169,7 +204,7 @@ pub fn pack<W: Write>(files: &[PathBuf], out: &mut W) -> Result<(), ClientError>
     for path in files {
         let mut prepared = Prepared::open(path, false)?;
         prepared
-            .write_to(out, &mut |_| true)
+            .write_to(out, None, &mut |_| true)
             .map_err(ClientError::Io)?;
     }
     out.flush().map_err(ClientError::Io)
@@ -179,6 +214,10 @@ pub fn pack<W: Write>(files: &[PathBuf], out: &mut W) -> Result<(), ClientError>
 /// each file was stored; failing to connect is an error.
 pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, ClientError> {
     let progress = io::stderr().is_terminal();
+    let key = match &opts.key_file {
+        Some(path) => Some(Key::load(path).map_err(ClientError::Key)?.0),
+        None => None,
+    };
     let mut conn: Option<Connection> = None;
     let mut results = Vec::new();
     for path in &opts.files {
@@ -190,7 +229,7 @@ pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, Client
             }
         };
         if conn.is_none() {
-            conn = Some(Connection::open(&opts.to, opts.timeout)?);
+            conn = Some(Connection::open(&opts.to, opts.timeout, key.as_ref())?);
         }
         let Some(c) = conn.as_mut() else { continue };
         let (ok, message, keep) = c.upload(&mut prepared, opts.timeout, progress);
@@ -212,10 +251,50 @@ fn report(out: &mut dyn Write, path: &Path, ok: bool, message: String) -> bool {
 struct Connection {
     stream: TcpStream,
     answers: Receiver<io::Result<String>>,
+    /// With a key: the server's nonce and the number of authenticated frames sent so far.
+    auth: Option<(Key, [u8; NONCE_LEN], u64)>,
+    /// The server opened with a `NONCE` line: it wants a key.
+    wants_key: bool,
+    /// A line read while looking for the nonce, to be taken as the next answer.
+    pushed_back: Option<io::Result<String>>,
 }
 
 impl Connection {
-    fn open(to: &str, timeout: Duration) -> Result<Connection, ClientError> {
+    fn open(to: &str, timeout: Duration, key: Option<&Key>) -> Result<Connection, ClientError> {
+        let mut conn = Connection::connect(to, timeout)?;
+        // A server with upload keys opens with `NONCE <hex>`; one without says nothing.
+        let wait = if key.is_some() {
+            timeout
+        } else {
+            Duration::from_millis(0)
+        };
+        let nonce = match conn.answers.recv_timeout(wait) {
+            Ok(Ok(line)) => match parse_nonce(&line) {
+                Some(n) => Some(n),
+                None => {
+                    // Not a nonce (e.g. `ERR busy`): keep it for the first file's answer.
+                    conn.pushed_back = Some(Ok(line));
+                    None
+                }
+            },
+            Ok(Err(e)) => {
+                conn.pushed_back = Some(Err(e));
+                None
+            }
+            Err(_) => None,
+        };
+        conn.wants_key = nonce.is_some();
+        match (key, nonce) {
+            (Some(key), Some(nonce)) => conn.auth = Some((key.clone(), nonce, 0)),
+            (Some(_), None) if conn.pushed_back.is_none() => {
+                return Err(ClientError::NoNonce { to: to.to_string() });
+            }
+            _ => {}
+        }
+        Ok(conn)
+    }
+
+    fn connect(to: &str, timeout: Duration) -> Result<Connection, ClientError> {
         let addrs: Vec<SocketAddr> = to
             .to_socket_addrs()
             .map_err(|err| ClientError::Resolve {
@@ -286,6 +365,9 @@ impl Connection {
         Ok(Connection {
             stream,
             answers: rx,
+            auth: None,
+            wants_key: false,
+            pushed_back: None,
         })
     }
 
@@ -297,11 +379,23 @@ impl Connection {
         progress: bool,
     ) -> (bool, String, bool) {
         let bar = progress_bar(progress, p.header.size, &format!("sending {}", p.name));
-        let answers = &self.answers;
+        let tag = self.auth.as_mut().map(|(key, nonce, seq)| {
+            p.header.authenticated = true;
+            let tag = key.upload_tag(nonce, *seq, &p.header.encode(), p.name.as_bytes());
+            *seq += 1;
+            tag
+        });
+        if let Some(line) = self.pushed_back.take() {
+            // The server already said something (e.g. `ERR busy`): do not send.
+            bar.finish_and_clear();
+            return self.conclude(line);
+        }
         let mut early = None;
-        let sent = p.write_to(&mut self.stream, &mut |n| {
+        let stream = &mut self.stream;
+        let (answers, wants_key) = (&self.answers, &mut self.wants_key);
+        let sent = p.write_to(stream, tag.as_ref().map(|t| &t[..]), &mut |n| {
             bar.set_position(n);
-            match answers.try_recv() {
+            match next_answer(answers, Duration::ZERO, wants_key) {
                 Ok(line) => {
                     early = Some(line);
                     false
@@ -312,28 +406,46 @@ impl Connection {
         bar.finish_and_clear();
         let line = match (early, sent) {
             (Some(line), _) => line,
-            (None, Ok(_)) => match self.answers.recv_timeout(answer_wait(timeout)) {
-                Ok(line) => line,
-                Err(RecvTimeoutError::Timeout) => {
-                    return (
-                        false,
-                        format!(
-                            "no answer from the server within {} s",
-                            answer_wait(timeout).as_secs()
-                        ),
-                        false,
-                    );
+            (None, Ok(_)) => {
+                match next_answer(&self.answers, answer_wait(timeout), &mut self.wants_key) {
+                    Ok(line) => line,
+                    Err(RecvTimeoutError::Timeout) => {
+                        let secs = answer_wait(timeout).as_secs();
+                        return (
+                            false,
+                            format!("no answer from the server within {secs} s"),
+                            false,
+                        );
+                    }
+                    Err(RecvTimeoutError::Disconnected) => Err(io::ErrorKind::UnexpectedEof.into()),
                 }
-                Err(RecvTimeoutError::Disconnected) => Err(io::ErrorKind::UnexpectedEof.into()),
-            },
+            }
             // The write failed: the server may have refused and closed; its reason, if it got
             // one out, is the better message.
-            (None, Err(e)) => self
-                .answers
-                .recv_timeout(Duration::from_secs(2))
-                .unwrap_or(Err(e)),
+            (None, Err(e)) => {
+                next_answer(&self.answers, Duration::from_secs(2), &mut self.wants_key)
+                    .unwrap_or(Err(e))
+            }
         };
+        self.conclude(line)
+    }
+
+    fn conclude(&self, line: io::Result<String>) -> (bool, String, bool) {
         match line {
+            Ok(line)
+                if self.wants_key
+                    && self.auth.is_none()
+                    && line.starts_with("ERR unauthorized") =>
+            {
+                (
+                    false,
+                    format!(
+                        "{} (the server needs an upload key: --key-file)",
+                        line.trim_end()
+                    ),
+                    false,
+                )
+            }
             Ok(line) => interpret(&line),
             Err(e) if is_timeout(&e) => (false, format!("timed out sending: {e}"), false),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => (
@@ -344,6 +456,26 @@ impl Connection {
             Err(e) => (false, format!("connection failed: {e}"), false),
         }
     }
+}
+
+/// The next line from the server that is not a `NONCE` line (one that is sets `wants_key`).
+fn next_answer(
+    answers: &Receiver<io::Result<String>>,
+    wait: Duration,
+    wants_key: &mut bool,
+) -> Result<io::Result<String>, RecvTimeoutError> {
+    loop {
+        match answers.recv_timeout(wait)? {
+            Ok(line) if parse_nonce(&line).is_some() => *wants_key = true,
+            other => return Ok(other),
+        }
+    }
+}
+
+/// The nonce of a `NONCE <64 hex>` line.
+fn parse_nonce(line: &str) -> Option<[u8; NONCE_LEN]> {
+    let hex = line.trim_end().strip_prefix("NONCE ")?;
+    auth::from_hex(hex)?.try_into().ok()
 }
 
 /// Turns the server's answer into (ok, message, keep the connection).

@@ -15,6 +15,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::{Spanned, Value};
 
+use crate::access::{Cidr, Rules};
+
 /// The configuration file shipped in `config/config.toml`; its values are the built-in defaults
 /// (this unit test holds the two together).
 #[cfg(test)]
@@ -26,7 +28,23 @@ pub struct Config {
     pub server: ServerConfig,
     pub udp: UdpConfig,
     pub files: FilesConfig,
+    pub access: AccessConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessConfig {
+    pub rules: Rules,
+    /// Connections open at once from one address.
+    pub max_per_ip: u32,
+    /// File frames one connection may carry.
+    pub max_files_per_connection: u32,
+    /// Text needs the `AUTH` line too, not only file frames.
+    pub require_token: bool,
+    /// Time from a frame's first byte to the end of its header, name and tag.
+    pub header_timeout: Duration,
+    /// Slowest body accepted, measured over `RATE_WINDOW`; 0 disables the check.
+    pub min_upload_bytes_per_sec: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +95,8 @@ pub struct FilesConfig {
     /// Permission bits of stored files.
     pub file_mode: u32,
     pub min_free_bytes: u64,
+    /// The shared upload key; `None`: uploads need no key.
+    pub token_file: Option<PathBuf>,
 }
 
 /// What happens when an upload's name is already taken.
@@ -281,6 +301,15 @@ impl Default for Config {
                 on_conflict: OnConflict::Rename,
                 file_mode: FILE_MODE.default as u32,
                 min_free_bytes: MIN_FREE_BYTES.default as u64,
+                token_file: None,
+            },
+            access: AccessConfig {
+                rules: Rules::default(),
+                max_per_ip: MAX_PER_IP.default as u32,
+                max_files_per_connection: MAX_FILES_PER_CONNECTION.default as u32,
+                require_token: false,
+                header_timeout: Duration::from_secs(HEADER_TIMEOUT_SECS.default as u64),
+                min_upload_bytes_per_sec: MIN_UPLOAD_BYTES_PER_SEC.default as u64,
             },
             log: LogConfig {
                 level: log::LevelFilter::Info,
@@ -333,6 +362,31 @@ impl fmt::Display for Config {
         writeln!(f, "on_conflict = \"{}\"", files.on_conflict.as_str())?;
         writeln!(f, "file_mode = {:#o}", files.file_mode)?;
         writeln!(f, "min_free_bytes = {}", files.min_free_bytes)?;
+        if let Some(t) = &files.token_file {
+            writeln!(f, "token_file = {}", toml_string(&t.to_string_lossy()))?;
+        }
+        writeln!(f)?;
+        let a = &self.access;
+        let list = |rules: &[Cidr]| {
+            let items: Vec<String> = rules.iter().map(|r| format!("\"{r}\"")).collect();
+            format!("[{}]", items.join(", "))
+        };
+        writeln!(f, "[access]")?;
+        writeln!(f, "allow = {}", list(&a.rules.allow))?;
+        writeln!(f, "deny = {}", list(&a.rules.deny))?;
+        writeln!(f, "max_per_ip = {}", a.max_per_ip)?;
+        writeln!(
+            f,
+            "max_files_per_connection = {}",
+            a.max_files_per_connection
+        )?;
+        writeln!(f, "require_token = {}", a.require_token)?;
+        writeln!(f, "header_timeout_secs = {}", a.header_timeout.as_secs())?;
+        writeln!(
+            f,
+            "min_upload_bytes_per_sec = {}",
+            a.min_upload_bytes_per_sec
+        )?;
         writeln!(f)?;
         writeln!(f, "[log]")?;
         writeln!(
@@ -483,6 +537,34 @@ const MAX_PEERS: IntKey = IntKey {
     default: 4096,
     octal: false,
 };
+const MAX_PER_IP: IntKey = IntKey {
+    name: "access.max_per_ip",
+    min: 1,
+    max: 65535,
+    default: 8,
+    octal: false,
+};
+const MAX_FILES_PER_CONNECTION: IntKey = IntKey {
+    name: "access.max_files_per_connection",
+    min: 1,
+    max: 1_000_000,
+    default: 1000,
+    octal: false,
+};
+const HEADER_TIMEOUT_SECS: IntKey = IntKey {
+    name: "access.header_timeout_secs",
+    min: 1,
+    max: 3600,
+    default: 10,
+    octal: false,
+};
+const MIN_UPLOAD_BYTES_PER_SEC: IntKey = IntKey {
+    name: "access.min_upload_bytes_per_sec",
+    min: 0,
+    max: 1 << 40,
+    default: 1024,
+    octal: false,
+};
 const INT_KEYS: &[&IntKey] = &[
     &PORT,
     &MAX_CONNECTIONS,
@@ -501,6 +583,10 @@ const INT_KEYS: &[&IntKey] = &[
     &RATE_PER_SEC,
     &BURST,
     &MAX_PEERS,
+    &MAX_PER_IP,
+    &MAX_FILES_PER_CONNECTION,
+    &HEADER_TIMEOUT_SECS,
+    &MIN_UPLOAD_BYTES_PER_SEC,
 ];
 
 const MODE: WordKey = WordKey {
@@ -524,6 +610,13 @@ const WORD_KEYS: &[&WordKey] = &[&MODE, &LEVEL, &ON_CONFLICT, &FORMAT];
 const BIND: &str = "server.bind";
 const UDP_BIND: &str = "udp.bind";
 const UDP_ENABLED: &str = "udp.enabled";
+const ALLOW: &str = "access.allow";
+const DENY: &str = "access.deny";
+const RULES_ALLOWED: &str =
+    "a list of IPv4/IPv6 addresses and CIDR ranges, e.g. [\"10.0.0.0/8\", \"::1\"]";
+const REQUIRE_TOKEN: &str = "access.require_token";
+const TOKEN_FILE: &str = "files.token_file";
+const TOKEN_FILE_ALLOWED: &str = "the path of a file holding the shared key (16 bytes or more)";
 const BIND_ALLOWED: &str =
     "an IPv4 or IPv6 address literal such as \"127.0.0.1\", \"0.0.0.0\" or \"::\"";
 const FILES_DIR: &str = "files.dir";
@@ -561,7 +654,9 @@ fn allowed_for(key: &str) -> Option<String> {
     }
     match key {
         BIND | UDP_BIND => Some(BIND_ALLOWED.to_string()),
-        UDP_ENABLED => Some("true or false".to_string()),
+        UDP_ENABLED | REQUIRE_TOKEN => Some("true or false".to_string()),
+        ALLOW | DENY => Some(RULES_ALLOWED.to_string()),
+        TOKEN_FILE => Some(TOKEN_FILE_ALLOWED.to_string()),
         FILES_DIR => Some(FILES_DIR_ALLOWED.to_string()),
         _ => None,
     }
@@ -581,6 +676,8 @@ struct RawConfig {
     udp: RawUdp,
     #[serde(default)]
     files: RawFiles,
+    #[serde(default)]
+    access: RawAccess,
     #[serde(default)]
     log: RawLog,
 }
@@ -605,6 +702,19 @@ struct RawFiles {
     on_conflict: Field,
     file_mode: Field,
     min_free_bytes: Field,
+    token_file: Field,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    allow: Field,
+    deny: Field,
+    max_per_ip: Field,
+    max_files_per_connection: Field,
+    require_token: Field,
+    header_timeout_secs: Field,
+    min_upload_bytes_per_sec: Field,
 }
 
 #[derive(Deserialize, Default)]
@@ -684,6 +794,7 @@ impl Ctx<'_> {
                 max_peers: self.int(&raw.udp.max_peers, &MAX_PEERS)? as usize,
             },
             files: self.files(&raw.files)?,
+            access: self.access(&raw.access, &raw.files)?,
             log: LogConfig {
                 level,
                 format: match self.word(&raw.log.format, &FORMAT)? {
@@ -710,7 +821,61 @@ impl Ctx<'_> {
             on_conflict,
             file_mode: self.int(&f.file_mode, &FILE_MODE)? as u32,
             min_free_bytes: self.int(&f.min_free_bytes, &MIN_FREE_BYTES)? as u64,
+            token_file: self.path(&f.token_file, TOKEN_FILE)?,
         })
+    }
+
+    fn access(&self, a: &RawAccess, files: &RawFiles) -> Result<AccessConfig, ConfigError> {
+        let require_token = self
+            .boolean(&a.require_token, REQUIRE_TOKEN)?
+            .unwrap_or(false);
+        if let (true, Some(v), None) = (require_token, &a.require_token, &files.token_file) {
+            return Err(self.bad(
+                v,
+                REQUIRE_TOKEN,
+                "needs files.token_file, the key to check",
+                "false, or set files.token_file",
+            ));
+        }
+        Ok(AccessConfig {
+            rules: Rules {
+                allow: self.cidrs(&a.allow, ALLOW)?,
+                deny: self.cidrs(&a.deny, DENY)?,
+            },
+            max_per_ip: self.int(&a.max_per_ip, &MAX_PER_IP)? as u32,
+            max_files_per_connection: self
+                .int(&a.max_files_per_connection, &MAX_FILES_PER_CONNECTION)?
+                as u32,
+            require_token,
+            header_timeout: self.secs(&a.header_timeout_secs, &HEADER_TIMEOUT_SECS)?,
+            min_upload_bytes_per_sec: self
+                .int(&a.min_upload_bytes_per_sec, &MIN_UPLOAD_BYTES_PER_SEC)?
+                as u64,
+        })
+    }
+
+    fn cidrs(&self, field: &Field, key: &str) -> Result<Vec<Cidr>, ConfigError> {
+        let Some(v) = field else {
+            return Ok(Vec::new());
+        };
+        let Value::Array(items) = v.get_ref() else {
+            let problem = format!("expected a list, found {}", type_name(v.get_ref()));
+            return Err(self.bad(v, key, &problem, RULES_ALLOWED));
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::String(s) => Cidr::parse(s)
+                    .map_err(|e| self.bad(v, key, &format!("item {}: {e}", i + 1), RULES_ALLOWED)),
+                other => Err(self.bad(
+                    v,
+                    key,
+                    &format!("item {} is {}, not a string", i + 1, type_name(other)),
+                    RULES_ALLOWED,
+                )),
+            })
+            .collect()
     }
 
     fn path(&self, field: &Field, key: &str) -> Result<Option<PathBuf>, ConfigError> {
@@ -1076,6 +1241,46 @@ mod tests {
             msg.contains("files.max_file_size = -1: out of range"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn access_section() {
+        let c = parse(
+            "[files]\ntoken_file = \"/etc/ferryd/upload.key\"\n[access]\nallow = [\"10.0.0.0/8\", \"::1\"]\ndeny = [\"10.9.0.0/16\"]\nmax_per_ip = 2\nrequire_token = true\nheader_timeout_secs = 3\nmin_upload_bytes_per_sec = 0\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.access.rules.allow.len(), 2);
+        assert_eq!(c.access.max_per_ip, 2);
+        assert!(c.access.require_token);
+        assert_eq!(c.access.header_timeout, Duration::from_secs(3));
+        assert_eq!(parse(&c.to_string(), "y").unwrap(), c);
+        let cases = [
+            (
+                "[access]\nallow = [\"10.0.0/8\"]\n",
+                "test.toml:2: access.allow = [\"10.0.0/8\"]: item 1: \"10.0.0/8\" is not an IP address or CIDR range",
+            ),
+            (
+                "[access]\ndeny = \"10.0.0.0/8\"\n",
+                "test.toml:2: access.deny = \"10.0.0.0/8\": expected a list, found a string",
+            ),
+            (
+                "[access]\ndeny = [\"::1\", 5]\n",
+                "item 2 is an integer, not a string",
+            ),
+            (
+                "[access]\nrequire_token = true\n",
+                "access.require_token = true: needs files.token_file",
+            ),
+            (
+                "[access]\nmax_per_ip = 0\n",
+                "access.max_per_ip = 0: out of range",
+            ),
+        ];
+        for (src, want) in cases {
+            let msg = err(src);
+            assert!(msg.contains(want), "{msg}");
+        }
     }
 
     #[test]

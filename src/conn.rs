@@ -13,11 +13,14 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
+use crate::auth::{self, Key, NONCE_LEN};
 use crate::chat::{self, Seat};
 use crate::config::{Config, Mode};
 use crate::escape::{escaped, push_chat_text};
 use crate::listener;
 use crate::peer::Peer;
+use crate::proto::answer::hex;
+use crate::proto::header::TAG_LEN;
 use crate::proto::{self, Code, FrameError, HEADER_LEN, Header, Parsed};
 use crate::server::{self, ERR_SHUTDOWN, Job, Shared};
 use crate::stats::Stats;
@@ -37,6 +40,14 @@ const BODY_BUF: usize = 1 << 20;
 /// closing, so that the peer gets the `ERR` line instead of a connection reset.
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: u64 = 8 << 20;
+/// A body is checked against `access.min_upload_bytes_per_sec` over windows this long, and a
+/// body read waits at most this long before the check runs.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// Longest `AUTH` line accepted.
+const MAX_AUTH_LINE: usize = 256;
+/// The answer to a good `AUTH` line.
+const OK_AUTH: &[u8] = b"OK authenticated\n";
+
 /// The kernel send buffer of a chat client (Linux doubles it). A fixed size bounds what a client
 /// that stops reading can hold in the kernel, so that its outbound queue fills and it is dropped
 /// instead of the kernel buffering megabytes for it.
@@ -78,7 +89,12 @@ impl fmt::Display for Reason {
 
 /// Serves one accepted connection until it ends, logging `online` and `offline`.
 pub fn serve(shared: &Shared, job: Job) {
-    let Job { stream, peer } = job;
+    // The slot keeps this connection counted against its address until `serve` returns.
+    let Job {
+        stream,
+        peer,
+        slot: _slot,
+    } = job;
     let started = Instant::now();
     let cfg = shared.config();
     if let Err(e) = listener::prepare_stream(&stream, cfg.server.idle_timeout) {
@@ -88,6 +104,8 @@ pub fn serve(shared: &Shared, job: Job) {
     let stream = Arc::new(stream);
     let _registration = shared.conns.register(Arc::clone(&stream));
     Stats::add(&shared.stats.open, 1);
+    let key = shared.key();
+    let text_locked = key.is_some() && cfg.access.require_token;
     let mut conn = Conn {
         shared,
         cfg: Arc::clone(&cfg),
@@ -96,8 +114,29 @@ pub fn serve(shared: &Shared, job: Job) {
         bytes_in: 0,
         bytes_out: 0,
         chat: None,
+        auth: key.map(|key| Auth {
+            key,
+            nonce: [0; NONCE_LEN],
+            seq: 0,
+        }),
+        text_locked,
+        auth_line: Vec::new(),
+        frames: 0,
     };
     log::info!("{peer} online");
+    if let Some(auth) = conn.auth.as_mut() {
+        match auth::new_nonce() {
+            Ok(nonce) => auth.nonce = nonce,
+            Err(e) => {
+                log::error!("{peer} no random nonce: {e}; closing");
+                Stats::sub(&shared.stats.open, 1);
+                return;
+            }
+        }
+        // Before anything else, so that a client can read it as the first line.
+        let line = format!("NONCE {}\n", hex(&auth.nonce));
+        conn.say(line.as_bytes());
+    }
     let reason = if shared.is_stopping() {
         // Registered after the shutdown woke everyone: end here rather than wait for a read.
         conn.say(ERR_SHUTDOWN);
@@ -155,6 +194,21 @@ struct Conn<'a> {
     bytes_out: u64,
     /// Chat mode: this client's seat in the room and its unfinished line.
     chat: Option<ChatLine>,
+    /// Set when uploads need a key: the key, this connection's nonce, and the sequence number
+    /// the next authenticated frame must carry.
+    auth: Option<Auth>,
+    /// `access.require_token`: text is refused until a good `AUTH` line.
+    text_locked: bool,
+    /// The `AUTH` line being read while text is locked.
+    auth_line: Vec<u8>,
+    /// File frames seen on this connection.
+    frames: u32,
+}
+
+struct Auth {
+    key: Arc<Key>,
+    nonce: [u8; NONCE_LEN],
+    seq: u64,
 }
 
 /// A chat client's line being assembled.
@@ -234,10 +288,20 @@ impl Conn<'_> {
                 at_message_start = true;
                 continue;
             }
+            // While text is locked, the AUTH line is taken on its own: what follows it is text
+            // for the mode (or a frame) once it has unlocked.
+            let n = match data[..n].iter().position(|&b| b == b'\n') {
+                Some(i) if self.text_locked => i + 1,
+                _ => n,
+            };
             let text = &data[..n];
             at_message_start = text[n - 1] == b'\n';
             log::debug!("{} req {}", self.peer, escaped(text, LOG_WIDTH));
-            if self.chat.is_some() {
+            if self.text_locked {
+                if let Err(reason) = self.auth_text(text) {
+                    return reason;
+                }
+            } else if self.chat.is_some() {
                 self.chat_text(text);
             } else {
                 if let Err(e) = self.write_all(text) {
@@ -247,6 +311,41 @@ impl Conn<'_> {
             }
             input.consume(n);
         }
+    }
+
+    /// `access.require_token`: text must begin with `AUTH <hex tag>`; anything else ends the
+    /// connection with `ERR unauthorized`.
+    fn auth_text(&mut self, text: &[u8]) -> Result<(), Reason> {
+        if self.auth_line.len() + text.len() > MAX_AUTH_LINE {
+            return Err(self.unauthorized("expected the line AUTH <hex tag> first"));
+        }
+        self.auth_line.extend_from_slice(text);
+        if self.auth_line.last() != Some(&b'\n') {
+            return Ok(());
+        }
+        let line = std::mem::take(&mut self.auth_line);
+        let tag = std::str::from_utf8(&line)
+            .ok()
+            .and_then(|l| l.trim_end().strip_prefix("AUTH "))
+            .and_then(|h| auth::from_hex(h.trim()));
+        let good = match (&self.auth, tag) {
+            (Some(a), Some(tag)) => a.key.verify_auth(&a.nonce, &tag),
+            _ => false,
+        };
+        if !good {
+            return Err(self.unauthorized(
+                "expected the line AUTH <hex tag> first, with the tag of this connection's nonce",
+            ));
+        }
+        self.text_locked = false;
+        log::info!("{} authenticated", self.peer);
+        self.say(OK_AUTH);
+        Ok(())
+    }
+
+    fn unauthorized(&mut self, why: &str) -> Reason {
+        log::warn!("{} refused: unauthorized: {why}", self.peer);
+        self.refuse(&proto::answer::err_line(Code::Unauthorized, &why))
     }
 
     /// Chat: adds text to the current line; each completed line goes to everyone else as
@@ -292,6 +391,39 @@ impl Conn<'_> {
     /// Reads more bytes into an empty `input`. A clean end of stream, the idle timeout and the
     /// shutdown each end the connection (after telling the peer why, where there is a why).
     fn fill(&mut self, input: &mut Input) -> Result<(), Reason> {
+        if self.fill_raw(input)? {
+            return Ok(());
+        }
+        self.say(ERR_IDLE);
+        Err(Reason::Idle)
+    }
+
+    /// As `fill`, but gives up at `deadline` (a frame header's time limit) with `ERR timeout`.
+    fn fill_by(&mut self, input: &mut Input, deadline: Instant) -> Result<(), Reason> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let idle = self.cfg.server.idle_timeout;
+        if !left.is_zero() {
+            let _ = self.stream.set_read_timeout(Some(left.min(idle)));
+            if self.fill_raw(input)? {
+                return Ok(());
+            }
+            if idle < left {
+                self.say(ERR_IDLE);
+                return Err(Reason::Idle);
+            }
+        }
+        let secs = self.cfg.access.header_timeout.as_secs();
+        log::warn!(
+            "{} frame header not complete within access.header_timeout_secs = {secs}",
+            self.peer
+        );
+        let why = format!("header not complete within {secs} s");
+        Err(self.refuse(&proto::answer::err_line(Code::Timeout, &why)))
+    }
+
+    /// Reads into an empty `input`: `Ok(true)` with bytes, `Ok(false)` when the read timed out;
+    /// the end of the stream and errors end the connection.
+    fn fill_raw(&mut self, input: &mut Input) -> Result<bool, Reason> {
         input.start = 0;
         input.end = 0;
         match self.read(&mut input.buf) {
@@ -302,12 +434,9 @@ impl Conn<'_> {
             Ok(0) => Err(Reason::Eof),
             Ok(n) => {
                 input.end = n;
-                Ok(())
+                Ok(true)
             }
-            Err(e) if is_timeout(&e) => {
-                self.say(ERR_IDLE);
-                Err(Reason::Idle)
-            }
+            Err(e) if is_timeout(&e) => Ok(false),
             Err(e) => Err(Reason::Error(e)),
         }
     }
@@ -315,13 +444,26 @@ impl Conn<'_> {
     /// Handles the frame that starts at the beginning of `input`: header, name, body, answer.
     /// `Ok` means the connection goes on.
     fn frame(&mut self, input: &mut Input) -> Result<(), Reason> {
+        self.frames += 1;
+        let max_files = self.cfg.access.max_files_per_connection;
+        if self.frames > max_files {
+            log::warn!(
+                "{} refused: more than access.max_files_per_connection = {max_files} files",
+                self.peer
+            );
+            let why =
+                format!("this connection has carried {max_files} files, the limit; reconnect");
+            return Err(self.refuse(&proto::answer::err_line(Code::TooManyFiles, &why)));
+        }
+        // The header, name and tag must all arrive within header_timeout_secs of the first byte.
+        let deadline = Instant::now() + self.cfg.access.header_timeout;
         let mut head = [0u8; HEADER_LEN];
         let mut have = 0;
         let header = loop {
             have += input.take_into(&mut head[have..]);
             match Header::parse(&head[..have]) {
                 Ok(Parsed::Complete(h)) => break h,
-                Ok(Parsed::Partial) => self.fill(input)?,
+                Ok(Parsed::Partial) => self.fill_by(input, deadline)?,
                 Err(e) => {
                     log::warn!("{} bad frame header: {e}", self.peer);
                     return Err(self.refuse(&proto::answer::err_line(code_for(e), &e)));
@@ -332,19 +474,57 @@ impl Conn<'_> {
         let name = &mut name[..usize::from(header.name_len)];
         let mut have = input.take_into(name);
         while have < name.len() {
-            self.fill(input)?;
+            self.fill_by(input, deadline)?;
             have += input.take_into(&mut name[have..]);
+        }
+        let mut tag = [0u8; TAG_LEN];
+        if header.authenticated {
+            let mut have = input.take_into(&mut tag);
+            while have < TAG_LEN {
+                self.fill_by(input, deadline)?;
+                have += input.take_into(&mut tag[have..]);
+            }
+        }
+        let _ = self
+            .stream
+            .set_read_timeout(Some(self.cfg.server.idle_timeout));
+        if let Some(auth) = self.auth.as_mut() {
+            if !header.authenticated {
+                return Err(
+                    self.unauthorized("this server needs an upload key (ferryd send --key-file)")
+                );
+            }
+            if !auth
+                .key
+                .verify_upload(&auth.nonce, auth.seq, &head, name, &tag)
+            {
+                return Err(
+                    self.unauthorized("the tag does not match this frame, connection and key")
+                );
+            }
+            auth.seq += 1;
         }
         let shared = self.shared;
         let peer = self.peer;
+        let min_rate = self.cfg.access.min_upload_bytes_per_sec;
+        let idle = self.cfg.server.idle_timeout;
+        if min_rate > 0 {
+            // Wake up at least once per window, so a stalled body is noticed in time.
+            let _ = self.stream.set_read_timeout(Some(idle.min(RATE_WINDOW)));
+        }
         let mut source = ConnSource {
             conn: self,
             input,
             body: Vec::new(),
+            min_rate,
+            idle,
+            window_start: Instant::now(),
+            window_bytes: 0,
         };
         let store = shared.store();
         let outcome = upload::receive(&store, &header, name, &mut source, BODY_BUF, &peer);
         drop(source);
+        let _ = self.stream.set_read_timeout(Some(idle));
         let line = outcome.answer();
         match &outcome {
             Outcome::Stored {
@@ -372,6 +552,10 @@ impl Conn<'_> {
             Outcome::Lost(Lost::Timeout) => {
                 self.say(line.as_bytes());
                 Reason::Idle
+            }
+            Outcome::Lost(Lost::TooSlow { min }) => {
+                self.say(line.as_bytes());
+                Reason::Protocol(format!("body slower than {min} B/s"))
             }
             Outcome::Lost(Lost::Error(e)) => Reason::Error(e),
             Outcome::Lost(Lost::Eof) => {
@@ -448,6 +632,28 @@ struct ConnSource<'c, 'a> {
     conn: &'c mut Conn<'a>,
     input: &'c mut Input,
     body: Vec<u8>,
+    /// `access.min_upload_bytes_per_sec` (0: no check) and the bytes of the current window.
+    min_rate: u64,
+    idle: Duration,
+    window_start: Instant,
+    window_bytes: u64,
+}
+
+impl ConnSource<'_, '_> {
+    /// Counts `n` bytes towards the current window; at the end of a window, checks its rate.
+    fn check_rate(&mut self, n: usize) -> Result<(), Lost> {
+        self.window_bytes += n as u64;
+        let elapsed = self.window_start.elapsed();
+        if self.min_rate == 0 || elapsed < RATE_WINDOW {
+            return Ok(());
+        }
+        if (self.window_bytes as f64) < self.min_rate as f64 * elapsed.as_secs_f64() {
+            return Err(Lost::TooSlow { min: self.min_rate });
+        }
+        self.window_start = Instant::now();
+        self.window_bytes = 0;
+        Ok(())
+    }
 }
 
 impl BodySource for ConnSource<'_, '_> {
@@ -465,7 +671,14 @@ impl BodySource for ConnSource<'_, '_> {
         match self.conn.read(&mut self.body[..max]) {
             Ok(0) if self.conn.shared.is_stopping() => Err(Lost::Shutdown),
             Ok(0) => Err(Lost::Eof),
-            Ok(n) => Ok(&self.body[..n]),
+            Ok(n) => {
+                self.check_rate(n)?;
+                Ok(&self.body[..n])
+            }
+            // The read waited min(idle timeout, RATE_WINDOW) without a byte.
+            Err(e) if is_timeout(&e) && self.min_rate > 0 && self.idle > RATE_WINDOW => {
+                Err(Lost::TooSlow { min: self.min_rate })
+            }
             Err(e) if is_timeout(&e) => Err(Lost::Timeout),
             Err(e) => Err(Lost::Error(e)),
         }

@@ -4,7 +4,9 @@
 // One `unsafe` line exists, in `activation` (claiming a descriptor systemd passed), allowed there.
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod activation;
+pub mod auth;
 pub mod chat;
 pub mod cli;
 pub mod client;

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use socket2::SockRef;
 
+use crate::access::{PerIp, Slot};
 use crate::activation::Activated;
+use crate::auth::{Key, KeyError};
 use crate::chat::Room;
 use crate::config::{self, Config, Origin};
 use crate::conn;
@@ -36,6 +38,10 @@ use crate::udp;
 pub const ERR_SHUTDOWN: &[u8] = b"ERR server shutting down\n";
 /// The line a client is sent when every worker is busy and the queue is full.
 pub const ERR_BUSY: &[u8] = b"ERR busy\n";
+/// The line a client is sent when the access rules refuse its address.
+pub const ERR_NOT_ALLOWED: &[u8] = b"ERR not allowed\n";
+/// The line a client is sent when its address has `access.max_per_ip` connections open.
+pub const ERR_TOO_MANY: &[u8] = b"ERR too many connections from your address\n";
 
 /// How long the accept loop waits after a failed `accept` before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -56,6 +62,10 @@ pub struct Shared {
     pub conns: Registry,
     /// Chat mode's members.
     pub room: Room,
+    /// Connections open per address.
+    pub per_ip: Arc<PerIp>,
+    /// The upload key, when `files.token_file` is set.
+    key: RwLock<Option<Arc<Key>>>,
     stopping: AtomicBool,
 }
 
@@ -63,6 +73,14 @@ impl Shared {
     /// The configuration in force now (a reload may replace it; holders keep their snapshot).
     pub fn config(&self) -> Arc<Config> {
         Arc::clone(&self.config.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The upload key in force now, if uploads need one.
+    pub fn key(&self) -> Option<Arc<Key>> {
+        self.key
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The upload store in force now.
@@ -92,6 +110,8 @@ impl Shared {
 pub struct Job {
     pub stream: TcpStream,
     pub peer: Peer,
+    /// This connection's place in its address's count (`access.max_per_ip`).
+    pub slot: Slot,
 }
 
 /// Errors that keep the server from starting.
@@ -100,6 +120,8 @@ pub enum ServerError {
     Bind(BindError),
     /// The upload directory cannot be used.
     Store(StoreError),
+    /// The upload key cannot be read.
+    Key(KeyError),
     /// A worker thread could not be started (usually a process or memory limit).
     Spawn {
         index: usize,
@@ -113,6 +135,7 @@ impl std::fmt::Display for ServerError {
         match self {
             ServerError::Bind(e) => write!(f, "{e}"),
             ServerError::Store(e) => write!(f, "files.dir: {e}"),
+            ServerError::Key(e) => write!(f, "files.token_file: {e}"),
             ServerError::Spawn { index, total, err } => write!(
                 f,
                 "cannot start worker thread {index} of {total}: {err} (lower server.max_connections or raise the process/thread limits)"
@@ -150,6 +173,7 @@ impl Server {
         activated: Option<Activated>,
         notifier: Notifier,
     ) -> Result<Server, ServerError> {
+        let key = load_key(&config).map_err(ServerError::Key)?;
         let opened = Store::open(&config.files, true).map_err(ServerError::Store)?;
         for name in &opened.stale_removed {
             log::warn!(
@@ -216,6 +240,8 @@ impl Server {
                     stats: Stats::default(),
                     conns: Registry::default(),
                     room: Room::default(),
+                    per_ip: Arc::new(PerIp::default()),
+                    key: RwLock::new(key),
                     stopping: AtomicBool::new(false),
                 }),
                 listener: Arc::new(listener),
@@ -371,15 +397,33 @@ impl Server {
                 }
             };
             Stats::add(&shared.stats.accepted, 1);
-            Stats::add(&shared.stats.queued, 1);
             let peer = Peer::new(addr);
-            match tx.try_send(Job { stream, peer }) {
+            let cfg = shared.config();
+            if let Err(refusal) = cfg.access.rules.check(peer.ip()) {
+                Stats::add(&shared.stats.refused_access, 1);
+                refuse(&stream, ERR_NOT_ALLOWED);
+                log::warn!("{peer} refused: not allowed: the address {refusal}");
+                continue;
+            }
+            let slot = match shared.per_ip.acquire(peer.ip(), cfg.access.max_per_ip) {
+                Ok(slot) => slot,
+                Err(open) => {
+                    Stats::add(&shared.stats.refused_access, 1);
+                    refuse(&stream, ERR_TOO_MANY);
+                    log::warn!(
+                        "{peer} refused: {open} connections from this address are open, the limit of access.max_per_ip"
+                    );
+                    continue;
+                }
+            };
+            Stats::add(&shared.stats.queued, 1);
+            match tx.try_send(Job { stream, peer, slot }) {
                 Ok(()) => {}
                 Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
                     Stats::sub(&shared.stats.queued, 1);
                     Stats::add(&shared.stats.refused_busy, 1);
                     refuse(&job.stream, ERR_BUSY);
-                    let cfg = &shared.config().server;
+                    let cfg = &cfg.server;
                     log::warn!(
                         "{peer} refused: busy ({} connections served, the limit of server.max_connections, and {} waiting, the limit of server.queue_depth)",
                         cfg.max_connections,
@@ -429,6 +473,16 @@ impl Handle {
     fn apply(&self, new: Config) {
         let old = self.shared.config();
         let plan = reload::plan(&old, &new);
+        // The key file is read again on every reload, so a new key takes effect on SIGHUP.
+        let key = match load_key(&plan.effective) {
+            Ok(k) => k,
+            Err(e) => {
+                log::error!(
+                    "reload refused, the running configuration stays in force: files.token_file: {e}"
+                );
+                return;
+            }
+        };
         if plan.effective.files != old.files {
             // In-flight uploads keep the store they started with.
             match Store::open(&plan.effective.files, false) {
@@ -447,6 +501,11 @@ impl Handle {
                 }
             }
         }
+        *self
+            .shared
+            .key
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = key;
         logger::init(plan.effective.log.level, plan.effective.log.format);
         *self
             .shared
@@ -462,6 +521,30 @@ impl Handle {
             log::info!("reloaded: {}", plan.applied.join(", "));
         }
     }
+}
+
+/// Reads the upload key named by `files.token_file`, if any.
+fn load_key(cfg: &Config) -> Result<Option<Arc<Key>>, KeyError> {
+    let Some(path) = &cfg.files.token_file else {
+        return Ok(None);
+    };
+    let (key, exposed) = Key::load(path)?;
+    if exposed {
+        log::warn!(
+            "files.token_file {} is readable by group or others; chmod 600 it",
+            path.display()
+        );
+    }
+    log::info!(
+        "uploads need the key in {}{}",
+        path.display(),
+        if cfg.access.require_token {
+            "; so does text (access.require_token)"
+        } else {
+            ""
+        }
+    );
+    Ok(Some(Arc::new(key)))
 }
 
 /// The stack size of worker threads (and chat writer threads), from `server.thread_stack_kib`.

@@ -13,6 +13,8 @@ pub struct Stats {
     pub queued: AtomicU64,
     /// Connections refused because the work queue was full.
     pub refused_busy: AtomicU64,
+    /// Connections refused by the access rules or `max_per_ip`.
+    pub refused_access: AtomicU64,
     /// Bytes received from and sent to TCP peers.
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,

@@ -52,6 +52,7 @@ pub fn spawn(socket: UdpSocket, shared: Arc<Shared>) -> io::Result<JoinHandle<()
 #[derive(Default)]
 struct Counts {
     echoed: u64,
+    refused: u64,
     limited: u64,
     oversize: u64,
     failed: u64,
@@ -98,6 +99,13 @@ fn run(socket: &UdpSocket, shared: &Shared) {
         };
         let peer = Peer::new(from);
         Stats::add(&shared.stats.udp_in, 1);
+        // No answer to a refused address: a datagram's source can be forged, and answering would
+        // make ferryd a reflector.
+        if let Err(refusal) = cfg.access.rules.check(peer.ip()) {
+            counts.refused += 1;
+            log::debug!("{peer} udp {n} B dropped: not allowed: the address {refusal}");
+            continue;
+        }
         if n > cfg.udp.max_datagram_bytes {
             counts.oversize += 1;
             log::debug!(
@@ -125,12 +133,13 @@ fn run(socket: &UdpSocket, shared: &Shared) {
 
 fn summarise(counts: &mut Counts, limiter: &Limiter) {
     let c = std::mem::take(counts);
-    if c.echoed + c.limited + c.oversize + c.failed == 0 {
+    if c.echoed + c.refused + c.limited + c.oversize + c.failed == 0 {
         return;
     }
     log::info!(
-        "udp: {} datagrams echoed, {} dropped by the rate limit, {} oversize, {} failed to send ({} addresses tracked)",
+        "udp: {} datagrams echoed, {} refused by the access rules, {} dropped by the rate limit, {} oversize, {} failed to send ({} addresses tracked)",
         c.echoed,
+        c.refused,
         c.limited,
         c.oversize,
         c.failed,

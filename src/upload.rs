@@ -28,6 +28,8 @@ pub enum Lost {
     Timeout,
     /// The daemon is stopping.
     Shutdown,
+    /// The body arrived slower than `access.min_upload_bytes_per_sec`.
+    TooSlow { min: u64 },
     /// The connection failed.
     Error(std::io::Error),
 }
@@ -38,6 +40,10 @@ impl fmt::Display for Lost {
             Lost::Eof => f.write_str("peer closed the connection in the middle of the body"),
             Lost::Timeout => f.write_str("body stalled past the time limit"),
             Lost::Shutdown => f.write_str("server shutting down"),
+            Lost::TooSlow { min } => write!(
+                f,
+                "body slower than access.min_upload_bytes_per_sec = {min} B/s"
+            ),
             Lost::Error(e) => write!(f, "connection error: {e}"),
         }
     }
@@ -83,7 +89,9 @@ impl Outcome {
             }
             Outcome::Mismatch { reason } => answer::err_line(Code::Checksum, reason),
             Outcome::Lost(Lost::Shutdown) => "ERR server shutting down\n".to_string(),
-            Outcome::Lost(Lost::Timeout) => answer::err_line(Code::Timeout, &Lost::Timeout),
+            Outcome::Lost(lost @ (Lost::Timeout | Lost::TooSlow { .. })) => {
+                answer::err_line(Code::Timeout, lost)
+            }
             Outcome::Lost(lost) => answer::err_line(Code::ShortBody, lost),
         }
     }

@@ -35,6 +35,11 @@ pub enum Code {
     Timeout,
     /// The server could not write or sync the file (e.g. a disk error). The connection is closed.
     Io,
+    /// The frame lacks a valid authentication tag (`files.token_file` is set). The connection is
+    /// closed.
+    Unauthorized,
+    /// The connection already carried `access.max_files_per_connection` frames. Closed.
+    TooManyFiles,
 }
 
 impl Code {
@@ -51,6 +56,8 @@ impl Code {
             Code::ShortBody => "short-body",
             Code::Timeout => "timeout",
             Code::Io => "io",
+            Code::Unauthorized => "unauthorized",
+            Code::TooManyFiles => "too-many-files",
         }
     }
 }

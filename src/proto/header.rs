@@ -13,6 +13,10 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 48;
 /// Longest file name, in bytes (the common file-system limit, NAME_MAX).
 pub const MAX_NAME_LEN: u16 = 255;
+/// Flag bit 0: an HMAC-SHA256 tag of `TAG_LEN` bytes follows the name (see `crate::auth`).
+pub const FLAG_AUTH: u8 = 0x01;
+/// Length of the tag of an authenticated frame.
+pub const TAG_LEN: usize = 32;
 
 const VERSION_AT: usize = 4;
 const FLAGS_AT: usize = 5;
@@ -23,6 +27,8 @@ const CHECKSUM_AT: usize = 16;
 /// A complete, checked header. The name and body follow it on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// Flag bit 0: the frame carries an authentication tag after its name.
+    pub authenticated: bool,
     pub name_len: u16,
     pub size: u64,
     pub checksum: [u8; 32],
@@ -43,7 +49,7 @@ pub enum FrameError {
     Magic,
     /// A version this build does not speak.
     Version(u8),
-    /// Reserved flag bits were set.
+    /// Flag bits other than `FLAG_AUTH` were set.
     Flags(u8),
     /// The name length is 0 or over 255.
     NameLength(u16),
@@ -86,7 +92,7 @@ impl Header {
             }
         }
         if let Some(&flags) = buf.get(FLAGS_AT) {
-            if flags != 0 {
+            if flags & !FLAG_AUTH != 0 {
                 return Err(FrameError::Flags(flags));
             }
         }
@@ -102,6 +108,7 @@ impl Header {
         let mut checksum = [0u8; 32];
         checksum.copy_from_slice(&buf[CHECKSUM_AT..HEADER_LEN]);
         Ok(Parsed::Complete(Header {
+            authenticated: buf[FLAGS_AT] & FLAG_AUTH != 0,
             name_len: BigEndian::read_u16(&buf[NAME_LEN_AT..SIZE_AT]),
             size: BigEndian::read_u64(&buf[SIZE_AT..CHECKSUM_AT]),
             checksum,
@@ -113,7 +120,7 @@ impl Header {
         let mut out = [0u8; HEADER_LEN];
         out[..4].copy_from_slice(&MAGIC);
         out[VERSION_AT] = VERSION;
-        out[FLAGS_AT] = 0;
+        out[FLAGS_AT] = if self.authenticated { FLAG_AUTH } else { 0 };
         BigEndian::write_u16(&mut out[NAME_LEN_AT..SIZE_AT], self.name_len);
         BigEndian::write_u64(&mut out[SIZE_AT..CHECKSUM_AT], self.size);
         out[CHECKSUM_AT..].copy_from_slice(&self.checksum);
@@ -127,6 +134,7 @@ mod tests {
 
     fn sample() -> Header {
         Header {
+            authenticated: false,
             name_len: 9,
             size: 0x0102_0304_0506_0708,
             checksum: *blake3::hash(b"hello").as_bytes(),
@@ -171,8 +179,8 @@ mod tests {
             (3, 0, FrameError::Magic),
             (4, 0, FrameError::Version(0)),
             (4, 2, FrameError::Version(2)),
-            (5, 1, FrameError::Flags(1)),
-            (5, 0x80, FrameError::Flags(0x80)),
+            (5, 2, FrameError::Flags(2)),
+            (5, 0x81, FrameError::Flags(0x81)),
             (7, 0, FrameError::NameLength(0)),
             (6, 1, FrameError::NameLength(0x0109)),
         ];
@@ -212,6 +220,17 @@ mod tests {
     }
 
     #[test]
+    fn auth_flag_round_trips() {
+        let h = Header {
+            authenticated: true,
+            ..sample()
+        };
+        let bytes = h.encode();
+        assert_eq!(bytes[5], FLAG_AUTH);
+        assert_eq!(Header::parse(&bytes), Ok(Parsed::Complete(h)));
+    }
+
+    #[test]
     fn any_size_parses() {
         for size in [0, 1, u64::MAX] {
             let h = Header { size, ..sample() };
@@ -234,6 +253,7 @@ mod tests {
         for round in 0..20_000 {
             let mut buf = if round % 2 == 0 {
                 let h = Header {
+                    authenticated: next() % 2 == 0,
                     name_len: (next() % 300) as u16,
                     size: next(),
                     checksum: [next() as u8; 32],

@@ -11,11 +11,12 @@
 //! offset size  field
 //!      0    4  magic      F5 46 52 59   ("\xF5FRY")
 //!      4    1  version    01
-//!      5    1  flags      00            (reserved; must be zero in version 1)
+//!      5    1  flags      00 or 01      (bit 0: a 32-byte auth tag follows the name; others 0)
 //!      6    2  name_len   u16, big-endian, 1..=255
 //!      8    8  size       u64, big-endian, body length in bytes
 //!     16   32  checksum   BLAKE3-256 of the body
 //!     48       name       name_len bytes of UTF-8 (see `name::validate`)
+//!              tag        32 bytes, only with flag bit 0 (HMAC-SHA256, see `crate::auth`)
 //!              body       exactly `size` bytes
 //! ```
 //!
