@@ -268,21 +268,27 @@ impl Connection {
         } else {
             Duration::from_millis(0)
         };
-        let nonce = match conn.answers.recv_timeout(wait) {
-            Ok(Ok(line)) => match parse_nonce(&line) {
-                Some(n) => Some(n),
-                None => {
-                    // Not a nonce (e.g. `ERR busy`): keep it for the first file's answer.
-                    conn.pushed_back = Some(Ok(line));
-                    None
+        let mut nonce = None;
+        loop {
+            match conn.answers.recv_timeout(wait) {
+                Ok(Ok(line)) if parse_nonce(&line).is_some() => {
+                    nonce = parse_nonce(&line);
+                    break;
                 }
-            },
-            Ok(Err(e)) => {
-                conn.pushed_back = Some(Err(e));
-                None
+                // An answer already (e.g. `ERR busy`): keep it for the first file.
+                Ok(Ok(line)) if line.starts_with("OK ") || line.starts_with("ERR ") => {
+                    conn.pushed_back = Some(Ok(line));
+                    break;
+                }
+                // Chat notices and messages are not for us.
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    conn.pushed_back = Some(Err(e));
+                    break;
+                }
+                Err(_) => break,
             }
-            Err(_) => None,
-        };
+        }
         conn.wants_key = nonce.is_some();
         match (key, nonce) {
             (Some(key), Some(nonce)) => conn.auth = Some((key.clone(), nonce, 0)),
@@ -458,7 +464,8 @@ impl Connection {
     }
 }
 
-/// The next line from the server that is not a `NONCE` line (one that is sets `wants_key`).
+/// The next answer from the server: an `OK` or `ERR` line. A `NONCE` line sets `wants_key`;
+/// anything else (chat messages and notices, in chat mode) is not for us and is skipped.
 fn next_answer(
     answers: &Receiver<io::Result<String>>,
     wait: Duration,
@@ -467,6 +474,7 @@ fn next_answer(
     loop {
         match answers.recv_timeout(wait)? {
             Ok(line) if parse_nonce(&line).is_some() => *wants_key = true,
+            Ok(line) if !(line.starts_with("OK ") || line.starts_with("ERR ")) => {}
             other => return Ok(other),
         }
     }

@@ -3,7 +3,7 @@
 //! (eof, idle, error, shutdown). Every read has a byte limit (the buffer) and a time limit (the
 //! socket's read timeout).
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
@@ -34,8 +34,6 @@ const LOG_WIDTH: usize = 80;
 /// Size of the text read buffer, on the worker's stack. Small, so that an idle connection costs
 /// only the pages it touches.
 const READ_BUF: usize = 4096;
-/// Size of the body buffer, allocated while a file is being received and freed after.
-const BODY_BUF: usize = 1 << 20;
 /// After refusing a frame, how long and how much of the unread body is read and dropped before
 /// closing, so that the peer gets the `ERR` line instead of a connection reset.
 const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -349,12 +347,15 @@ impl Conn<'_> {
     }
 
     /// Chat: adds text to the current line; each completed line goes to everyone else as
-    /// `[ip:port] line`. A line over `max_line_bytes` is refused to its sender and thrown away.
+    /// `[ip:port] line`. The lines completed by one read travel as one message, so a sender's
+    /// burst costs each queue one slot, not one per line. A line over `max_line_bytes` is refused
+    /// to its sender and thrown away.
     fn chat_text(&mut self, text: &[u8]) {
         let max = self.cfg.server.max_line_bytes;
         let Some(chat) = self.chat.as_mut() else {
             return;
         };
+        let mut out = String::new();
         let mut too_long = false;
         for segment in text.split_inclusive(|&b| b == b'\n') {
             let ends_line = segment.last() == Some(&b'\n');
@@ -363,7 +364,11 @@ impl Conn<'_> {
                 chat.skipping = !ends_line;
                 continue;
             }
-            if chat.line.len() + content.len() > max {
+            // A CR that ends a CRLF line is not part of the line.
+            let cr = ends_line
+                && (content.last() == Some(&b'\r')
+                    || (content.is_empty() && chat.line.last() == Some(&b'\r')));
+            if chat.line.len() + content.len() > max + usize::from(cr) {
                 chat.line = Vec::new();
                 chat.skipping = !ends_line;
                 too_long = true;
@@ -373,11 +378,13 @@ impl Conn<'_> {
             if ends_line {
                 let line = std::mem::take(&mut chat.line);
                 let line = line.strip_suffix(b"\r").unwrap_or(&line);
-                let mut out = format!("{} ", self.peer);
+                let _ = write!(out, "{} ", self.peer);
                 push_chat_text(&mut out, line);
                 out.push('\n');
-                self.shared.room.broadcast(chat.seat.id, out.as_bytes());
             }
+        }
+        if !out.is_empty() {
+            self.shared.room.broadcast(chat.seat.id, out.as_bytes());
         }
         if too_long {
             log::warn!(
@@ -515,15 +522,20 @@ impl Conn<'_> {
         let mut source = ConnSource {
             conn: self,
             input,
-            body: Vec::new(),
             min_rate,
             idle,
             window_start: Instant::now(),
             window_bytes: 0,
         };
         let store = shared.store();
-        let outcome = upload::receive(&store, &header, name, &mut source, BODY_BUF, &peer);
-        drop(source);
+        let outcome = upload::receive(
+            &store,
+            &header,
+            name,
+            &mut source,
+            shared.hash_pool(),
+            &peer,
+        );
         let _ = self.stream.set_read_timeout(Some(idle));
         let line = outcome.answer();
         match &outcome {
@@ -631,7 +643,6 @@ impl Conn<'_> {
 struct ConnSource<'c, 'a> {
     conn: &'c mut Conn<'a>,
     input: &'c mut Input,
-    body: Vec<u8>,
     /// `access.min_upload_bytes_per_sec` (0: no check) and the bytes of the current window.
     min_rate: u64,
     idle: Duration,
@@ -657,23 +668,16 @@ impl ConnSource<'_, '_> {
 }
 
 impl BodySource for ConnSource<'_, '_> {
-    fn next_chunk(&mut self, max: usize) -> Result<&[u8], Lost> {
+    fn read_into(&mut self, buf: &mut [u8]) -> Result<usize, Lost> {
         if !self.input.is_empty() {
-            let start = self.input.start;
-            let n = max.min(self.input.end - start);
-            self.input.start += n;
-            return Ok(&self.input.buf[start..start + n]);
+            return Ok(self.input.take_into(buf));
         }
-        if self.body.is_empty() {
-            self.body = vec![0; BODY_BUF];
-        }
-        let max = max.min(self.body.len());
-        match self.conn.read(&mut self.body[..max]) {
+        match self.conn.read(buf) {
             Ok(0) if self.conn.shared.is_stopping() => Err(Lost::Shutdown),
             Ok(0) => Err(Lost::Eof),
             Ok(n) => {
                 self.check_rate(n)?;
-                Ok(&self.body[..n])
+                Ok(n)
             }
             // The read waited min(idle timeout, RATE_WINDOW) without a byte.
             Err(e) if is_timeout(&e) && self.min_rate > 0 && self.idle > RATE_WINDOW => {

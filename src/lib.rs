@@ -26,5 +26,6 @@ pub mod server;
 pub mod signals;
 pub mod stats;
 pub mod store;
+pub mod streamhash;
 pub mod udp;
 pub mod upload;

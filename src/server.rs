@@ -32,6 +32,7 @@ use crate::registry::Registry;
 use crate::reload;
 use crate::stats::Stats;
 use crate::store::{Store, StoreError};
+use crate::streamhash::HashPool;
 use crate::udp;
 
 /// The line a client is sent when the daemon stops.
@@ -66,6 +67,7 @@ pub struct Shared {
     pub per_ip: Arc<PerIp>,
     /// The upload key, when `files.token_file` is set.
     key: RwLock<Option<Arc<Key>>>,
+    hash_pool: Option<HashPool>,
     stopping: AtomicBool,
 }
 
@@ -81,6 +83,11 @@ impl Shared {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The threads that hash large uploads, if they could be started.
+    pub fn hash_pool(&self) -> Option<&HashPool> {
+        self.hash_pool.as_ref()
     }
 
     /// The upload store in force now.
@@ -174,6 +181,16 @@ impl Server {
         notifier: Notifier,
     ) -> Result<Server, ServerError> {
         let key = load_key(&config).map_err(ServerError::Key)?;
+        // Without the pool, uploads are hashed on their worker: slower, but they work.
+        let hash_pool = match HashPool::start(worker_stack_bytes(&config)) {
+            Ok(pool) => Some(pool),
+            Err(e) => {
+                log::warn!(
+                    "cannot start the hashing threads: {e}; uploads are hashed by their worker"
+                );
+                None
+            }
+        };
         let opened = Store::open(&config.files, true).map_err(ServerError::Store)?;
         for name in &opened.stale_removed {
             log::warn!(
@@ -187,6 +204,7 @@ impl Server {
             config.files.on_conflict.as_str(),
             config.files.max_file_size
         );
+        let activated_by_systemd = activated.is_some();
         let (tcp, passed_udp) = match activated {
             Some(a) => {
                 for line in &a.described {
@@ -207,6 +225,16 @@ impl Server {
                 log::info!(
                     "udp.enabled = false: closing the UDP socket passed by systemd ({addr})"
                 );
+                None
+            }
+            // Socket-activated, ferryd binds nothing itself (under PrivateNetwork it could not be
+            // reached anyway): no datagram socket passed means no UDP echo.
+            None if activated_by_systemd => {
+                if config.udp.enabled {
+                    log::info!(
+                        "udp echo off: systemd passed no datagram socket (add ListenDatagram= to the .socket unit)"
+                    );
+                }
                 None
             }
             None if config.udp.enabled => {
@@ -242,6 +270,7 @@ impl Server {
                     room: Room::default(),
                     per_ip: Arc::new(PerIp::default()),
                     key: RwLock::new(key),
+                    hash_pool,
                     stopping: AtomicBool::new(false),
                 }),
                 listener: Arc::new(listener),

@@ -33,7 +33,8 @@ where
     .map_err(|e| format!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
     thread::Builder::new()
         .name("sighup".into())
-        .stack_size(64 * 1024)
+        // A reload parses the config file (serde, toml): generous for an unoptimised build too.
+        .stack_size(256 * 1024)
         .spawn(move || {
             let set = hup_set();
             loop {

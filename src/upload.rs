@@ -9,14 +9,15 @@ use crate::escape::escaped;
 use crate::proto::answer::{self, Code};
 use crate::proto::{Header, name};
 use crate::store::{Store, StoreError};
+use crate::streamhash::{HashPool, StreamHash};
 
 /// How often a large upload logs its progress, at most.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Where body bytes come from: the connection's buffered bytes first, then the socket.
 pub trait BodySource {
-    /// Returns at least one and at most `max` (> 0) next bytes of the body.
-    fn next_chunk(&mut self, max: usize) -> Result<&[u8], Lost>;
+    /// Reads at least one and at most `buf.len()` (> 0) next bytes of the body into `buf`.
+    fn read_into(&mut self, buf: &mut [u8]) -> Result<usize, Lost>;
 }
 
 /// Why the body stopped arriving.
@@ -113,7 +114,7 @@ pub fn receive(
     header: &Header,
     raw_name: &[u8],
     source: &mut dyn BodySource,
-    buf_size: usize,
+    pool: Option<&HashPool>,
     peer: &dyn fmt::Display,
 ) -> Outcome {
     let started = Instant::now();
@@ -146,22 +147,27 @@ pub fn receive(
         }
     };
     log::debug!("{peer} receiving \"{shown}\" ({size} B)");
-    let mut hasher = blake3::Hasher::new();
+    // The body arrives piece by piece; each piece is hashed (on the hash pool, for large
+    // bodies) while it is written out and the next one is received.
+    let mut hash = StreamHash::new(size, pool);
     let mut last_progress = started;
     while pending.written() < size {
-        let want = (size - pending.written()).min(buf_size as u64) as usize;
-        let chunk = match source.next_chunk(want) {
-            Ok(c) => c,
-            Err(lost) => {
-                log::warn!(
-                    "{peer} file \"{shown}\" lost after {} of {size} B: {lost}; nothing stored",
-                    pending.written()
-                );
-                return Outcome::Lost(lost);
+        let mut piece = hash.buffer();
+        let mut filled = 0;
+        while filled < piece.len() {
+            match source.read_into(&mut piece[filled..]) {
+                Ok(n) => filled += n,
+                Err(lost) => {
+                    log::warn!(
+                        "{peer} file \"{shown}\" lost after {} of {size} B: {lost}; nothing stored",
+                        pending.written() + filled as u64
+                    );
+                    return Outcome::Lost(lost);
+                }
             }
-        };
-        hasher.update(chunk);
-        if let Err(e) = pending.write(chunk) {
+        }
+        let piece = hash.feed(piece);
+        if let Err(e) = pending.write(&piece) {
             log::error!("{peer} file \"{shown}\" failed: {e}; nothing stored");
             return Outcome::Failed {
                 code: Code::Io,
@@ -180,7 +186,7 @@ pub fn receive(
             );
         }
     }
-    let got = *hasher.finalize().as_bytes();
+    let got = hash.finish();
     if got != header.checksum {
         let reason = format!(
             "body hashes to {}, header says {}",
