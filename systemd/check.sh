@@ -32,14 +32,22 @@ die() { echo "check.sh: $*" >&2; exit 2; }
 bin=${1:-$repo/target/release/ferryd}
 [[ -f $bin && -x $bin ]] || die "no executable at '$bin' (build it first or pass a path)"
 bin=$(realpath -- "$bin")
-# Written into ExecStart= unquoted: keep to characters systemd takes literally
-# (no spaces, quotes, "%" specifiers or "$" variables).
-[[ $bin =~ ^[A-Za-z0-9._/+-]+$ ]] || die "binary path '$bin' has unsupported characters; copy it elsewhere"
-command -v systemd-analyze >/dev/null || die "systemd-analyze not found"
+command -v systemd-analyze >/dev/null || die "systemd-analyze not found (apt-get install -y systemd)"
 
 fail=0
-tmp=$(mktemp -d)
+# Scratch space under $TMPDIR (default /tmp), removed however the script ends.
+tmp=$(mktemp -d -t ferryd-check.XXXXXXXX)
 trap 'rm -rf -- "$tmp"' EXIT
+
+# The binary path is written into ExecStart= unquoted: keep to characters
+# systemd takes literally (no spaces, quotes, "%" specifiers or "$" variables).
+# A checkout path with others (CI workspaces such as "build@2") gets a copy.
+plain_path_re='^[A-Za-z0-9._/+-]+$'
+if ! [[ $bin =~ $plain_path_re ]]; then
+    cp -- "$bin" "$tmp/ferryd"
+    bin=$tmp/ferryd
+    [[ $bin =~ $plain_path_re ]] || die "temp dir '$tmp' has unsupported characters; set TMPDIR"
+fi
 
 # --- 1. verify -------------------------------------------------------------
 # All units go into one directory: verify adds it to the unit search path, so
@@ -123,7 +131,8 @@ check_exposure() {
     local shown="$((e / 10)).$((e % 10))" limit="$((max / 10)).$((max % 10))"
     if ((e > max)); then
         echo "FAIL security $unit: exposure $shown > $limit"
-        systemd-analyze security --offline=true --no-pager "$here/$unit" 2>&1 | grep '✗' | sed 's/^/    /' || true
+        # Failed checks start with "✗", or "-" outside a UTF-8 locale.
+        systemd-analyze security --offline=true --no-pager "$here/$unit" 2>&1 | grep -E '^(✗|-) ' | sed 's/^/    /' || true
         fail=1
     else
         echo "security $unit: exposure $shown (limit $limit)"

@@ -17,8 +17,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::{
-    Daemon, DaemonBuilder, TempDir, echo_round_trip, free_port, read_line, read_to_eof,
-    read_until_eof, require_tool, run_ferryd,
+    Daemon, DaemonBuilder, TempDir, constant_threads, echo_round_trip, free_port, read_line,
+    read_to_eof, read_until_eof, require_tool, run_ferryd,
 };
 
 const VERSION: &str = "0.1.0";
@@ -951,8 +951,9 @@ fn threads_stay_bounded_under_a_connection_flood() {
         "threads: {idle_threads} idle, at most {observed} with 40 connections (4 workers, queue 4)"
     );
     assert!(
-        observed <= 4 + 4,
-        "{observed} threads with max_connections = 4 (allowed 4 workers + 4){}",
+        observed <= 4 + constant_threads(),
+        "{observed} threads with max_connections = 4 (allowed 4 workers + {}){}",
+        constant_threads(),
         log_tail(&d)
     );
     drop(conns);

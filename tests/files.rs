@@ -921,8 +921,9 @@ fn sigkill_mid_transfer_leaves_a_part_that_the_next_start_removes() {
     let mut s = d.connect();
     send_all(&d, &mut s, &header_for(b"killed.bin", &body), "header");
     send_all(&d, &mut s, b"killed.bin", "name");
-    // Write 1 MiB, wait until it is in the .part, write half a MiB more and wait for that too:
-    // the daemon is then certainly in the middle of the body when it is killed.
+    // Write 1 MiB, wait until it is in the .part, write another MiB and wait for that too: the
+    // daemon is then certainly in the middle of the body when it is killed. (It writes whole
+    // 1 MiB pieces, each as it is complete.)
     let part_len = |at_least: usize| {
         let mut seen = None;
         let ok = wait_until(SHORT_TIMEOUT, || {
@@ -942,8 +943,8 @@ fn sigkill_mid_transfer_leaves_a_part_that_the_next_start_removes() {
         "no .part of 1 MiB within 10 s: {seen:?}{}",
         log_tail(&d)
     );
-    send_all(&d, &mut s, &body[MIB..MIB + MIB / 2], "half a MiB more");
-    let (ok, seen) = part_len(MIB + MIB / 2);
+    send_all(&d, &mut s, &body[MIB..2 * MIB], "another MiB");
+    let (ok, seen) = part_len(2 * MIB);
     assert!(ok, "the .part did not grow: {seen:?}{}", log_tail(&d));
     d.signal("KILL");
     let status = d

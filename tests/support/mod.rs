@@ -112,6 +112,14 @@ pub fn free_port() -> u16 {
 // ---------------------------------------------------------------------------------------------
 // Starting the daemon.
 
+/// The daemon's threads besides its workers (and chat writers): the accept/main thread, ctrlc's
+/// signal thread, the SIGHUP thread, the UDP thread and the hash pool (one per core, at most 4).
+pub fn constant_threads() -> usize {
+    4 + std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(4)
+}
+
 /// Builds a config for one daemon and starts it; see `config_text` for the file it writes.
 #[derive(Debug, Clone, Default)]
 pub struct DaemonBuilder {
@@ -189,7 +197,10 @@ impl DaemonBuilder {
         let dir = TempDir::new();
         // Many tests open more than access.max_per_ip = 8 connections from 127.0.0.1; only the
         // tests of that limit keep it.
-        if !self.lines("access").any(|l| l.trim_start().starts_with("max_per_ip")) {
+        if !self
+            .lines("access")
+            .any(|l| l.trim_start().starts_with("max_per_ip"))
+        {
             self = self.set("access", "max_per_ip = 60000");
         }
         // Uploads go to <tempdir>/uploads unless the test chose a directory.
