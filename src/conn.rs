@@ -322,18 +322,21 @@ impl Conn<'_> {
             return Ok(());
         }
         let line = std::mem::take(&mut self.auth_line);
-        let tag = std::str::from_utf8(&line)
+        let Some(hex_tag) = std::str::from_utf8(&line)
             .ok()
             .and_then(|l| l.trim_end().strip_prefix("AUTH "))
-            .and_then(|h| auth::from_hex(h.trim()));
-        let good = match (&self.auth, tag) {
+        else {
+            return Err(self.unauthorized(
+                "text is locked (access.require_token): send the line AUTH <hex tag> first",
+            ));
+        };
+        let good = match (&self.auth, auth::from_hex(hex_tag.trim())) {
             (Some(a), Some(tag)) => a.key.verify_auth(&a.nonce, &tag),
             _ => false,
         };
         if !good {
-            return Err(self.unauthorized(
-                "expected the line AUTH <hex tag> first, with the tag of this connection's nonce",
-            ));
+            return Err(self
+                .unauthorized("the AUTH tag does not match this connection's nonce and the key"));
         }
         self.text_locked = false;
         log::info!("{} authenticated", self.peer);

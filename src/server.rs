@@ -10,7 +10,7 @@
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -51,6 +51,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const TICK: Duration = Duration::from_millis(250);
 /// How often `STATUS=` is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// How many times the accept thread yields to idle workers before answering `ERR busy`.
+const OFFER_YIELDS: usize = 64;
 /// Smallest worker stack in a debug build, in KiB.
 const DEBUG_MIN_STACK_KIB: usize = 64;
 
@@ -67,6 +69,8 @@ pub struct Shared {
     pub per_ip: Arc<PerIp>,
     /// The upload key, when `files.token_file` is set.
     key: RwLock<Option<Arc<Key>>>,
+    /// Workers waiting for a connection right now.
+    idle_workers: AtomicUsize,
     hash_pool: Option<HashPool>,
     stopping: AtomicBool,
 }
@@ -270,6 +274,7 @@ impl Server {
                     room: Room::default(),
                     per_ip: Arc::new(PerIp::default()),
                     key: RwLock::new(key),
+                    idle_workers: AtomicUsize::new(0),
                     hash_pool,
                     stopping: AtomicBool::new(false),
                 }),
@@ -446,7 +451,7 @@ impl Server {
                 }
             };
             Stats::add(&shared.stats.queued, 1);
-            match tx.try_send(Job { stream, peer, slot }) {
+            match offer(shared, tx, Job { stream, peer, slot }) {
                 Ok(()) => {}
                 Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
                     Stats::sub(&shared.stats.queued, 1);
@@ -596,6 +601,24 @@ fn refuse(stream: &TcpStream, line: &[u8]) {
     let _ = (&*stream).write_all(line);
 }
 
+/// Puts a connection in the queue. When the queue is full but some worker is idle (it has been
+/// woken and not yet run, which happens in bursts on a loaded machine), yields a few times for it
+/// to take its job instead of refusing: at most `OFFER_YIELDS` yields, so the accept thread never
+/// waits on the workers for more than a few scheduler slices.
+fn offer(shared: &Shared, tx: &Sender<Job>, job: Job) -> Result<(), TrySendError<Job>> {
+    let mut job = job;
+    for _ in 0..OFFER_YIELDS {
+        match tx.try_send(job) {
+            Err(TrySendError::Full(back)) if shared.idle_workers.load(Ordering::SeqCst) > 0 => {
+                job = back;
+                thread::yield_now();
+            }
+            other => return other,
+        }
+    }
+    tx.try_send(job)
+}
+
 fn wait_for(done: &Receiver<()>, n: usize, deadline: Instant) -> usize {
     let mut got = 0;
     while got < n && done.recv_deadline(deadline).is_ok() {
@@ -605,7 +628,11 @@ fn wait_for(done: &Receiver<()>, n: usize, deadline: Instant) -> usize {
 }
 
 fn worker(shared: &Shared, rx: &Receiver<Job>, done: &Sender<()>) {
-    for job in rx.iter() {
+    loop {
+        shared.idle_workers.fetch_add(1, Ordering::SeqCst);
+        let job = rx.recv();
+        shared.idle_workers.fetch_sub(1, Ordering::SeqCst);
+        let Ok(job) = job else { break };
         Stats::sub(&shared.stats.queued, 1);
         let peer = job.peer;
         // A bug in one connection's handling must not cost the daemon a worker.
