@@ -5,6 +5,8 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, IsTerminal, Read, Seek, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
@@ -17,8 +19,10 @@ use crate::filehash;
 use crate::proto::answer::{Answer, parse_answer};
 use crate::proto::{Header, name};
 
-/// Chunk size for hashing and for sending (progress is updated per chunk).
+/// Buffer size for the read/write fallback when sendfile(2) cannot be used.
 const CHUNK: usize = 1 << 20;
+/// Bytes per sendfile(2) call (progress is updated after each).
+const SEND_CHUNK: u64 = 8 << 20;
 /// Longest answer line read from a server.
 const MAX_ANSWER: u64 = 4096;
 
@@ -163,10 +167,9 @@ impl Prepared {
         })
     }
 
-    /// Writes header, name and body to `out`, calling `tick` with the bytes sent so far after
-    /// each chunk; `tick` returning false stops the body early.
-    /// Generic over the writer so that `io::copy` can use its sendfile/splice specialisation.
-    fn write_to<W: Write>(
+    /// Writes header, name (and tag) and body to `out`, calling `tick` with the body bytes sent
+    /// so far after each chunk; `tick` returning false stops the body early.
+    fn write_to<W: Write + AsFd>(
         &mut self,
         out: &mut W,
         tag: Option<&[u8]>,
@@ -177,13 +180,35 @@ impl Prepared {
         if let Some(tag) = tag {
             out.write_all(tag)?;
         }
+        out.flush()?;
         let size = self.header.size;
         let mut sent = 0u64;
+        let mut fallback: Option<Vec<u8>> = None;
         while sent < size {
-            let want = (size - sent).min(CHUNK as u64 * 4);
-            // `io::copy` between two descriptors uses sendfile/splice on Linux: no copy through
-            // user space.
-            let n = io::copy(&mut (&mut self.file).take(want), out)?;
+            let want = (size - sent).min(SEND_CHUNK);
+            let n = match &mut fallback {
+                None => {
+                    // sendfile(2): the kernel sends the page-cache pages itself, without copying
+                    // them through user space (std's io::copy does not, to a socket).
+                    let mut offset = sent;
+                    match rustix::fs::sendfile(&*out, &self.file, Some(&mut offset), want as usize)
+                    {
+                        Ok(n) => n as u64,
+                        Err(rustix::io::Errno::INTR) => continue,
+                        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                            fallback = Some(vec![0; CHUNK]);
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Some(buf) => {
+                    let len = want.min(buf.len() as u64) as usize;
+                    let n = self.file.read_at(&mut buf[..len], sent)?;
+                    out.write_all(&buf[..n])?;
+                    n as u64
+                }
+            };
             if n == 0 {
                 return Err(io::Error::other(format!(
                     "{} shrank while being sent",
@@ -200,7 +225,7 @@ impl Prepared {
 }
 
 /// `ferryd pack FILE...`: writes one frame per file to `out`.
-pub fn pack<W: Write>(files: &[PathBuf], out: &mut W) -> Result<(), ClientError> {
+pub fn pack<W: Write + AsFd>(files: &[PathBuf], out: &mut W) -> Result<(), ClientError> {
     for path in files {
         let mut prepared = Prepared::open(path, false)?;
         prepared
