@@ -10,8 +10,8 @@
 //!     `socat -u FILE:src TCP:127.0.0.1:PORT`, then `sync dst`;
 //!   - dd: `dd if=src of=dst bs=1M conv=fsync` (no network at all: the local copy ceiling).
 //!
-//! Each destination is deleted (and the deletion synced) between runs. Medians and ratios are
-//! printed. Needs netcat-openbsd and socat (`apt-get install -y netcat-openbsd socat`).
+//! Each destination is deleted (and the deletion synced, then 3 s allowed for the discard the
+//! `discard` mount option sends) between runs. Medians and ratios are printed. Needs netcat-openbsd and socat (`apt-get install -y netcat-openbsd socat`).
 
 use std::fs;
 use std::io::Write;
@@ -269,4 +269,10 @@ fn check_and_remove(src: &Path, work: &Path, which: usize) {
     assert_eq!(a, b, "{} is incomplete", dst.display());
     fs::remove_file(&dst).unwrap();
     sh("sync");
+    // This VM's root file system is mounted with `discard`: freeing 1 GiB sends a 1 GiB discard
+    // to the host at the next journal commit, which slows whatever writes next. Let it finish.
+    thread::sleep(SETTLE);
 }
+
+/// Pause after deleting a destination, before the next contender.
+const SETTLE: Duration = Duration::from_secs(3);
