@@ -13,8 +13,8 @@
 //! Contenders alternate, `ROUNDS` times each; medians and ratios are printed.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::net::{TcpStream, UdpSocket};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
@@ -25,6 +25,10 @@ const LINES: usize = 1000;
 const ROUNDS: usize = 5;
 const UDP_CLIENTS: usize = 4;
 const UDP_MEASURE: Duration = Duration::from_secs(2);
+
+mod common;
+
+use common::{Server, free_port, median};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -52,12 +56,12 @@ fn main() {
     for round in 0..rounds {
         for first in [round % 2 == 0, round % 2 == 1] {
             if first {
-                let s = Server::ferryd("chat");
+                let s = ferryd("chat");
                 let r = chat_round(s.port);
                 println!("  round {round} ferryd {r}");
                 ours.push(r);
             } else {
-                let s = Server::ncat_chat();
+                let s = ncat_chat();
                 let r = chat_round(s.port);
                 println!("  round {round} ncat   {r}");
                 theirs.push(r);
@@ -87,10 +91,10 @@ fn main() {
     for round in 0..rounds {
         for first in [round % 2 == 0, round % 2 == 1] {
             if first {
-                let s = Server::ferryd("echo");
+                let s = ferryd("echo");
                 ours.push(udp_round(s.port));
             } else {
-                let s = Server::minimal_udp();
+                let s = minimal_udp_server();
                 theirs.push(udp_round(s.port));
             }
         }
@@ -118,17 +122,6 @@ impl std::fmt::Display for ChatResult {
             "{:.0} deliveries/s, median {:.2} ms, p99 {:.2} ms ({} delivered)",
             self.rate, self.p50_ms, self.p99_ms, self.delivered
         )
-    }
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
@@ -274,114 +267,36 @@ fn udp_round(port: u16) -> f64 {
     count.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
 }
 
-/// A server process under test, killed on drop.
-struct Server {
-    child: Child,
-    port: u16,
-    dir: Option<std::path::PathBuf>,
-}
-
-impl Server {
-    fn ferryd(mode: &str) -> Server {
-        let port = free_port();
-        let dir =
-            std::env::temp_dir().join(format!("ferryd-chatbench-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        // The queue is deep so that no client is dropped as "too slow" while everyone blasts as
-        // fast as it can: this measures throughput, not the drop policy (with the default 128, a
-        // reader thread that the 2-core machine does not schedule for a few ms under this load
-        // gets dropped, as the policy says). The UDP limit is lifted for the same
-        // reason (all bench clients share 127.0.0.1).
-        let cfg = format!(
+/// ferryd in `mode`, with limits lifted for the benchmark (see the comment inside).
+fn ferryd(mode: &str) -> Server {
+    // The queue is deep so that no client is dropped as "too slow" while everyone blasts as
+    // fast as it can: this measures throughput, not the drop policy (with the default 128, a
+    // reader thread that the 2-core machine does not schedule for a few ms under this load
+    // gets dropped, as the policy says). The UDP limit is lifted for the same reason (all bench
+    // clients share 127.0.0.1), and so is max_per_ip.
+    Server::ferryd(|port, uploads| {
+        format!(
             "[server]\nport = {port}\nmode = \"{mode}\"\nchat_queue_depth = 100000\n[udp]\nrate_per_sec = 10000000\nburst = 10000000\n[access]\nmax_per_ip = 1000\n[files]\ndir = {:?}\n[log]\nlevel = \"warn\"\n",
-            dir.join("uploads").display().to_string()
-        );
-        let path = dir.join("config.toml");
-        std::fs::write(&path, cfg).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_tcp(port);
-        Server {
-            child,
-            port,
-            dir: Some(dir),
-        }
-    }
-
-    fn ncat_chat() -> Server {
-        let port = free_port();
-        let child = Command::new("ncat")
-            .args(["--chat", "-l", "127.0.0.1", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_tcp(port);
-        Server {
-            child,
-            port,
-            dir: None,
-        }
-    }
-
-    fn minimal_udp() -> Server {
-        let port = free_port();
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args(["--minimal-udp", &port.to_string()])
-            .spawn()
-            .unwrap();
-        thread::sleep(Duration::from_millis(200));
-        Server {
-            child,
-            port,
-            dir: None,
-        }
-    }
+            uploads.display().to_string()
+        )
+    })
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(d) = &self.dir {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
+fn ncat_chat() -> Server {
+    let port = free_port();
+    let mut cmd = Command::new("ncat");
+    cmd.args(["--chat", "-l", "127.0.0.1", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Server::spawn(cmd, port, true)
 }
 
-fn free_port() -> u16 {
-    // A port free for both TCP and UDP.
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-/// Waits until the port accepts, without leaving a connection a chat server would announce.
-fn wait_tcp(port: u16) {
-    let hex = format!(":{port:04X} ");
-    for _ in 0..1000 {
-        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        if tcp
-            .lines()
-            .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
-        {
-            return;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    panic!("nothing listens on {port}");
+fn minimal_udp_server() -> Server {
+    let port = free_port();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--minimal-udp", &port.to_string()]);
+    Server::spawn(cmd, port, false)
 }
 
 /// The ceiling for a one-thread UDP echo: std::net, a 64 KiB buffer, recv_from then send_to.

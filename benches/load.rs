@@ -14,8 +14,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
@@ -25,6 +24,10 @@ const ROUNDS: usize = 5;
 const MEASURE: Duration = Duration::from_secs(2);
 const LINE: &[u8; 32] = b"0123456789abcdefghijklmnopqrst\r\n";
 const IDLE_CONNS: usize = 2000;
+
+mod common;
+
+use common::{Server, free_port, median};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -61,10 +64,10 @@ fn main() {
             // Alternate which server goes first.
             for first in [round % 2 == 0, round % 2 == 1] {
                 if first {
-                    let s = Server::ferryd(128, &[]);
+                    let s = ferryd(128, &[]);
                     ours.push(f(s.port, measure));
                 } else {
-                    let s = Server::minimal();
+                    let s = minimal();
                     theirs.push(f(s.port, measure));
                 }
             }
@@ -77,10 +80,10 @@ fn main() {
     for round in 0..rounds.min(3) {
         for first in [round % 2 == 0, round % 2 == 1] {
             if first {
-                let s = Server::ferryd(IDLE_CONNS, &["queue_depth = 64", "backlog = 4096"]);
+                let s = ferryd(IDLE_CONNS, &["queue_depth = 64", "backlog = 4096"]);
                 ours.push(idle_rss_per_conn(&s, IDLE_CONNS));
             } else {
-                let s = Server::minimal();
+                let s = minimal();
                 theirs.push(idle_rss_per_conn(&s, IDLE_CONNS));
             }
         }
@@ -108,106 +111,25 @@ fn report(name: &str, ours: &[f64], theirs: &[f64], higher_is_better: bool) {
     );
 }
 
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// A server process under test, killed on drop.
-struct Server {
-    child: Child,
-    port: u16,
-    _dir: Option<PathBuf>,
-}
-
-impl Server {
-    fn ferryd(max_connections: usize, extra: &[&str]) -> Server {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("ferryd-bench-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut cfg = format!(
+/// ferryd with `max_connections` workers and `extra` lines under `[server]`.
+fn ferryd(max_connections: usize, extra: &[&str]) -> Server {
+    Server::ferryd(|port, uploads| {
+        format!(
             "[server]\nport = {port}\nmax_connections = {max_connections}\n{}\n[access]\nmax_per_ip = 65535\n[files]\ndir = {:?}\n[log]\nlevel = \"warn\"\n",
             extra.join("\n"),
-            dir.join("uploads").display().to_string()
-        );
-        cfg.push('\n');
-        let path = dir.join("config.toml");
-        std::fs::write(&path, cfg).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start ferryd");
-        wait_listening(port);
-        Server {
-            child,
-            port,
-            _dir: Some(dir),
-        }
-    }
-
-    fn minimal() -> Server {
-        let port = free_port();
-        let child = Command::new(std::env::current_exe().unwrap())
-            .arg("--minimal-server")
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start minimal server");
-        wait_listening(port);
-        Server {
-            child,
-            port,
-            _dir: None,
-        }
-    }
-
-    fn rss_kib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
+            uploads.display().to_string()
+        )
+    })
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(dir) = &self._dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.write_all(LINE).unwrap();
-            let mut buf = [0u8; 32];
-            s.read_exact(&mut buf).unwrap();
-            return;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    panic!("server on port {port} did not start");
+/// The minimal server below, in a process of its own.
+fn minimal() -> Server {
+    let port = free_port();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.arg("--minimal-server")
+        .arg(port.to_string())
+        .stdout(Stdio::null());
+    Server::spawn(cmd, port, true)
 }
 
 /// Echo round trips per second with `clients` connections, each doing write-line/read-line in

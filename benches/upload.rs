@@ -15,11 +15,14 @@
 
 use std::fs;
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{free_port, median, wait_listening};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -98,16 +101,6 @@ fn main() {
     let _ = daemon.kill();
     let _ = daemon.wait();
 
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        }
-    };
     let med: Vec<f64> = times.iter().map(|t| median(t)).collect();
     println!();
     for (i, name) in names.iter().enumerate() {
@@ -127,14 +120,6 @@ fn main() {
         med[3] / med[0]
     );
     let _ = fs::remove_dir_all(&work);
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn write_random(path: &Path, len: u64) {
@@ -197,7 +182,7 @@ fn run_netcat(src: &Path, dst: &Path) -> f64 {
         .arg(format!("exec nc -l 127.0.0.1 {port} > '{}'", dst.display()))
         .spawn()
         .unwrap();
-    wait_port(port);
+    wait_listening(port);
     let t = Instant::now();
     sh(&format!("nc -N 127.0.0.1 {port} < '{}'", src.display()));
     assert!(rx.wait().unwrap().success());
@@ -212,7 +197,7 @@ fn run_socat(src: &Path, dst: &Path) -> f64 {
         format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"),
         format!("OPEN:{},creat,trunc", dst.display()),
     ]));
-    wait_port(port);
+    wait_listening(port);
     let t = Instant::now();
     let st = Command::new("socat")
         .args([
@@ -236,23 +221,6 @@ fn run_dd(src: &Path, dst: &Path) -> f64 {
         dst.display()
     ));
     t.elapsed().as_secs_f64()
-}
-
-/// Waits until something listens on `port` (without connecting to it: a probe connection would
-/// be the one nc or socat serves).
-fn wait_port(port: u16) {
-    let hex = format!(":{port:04X} ");
-    for _ in 0..500 {
-        let tcp = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        if tcp
-            .lines()
-            .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
-        {
-            return;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    panic!("nothing listens on {port}");
 }
 
 /// Checks the copy is complete, then deletes it and syncs the deletion outside the timing.

@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::auth::{self, Key, KeyError, NONCE_LEN};
 use crate::filehash;
+use crate::listener::is_timeout;
 use crate::proto::answer::{Answer, parse_answer};
 use crate::proto::{Header, name};
 
@@ -547,13 +548,6 @@ fn hash_depth() -> u32 {
 /// How long to wait for the answer after the last body byte: the server fsyncs the file first.
 fn answer_wait(timeout: Duration) -> Duration {
     (timeout * 12).max(Duration::from_secs(60))
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
 }
 
 fn progress_bar(shown: bool, len: u64, what: &str) -> ProgressBar {

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use toml::{Spanned, Value};
 
 use crate::access::{Cidr, Rules};
+use crate::escape::quoted;
 
 /// The configuration file shipped in `config/config.toml`; its values are the built-in defaults
 /// (this unit test holds the two together).
@@ -357,13 +358,13 @@ impl fmt::Display for Config {
         writeln!(f)?;
         let files = &self.files;
         writeln!(f, "[files]")?;
-        writeln!(f, "dir = {}", toml_string(&files.dir.to_string_lossy()))?;
+        writeln!(f, "dir = {}", quoted(&files.dir.to_string_lossy()))?;
         writeln!(f, "max_file_size = {}", files.max_file_size)?;
         writeln!(f, "on_conflict = \"{}\"", files.on_conflict.as_str())?;
         writeln!(f, "file_mode = {:#o}", files.file_mode)?;
         writeln!(f, "min_free_bytes = {}", files.min_free_bytes)?;
         if let Some(t) = &files.token_file {
-            writeln!(f, "token_file = {}", toml_string(&t.to_string_lossy()))?;
+            writeln!(f, "token_file = {}", quoted(&t.to_string_lossy()))?;
         }
         writeln!(f)?;
         let a = &self.access;
@@ -1007,22 +1008,6 @@ impl Ctx<'_> {
             problem,
         }
     }
-}
-
-/// A TOML basic string with the characters that need it escaped.
-fn toml_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 fn type_name(v: &Value) -> &'static str {

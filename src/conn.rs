@@ -17,7 +17,7 @@ use crate::auth::{self, Key, NONCE_LEN};
 use crate::chat::{self, Seat};
 use crate::config::{Config, Mode};
 use crate::escape::{escaped, push_chat_text};
-use crate::listener;
+use crate::listener::{self, is_timeout};
 use crate::peer::Peer;
 use crate::proto::answer::hex;
 use crate::proto::header::TAG_LEN;
@@ -699,12 +699,4 @@ fn code_for(e: FrameError) -> Code {
         FrameError::Flags(_) => Code::BadHeader,
         FrameError::NameLength(_) => Code::BadName,
     }
-}
-
-/// A read or write that hit its socket timeout (SO_RCVTIMEO/SO_SNDTIMEO report EAGAIN).
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
 }

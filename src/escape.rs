@@ -62,6 +62,29 @@ pub fn push_chat_text(out: &mut String, bytes: &[u8]) {
     }
 }
 
+/// `s` as a double-quoted string literal valid both as a TOML basic string and as a JSON
+/// string: `"` and `\\` escaped, newline, return and tab as `\\n`, `\\r`, `\\t`, every other
+/// control character as `\\uXXXX`.
+pub fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +102,21 @@ mod tests {
             let mut out = String::new();
             push_chat_text(&mut out, input);
             assert_eq!(out, want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn quoted_strings() {
+        let cases = [
+            ("plain", "\"plain\""),
+            ("a \"q\" \\ b", "\"a \\\"q\\\" \\\\ b\""),
+            (
+                "l1\nl2\r\t\u{1}\u{7f}\u{85}é",
+                "\"l1\\nl2\\r\\t\\u0001\\u007f\\u0085é\"",
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(quoted(input), want);
         }
     }
 

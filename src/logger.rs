@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 use crate::config::LogFormat;
+use crate::escape::quoted;
 
 /// The format actually used (`Auto` resolved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,28 +102,9 @@ pub fn format_line(format: Resolved, level: Level, msg: &str, now: SystemTime) -
             "{{\"ts\":\"{}\",\"level\":\"{}\",\"msg\":{}}}\n",
             rfc3339(now),
             level.as_str().to_ascii_lowercase(),
-            json_string(msg)
+            quoted(msg)
         ),
     }
-}
-
-/// A JSON string literal (RFC 8259): quotes, backslashes and control characters escaped.
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Formats `t` as an RFC 3339 UTC timestamp with milliseconds, e.g. `2026-11-22T13:38:48.123Z`.

@@ -24,7 +24,7 @@ use crate::auth::{Key, KeyError};
 use crate::chat::Room;
 use crate::config::{self, Config, Origin};
 use crate::conn;
-use crate::listener::{self, BindError};
+use crate::listener::{self, BindError, is_timeout};
 use crate::logger;
 use crate::notify::Notifier;
 use crate::peer::Peer;
@@ -409,14 +409,7 @@ impl Server {
             }
             let (stream, addr) = match accepted {
                 Ok(pair) => pair,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
+                Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
                     continue;
                 }
                 Err(e) => {

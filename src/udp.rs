@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::escape::escaped;
-use crate::listener::BindError;
+use crate::listener::{BindError, is_timeout};
 use crate::peer::Peer;
 use crate::ratelimit::Limiter;
 use crate::server::Shared;
@@ -81,14 +81,7 @@ fn run(socket: &UdpSocket, shared: &Shared) {
         }
         let (n, from) = match socket.recv_from(&mut buf) {
             Ok(pair) => pair,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
                 continue;
             }
             Err(e) => {

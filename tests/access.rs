@@ -26,7 +26,7 @@ use ferryd::proto::{HEADER_LEN, Header, MAGIC};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use support::{
-    Daemon, DaemonBuilder, TempDir, echo_round_trip, read_line, read_until_eof, run_ferryd,
+    Daemon, DaemonBuilder, Rng, TempDir, echo_round_trip, read_line, read_until_eof, run_ferryd,
     wait_until,
 };
 
@@ -50,40 +50,6 @@ fn heavy() -> MutexGuard<'static, ()> {
 
 // ---------------------------------------------------------------------------------------------
 // Helpers: random bytes.
-
-/// A tiny xorshift64 generator. Every test seeds it with a constant, so a failure can be
-/// replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        // Zero is xorshift's one fixed point; the odd multiplier also spreads small seeds.
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    /// A number in `lo..=hi`.
-    fn between(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut out = vec![0u8; n];
-        for chunk in out.chunks_mut(8) {
-            let word = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&word[..chunk.len()]);
-        }
-        out
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers: addresses, sockets, logs.

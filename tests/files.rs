@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use ferryd::proto::{HEADER_LEN, Header};
 
 use support::{
-    Daemon, DaemonBuilder, TempDir, free_port, read_line, read_until_eof, require_tool, run_ferryd,
-    run_ferryd_for, run_for, wait_until,
+    Daemon, DaemonBuilder, Rng, TempDir, free_port, read_line, read_until_eof, require_tool,
+    run_ferryd, run_ferryd_for, run_for, wait_until,
 };
 
 const MIB: usize = 1 << 20;
@@ -33,40 +33,6 @@ const SHORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers: random bytes, frames, answers.
-
-/// A tiny xorshift64 generator. Every test seeds it with a constant, so file contents and split
-/// points are the same on every run and a failure can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        // Zero is xorshift's one fixed point; the odd multiplier also spreads small seeds.
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    /// A number in `lo..=hi`.
-    fn between(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut out = vec![0u8; n];
-        for chunk in out.chunks_mut(8) {
-            let word = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&word[..chunk.len()]);
-        }
-        out
-    }
-}
 
 /// The header announcing `body` under `name`, built with the crate's own encoder.
 fn header_for(name: &[u8], body: &[u8]) -> [u8; HEADER_LEN] {
