@@ -1037,6 +1037,89 @@ fn socket_activation_with_only_a_tcp_listener_opens_no_socket_of_its_own() {
 }
 
 #[test]
+fn socket_activation_with_a_datagram_socket_serves_udp_on_it() {
+    // Two nested tools, as a .socket unit with ListenStream= and ListenDatagram= would pass them:
+    // the outer one listens for UDP and, on the first datagram, execs the inner one with that
+    // socket as fd 3; the inner one adds its TCP listener as fd 4 and, on the first connection,
+    // execs ferryd with LISTEN_FDS=2.
+    require_tool("systemd-socket-activate", INSTALL_SYSTEMD);
+    let dir = TempDir::new();
+    let (act_port, cfg_port) = (free_port(), free_port());
+    let cfg = write_config(&dir, cfg_port, &[]);
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, act_port));
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.args([
+        "--datagram",
+        "-l",
+        &addr.to_string(),
+        "systemd-socket-activate",
+        "-l",
+    ])
+    .arg(addr.to_string())
+    .arg(support::bin())
+    .arg("--config")
+    .arg(&cfg)
+    .current_dir(dir.path());
+    let mut proc = Proc::start(cmd, "systemd-socket-activate (udp, tcp) ferryd");
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(WAIT)).unwrap();
+    // The datagram waits in the passed socket until ferryd reads it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if udp_bound(act_port) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outer tool did not bind UDP {addr}"
+        );
+        thread::sleep(POLL);
+    }
+    udp.send_to(b"passed datagram\n", addr).unwrap();
+    let mut client = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => panic!("no TCP listener on {addr}: {e}"),
+            Err(_) => thread::sleep(POLL),
+        }
+    };
+    echo_round_trip(&mut client, b"activated\n");
+    let mut buf = [0u8; 64];
+    let (n, from) = udp
+        .recv_from(&mut buf)
+        .expect("the datagram is echoed from the passed socket");
+    assert_eq!(&buf[..n], b"passed datagram\n");
+    assert_eq!(
+        from, addr,
+        "the echo comes from the passed socket's address"
+    );
+    let log = proc.wait_log("listening on");
+    for want in [
+        format!("socket activation: fd 3: UDP socket on {addr}"),
+        format!("socket activation: fd 4: TCP listener on {addr}"),
+        format!("udp echo on the socket passed by systemd ({addr})"),
+    ] {
+        assert!(log.contains(&want), "the log should say {want:?}:\n{log}");
+    }
+    assert!(
+        refused(cfg_port) && udp_free(cfg_port),
+        "nothing of ferryd's own on the config's port {cfg_port}:\n{log}"
+    );
+    proc.signal("TERM");
+    assert_eq!(
+        proc.wait_exit().code(),
+        Some(0),
+        "exit status after SIGTERM"
+    );
+}
+
+/// Whether some socket is bound to UDP `port` on 127.0.0.1 (from /proc, without sending).
+fn udp_bound(port: u16) -> bool {
+    let hex = format!("0100007F:{port:04X} ");
+    fs::read_to_string("/proc/net/udp").is_ok_and(|t| t.lines().any(|l| l.contains(&hex)))
+}
+
+#[test]
 fn listen_pid_of_another_process_is_ignored() {
     let d = builder(&[("LISTEN_PID", "1"), ("LISTEN_FDS", "1")], "").start();
     echo_and_close(&d, "own socket\n");
