@@ -26,8 +26,8 @@ use ferryd::proto::{HEADER_LEN, Header, MAGIC};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use support::{
-    Daemon, DaemonBuilder, Rng, TempDir, echo_round_trip, read_line, read_until_eof, run_ferryd,
-    wait_until,
+    Daemon, DaemonBuilder, Rng, TempDir, echo_round_trip, expect_err_then_eof, log_tail, read_line,
+    read_until_eof, run_ferryd, wait_until,
 };
 
 const ERR_NOT_ALLOWED: &[u8] = b"ERR not allowed\n";
@@ -70,19 +70,6 @@ fn label(addr: SocketAddr) -> String {
 /// The daemon's name for the client end of `stream`.
 fn peer_label(stream: &TcpStream) -> String {
     label(stream.local_addr().expect("local_addr"))
-}
-
-/// The last lines of the daemon's log, for assertion messages (the whole log is printed too
-/// when a test fails, by `Daemon`'s drop).
-fn log_tail(d: &Daemon) -> String {
-    let log = d.log();
-    let lines: Vec<&str> = log.lines().collect();
-    let start = lines.len().saturating_sub(30);
-    format!(
-        "\n--- ferryd log (last {} lines) ---\n{}",
-        lines.len() - start,
-        lines[start..].join("\n")
-    )
 }
 
 /// Waits up to 10 s for a log line containing `needle`; panics naming `what` otherwise.
@@ -149,21 +136,6 @@ fn expect_then_eof(d: &Daemon, stream: &mut TcpStream, want: &[u8], what: &str) 
         err.map_or("EOF".to_string(), |e| format!("error {e}")),
         log_tail(d)
     );
-}
-
-/// Reads until EOF (10 s at most) and asserts the stream carried one line, `ERR <code> ...`,
-/// then ended. Returns the line.
-fn expect_err_then_eof(d: &Daemon, stream: &mut TcpStream, code: &str, what: &str) -> String {
-    let (got, err) = read_until_eof(stream, IO_TIMEOUT);
-    let text = String::from_utf8_lossy(&got).into_owned();
-    let one_line = text.ends_with('\n') && text.matches('\n').count() == 1;
-    assert!(
-        err.is_none() && one_line && text.starts_with(&format!("ERR {code} ")),
-        "{what}: want one `ERR {code} ...` line then EOF, got {text:?} and {}{}",
-        err.map_or("EOF".to_string(), |e| format!("error {e}")),
-        log_tail(d)
-    );
-    text
 }
 
 fn send_all(d: &Daemon, s: &mut TcpStream, data: &[u8], what: &str) {

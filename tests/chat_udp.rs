@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use ferryd::proto::Header;
 
 use support::{
-    Daemon, DaemonBuilder, TempDir, constant_threads, read_until_eof, require_tool, run_ferryd,
-    run_for, wait_until,
+    Daemon, DaemonBuilder, TempDir, constant_threads, log_tail, read_until_eof, require_tool,
+    run_ferryd, run_for, wait_until,
 };
 
 const NC_HINT: &str = "apt-get install -y netcat-openbsd";
@@ -34,19 +34,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-/// The last lines of the daemon's log, for assertion messages (the full log is printed too when
-/// a test fails, by `Daemon`'s drop).
-fn log_tail(d: &Daemon) -> String {
-    let log = d.log();
-    let lines: Vec<&str> = log.lines().collect();
-    let start = lines.len().saturating_sub(40);
-    format!(
-        "\n--- ferryd log (last {} lines) ---\n{}",
-        lines.len() - start,
-        lines[start..].join("\n")
-    )
-}
 
 /// How the daemon names an address in logs and chat lines: `[127.0.0.1:PORT]`.
 fn label(addr: SocketAddr) -> String {

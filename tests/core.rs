@@ -15,8 +15,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::{
-    Daemon, DaemonBuilder, TempDir, constant_threads, echo_round_trip, free_port, read_line,
-    read_to_eof, read_until_eof, require_tool, run_ferryd,
+    Daemon, DaemonBuilder, TempDir, constant_threads, echo_round_trip, free_port, log_tail,
+    read_line, read_to_eof, read_until_eof, require_tool, run_ferryd,
 };
 
 const VERSION: &str = "0.1.0";
@@ -44,19 +44,6 @@ fn stdout_of(out: &Output) -> String {
 
 fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// The last lines of the daemon's log, for assertion messages (the full log is printed too when
-/// a test fails, by `Daemon`'s drop).
-fn log_tail(d: &Daemon) -> String {
-    let log = d.log();
-    let lines: Vec<&str> = log.lines().collect();
-    let start = lines.len().saturating_sub(40);
-    format!(
-        "\n--- ferryd log (last {} lines) ---\n{}",
-        lines.len() - start,
-        lines[start..].join("\n")
-    )
 }
 
 /// How the daemon names the client end of `stream` in its log: `[127.0.0.1:PORT]`.

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use ferryd::proto::{HEADER_LEN, Header};
 
 use support::{
-    Daemon, DaemonBuilder, Rng, TempDir, free_port, read_line, read_until_eof, require_tool,
-    run_ferryd, run_ferryd_for, run_for, wait_until,
+    Daemon, DaemonBuilder, Rng, TempDir, expect_err_then_eof, free_port, log_tail, read_line,
+    read_until_eof, require_tool, run_ferryd, run_ferryd_for, run_for, wait_until,
 };
 
 const MIB: usize = 1 << 20;
@@ -155,19 +155,6 @@ fn assert_dir_holds(d: &Daemon, dir: &Path, want: &[(&str, &[u8])], what: &str) 
 // ---------------------------------------------------------------------------------------------
 // Helpers: sockets and logs.
 
-/// The last lines of the daemon's log, for assertion messages (the whole log is printed too
-/// when a test fails, by `Daemon`'s drop).
-fn log_tail(d: &Daemon) -> String {
-    let log = d.log();
-    let lines: Vec<&str> = log.lines().collect();
-    let start = lines.len().saturating_sub(30);
-    format!(
-        "\n--- ferryd log (last {} lines) ---\n{}",
-        lines.len() - start,
-        lines[start..].join("\n")
-    )
-}
-
 /// Writes all of `data`, panicking with the daemon's log on failure.
 fn send_all(d: &Daemon, s: &mut TcpStream, data: &[u8], what: &str) {
     if let Err(e) = s.write_all(data) {
@@ -222,21 +209,6 @@ fn read_n_within(s: &mut TcpStream, n: usize, timeout: Duration) -> Result<Vec<u
         }
     }
     Ok(out)
-}
-
-/// Reads to EOF and asserts the stream carried exactly one line, `ERR <code> ...`, and then
-/// ended. Returns the line.
-fn expect_err_then_eof(d: &Daemon, s: &mut TcpStream, code: &str, what: &str) -> String {
-    let (got, err) = read_until_eof(s, SHORT_TIMEOUT);
-    let text = String::from_utf8_lossy(&got).into_owned();
-    let one_line = text.ends_with('\n') && text.matches('\n').count() == 1;
-    assert!(
-        err.is_none() && one_line && text.starts_with(&format!("ERR {code} ")),
-        "{what}: want one `ERR {code} ...` line then EOF, got {text:?} and {}{}",
-        err.map_or("EOF".to_string(), |e| format!("error {e}")),
-        log_tail(d)
-    );
-    text
 }
 
 fn path_str(path: &Path) -> &str {

@@ -744,3 +744,33 @@ impl Rng {
         out
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Assertions.
+
+/// The last 40 lines of the daemon's log, for assertion messages.
+pub fn log_tail(d: &Daemon) -> String {
+    let log = d.log();
+    let lines: Vec<&str> = log.lines().collect();
+    let start = lines.len().saturating_sub(40);
+    format!(
+        "\n--- ferryd log (last {} lines) ---\n{}",
+        lines.len() - start,
+        lines[start..].join("\n")
+    )
+}
+
+/// Reads to EOF (10 s at most) and asserts the stream carried exactly one line,
+/// `ERR <code> ...`, and then ended. Returns the line.
+pub fn expect_err_then_eof(d: &Daemon, s: &mut TcpStream, code: &str, what: &str) -> String {
+    let (got, err) = read_until_eof(s, Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let one_line = text.ends_with('\n') && text.matches('\n').count() == 1;
+    assert!(
+        err.is_none() && one_line && text.starts_with(&format!("ERR {code} ")),
+        "{what}: want one `ERR {code} ...` line then EOF, got {text:?} and {}{}",
+        err.map_or("EOF".to_string(), |e| format!("error {e}")),
+        log_tail(d)
+    );
+    text
+}
