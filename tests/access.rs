@@ -26,8 +26,8 @@ use ferryd::proto::{HEADER_LEN, Header, MAGIC};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use support::{
-    Daemon, DaemonBuilder, Rng, TempDir, echo_round_trip, expect_err_then_eof, log_tail, read_line,
-    read_until_eof, run_ferryd, wait_until,
+    Daemon, DaemonBuilder, Rng, TempDir, echo_round_trip, expect_err_then_eof, expect_then_eof,
+    log_tail, names_in, read_line, read_until_eof, run_ferryd, wait_until,
 };
 
 const ERR_NOT_ALLOWED: &[u8] = b"ERR not allowed\n";
@@ -125,19 +125,6 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-/// Reads until EOF (10 s at most) and asserts the bytes are exactly `want`.
-fn expect_then_eof(d: &Daemon, stream: &mut TcpStream, want: &[u8], what: &str) {
-    let (got, err) = read_until_eof(stream, IO_TIMEOUT);
-    assert!(
-        err.is_none() && got == want,
-        "{what}: expected exactly {:?} then EOF, got {:?} and {}{}",
-        String::from_utf8_lossy(want),
-        String::from_utf8_lossy(&got),
-        err.map_or("EOF".to_string(), |e| format!("error {e}")),
-        log_tail(d)
-    );
-}
-
 fn send_all(d: &Daemon, s: &mut TcpStream, data: &[u8], what: &str) {
     if let Err(e) = s.write_all(data) {
         panic!("{what}: writing {} bytes: {e}{}", data.len(), log_tail(d));
@@ -172,21 +159,6 @@ fn describe(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// The names in `dir`, sorted.
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-        .map(|e| {
-            e.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    names.sort();
-    names
 }
 
 /// The daemon's temporary files in `dir`.
@@ -409,7 +381,7 @@ fn check_row(d: &Daemon, table: &Table, from: &str, expect: Expect) {
         Expect::Served => {
             echo_round_trip(&mut s, format!("hello from {from}\n").as_bytes());
             s.shutdown(Shutdown::Write).unwrap();
-            expect_then_eof(d, &mut s, b"", &what);
+            expect_then_eof(d, &mut s, b"", IO_TIMEOUT, &what);
             // An IPv4-mapped peer is named as plain IPv4.
             expect_log(d, &format!("{peer} online"), &what);
             return;
@@ -417,7 +389,7 @@ fn check_row(d: &Daemon, table: &Table, from: &str, expect: Expect) {
         Expect::Denied(rule) => format!("matches access.deny rule {rule}"),
         Expect::NotAllowed => "matches no access.allow rule".to_string(),
     };
-    expect_then_eof(d, &mut s, ERR_NOT_ALLOWED, &what);
+    expect_then_eof(d, &mut s, ERR_NOT_ALLOWED, IO_TIMEOUT, &what);
     expect_log(
         d,
         &format!("{peer} refused: not allowed: the address {reason}"),
@@ -553,6 +525,7 @@ fn max_per_ip_refuses_the_ninth_connection_from_one_address_only() {
         &d,
         &mut ninth,
         ERR_TOO_MANY,
+        IO_TIMEOUT,
         "the 9th connection from 127.0.0.1",
     );
     expect_log(
@@ -607,7 +580,13 @@ fn max_per_ip_refuses_the_ninth_connection_from_one_address_only() {
     }
     // Full again: the next one is refused.
     let mut over = connect_from(&d, one);
-    expect_then_eof(&d, &mut over, ERR_TOO_MANY, "a 9th connection again");
+    expect_then_eof(
+        &d,
+        &mut over,
+        ERR_TOO_MANY,
+        IO_TIMEOUT,
+        "a 9th connection again",
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::{
-    Daemon, DaemonBuilder, TempDir, constant_threads, echo_round_trip, free_port, log_tail,
-    read_line, read_to_eof, read_until_eof, require_tool, run_ferryd,
+    Daemon, DaemonBuilder, TempDir, constant_threads, echo_round_trip, expect_then_eof, free_port,
+    log_tail, read_line, read_to_eof, require_tool, run_ferryd,
 };
 
 const VERSION: &str = "0.1.0";
@@ -52,19 +52,6 @@ fn peer_label(stream: &TcpStream) -> String {
         SocketAddr::V4(a) => format!("[{a}]"),
         SocketAddr::V6(a) => a.to_string(),
     }
-}
-
-/// Reads until EOF and asserts the bytes are exactly `want`.
-fn expect_then_eof(d: &Daemon, stream: &mut TcpStream, want: &[u8], timeout: Duration, what: &str) {
-    let (got, err) = read_until_eof(stream, timeout);
-    assert!(
-        err.is_none() && got == want,
-        "{what}: expected exactly {:?} then EOF, got {:?} and {}{}",
-        String::from_utf8_lossy(want),
-        String::from_utf8_lossy(&got),
-        err.map_or("EOF".to_string(), |e| format!("error {e}")),
-        log_tail(d)
-    );
 }
 
 /// Echoes `msg` on a fresh connection, then half-closes and checks that nothing more arrives:

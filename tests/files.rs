@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use ferryd::proto::{HEADER_LEN, Header};
 
 use support::{
-    Daemon, DaemonBuilder, Rng, TempDir, expect_err_then_eof, free_port, log_tail, read_line,
-    read_until_eof, require_tool, run_ferryd, run_ferryd_for, run_for, wait_until,
+    Daemon, DaemonBuilder, Rng, TempDir, expect_err_then_eof, free_port, log_tail, names_in,
+    read_line, read_until_eof, require_tool, run_ferryd, run_ferryd_for, run_for, wait_until,
 };
 
 const MIB: usize = 1 << 20;
@@ -105,21 +105,6 @@ fn difference(got: &[u8], want: &[u8]) -> Option<String> {
 
 // ---------------------------------------------------------------------------------------------
 // Helpers: the upload directory.
-
-/// The names in `dir`, sorted.
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-        .map(|e| {
-            e.expect("dir entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    names.sort();
-    names
-}
 
 fn is_part(name: &str) -> bool {
     name.starts_with(".ferryd-") && name.ends_with(".part")

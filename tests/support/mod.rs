@@ -774,3 +774,37 @@ pub fn expect_err_then_eof(d: &Daemon, s: &mut TcpStream, code: &str, what: &str
     );
     text
 }
+
+/// Reads until EOF and asserts the bytes are exactly `want`.
+pub fn expect_then_eof(
+    d: &Daemon,
+    stream: &mut TcpStream,
+    want: &[u8],
+    timeout: Duration,
+    what: &str,
+) {
+    let (got, err) = read_until_eof(stream, timeout);
+    assert!(
+        err.is_none() && got == want,
+        "{what}: expected exactly {:?} then EOF, got {:?} and {}{}",
+        String::from_utf8_lossy(want),
+        String::from_utf8_lossy(&got),
+        err.map_or("EOF".to_string(), |e| format!("error {e}")),
+        log_tail(d)
+    );
+}
+
+/// The names in `dir`, sorted.
+pub fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
