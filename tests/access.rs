@@ -98,8 +98,8 @@ fn target(d: &Daemon, from: IpAddr) -> SocketAddr {
 ///
 /// The socket has SO_REUSEADDR. A client that closes first leaves its port in TIME_WAIT for a
 /// minute, and one without SO_REUSEADDR there keeps any daemon (of this or another test binary)
-/// from binding that port on a wildcard address such as "::", even with SO_REUSEADDR, which the
-/// 127.0.0.1 probe of `free_port` cannot see: after the garbage flood that is thousands of ports.
+/// that binds its own port from binding that port on a wildcard address such as "::", even with
+/// SO_REUSEADDR: after the garbage flood that is thousands of ports.
 fn try_connect_from(from: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;

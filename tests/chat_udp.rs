@@ -399,10 +399,7 @@ fn welcomed_label(line: &str) -> String {
 fn udp_echoes_each_peer_exactly_its_own_datagrams() {
     let d = DaemonBuilder::new().start();
     let to = d.addr();
-    d.wait_log(
-        &format!("udp echo on 127.0.0.1:{}", d.port()),
-        Duration::from_secs(5),
-    );
+    d.wait_log(&d.udp_echo_line(), Duration::from_secs(5));
     let barrier = Arc::new(Barrier::new(3));
     let peers: Vec<_> = (0..3)
         .map(|p| {

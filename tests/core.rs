@@ -15,8 +15,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::{
-    Daemon, DaemonBuilder, TempDir, constant_threads, echo_round_trip, expect_then_eof, free_port,
-    log_tail, read_line, read_to_eof, require_tool, run_ferryd,
+    Daemon, DaemonBuilder, TempDir, constant_threads, echo_round_trip, expect_then_eof, log_tail,
+    read_line, read_to_eof, require_tool, run_ferryd, tcp_queues, wait_until,
 };
 
 const VERSION: &str = "0.1.0";
@@ -699,8 +699,10 @@ fn stalled_half_line_does_not_delay_others() {
 
 #[test]
 fn sigterm_tells_every_client_and_exits_0() {
+    // The daemon binds its own port: a socket systemd passed would stay listening by design.
     let mut d = DaemonBuilder::new()
         .set("server", "shutdown_grace_secs = 3")
+        .bind_own_port()
         .start();
     let mut clients: Vec<TcpStream> = (0..10)
         .map(|i| {
@@ -789,11 +791,27 @@ fn second_signal_during_shutdown_exits_130_at_once() {
         burst.push(b'\n');
     }
     talker.write_all(&burst).unwrap();
-    // Let the daemon relay it all into the silent client's queue.
-    thread::sleep(Duration::from_secs(1));
+    // Wait until the daemon has read it all (and so relayed it into the silent client's queue):
+    // nothing of it is left in the kernel, neither unsent at the talker nor unread at ferryd.
+    let talker_end = (talker.local_addr().unwrap(), talker.peer_addr().unwrap());
+    let drained = wait_until(Duration::from_secs(10), || {
+        tcp_queues(talker_end.0, talker_end.1).is_some_and(|(tx, _)| tx == 0)
+            && tcp_queues(talker_end.1, talker_end.0).is_some_and(|(_, rx)| rx == 0)
+    });
+    assert!(
+        drained,
+        "ferryd did not read the burst: queues {:?} at the talker, {:?} at ferryd{}",
+        tcp_queues(talker_end.0, talker_end.1),
+        tcp_queues(talker_end.1, talker_end.0),
+        log_tail(&d)
+    );
 
     d.signal("TERM");
-    thread::sleep(Duration::from_millis(300));
+    // The shutdown has begun once the talker is closed; the silent client's writer holds it up.
+    d.wait_log(
+        &format!("{} offline", peer_label(&talker)),
+        Duration::from_secs(10),
+    );
     assert!(
         d.wait_exit(Duration::ZERO).is_none(),
         "ferryd exited after the first signal although a writer was blocked with data queued{}",
@@ -826,26 +844,26 @@ fn two_thousand_connections_leak_no_descriptors() {
     let mut warm = d.connect();
     let peer = peer_label(&warm);
     echo_round_trip(&mut warm, b"warm-up\n");
+    let open_with = d.fd_count();
     drop(warm);
     d.wait_log(&format!("{peer} offline"), Duration::from_secs(10));
-    // The worker logs `offline` just before it drops the socket: take the lowest count seen
-    // over a moment as the baseline.
-    let mut baseline = d.fd_count();
-    for _ in 0..10 {
-        thread::sleep(Duration::from_millis(20));
-        baseline = baseline.min(d.fd_count());
-    }
+    // The worker logs `offline` just before it drops the socket: the baseline is the count
+    // once that socket is gone, one less than while the connection was open.
+    let baseline = open_with - 1;
+    let closed = wait_until(Duration::from_secs(10), || d.fd_count() == baseline);
+    assert!(
+        closed,
+        "the warm-up connection's descriptor: {open_with} while open, {} after{}",
+        d.fd_count(),
+        log_tail(&d)
+    );
 
     for _ in 0..2000 {
         let mut s = d.connect();
         echo_round_trip(&mut s, b"x\n");
     }
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut now = d.fd_count();
-    while now != baseline && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-        now = d.fd_count();
-    }
+    wait_until(Duration::from_secs(3), || d.fd_count() == baseline);
+    let now = d.fd_count();
     println!("descriptors: {baseline} before, {now} after 2000 connections");
     assert_eq!(
         now,
@@ -863,21 +881,19 @@ fn threads_stay_bounded_under_a_connection_flood() {
         .start();
     let idle_threads = d.thread_count();
     let conns: Vec<TcpStream> = (0..40).map(|_| d.connect()).collect();
-    // At most 4 are served and 4 queued: at least 32 are refused.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count_lines(&d, "refused: busy") < 32 {
-        assert!(
-            Instant::now() < deadline,
-            "expected at least 32 busy refusals{}",
-            log_tail(&d)
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    // At most 4 are served and 4 queued: at least 32 are refused. The thread count is sampled
+    // all the while, until the daemon has dealt with every connection (4 online as well).
     let mut observed = 0;
-    for _ in 0..10 {
+    let settled = wait_until(Duration::from_secs(10), || {
         observed = observed.max(d.thread_count());
-        thread::sleep(Duration::from_millis(20));
-    }
+        count_lines(&d, "refused: busy") >= 32 && count_lines(&d, " online") >= 4
+    });
+    assert!(
+        settled,
+        "expected at least 32 busy refusals and 4 clients online{}",
+        log_tail(&d)
+    );
+    observed = observed.max(d.thread_count());
     println!(
         "threads: {idle_threads} idle, at most {observed} with 40 connections (4 workers, queue 4)"
     );
@@ -897,15 +913,9 @@ fn threads_stay_bounded_under_a_connection_flood() {
 
 #[test]
 fn port_in_use_is_one_error_line_and_exit_1() {
-    // Another process may take a free port before we do: try a few.
-    let (port, holder) = (0..5)
-        .find_map(|_| {
-            let port = free_port();
-            TcpListener::bind(("127.0.0.1", port))
-                .ok()
-                .map(|l| (port, l))
-        })
-        .expect("cannot hold any free port on 127.0.0.1");
+    // The test listens on a port the kernel picks and keeps it until ferryd has tried it.
+    let holder = TcpListener::bind(("127.0.0.1", 0)).expect("listening on 127.0.0.1:0");
+    let port = holder.local_addr().expect("local_addr").port();
     let dir = TempDir::new();
     let path = write_file(
         &dir,

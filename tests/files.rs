@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use ferryd::proto::{HEADER_LEN, Header};
 
 use support::{
-    Daemon, DaemonBuilder, Rng, TempDir, expect_err_then_eof, free_port, log_tail, names_in,
-    read_line, read_until_eof, require_tool, run_ferryd, run_ferryd_for, run_for, wait_until,
+    Daemon, DaemonBuilder, Rng, TempDir, expect_err_then_eof, log_tail, names_in, read_line,
+    read_until_eof, require_tool, reserve_port, run_ferryd, run_ferryd_for, run_for, wait_until,
 };
 
 const MIB: usize = 1 << 20;
@@ -904,7 +904,9 @@ fn sigkill_mid_transfer_leaves_a_part_that_the_next_start_removes() {
 fn send_to_a_closed_port_says_connection_refused() {
     let src = TempDir::new();
     let path = write_src(&src, "a.txt", b"a\n");
-    let to = format!("127.0.0.1:{}", free_port());
+    // Held (bound, not listening) until the end of the test: connects there are refused.
+    let closed = reserve_port();
+    let to = format!("127.0.0.1:{}", closed.port());
     let out = run_ferryd(&["send", "--to", &to, path_str(&path)], &[]);
     let err = text_of(&out.stderr);
     eprintln!("{}", err.trim_end());

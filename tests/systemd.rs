@@ -19,7 +19,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::{Daemon, DaemonBuilder, TempDir, echo_round_trip, free_port, require_tool};
+use support::{
+    Daemon, DaemonBuilder, Reservation, TempDir, echo_round_trip, holds_udp_port, require_tool,
+    reserve_port,
+};
 
 /// How long any single expected event (a datagram, a log line, an exit) may take.
 const WAIT: Duration = Duration::from_secs(10);
@@ -489,11 +492,6 @@ fn refused(port: u16) -> bool {
     )
 }
 
-/// Whether UDP port `port` on 127.0.0.1 is free (nothing bound there).
-fn udp_free(port: u16) -> bool {
-    UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
-}
-
 /// The daemon's config file.
 fn config_path(d: &Daemon) -> PathBuf {
     d.dir().join("config.toml")
@@ -608,11 +606,15 @@ fn expect_reload_cycle(n: &Notify, d: &mut Daemon, from: usize) -> (usize, u64) 
 
 #[test]
 fn notify_ready_once_listening_then_live_status_and_stopping_on_sigterm() {
-    let port = free_port();
+    // The daemon binds its own port here (READY=1 must wait for it): the test holds the port
+    // until the daemon listens, so nobody else can take it.
+    let reserved = reserve_port();
+    let port = reserved.port();
     let notify = Notify::bind_probing(Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
     let mut d = builder(&[("NOTIFY_SOCKET", &notify.path())], "")
         .set("server", &format!("port = {port}"))
         .start();
+    drop(reserved);
 
     // READY=1 comes first, with the counts, and only once the port accepts connections.
     let (_, ready) = notify.wait_from(&mut d, 0, "READY=1", |x| x.has("READY=1"));
@@ -815,8 +817,10 @@ fn without_notify_socket_or_with_a_dead_one_the_daemon_serves_normally() {
 #[test]
 fn sighup_reloads_live_settings_refuses_bad_files_and_keeps_the_port() {
     let notify = Notify::bind();
+    // The daemon binds its own port: what a reload keeps is that port.
     let mut d = builder(&[("NOTIFY_SOCKET", &notify.path())], "")
         .set("log", "level = \"info\"")
+        .bind_own_port()
         .start();
     let port = d.port();
     let (ready0, _) = notify.wait_from(&mut d, 0, "READY=1", |x| x.has("READY=1"));
@@ -872,7 +876,9 @@ fn sighup_reloads_live_settings_refuses_bad_files_and_keeps_the_port() {
     );
 
     // 3. A new port needs a restart: the daemon says so and keeps serving on the old one.
-    let new_port = free_port();
+    // Held (bound, not listening) by the test: a connect there is refused unless ferryd listens.
+    let new_reserved = reserve_port();
+    let new_port = new_reserved.port();
     set_config_line(&d, "port", &format!("port = {new_port}"));
     let from = notify.len();
     d.signal("HUP");
@@ -886,7 +892,7 @@ fn sighup_reloads_live_settings_refuses_bad_files_and_keeps_the_port() {
     );
     echo_and_close(&d, "old port\n");
     assert!(
-        refused(new_port) && udp_free(new_port),
+        refused(new_port) && !holds_udp_port(d.pid(), new_port),
         "nothing should listen on the new port {new_port} before a restart"
     );
 }
@@ -938,6 +944,8 @@ struct Activated {
     addr: SocketAddr,
     /// The port the config names.
     cfg_port: u16,
+    /// The test's holds on both ports.
+    _holds: (Reservation, Reservation),
     _dir: TempDir,
 }
 
@@ -947,7 +955,10 @@ struct Activated {
 fn start_activated() -> Activated {
     require_tool("systemd-socket-activate", INSTALL_SYSTEMD);
     let dir = TempDir::new();
-    let (act_port, cfg_port) = (free_port(), free_port());
+    // Both held by the test (bound, not listening, SO_REUSEADDR): the tool binds the first
+    // beside the hold, and a connect to the second is refused unless ferryd listens there.
+    let holds = (reserve_port(), reserve_port());
+    let (act_port, cfg_port) = (holds.0.port(), holds.1.port());
     let cfg = write_config(&dir, cfg_port, &[]);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, act_port));
     let notify = Notify::bind_probing(Some(addr));
@@ -978,6 +989,7 @@ fn start_activated() -> Activated {
         notify,
         addr,
         cfg_port,
+        _holds: holds,
         _dir: dir,
     }
 }
@@ -1026,11 +1038,14 @@ fn socket_activation_with_only_a_tcp_listener_opens_no_socket_of_its_own() {
     // Under ferryd-activated.service (PrivateNetwork=yes, RestrictAddressFamilies=AF_UNIX) a
     // socket ferryd opened itself would be unreachable, or could not be opened at all.
     let Activated {
-        mut proc, cfg_port, ..
+        mut proc,
+        cfg_port,
+        _holds,
+        ..
     } = start_activated();
     let log = proc.wait_log("listening on");
     assert!(
-        refused(cfg_port) && udp_free(cfg_port),
+        refused(cfg_port) && !holds_udp_port(proc.pid(), cfg_port),
         "nothing should listen on the config's port {cfg_port}, TCP or UDP, when systemd passed \
          the listening socket:\n{log}"
     );
@@ -1044,7 +1059,13 @@ fn socket_activation_with_a_datagram_socket_serves_udp_on_it() {
     // execs ferryd with LISTEN_FDS=2.
     require_tool("systemd-socket-activate", INSTALL_SYSTEMD);
     let dir = TempDir::new();
-    let (act_port, cfg_port) = (free_port(), free_port());
+    // Held by the test, as in `start_activated`, but the tool binds UDP without SO_REUSEADDR:
+    // only the TCP side of its port is held.
+    let _holds = (
+        Reservation::tcp_only(Ipv4Addr::LOCALHOST.into()),
+        reserve_port(),
+    );
+    let (act_port, cfg_port) = (_holds.0.port(), _holds.1.port());
     let cfg = write_config(&dir, cfg_port, &[]);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, act_port));
     let mut cmd = Command::new("systemd-socket-activate");
@@ -1102,7 +1123,7 @@ fn socket_activation_with_a_datagram_socket_serves_udp_on_it() {
         assert!(log.contains(&want), "the log should say {want:?}:\n{log}");
     }
     assert!(
-        refused(cfg_port) && udp_free(cfg_port),
+        refused(cfg_port) && !holds_udp_port(proc.pid(), cfg_port),
         "nothing of ferryd's own on the config's port {cfg_port}:\n{log}"
     );
     proc.signal("TERM");
@@ -1121,7 +1142,9 @@ fn udp_bound(port: u16) -> bool {
 
 #[test]
 fn listen_pid_of_another_process_is_ignored() {
-    let d = builder(&[("LISTEN_PID", "1"), ("LISTEN_FDS", "1")], "").start();
+    let d = builder(&[("LISTEN_PID", "1"), ("LISTEN_FDS", "1")], "")
+        .bind_own_port()
+        .start();
     echo_and_close(&d, "own socket\n");
     let log = d.log();
     assert!(
@@ -1137,7 +1160,9 @@ fn listen_pid_of_another_process_is_ignored() {
 #[test]
 fn bad_listen_fds_for_this_process_exits_1() {
     let dir = TempDir::new();
-    let cfg_port = free_port();
+    // Held by the test (bound, not listening): refused unless ferryd listens there.
+    let cfg_hold = reserve_port();
+    let cfg_port = cfg_hold.port();
     let cfg = write_config(&dir, cfg_port, &[]);
     // (shell commands before the exec, LISTEN_FDS, what the error says)
     let cases = [
@@ -1254,7 +1279,7 @@ fn journal_stream_naming_stderr_selects_priority_prefixes() {
 
     // Error: a start that fails, with the same kind of JOURNAL_STREAM.
     let dir = TempDir::new();
-    let cfg = write_config(&dir, free_port(), &[]);
+    let cfg = write_config(&dir, reserve_port().port(), &[]);
     let (status, log) = start_with_listen_fds(&dir, &cfg, JOURNAL_STREAM_IS_STDERR, "junk");
     assert_eq!(status.code(), Some(1), "{log}");
     assert_journal_lines(&log);
@@ -1422,7 +1447,7 @@ fn log_format_json_writes_one_escaped_object_per_line() {
     // An error, whose message holds a quote, a backslash and a newline from the environment
     // (no log escaping of ferryd's own in between): JSON alone escapes them.
     let dir = TempDir::new();
-    let cfg = write_config(&dir, free_port(), &["format = \"json\""]);
+    let cfg = write_config(&dir, reserve_port().port(), &["format = \"json\""]);
     let (status, log) = start_with_listen_fds(&dir, &cfg, "", "a\"b\\\nc");
     assert_eq!(status.code(), Some(1), "{log}");
     let lines = parse_json_log(&log);
