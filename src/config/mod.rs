@@ -18,10 +18,12 @@ use toml::{Spanned, Value};
 use crate::escape::quoted;
 use crate::rules::{Cidr, Rules};
 
+pub(crate) mod reload;
+
 /// The configuration file shipped in `config/config.toml`; its values are the built-in defaults
 /// (this unit test holds the two together).
 #[cfg(test)]
-const SHIPPED: &str = include_str!("../config/config.toml");
+const SHIPPED: &str = include_str!("../../config/config.toml");
 
 /// A validated configuration. Every field is within its documented range.
 #[derive(Debug, Clone, PartialEq)]
