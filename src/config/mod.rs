@@ -1,29 +1,60 @@
 //! The configuration: the TOML schema, its validation into a typed `Config`, and errors that name
 //! the file, line, key, bad value and what is allowed.
 //!
-//! Two layers, as ripgrep does with its flags: serde reads the file into `Raw*` structs whose fields
-//! are `Spanned<Value>` (so every error can point at a line), then `validate` turns them into a
-//! `Config` whose fields already hold `Duration`s, addresses and checked limits. `parse` is pure
-//! (a `&str` in, a `Result` out); `load` only adds the file read.
+//! Every key is declared once, in `keys`: its table, name, doc line, type, default, range and
+//! whether a reload may change it. Two layers read the file, as ripgrep does with its flags:
+//! serde reads it into tables of `Spanned` values (`check::Raw`, so every error can point at a
+//! line), `check` validates each value against its key, and `Config::build` moves the checked
+//! values into a `Config` whose fields already hold `Duration`s, addresses and checked limits.
+//! The built-in defaults, `check-config`'s output and the reload plan (`reload`) come from the
+//! same table. `parse` is pure (a `&str` in, a `Result` out); `load` only adds the file read.
 
 use std::fmt;
 use std::net::IpAddr;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-use toml::{Spanned, Value};
-
 use crate::escape::quoted;
-use crate::rules::{Cidr, Rules};
+use crate::rules::Rules;
 
+mod check;
+mod keys;
 pub(crate) mod reload;
+
+use check::{Ctx, Unfit, Values};
+use keys::{KEYS, Key, Kind, TABLES, Val};
 
 /// The configuration file shipped in `config/config.toml`; its values are the built-in defaults
 /// (this unit test holds the two together).
 #[cfg(test)]
 const SHIPPED: &str = include_str!("../../config/config.toml");
+
+/// An enum whose values are the words a key takes: the words are written once, here, and give
+/// `WORDS` (what the key allows), `as_str` and `from_word`.
+macro_rules! words {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $word:literal,)+ }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($(#[$vmeta])* $variant,)+ }
+
+        impl $name {
+            /// Every word, in the order the documentation lists them.
+            pub const WORDS: &'static [&'static str] = &[$($word),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $word,)+ }
+            }
+
+            /// The value a word names; `None` for any other word (never a silent default).
+            pub fn from_word(word: &str) -> Option<$name> {
+                match word { $($word => Some($name::$variant),)+ _ => None }
+            }
+        }
+    };
+}
 
 /// A validated configuration. Every field is within its documented range.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,8 +77,11 @@ pub struct AccessConfig {
     pub require_token: bool,
     /// Time from a frame's first byte to the end of its header, name and tag.
     pub header_timeout: Duration,
-    /// Slowest body accepted, measured over `RATE_WINDOW`; 0 disables the check.
+    /// Slowest body accepted, measured over `upload_rate_window`; 0 disables the check.
     pub min_upload_bytes_per_sec: u64,
+    /// The window over which `min_upload_bytes_per_sec` is measured; a body read waits at most
+    /// this long before the check runs.
+    pub upload_rate_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -81,12 +115,14 @@ pub struct UdpConfig {
     pub max_peers: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Every byte goes back to its sender as it arrives.
-    Echo,
-    /// Every complete line goes to every other client, prefixed with its sender.
-    Chat,
+words! {
+    /// What text does.
+    pub enum Mode {
+        /// Every byte goes back to its sender as it arrives.
+        Echo = "echo",
+        /// Every complete line goes to every other client, prefixed with its sender.
+        Chat = "chat",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -102,24 +138,15 @@ pub struct FilesConfig {
     pub token_file: Option<PathBuf>,
 }
 
-/// What happens when an upload's name is already taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnConflict {
-    /// Store as `name (1).ext`, `name (2).ext`, …
-    Rename,
-    /// Refuse with `ERR exists`.
-    Reject,
-    /// Replace the old file atomically.
-    Overwrite,
-}
-
-impl OnConflict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OnConflict::Rename => "rename",
-            OnConflict::Reject => "reject",
-            OnConflict::Overwrite => "overwrite",
-        }
+words! {
+    /// What happens when an upload's name is already taken.
+    pub enum OnConflict {
+        /// Store as `name (1).ext`, `name (2).ext`, …
+        Rename = "rename",
+        /// Refuse with `ERR exists`.
+        Reject = "reject",
+        /// Replace the old file atomically.
+        Overwrite = "overwrite",
     }
 }
 
@@ -129,27 +156,17 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// `Journal` when stderr is connected to the journal (`$JOURNAL_STREAM`), else `Human`.
-    Auto,
-    /// RFC 3339 timestamp, level, message.
-    Human,
-    /// `<N>message`: the sd-daemon priority prefix, no timestamp.
-    Journal,
-    /// One JSON object per line.
-    Json,
-}
-
-impl LogFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogFormat::Auto => "auto",
-            LogFormat::Human => "human",
-            LogFormat::Journal => "journal",
-            LogFormat::Json => "json",
-        }
+words! {
+    /// How log lines are written.
+    pub enum LogFormat {
+        /// `Journal` when stderr is connected to the journal (`$JOURNAL_STREAM`), else `Human`.
+        Auto = "auto",
+        /// RFC 3339 timestamp, level, message.
+        Human = "human",
+        /// `<N>message`: the sd-daemon priority prefix, no timestamp.
+        Journal = "journal",
+        /// One JSON object per line.
+        Json = "json",
     }
 }
 
@@ -269,796 +286,116 @@ pub fn load(origin: &Origin) -> Result<Config, ConfigError> {
 /// Parses and validates configuration text. `file` is only used in error messages.
 pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
     let ctx = Ctx { src, file };
-    let raw: RawConfig = toml::from_str(src).map_err(|e| ctx.toml_error(&e))?;
-    ctx.validate(&raw)
+    let raw = ctx.read()?;
+    let values = ctx.validate(&raw)?;
+    Config::build(&values).map_err(|Unfit(key)| ConfigError::Invalid {
+        file: file.to_string(),
+        line: None,
+        key: Some(key),
+        value: None,
+        problem: "the value does not fit its setting (a bug in ferryd)".to_string(),
+    })
 }
 
-impl Default for Config {
-    fn default() -> Config {
-        Config {
-            server: ServerConfig {
-                bind: IpAddr::from([127, 0, 0, 1]),
-                port: PORT.default as u16,
-                max_connections: MAX_CONNECTIONS.default as usize,
-                queue_depth: QUEUE_DEPTH.default as usize,
-                backlog: BACKLOG.default as u32,
-                idle_timeout: Duration::from_secs(IDLE_TIMEOUT_SECS.default as u64),
-                max_line_bytes: MAX_LINE_BYTES.default as usize,
-                thread_stack_kib: THREAD_STACK_KIB.default as usize,
-                shutdown_grace: Duration::from_secs(SHUTDOWN_GRACE_SECS.default as u64),
-                mode: Mode::Echo,
-                chat_queue_depth: CHAT_QUEUE_DEPTH.default as usize,
-            },
-            udp: UdpConfig {
-                enabled: true,
-                bind: IpAddr::from([127, 0, 0, 1]),
-                port: PORT.default as u16,
-                max_datagram_bytes: MAX_DATAGRAM_BYTES.default as usize,
-                rate_per_sec: RATE_PER_SEC.default as u32,
-                burst: BURST.default as u32,
-                max_peers: MAX_PEERS.default as usize,
-            },
-            files: FilesConfig {
-                dir: PathBuf::from(FILES_DIR_DEFAULT),
-                max_file_size: MAX_FILE_SIZE.default as u64,
-                on_conflict: OnConflict::Rename,
-                file_mode: FILE_MODE.default as u32,
-                min_free_bytes: MIN_FREE_BYTES.default as u64,
-                token_file: None,
-            },
-            access: AccessConfig {
-                rules: Rules::default(),
-                max_per_ip: MAX_PER_IP.default as u32,
-                max_files_per_connection: MAX_FILES_PER_CONNECTION.default as u32,
-                require_token: false,
-                header_timeout: Duration::from_secs(HEADER_TIMEOUT_SECS.default as u64),
-                min_upload_bytes_per_sec: MIN_UPLOAD_BYTES_PER_SEC.default as u64,
-            },
-            log: LogConfig {
-                level: log::LevelFilter::Info,
-                format: LogFormat::Auto,
-            },
-        }
-    }
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Echo => "echo",
-            Mode::Chat => "chat",
-        }
-    }
-}
-
-/// Renders the effective configuration as TOML that `parse` reads back to the same `Config`.
-impl fmt::Display for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = &self.server;
-        writeln!(f, "[server]")?;
-        writeln!(f, "bind = \"{}\"", s.bind)?;
-        writeln!(f, "port = {}", s.port)?;
-        writeln!(f, "max_connections = {}", s.max_connections)?;
-        writeln!(f, "queue_depth = {}", s.queue_depth)?;
-        writeln!(f, "backlog = {}", s.backlog)?;
-        writeln!(f, "idle_timeout_secs = {}", s.idle_timeout.as_secs())?;
-        writeln!(f, "max_line_bytes = {}", s.max_line_bytes)?;
-        writeln!(f, "thread_stack_kib = {}", s.thread_stack_kib)?;
-        writeln!(f, "shutdown_grace_secs = {}", s.shutdown_grace.as_secs())?;
-        writeln!(f, "mode = \"{}\"", s.mode.as_str())?;
-        writeln!(f, "chat_queue_depth = {}", s.chat_queue_depth)?;
-        writeln!(f)?;
-        let u = &self.udp;
-        writeln!(f, "[udp]")?;
-        writeln!(f, "enabled = {}", u.enabled)?;
-        writeln!(f, "bind = \"{}\"", u.bind)?;
-        writeln!(f, "port = {}", u.port)?;
-        writeln!(f, "max_datagram_bytes = {}", u.max_datagram_bytes)?;
-        writeln!(f, "rate_per_sec = {}", u.rate_per_sec)?;
-        writeln!(f, "burst = {}", u.burst)?;
-        writeln!(f, "max_peers = {}", u.max_peers)?;
-        writeln!(f)?;
-        let files = &self.files;
-        writeln!(f, "[files]")?;
-        writeln!(f, "dir = {}", quoted(&files.dir.to_string_lossy()))?;
-        writeln!(f, "max_file_size = {}", files.max_file_size)?;
-        writeln!(f, "on_conflict = \"{}\"", files.on_conflict.as_str())?;
-        writeln!(f, "file_mode = {:#o}", files.file_mode)?;
-        writeln!(f, "min_free_bytes = {}", files.min_free_bytes)?;
-        if let Some(t) = &files.token_file {
-            writeln!(f, "token_file = {}", quoted(&t.to_string_lossy()))?;
-        }
-        writeln!(f)?;
-        let a = &self.access;
-        let list = |rules: &[Cidr]| {
-            let items: Vec<String> = rules.iter().map(|r| format!("\"{r}\"")).collect();
-            format!("[{}]", items.join(", "))
-        };
-        writeln!(f, "[access]")?;
-        writeln!(f, "allow = {}", list(&a.rules.allow))?;
-        writeln!(f, "deny = {}", list(&a.rules.deny))?;
-        writeln!(f, "max_per_ip = {}", a.max_per_ip)?;
-        writeln!(
-            f,
-            "max_files_per_connection = {}",
-            a.max_files_per_connection
-        )?;
-        writeln!(f, "require_token = {}", a.require_token)?;
-        writeln!(f, "header_timeout_secs = {}", a.header_timeout.as_secs())?;
-        writeln!(
-            f,
-            "min_upload_bytes_per_sec = {}",
-            a.min_upload_bytes_per_sec
-        )?;
-        writeln!(f)?;
-        writeln!(f, "[log]")?;
-        writeln!(
-            f,
-            "level = \"{}\"",
-            self.log.level.as_str().to_ascii_lowercase()
-        )?;
-        writeln!(f, "format = \"{}\"", self.log.format.as_str())
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The schema: each key once, with its default and range. Error messages and the syntax-error hint
-// both read these, so the range a user is told is the range that is checked.
-
-/// An integer key and its inclusive range.
-struct IntKey {
-    name: &'static str,
-    min: i64,
-    max: i64,
-    default: i64,
-    /// Shown and described in octal (file modes).
-    octal: bool,
-}
-
-/// A string key that takes one of a fixed set of words.
-struct WordKey {
-    name: &'static str,
-    words: &'static [&'static str],
-}
-
-const PORT: IntKey = IntKey {
-    name: "server.port",
-    min: 1,
-    max: 65535,
-    default: 7878,
-    octal: false,
-};
-const MAX_CONNECTIONS: IntKey = IntKey {
-    name: "server.max_connections",
-    min: 1,
-    max: 65535,
-    default: 64,
-    octal: false,
-};
-const QUEUE_DEPTH: IntKey = IntKey {
-    name: "server.queue_depth",
-    min: 1,
-    max: 1_000_000,
-    default: 16,
-    octal: false,
-};
-const BACKLOG: IntKey = IntKey {
-    name: "server.backlog",
-    min: 1,
-    max: 65535,
-    default: 128,
-    octal: false,
-};
-const IDLE_TIMEOUT_SECS: IntKey = IntKey {
-    name: "server.idle_timeout_secs",
-    min: 1,
-    max: 86_400,
-    default: 300,
-    octal: false,
-};
-const MAX_LINE_BYTES: IntKey = IntKey {
-    name: "server.max_line_bytes",
-    min: 1,
-    max: 16 << 20,
-    default: 65536,
-    octal: false,
-};
-const THREAD_STACK_KIB: IntKey = IntKey {
-    name: "server.thread_stack_kib",
-    min: 32,
-    max: 65536,
-    default: 128,
-    octal: false,
-};
-const SHUTDOWN_GRACE_SECS: IntKey = IntKey {
-    name: "server.shutdown_grace_secs",
-    min: 0,
-    max: 3600,
-    default: 5,
-    octal: false,
-};
-const MAX_FILE_SIZE: IntKey = IntKey {
-    name: "files.max_file_size",
-    min: 0,
-    max: i64::MAX,
-    default: 1 << 30,
-    octal: false,
-};
-const FILE_MODE: IntKey = IntKey {
-    name: "files.file_mode",
-    min: 0,
-    max: 0o777,
-    default: 0o640,
-    octal: true,
-};
-const MIN_FREE_BYTES: IntKey = IntKey {
-    name: "files.min_free_bytes",
-    min: 0,
-    max: i64::MAX,
-    default: 64 << 20,
-    octal: false,
-};
-const CHAT_QUEUE_DEPTH: IntKey = IntKey {
-    name: "server.chat_queue_depth",
-    min: 1,
-    max: 1_000_000,
-    default: 128,
-    octal: false,
-};
-const UDP_PORT: IntKey = IntKey {
-    name: "udp.port",
-    min: 1,
-    max: 65535,
-    default: 7878,
-    octal: false,
-};
-const MAX_DATAGRAM_BYTES: IntKey = IntKey {
-    name: "udp.max_datagram_bytes",
-    min: 1,
-    max: 65507,
-    default: 65507,
-    octal: false,
-};
-const RATE_PER_SEC: IntKey = IntKey {
-    name: "udp.rate_per_sec",
-    min: 1,
-    max: 10_000_000,
-    default: 1000,
-    octal: false,
-};
-const BURST: IntKey = IntKey {
-    name: "udp.burst",
-    min: 1,
-    max: 10_000_000,
-    default: 200,
-    octal: false,
-};
-const MAX_PEERS: IntKey = IntKey {
-    name: "udp.max_peers",
-    min: 1,
-    max: 1_000_000,
-    default: 4096,
-    octal: false,
-};
-const MAX_PER_IP: IntKey = IntKey {
-    name: "access.max_per_ip",
-    min: 1,
-    max: 65535,
-    default: 8,
-    octal: false,
-};
-const MAX_FILES_PER_CONNECTION: IntKey = IntKey {
-    name: "access.max_files_per_connection",
-    min: 1,
-    max: 1_000_000,
-    default: 1000,
-    octal: false,
-};
-const HEADER_TIMEOUT_SECS: IntKey = IntKey {
-    name: "access.header_timeout_secs",
-    min: 1,
-    max: 3600,
-    default: 10,
-    octal: false,
-};
-const MIN_UPLOAD_BYTES_PER_SEC: IntKey = IntKey {
-    name: "access.min_upload_bytes_per_sec",
-    min: 0,
-    max: 1 << 40,
-    default: 1024,
-    octal: false,
-};
-const INT_KEYS: &[&IntKey] = &[
-    &PORT,
-    &MAX_CONNECTIONS,
-    &QUEUE_DEPTH,
-    &BACKLOG,
-    &IDLE_TIMEOUT_SECS,
-    &MAX_LINE_BYTES,
-    &THREAD_STACK_KIB,
-    &SHUTDOWN_GRACE_SECS,
-    &MAX_FILE_SIZE,
-    &FILE_MODE,
-    &MIN_FREE_BYTES,
-    &CHAT_QUEUE_DEPTH,
-    &UDP_PORT,
-    &MAX_DATAGRAM_BYTES,
-    &RATE_PER_SEC,
-    &BURST,
-    &MAX_PEERS,
-    &MAX_PER_IP,
-    &MAX_FILES_PER_CONNECTION,
-    &HEADER_TIMEOUT_SECS,
-    &MIN_UPLOAD_BYTES_PER_SEC,
-];
-
-const MODE: WordKey = WordKey {
-    name: "server.mode",
-    words: &["echo", "chat"],
-};
-const LEVEL: WordKey = WordKey {
-    name: "log.level",
-    words: &["error", "warn", "info", "debug"],
-};
-const ON_CONFLICT: WordKey = WordKey {
-    name: "files.on_conflict",
-    words: &["rename", "reject", "overwrite"],
-};
-const FORMAT: WordKey = WordKey {
-    name: "log.format",
-    words: &["auto", "human", "journal", "json"],
-};
-const WORD_KEYS: &[&WordKey] = &[&MODE, &LEVEL, &ON_CONFLICT, &FORMAT];
-
-const BIND: &str = "server.bind";
-const UDP_BIND: &str = "udp.bind";
-const UDP_ENABLED: &str = "udp.enabled";
-const ALLOW: &str = "access.allow";
-const DENY: &str = "access.deny";
-const RULES_ALLOWED: &str =
-    "a list of IPv4/IPv6 addresses and CIDR ranges, e.g. [\"10.0.0.0/8\", \"::1\"]";
-const REQUIRE_TOKEN: &str = "access.require_token";
-const TOKEN_FILE: &str = "files.token_file";
-const TOKEN_FILE_ALLOWED: &str = "the path of a file holding the shared key (16 bytes or more)";
-const BIND_ALLOWED: &str =
-    "an IPv4 or IPv6 address literal such as \"127.0.0.1\", \"0.0.0.0\" or \"::\"";
-const FILES_DIR: &str = "files.dir";
-const FILES_DIR_DEFAULT: &str = "uploads";
-const FILES_DIR_ALLOWED: &str =
-    "a non-empty directory path (relative paths start at ferryd's working directory)";
-
-impl IntKey {
-    fn allowed(&self) -> String {
-        if self.octal {
-            format!(
-                "an octal mode in {:#o}–{:#o}, e.g. {:#o}",
-                self.min, self.max, self.default
-            )
-        } else {
-            format!("an integer in {}–{}", self.min, self.max)
-        }
-    }
-}
-
-impl WordKey {
-    fn allowed(&self) -> String {
-        let quoted: Vec<String> = self.words.iter().map(|w| format!("\"{w}\"")).collect();
-        format!("one of {}", quoted.join(", "))
-    }
-}
-
-/// What is allowed for `key`, for hints on syntax errors.
-fn allowed_for(key: &str) -> Option<String> {
-    if let Some(k) = INT_KEYS.iter().find(|k| k.name == key) {
-        return Some(k.allowed());
-    }
-    if let Some(k) = WORD_KEYS.iter().find(|k| k.name == key) {
-        return Some(k.allowed());
-    }
-    match key {
-        BIND | UDP_BIND => Some(BIND_ALLOWED.to_string()),
-        UDP_ENABLED | REQUIRE_TOKEN => Some("true or false".to_string()),
-        ALLOW | DENY => Some(RULES_ALLOWED.to_string()),
-        TOKEN_FILE => Some(TOKEN_FILE_ALLOWED.to_string()),
-        FILES_DIR => Some(FILES_DIR_ALLOWED.to_string()),
-        _ => None,
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The raw layer: what serde reads.
-
-type Field = Option<Spanned<Value>>;
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    server: RawServer,
-    #[serde(default)]
-    udp: RawUdp,
-    #[serde(default)]
-    files: RawFiles,
-    #[serde(default)]
-    access: RawAccess,
-    #[serde(default)]
-    log: RawLog,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawUdp {
-    enabled: Field,
-    bind: Field,
-    port: Field,
-    max_datagram_bytes: Field,
-    rate_per_sec: Field,
-    burst: Field,
-    max_peers: Field,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawFiles {
-    dir: Field,
-    max_file_size: Field,
-    on_conflict: Field,
-    file_mode: Field,
-    min_free_bytes: Field,
-    token_file: Field,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawAccess {
-    allow: Field,
-    deny: Field,
-    max_per_ip: Field,
-    max_files_per_connection: Field,
-    require_token: Field,
-    header_timeout_secs: Field,
-    min_upload_bytes_per_sec: Field,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    bind: Field,
-    port: Field,
-    max_connections: Field,
-    queue_depth: Field,
-    backlog: Field,
-    idle_timeout_secs: Field,
-    max_line_bytes: Field,
-    thread_stack_kib: Field,
-    shutdown_grace_secs: Field,
-    mode: Field,
-    chat_queue_depth: Field,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLog {
-    level: Field,
-    format: Field,
-}
-
-/// The text being validated, for turning spans into lines and values.
-struct Ctx<'a> {
-    src: &'a str,
-    file: &'a str,
-}
-
-impl Ctx<'_> {
-    fn validate(&self, raw: &RawConfig) -> Result<Config, ConfigError> {
-        let s = &raw.server;
-        let mode = match self.word(&s.mode, &MODE)? {
-            Some("chat") => Mode::Chat,
-            _ => Mode::Echo,
-        };
-        let level = match self.word(&raw.log.level, &LEVEL)? {
-            Some("error") => log::LevelFilter::Error,
-            Some("warn") => log::LevelFilter::Warn,
-            Some("debug") => log::LevelFilter::Debug,
-            _ => log::LevelFilter::Info,
-        };
+impl Config {
+    /// Moves one checked value per key into its field: the one place that names both.
+    fn build(v: &Values) -> Result<Config, Unfit> {
         Ok(Config {
             server: ServerConfig {
-                bind: self
-                    .ip(&s.bind, BIND)?
-                    .unwrap_or(IpAddr::from([127, 0, 0, 1])),
-                port: self.int(&s.port, &PORT)? as u16,
-                max_connections: self.int(&s.max_connections, &MAX_CONNECTIONS)? as usize,
-                queue_depth: self.int(&s.queue_depth, &QUEUE_DEPTH)? as usize,
-                backlog: self.int(&s.backlog, &BACKLOG)? as u32,
-                idle_timeout: self.secs(&s.idle_timeout_secs, &IDLE_TIMEOUT_SECS)?,
-                max_line_bytes: self.int(&s.max_line_bytes, &MAX_LINE_BYTES)? as usize,
-                thread_stack_kib: self.int(&s.thread_stack_kib, &THREAD_STACK_KIB)? as usize,
-                shutdown_grace: self.secs(&s.shutdown_grace_secs, &SHUTDOWN_GRACE_SECS)?,
-                mode,
-                chat_queue_depth: self.int(&s.chat_queue_depth, &CHAT_QUEUE_DEPTH)? as usize,
+                bind: v.get("server.bind")?,
+                port: v.get("server.port")?,
+                max_connections: v.get("server.max_connections")?,
+                queue_depth: v.get("server.queue_depth")?,
+                backlog: v.get("server.backlog")?,
+                idle_timeout: v.get("server.idle_timeout_secs")?,
+                max_line_bytes: v.get("server.max_line_bytes")?,
+                thread_stack_kib: v.get("server.thread_stack_kib")?,
+                shutdown_grace: v.get("server.shutdown_grace_secs")?,
+                mode: v.get("server.mode")?,
+                chat_queue_depth: v.get("server.chat_queue_depth")?,
             },
             udp: UdpConfig {
-                enabled: self.boolean(&raw.udp.enabled, UDP_ENABLED)?.unwrap_or(true),
-                bind: match self.ip(&raw.udp.bind, UDP_BIND)? {
-                    Some(ip) => ip,
-                    None => self
-                        .ip(&s.bind, BIND)?
-                        .unwrap_or(IpAddr::from([127, 0, 0, 1])),
-                },
-                port: match raw.udp.port {
-                    Some(_) => self.int(&raw.udp.port, &UDP_PORT)? as u16,
-                    None => self.int(&s.port, &PORT)? as u16,
-                },
-                max_datagram_bytes: self.int(&raw.udp.max_datagram_bytes, &MAX_DATAGRAM_BYTES)?
-                    as usize,
-                rate_per_sec: self.int(&raw.udp.rate_per_sec, &RATE_PER_SEC)? as u32,
-                burst: self.int(&raw.udp.burst, &BURST)? as u32,
-                max_peers: self.int(&raw.udp.max_peers, &MAX_PEERS)? as usize,
+                enabled: v.get("udp.enabled")?,
+                bind: v.get("udp.bind")?,
+                port: v.get("udp.port")?,
+                max_datagram_bytes: v.get("udp.max_datagram_bytes")?,
+                rate_per_sec: v.get("udp.rate_per_sec")?,
+                burst: v.get("udp.burst")?,
+                max_peers: v.get("udp.max_peers")?,
             },
-            files: self.files(&raw.files)?,
-            access: self.access(&raw.access, &raw.files)?,
+            files: FilesConfig {
+                dir: v.get("files.dir")?,
+                max_file_size: v.get("files.max_file_size")?,
+                on_conflict: v.get("files.on_conflict")?,
+                file_mode: v.get("files.file_mode")?,
+                min_free_bytes: v.get("files.min_free_bytes")?,
+                token_file: v.get("files.token_file")?,
+            },
+            access: AccessConfig {
+                rules: Rules {
+                    allow: v.get("access.allow")?,
+                    deny: v.get("access.deny")?,
+                },
+                max_per_ip: v.get("access.max_per_ip")?,
+                max_files_per_connection: v.get("access.max_files_per_connection")?,
+                require_token: v.get("access.require_token")?,
+                header_timeout: v.get("access.header_timeout_secs")?,
+                min_upload_bytes_per_sec: v.get("access.min_upload_bytes_per_sec")?,
+                upload_rate_window: v.get("access.upload_rate_window_secs")?,
+            },
             log: LogConfig {
-                level,
-                format: match self.word(&raw.log.format, &FORMAT)? {
-                    Some("human") => LogFormat::Human,
-                    Some("journal") => LogFormat::Journal,
-                    Some("json") => LogFormat::Json,
-                    _ => LogFormat::Auto,
-                },
+                level: v.get("log.level")?,
+                format: v.get("log.format")?,
             },
         })
-    }
-
-    fn files(&self, f: &RawFiles) -> Result<FilesConfig, ConfigError> {
-        let on_conflict = match self.word(&f.on_conflict, &ON_CONFLICT)? {
-            Some("reject") => OnConflict::Reject,
-            Some("overwrite") => OnConflict::Overwrite,
-            _ => OnConflict::Rename,
-        };
-        Ok(FilesConfig {
-            dir: self
-                .path(&f.dir, FILES_DIR)?
-                .unwrap_or_else(|| PathBuf::from(FILES_DIR_DEFAULT)),
-            max_file_size: self.int(&f.max_file_size, &MAX_FILE_SIZE)? as u64,
-            on_conflict,
-            file_mode: self.int(&f.file_mode, &FILE_MODE)? as u32,
-            min_free_bytes: self.int(&f.min_free_bytes, &MIN_FREE_BYTES)? as u64,
-            token_file: self.path(&f.token_file, TOKEN_FILE)?,
-        })
-    }
-
-    fn access(&self, a: &RawAccess, files: &RawFiles) -> Result<AccessConfig, ConfigError> {
-        let require_token = self
-            .boolean(&a.require_token, REQUIRE_TOKEN)?
-            .unwrap_or(false);
-        if let (true, Some(v), None) = (require_token, &a.require_token, &files.token_file) {
-            return Err(self.bad(
-                v,
-                REQUIRE_TOKEN,
-                "needs files.token_file, the key to check",
-                "false, or set files.token_file",
-            ));
-        }
-        Ok(AccessConfig {
-            rules: Rules {
-                allow: self.cidrs(&a.allow, ALLOW)?,
-                deny: self.cidrs(&a.deny, DENY)?,
-            },
-            max_per_ip: self.int(&a.max_per_ip, &MAX_PER_IP)? as u32,
-            max_files_per_connection: self
-                .int(&a.max_files_per_connection, &MAX_FILES_PER_CONNECTION)?
-                as u32,
-            require_token,
-            header_timeout: self.secs(&a.header_timeout_secs, &HEADER_TIMEOUT_SECS)?,
-            min_upload_bytes_per_sec: self
-                .int(&a.min_upload_bytes_per_sec, &MIN_UPLOAD_BYTES_PER_SEC)?
-                as u64,
-        })
-    }
-
-    fn cidrs(&self, field: &Field, key: &str) -> Result<Vec<Cidr>, ConfigError> {
-        let Some(v) = field else {
-            return Ok(Vec::new());
-        };
-        let Value::Array(items) = v.get_ref() else {
-            let problem = format!("expected a list, found {}", type_name(v.get_ref()));
-            return Err(self.bad(v, key, &problem, RULES_ALLOWED));
-        };
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| match item {
-                Value::String(s) => Cidr::parse(s)
-                    .map_err(|e| self.bad(v, key, &format!("item {}: {e}", i + 1), RULES_ALLOWED)),
-                other => Err(self.bad(
-                    v,
-                    key,
-                    &format!("item {} is {}, not a string", i + 1, type_name(other)),
-                    RULES_ALLOWED,
-                )),
-            })
-            .collect()
-    }
-
-    fn path(&self, field: &Field, key: &str) -> Result<Option<PathBuf>, ConfigError> {
-        let Some(v) = field else {
-            return Ok(None);
-        };
-        match v.get_ref() {
-            Value::String(s) if !s.is_empty() => Ok(Some(PathBuf::from(s))),
-            Value::String(_) => Err(self.bad(v, key, "empty path", FILES_DIR_ALLOWED)),
-            other => {
-                let problem = format!("expected a string, found {}", type_name(other));
-                Err(self.bad(v, key, &problem, FILES_DIR_ALLOWED))
-            }
-        }
-    }
-
-    /// An integer within the key's range, or the key's default when absent. The range check
-    /// happens here, so the `as` casts by the callers cannot truncate.
-    fn int(&self, field: &Field, key: &IntKey) -> Result<i64, ConfigError> {
-        let Some(v) = field else {
-            return Ok(key.default);
-        };
-        match v.get_ref() {
-            Value::Integer(i) if (key.min..=key.max).contains(i) => Ok(*i),
-            Value::Integer(_) => Err(self.bad(v, key.name, "out of range", &key.allowed())),
-            other => Err(self.bad(
-                v,
-                key.name,
-                &format!("expected an integer, found {}", type_name(other)),
-                &key.allowed(),
-            )),
-        }
-    }
-
-    fn secs(&self, field: &Field, key: &IntKey) -> Result<Duration, ConfigError> {
-        Ok(Duration::from_secs(self.int(field, key)? as u64))
-    }
-
-    fn word(&self, field: &Field, key: &WordKey) -> Result<Option<&'static str>, ConfigError> {
-        let Some(v) = field else {
-            return Ok(None);
-        };
-        let Value::String(s) = v.get_ref() else {
-            let problem = format!("expected a string, found {}", type_name(v.get_ref()));
-            return Err(self.bad(v, key.name, &problem, &key.allowed()));
-        };
-        match key.words.iter().find(|w| **w == s.as_str()) {
-            Some(w) => Ok(Some(w)),
-            None => Err(self.bad(v, key.name, "not a known value", &key.allowed())),
-        }
-    }
-
-    fn boolean(&self, field: &Field, key: &str) -> Result<Option<bool>, ConfigError> {
-        let Some(v) = field else {
-            return Ok(None);
-        };
-        match v.get_ref() {
-            Value::Boolean(b) => Ok(Some(*b)),
-            other => {
-                let problem = format!("expected a boolean, found {}", type_name(other));
-                Err(self.bad(v, key, &problem, "true or false"))
-            }
-        }
-    }
-
-    fn ip(&self, field: &Field, key: &str) -> Result<Option<IpAddr>, ConfigError> {
-        let Some(v) = field else {
-            return Ok(None);
-        };
-        let Value::String(s) = v.get_ref() else {
-            let problem = format!("expected a string, found {}", type_name(v.get_ref()));
-            return Err(self.bad(v, key, &problem, BIND_ALLOWED));
-        };
-        s.parse()
-            .map(Some)
-            .map_err(|_| self.bad(v, key, "not an IP address", BIND_ALLOWED))
-    }
-
-    fn bad(&self, v: &Spanned<Value>, key: &str, problem: &str, allowed: &str) -> ConfigError {
-        ConfigError::Invalid {
-            file: self.file.to_string(),
-            line: Some(line_of(self.src, v.span().start)),
-            key: Some(key.to_string()),
-            value: Some(self.raw_text(v.span())),
-            problem: format!("{problem}; allowed: {allowed}"),
-        }
-    }
-
-    fn raw_text(&self, span: Range<usize>) -> String {
-        self.src.get(span).unwrap_or("").trim().to_string()
-    }
-
-    /// Turns a TOML or serde error into one that names the line, the qualified key on that line
-    /// and its value text, plus what the key allows when the key is known.
-    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
-        let message = e.message().trim().to_string();
-        let Some(span) = e.span() else {
-            return ConfigError::Invalid {
-                file: self.file.to_string(),
-                line: None,
-                key: None,
-                value: None,
-                problem: message,
-            };
-        };
-        let line_no = line_of(self.src, span.start);
-        let text = self.src.lines().nth(line_no - 1).unwrap_or("");
-        let (key, value) = match split_key_value(text) {
-            Some((k, v)) => {
-                let table = table_before(self.src, span.start);
-                let key = if table.is_empty() {
-                    k.to_string()
-                } else {
-                    format!("{table}.{k}")
-                };
-                (Some(key), (!v.is_empty()).then(|| v.to_string()))
-            }
-            None => (None, None),
-        };
-        let problem = match key.as_deref().and_then(allowed_for) {
-            Some(allowed) => format!("{message}; allowed: {allowed}"),
-            None => message,
-        };
-        ConfigError::Invalid {
-            file: self.file.to_string(),
-            line: Some(line_no),
-            key,
-            value,
-            problem,
-        }
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// The built-in defaults: every key's declared default.
+impl Default for Config {
+    fn default() -> Config {
+        // The key table is constant, and `defaults_fit_their_fields` builds it.
+        Config::build(&Values::defaults())
+            .expect("every key's default fits its field (unit-tested)")
+    }
+}
+
+/// Renders the effective configuration as TOML that `parse` reads back to the same `Config`:
+/// every key of every table, each under its doc line.
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (n, table) in TABLES.iter().enumerate() {
+            if n > 0 {
+                writeln!(f)?;
+            }
+            writeln!(f, "[{table}]")?;
+            for key in KEYS.iter().filter(|k| k.table == *table) {
+                writeln!(f, "# {}", key.doc)?;
+                match (key.get)(self).to_val() {
+                    Val::Unset => writeln!(f, "# {} is not set", key.name)?,
+                    v => writeln!(f, "{} = {}", key.name, toml_text(key, &v))?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A value as TOML text.
+fn toml_text(key: &Key, v: &Val) -> String {
     match v {
-        Value::String(_) => "a string",
-        Value::Integer(_) => "an integer",
-        Value::Float(_) => "a float",
-        Value::Boolean(_) => "a boolean",
-        Value::Datetime(_) => "a date",
-        Value::Array(_) => "an array",
-        Value::Table(_) => "a table",
+        Val::Int(n) if matches!(key.kind, Kind::Int { octal: true, .. }) => format!("{n:#o}"),
+        Val::Int(n) => n.to_string(),
+        Val::Word(w) => format!("\"{w}\""),
+        Val::Bool(b) => b.to_string(),
+        Val::Ip(ip) => format!("\"{ip}\""),
+        Val::Path(p) => quoted(&p.to_string_lossy()),
+        Val::Rules(rules) => {
+            let items: Vec<String> = rules.iter().map(|r| format!("\"{r}\"")).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Val::Unset => String::new(),
     }
-}
-
-/// The 1-based line number of byte offset `pos`.
-fn line_of(src: &str, pos: usize) -> usize {
-    let pos = pos.min(src.len());
-    src.as_bytes()[..pos]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
-/// Splits `key = value  # comment` into the bare key and the value text.
-fn split_key_value(line: &str) -> Option<(&str, &str)> {
-    let (k, v) = line.split_once('=')?;
-    let k = k.trim().trim_matches('"');
-    if k.is_empty() || k.starts_with('[') || k.starts_with('#') {
-        return None;
-    }
-    let v = match v.find(" #") {
-        Some(i) => &v[..i],
-        None => v,
-    };
-    Some((k, v.trim()))
-}
-
-/// The name of the `[table]` whose body contains byte offset `pos` ("" at the top level).
-fn table_before(src: &str, pos: usize) -> &str {
-    let head = src.get(..pos).unwrap_or(src);
-    head.lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('[') && !l.starts_with("[["))
-        .and_then(|l| l.strip_prefix('['))
-        .and_then(|l| l.split(']').next())
-        .map(str::trim)
-        .unwrap_or("")
 }
 
 #[cfg(test)]
@@ -1175,7 +512,17 @@ mod tests {
             "{msg}"
         );
         let msg = err("server = 5\n");
-        assert!(msg.starts_with("test.toml:1: server = 5: "), "{msg}");
+        assert!(
+            msg.starts_with("test.toml:1: server = 5: expected a table, found an integer"),
+            "{msg}"
+        );
+        let msg = err("port = 5\n");
+        assert!(
+            msg.starts_with(
+                "test.toml:1: port = 5: unknown field `port`, expected one of `server`"
+            ),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -1241,6 +588,9 @@ mod tests {
         assert_eq!(c.access.max_per_ip, 2);
         assert!(c.access.require_token);
         assert_eq!(c.access.header_timeout, Duration::from_secs(3));
+        assert_eq!(c.access.upload_rate_window, Duration::from_secs(10));
+        let c = parse("[access]\nupload_rate_window_secs = 30\n", "x").unwrap();
+        assert_eq!(c.access.upload_rate_window, Duration::from_secs(30));
         assert_eq!(parse(&c.to_string(), "y").unwrap(), c);
         let cases = [
             (
