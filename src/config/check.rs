@@ -13,7 +13,8 @@ use super::ConfigError;
 use super::keys::{self, KEYS, Key, Kind, TABLES, Val};
 
 /// What serde reads: `[table]` → `key` → value, each with its place in the text. Unknown tables
-/// and keys are refused by `Ctx::validate`, against the key table, with serde's own wording.
+/// (`Ctx::read`) and keys (`Ctx::validate`) are refused against the key table, in the wording
+/// serde's `deny_unknown_fields` uses.
 pub(super) type Raw = BTreeMap<Spanned<String>, Spanned<RawTable>>;
 type RawTable = BTreeMap<Spanned<String>, Spanned<Value>>;
 
