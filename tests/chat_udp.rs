@@ -10,7 +10,6 @@ mod support;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
-use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, mpsc};
@@ -20,8 +19,8 @@ use std::time::{Duration, Instant};
 use ferryd::proto::Header;
 
 use support::{
-    Daemon, DaemonBuilder, TempDir, constant_threads, log_tail, read_until_eof, require_tool,
-    run_ferryd, run_for, wait_until,
+    Daemon, DaemonBuilder, TempDir, constant_threads, is_timeout, label, log_tail, median,
+    path_str, read_until_eof, require_tool, run_ferryd, run_for, tcp_queues, wait_until,
 };
 
 const NC_HINT: &str = "apt-get install -y netcat-openbsd";
@@ -34,31 +33,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-/// How the daemon names an address in logs and chat lines: `[127.0.0.1:PORT]`.
-fn label(addr: SocketAddr) -> String {
-    match addr {
-        SocketAddr::V4(a) => format!("[{a}]"),
-        SocketAddr::V6(a) => a.to_string(),
-    }
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
-fn median(samples: &[Duration]) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    sorted[sorted.len() / 2]
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
-}
 
 /// Stops the daemon with SIGTERM and waits for it to exit 0; its log is then complete (the UDP
 /// thread logs its last counts as it ends).
@@ -797,7 +771,20 @@ fn chat_relays_every_line_to_everyone_else_in_order() {
     a.send(&[b"x".repeat(101), b"\n".to_vec()].concat());
     a.expect(err);
     a.send(&b"z".repeat(60));
-    thread::sleep(Duration::from_millis(50));
+    // The second half must come in a read of its own: wait until ferryd has read the first.
+    let a_end = (
+        a.writer.local_addr().unwrap(),
+        a.writer.peer_addr().unwrap(),
+    );
+    let first_half_read = wait_until(WAIT, || {
+        tcp_queues(a_end.0, a_end.1).is_some_and(|(tx, _)| tx == 0)
+            && tcp_queues(a_end.1, a_end.0).is_some_and(|(_, rx)| rx == 0)
+    });
+    assert!(
+        first_half_read,
+        "ferryd did not read the first half{}",
+        log_tail(&d)
+    );
     a.send(&[b"z".repeat(60), b"\n".to_vec()].concat());
     a.expect(err);
     let at_limit = "y".repeat(100);
@@ -1251,11 +1238,18 @@ fn chat_threads_stay_bounded_and_return_to_idle() {
             c
         })
         .collect();
+    // Each welcomed client has its writer thread: sample until all of them are there.
     let mut observed = 0;
-    for _ in 0..10 {
+    let all_there = wait_until(WAIT, || {
         observed = observed.max(d.thread_count());
-        thread::sleep(Duration::from_millis(20));
-    }
+        observed >= idle + MAX
+    });
+    assert!(
+        all_there,
+        "{observed} threads with {MAX} chat clients, {idle} before{}",
+        log_tail(&d)
+    );
+    observed = observed.max(d.thread_count());
     println!(
         "threads: {idle} idle, at most {observed} with {MAX} chat clients (bound 2 x {MAX} + {})",
         constant_threads()

@@ -8,7 +8,7 @@ mod support;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use support::{
     Daemon, DaemonBuilder, TempDir, constant_threads, echo_round_trip, expect_then_eof, log_tail,
-    read_line, read_to_eof, require_tool, run_ferryd, tcp_queues, wait_until,
+    median, path_str, peer_label, read_line, read_to_eof, require_tool, run_ferryd, stderr_of,
+    stdout_of, tcp_queues, wait_until, write_file,
 };
 
 const VERSION: &str = "0.1.0";
@@ -27,33 +28,6 @@ const ERR_SHUTDOWN: &[u8] = b"ERR shutdown server shutting down\n";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-/// Writes `text` to `name` in `dir` and returns its path.
-fn write_file(dir: &TempDir, name: &str, text: &str) -> PathBuf {
-    let path = dir.path().join(name);
-    fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-    path
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
-fn stdout_of(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr_of(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// How the daemon names the client end of `stream` in its log: `[127.0.0.1:PORT]`.
-fn peer_label(stream: &TcpStream) -> String {
-    match stream.local_addr().expect("local_addr") {
-        SocketAddr::V4(a) => format!("[{a}]"),
-        SocketAddr::V6(a) => a.to_string(),
-    }
-}
 
 /// Echoes `msg` on a fresh connection, then half-closes and checks that nothing more arrives:
 /// the connection got back exactly its own bytes, once.
@@ -71,12 +45,6 @@ fn read_exactly(d: &Daemon, stream: &mut TcpStream, n: usize, what: &str) -> Vec
         panic!("{what}: reading {n} bytes: {e}{}", log_tail(d));
     }
     buf
-}
-
-fn median(samples: &[Duration]) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    sorted[sorted.len() / 2]
 }
 
 /// Counts the log lines containing `needle`.
@@ -905,6 +873,16 @@ fn threads_stay_bounded_under_a_connection_flood() {
         log_tail(&d)
     );
     drop(conns);
+    // Once every one of the 40 has been refused or served and gone, a new client is served.
+    let all_gone = wait_until(Duration::from_secs(10), || {
+        let online = count_lines(&d, " online");
+        count_lines(&d, "refused: busy") + online == 40 && count_lines(&d, " offline") == online
+    });
+    assert!(
+        all_gone,
+        "the 40 connections did not all end{}",
+        log_tail(&d)
+    );
     let mut s = d.connect();
     echo_round_trip(&mut s, b"after the flood\n");
 }

@@ -14,14 +14,14 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use support::{
-    Daemon, DaemonBuilder, Reservation, TempDir, echo_round_trip, holds_udp_port, require_tool,
-    reserve_port,
+    Captured, Daemon, DaemonBuilder, Reservation, TempDir, echo_round_trip, holds_udp_port,
+    path_str, peer_label, require_tool, reserve_port, signal, wait_until,
 };
 
 /// How long any single expected event (a datagram, a log line, an exit) may take.
@@ -78,8 +78,13 @@ struct Notify {
     dir: TempDir,
     got: Arc<Mutex<Vec<Datagram>>>,
     stop: Arc<AtomicBool>,
+    /// Markers the reader thread has taken in (see `sync`).
+    synced: Arc<AtomicUsize>,
     reader: Option<thread::JoinHandle<()>>,
 }
+
+/// The datagram `Notify::sync` sends; not a line sd_notify would ever carry.
+const SYNC_MARKER: &str = "X-FERRYD-TEST-SYNC";
 
 impl Notify {
     fn bind() -> Notify {
@@ -98,7 +103,9 @@ impl Notify {
             .unwrap();
         let got = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let synced = Arc::new(AtomicUsize::new(0));
         let (sink, done) = (Arc::clone(&got), Arc::clone(&stop));
+        let reader_synced = Arc::clone(&synced);
         let reader = thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
             while !done.load(Ordering::SeqCst) {
@@ -126,6 +133,10 @@ impl Notify {
                     }
                 };
                 let at = Instant::now();
+                if &buf[..n] == SYNC_MARKER.as_bytes() {
+                    reader_synced.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
                 let port_open = match probe {
                     Some(addr) if text.lines().any(|l| l == "READY=1") => {
@@ -144,6 +155,7 @@ impl Notify {
             dir,
             got,
             stop,
+            synced,
             reader: Some(reader),
         }
     }
@@ -206,8 +218,9 @@ impl Notify {
             }
             let gone = exited();
             if let Some(status) = gone {
-                // What it sent before exiting may still be on its way to the reader thread.
-                thread::sleep(Duration::from_millis(200));
+                // What it sent before exiting is queued at the socket; once the reader thread
+                // has taken in a datagram sent after that, it has taken in all of those.
+                self.sync();
                 if let Some(hit) = find() {
                     return hit;
                 }
@@ -225,6 +238,20 @@ impl Notify {
             }
             thread::sleep(POLL);
         }
+    }
+
+    /// Sends a marker datagram to the socket and waits until the reader thread has taken it in
+    /// (it is counted, not recorded): every datagram queued before it has been recorded then.
+    fn sync(&self) {
+        let n = self.synced.load(Ordering::SeqCst);
+        let sender = UnixDatagram::unbound().expect("an unbound Unix datagram socket");
+        sender
+            .send_to(SYNC_MARKER.as_bytes(), self.path())
+            .unwrap_or_else(|e| panic!("sending a marker to {}: {e}", self.path()));
+        assert!(
+            wait_until(WAIT, || self.synced.load(Ordering::SeqCst) > n),
+            "the notify reader did not take in a marker within {WAIT:?}"
+        );
     }
 
     /// Every datagram received, one per line, with its arrival time relative to the first.
@@ -290,46 +317,8 @@ struct Proc {
     label: String,
     child: Child,
     exited: Option<ExitStatus>,
-    out: Captured,
-    err: Captured,
-}
-
-/// One output stream of a `Proc`, collected by a thread as it is written.
-#[derive(Clone, Default)]
-struct Captured {
-    bytes: Arc<Mutex<Vec<u8>>>,
-    eof: Arc<AtomicBool>,
-}
-
-impl Captured {
-    fn start(mut from: impl Read + Send + 'static) -> Captured {
-        let c = Captured::default();
-        let sink = c.clone();
-        thread::spawn(move || {
-            let mut chunk = [0u8; 8192];
-            loop {
-                match from.read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => lock(&sink.bytes).extend_from_slice(&chunk[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-            sink.eof.store(true, Ordering::SeqCst);
-        });
-        c
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&lock(&self.bytes)).into_owned()
-    }
-
-    fn wait_eof(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.eof.load(Ordering::SeqCst) && Instant::now() < deadline {
-            thread::sleep(POLL);
-        }
-    }
+    out: Arc<Captured>,
+    err: Arc<Captured>,
 }
 
 impl Proc {
@@ -345,8 +334,8 @@ impl Proc {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start `{label}`: {e}"));
-        let out = Captured::start(child.stdout.take().expect("stdout is piped"));
-        let err = Captured::start(child.stderr.take().expect("stderr is piped"));
+        let out = Captured::capture(child.stdout.take().expect("stdout is piped"));
+        let err = Captured::capture(child.stderr.take().expect("stderr is piped"));
         Proc {
             label: label.to_string(),
             child,
@@ -450,26 +439,8 @@ impl Drop for Proc {
     }
 }
 
-/// Sends signal `sig` (e.g. "TERM") to `pid` with `kill -s`.
-fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .args(["-s", sig, &pid.to_string()])
-        .status()
-        .expect("cannot run kill");
-    assert!(status.success(), "kill -s {sig} {pid} failed");
-}
-
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
-/// How the daemon names the client end of `stream` in its log: `[127.0.0.1:PORT]`.
-fn peer_label(stream: &TcpStream) -> String {
-    format!("[{}]", stream.local_addr().expect("local_addr"))
-}
 
 /// Echoes `line` on a new connection, closes it and waits until the daemon has logged the
 /// connection's end (so every line it logged about it is in the log). Returns the peer label.
@@ -729,13 +700,15 @@ fn watchdog_pings_every_half_period_only_when_meant_for_this_process() {
         .iter()
         .map(|(_, _, n, _)| n.wait_for(0, "READY=1", |d| d.has("READY=1")).1)
         .collect();
-    let last_ready = readies.iter().map(|r| r.at).max().unwrap();
-    // Waiting out the window is the point of this test; the reader threads take datagrams in as
-    // they come, so the margin only covers their recording.
-    thread::sleep(
-        (last_ready + WINDOW + Duration::from_millis(100))
-            .saturating_duration_since(Instant::now()),
-    );
+    // Waiting out the window is the point of this test: until each notify socket has a
+    // datagram from after its window (a STATUS= refresh comes every ~2 s, pings or not), so
+    // every datagram inside the window has been recorded.
+    for ((what, _, notify, _), ready) in runs.iter().zip(&readies) {
+        let end = ready.at + WINDOW;
+        notify.wait_for(0, &format!("{what}: a datagram after the window"), |x| {
+            x.at > end
+        });
+    }
 
     for ((what, pings, notify, d), ready) in runs.iter().zip(&readies) {
         let all = notify.all();

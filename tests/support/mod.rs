@@ -8,7 +8,8 @@
 #![allow(dead_code)]
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -17,11 +18,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use socket2::{Domain, Protocol, Socket, Type};
+
 mod ports;
+mod upload;
 
 // Like the dead-code allowance above: each test binary uses a different subset.
 #[allow(unused_imports)]
 pub use ports::{Handoff, Reservation, reserve_port};
+#[allow(unused_imports)]
+pub use upload::{header_for, is_part, ok_line, parts_in};
 
 /// How long `DaemonBuilder::start` waits for the daemon to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,6 +80,19 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// The path as a `&str`, for command lines and config values.
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+/// Writes `contents` to `name` in `dir` and returns its path.
+pub fn write_file(dir: &TempDir, name: &str, contents: &(impl AsRef<[u8]> + ?Sized)) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, contents)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    path
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -299,7 +318,7 @@ impl DaemonBuilder {
         drop(cmd);
         let passed = handoff.is_some();
         drop(handoff);
-        let log = LogBuf::capture(child.stderr.take().expect("stderr is piped"));
+        let log = Captured::capture(child.stderr.take().expect("stderr is piped"));
         let mut daemon = Daemon {
             child,
             exited: None,
@@ -354,16 +373,17 @@ impl DaemonBuilder {
     }
 }
 
-/// The daemon's stderr, collected by a background thread as it is written.
+/// A child's output stream (the daemon's stderr), collected by a background thread as it is
+/// written.
 #[derive(Debug, Default)]
-struct LogBuf {
+pub struct Captured {
     bytes: Mutex<Vec<u8>>,
     eof: AtomicBool,
 }
 
-impl LogBuf {
-    fn capture(mut stderr: impl Read + Send + 'static) -> Arc<LogBuf> {
-        let buf = Arc::new(LogBuf::default());
+impl Captured {
+    pub fn capture(mut stderr: impl Read + Send + 'static) -> Arc<Captured> {
+        let buf = Arc::new(Captured::default());
         let sink = Arc::clone(&buf);
         thread::spawn(move || {
             let mut chunk = [0u8; 8192];
@@ -384,12 +404,12 @@ impl LogBuf {
         self.bytes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn text(&self) -> String {
+    pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.lock()).into_owned()
     }
 
     /// Waits until the pipe has been read to its end (the process exited), at most `timeout`.
-    fn wait_eof(&self, timeout: Duration) {
+    pub fn wait_eof(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.eof.load(Ordering::SeqCst) && Instant::now() < deadline {
             thread::sleep(POLL);
@@ -407,7 +427,7 @@ pub struct Daemon {
     addr: SocketAddr,
     /// Whether the daemon serves sockets the test passed (else it bound its own).
     passed: bool,
-    log: Arc<LogBuf>,
+    log: Arc<Captured>,
     /// Set once started; dropped (removed) after the process is gone.
     dir: Option<TempDir>,
 }
@@ -487,11 +507,7 @@ impl Daemon {
 
     /// Sends signal `sig` (e.g. "TERM", "INT") with `kill -s`.
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("sh")
-            .args(["-c", "kill -s \"$0\" \"$1\"", sig, &self.pid().to_string()])
-            .status()
-            .expect("cannot run sh for kill");
-        assert!(status.success(), "kill -s {sig} {} failed", self.pid());
+        signal(self.pid(), sig);
     }
 
     /// Waits up to `timeout` for the process to exit; once it has, its log is complete.
@@ -565,7 +581,84 @@ impl Drop for Daemon {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Processes.
+
+/// Sends signal `sig` (e.g. "TERM", "INT") to `pid` with `kill -s`.
+pub fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args(["-s", sig, &pid.to_string()])
+        .status()
+        .expect("cannot run kill");
+    assert!(status.success(), "kill -s {sig} {pid} failed");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Socket helpers.
+
+/// How the daemon names an address in its log and in chat lines: `[127.0.0.1:PORT]` or
+/// `[::1]:PORT`.
+pub fn label(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(a) => format!("[{a}]"),
+        SocketAddr::V6(a) => a.to_string(),
+    }
+}
+
+/// The daemon's name for the client end of `stream`.
+pub fn peer_label(stream: &TcpStream) -> String {
+    label(stream.local_addr().expect("local_addr"))
+}
+
+/// Whether a read or write error is its timeout running out.
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Where a client at `from` reaches `d`: `[::1]:PORT` from an IPv6 source, `127.0.0.1:PORT`
+/// from an IPv4 one.
+pub fn target(d: &Daemon, from: IpAddr) -> SocketAddr {
+    let to: IpAddr = if from.is_ipv6() {
+        Ipv6Addr::LOCALHOST.into()
+    } else {
+        Ipv4Addr::LOCALHOST.into()
+    };
+    SocketAddr::new(to, d.port())
+}
+
+/// A TCP connection to `to` from the local address `from` (any port), with 10 s timeouts.
+/// std cannot bind before connecting, hence socket2.
+///
+/// The socket has SO_REUSEADDR. A client that closes first leaves its port in TIME_WAIT for a
+/// minute, and one without SO_REUSEADDR there keeps any socket of this or another test binary
+/// from binding that port on a wildcard address such as "::", even with SO_REUSEADDR: after
+/// access.rs's garbage flood that is thousands of ports.
+pub fn try_connect_from(from: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&to.into(), IO_TIMEOUT)?;
+    let stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// `try_connect_from` to the daemon, panicking with its log on failure.
+pub fn connect_from(d: &Daemon, from: IpAddr) -> TcpStream {
+    let to = target(d, from);
+    try_connect_from(from, to)
+        .unwrap_or_else(|e| panic!("connecting from {from} to {to}: {e}{}", log_tail(d)))
+}
+
+/// Writes all of `data`, panicking with the daemon's log on failure.
+pub fn send_all(d: &Daemon, s: &mut TcpStream, data: &[u8], what: &str) {
+    if let Err(e) = s.write_all(data) {
+        panic!("{what}: writing {} bytes: {e}{}", data.len(), log_tail(d));
+    }
+}
 
 /// Writes `msg` and reads exactly `msg.len()` bytes back, asserting they are equal.
 pub fn echo_round_trip(stream: &mut TcpStream, msg: &[u8]) {
@@ -699,8 +792,8 @@ pub fn run_for(mut cmd: Command, label: &str, timeout: Duration) -> Output {
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start `{label}`: {e}"));
-    let stdout = LogBuf::capture(child.stdout.take().expect("stdout is piped"));
-    let stderr = LogBuf::capture(child.stderr.take().expect("stderr is piped"));
+    let stdout = Captured::capture(child.stdout.take().expect("stdout is piped"));
+    let stderr = Captured::capture(child.stderr.take().expect("stderr is piped"));
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait on a child") {
@@ -722,7 +815,7 @@ pub fn run_for(mut cmd: Command, label: &str, timeout: Duration) -> Output {
     };
     stdout.wait_eof(Duration::from_secs(2));
     stderr.wait_eof(Duration::from_secs(2));
-    let take = |b: &LogBuf| std::mem::take(&mut *b.lock());
+    let take = |b: &Captured| std::mem::take(&mut *b.lock());
     Output {
         status,
         stdout: take(&stdout),
@@ -787,6 +880,29 @@ pub fn holds_udp_port(pid: u32, port: u16) -> bool {
         .any(|link| inodes.iter().any(|i| link.as_os_str() == i.as_str()))
 }
 
+/// Output bytes as text, invalid UTF-8 replaced.
+pub fn text_of(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+pub fn stdout_of(out: &Output) -> String {
+    text_of(&out.stdout)
+}
+
+pub fn stderr_of(out: &Output) -> String {
+    text_of(&out.stderr)
+}
+
+/// A finished run's status and output, for assertion messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {}\n--- stdout ---\n{}--- stderr ---\n{}",
+        out.status,
+        stdout_of(out),
+        stderr_of(out)
+    )
+}
+
 /// Polls `cond` every 10 ms until it holds or `timeout` has passed; returns whether it held.
 /// The last look is taken after the deadline, so a condition that became true just in time
 /// counts.
@@ -805,6 +921,13 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 // ---------------------------------------------------------------------------------------------
 // Test data.
+
+/// The median of `samples` (the upper one of an even count).
+pub fn median(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
+}
 
 /// A tiny xorshift64 generator. Every test seeds it with a constant, so file contents and split
 /// points are the same on every run and a failure can be replayed.
