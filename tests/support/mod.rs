@@ -319,20 +319,33 @@ impl DaemonBuilder {
         let passed = handoff.is_some();
         drop(handoff);
         let log = Captured::capture(child.stderr.take().expect("stderr is piped"));
+        let daemon_addr = SocketAddr::new(connect_ip, port);
         let mut daemon = Daemon {
             child,
             exited: None,
             port,
-            addr: SocketAddr::new(connect_ip, port),
+            addr: daemon_addr,
             passed,
             log,
             dir: None,
         };
+        // A passed socket accepts connects before the daemon runs: there the probe is ready
+        // once the daemon has taken it off the listener's accept queue.
+        let listener = SocketAddr::new(bind_ip, port);
+        let mut probe: Option<TcpStream> = None;
+        let mut probe_ready = || {
+            if !quiet {
+                return false;
+            }
+            if probe.is_none() {
+                probe = TcpStream::connect_timeout(&daemon_addr, POLL * 10).ok();
+            }
+            probe.is_some()
+                && (!passed || accept_queue(listener).is_some_and(|waiting| waiting == 0))
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if daemon.log.text().contains("listening on")
-                || (quiet && TcpStream::connect_timeout(&daemon.addr, POLL * 10).is_ok())
-            {
+            if daemon.log.text().contains("listening on") || probe_ready() {
                 drop(reservation);
                 daemon.dir = Some(dir);
                 return daemon;
@@ -901,6 +914,12 @@ pub fn describe(out: &Output) -> String {
         stdout_of(out),
         stderr_of(out)
     )
+}
+
+/// How many connections wait in the accept queue of the IPv4 TCP listener at `local` (from
+/// /proc/net/tcp, where a listener's receive queue is that count). `None` if nothing listens.
+pub fn accept_queue(local: SocketAddr) -> Option<u64> {
+    tcp_queues(local, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).map(|(_, rx)| rx)
 }
 
 /// Polls `cond` every 10 ms until it holds or `timeout` has passed; returns whether it held.
