@@ -15,8 +15,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::{Spanned, Value};
 
-use crate::access::{Cidr, Rules};
 use crate::escape::quoted;
+use crate::rules::{Cidr, Rules};
 
 /// The configuration file shipped in `config/config.toml`; its values are the built-in defaults
 /// (this unit test holds the two together).

@@ -6,11 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ferryd::cli::{self, Command};
-use ferryd::config::{self, ConfigError, Origin};
-use ferryd::notify::Notifier;
-use ferryd::server::Server;
-use ferryd::{activation, client, logger, signals};
+use ferryd::{Command, Config, ConfigError, Origin, SendOptions};
 
 /// Exit codes (sysexits.h where one fits).
 const EXIT_FAILURE: u8 = 1;
@@ -18,7 +14,7 @@ const EXIT_USAGE: u8 = 64;
 const EXIT_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
-    let command = match cli::parse(std::env::args_os().skip(1)) {
+    let command = match ferryd::parse_args(std::env::args_os().skip(1)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ferryd: {e}\nTry 'ferryd --help'.");
@@ -27,7 +23,7 @@ fn main() -> ExitCode {
     };
     match command {
         Command::Help => {
-            print!("{}", cli::HELP);
+            print!("{}", ferryd::HELP);
             ExitCode::SUCCESS
         }
         Command::Version => {
@@ -41,10 +37,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(flag: Option<PathBuf>) -> Result<(Origin, config::Config), ConfigError> {
+fn load(flag: Option<PathBuf>) -> Result<(Origin, Config), ConfigError> {
     let env = std::env::var_os("FERRYD_CONFIG").map(PathBuf::from);
     let origin = Origin::choose(flag, env);
-    let config = config::load(&origin)?;
+    let config = ferryd::load_config(&origin)?;
     Ok((origin, config))
 }
 
@@ -65,8 +61,8 @@ fn check_config(flag: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn send(opts: &client::SendOptions) -> ExitCode {
-    match client::send(opts, &mut std::io::stdout()) {
+fn send(opts: &SendOptions) -> ExitCode {
+    match ferryd::send(opts, &mut std::io::stdout()) {
         Ok(stored) if stored.iter().all(|&ok| ok) => ExitCode::SUCCESS,
         Ok(stored) => {
             let failed = stored.iter().filter(|&&ok| !ok).count();
@@ -81,7 +77,7 @@ fn send(opts: &client::SendOptions) -> ExitCode {
 }
 
 fn pack(files: &[PathBuf]) -> ExitCode {
-    match client::pack(files, &mut std::io::stdout().lock()) {
+    match ferryd::pack(files, &mut std::io::stdout().lock()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferryd: {e}");
@@ -91,10 +87,8 @@ fn pack(files: &[PathBuf]) -> ExitCode {
 }
 
 fn run(flag: Option<PathBuf>) -> ExitCode {
-    // Before any thread exists, so that every thread inherits it: SIGHUP is then only ever taken
-    // by the reload thread.
-    if let Err(e) = signals::block_sighup() {
-        eprintln!("ferryd: cannot block SIGHUP: {e}");
+    if let Err(e) = ferryd::block_reload_signal() {
+        eprintln!("ferryd: {e}");
         return ExitCode::from(EXIT_FAILURE);
     }
     let (origin, config) = match load(flag) {
@@ -104,31 +98,12 @@ fn run(flag: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    logger::init(config.log.level, config.log.format);
+    ferryd::init_logger(config.log.level, config.log.format);
     log::info!(
         "ferryd {} using config: {origin}",
         env!("CARGO_PKG_VERSION")
     );
-    let activated = match activation::from_env() {
-        Ok(a) => a,
-        Err(e) => {
-            log::error!("socket activation: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    let server = match Server::bind(config, origin, activated, Notifier::from_env()) {
-        Ok(s) => s,
-        Err(e) => {
-            log::error!("{e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    let (stop, reload) = (server.handle(), server.handle());
-    if let Err(e) = signals::install(move || stop.stop(), move || reload.reload()) {
-        log::error!("{e}");
-        return ExitCode::from(EXIT_FAILURE);
-    }
-    match server.run() {
+    match ferryd::serve(config, origin) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");

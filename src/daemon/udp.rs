@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::daemon::listener::BindError;
+use crate::daemon::ratelimit::Limiter;
+use crate::daemon::server::Shared;
+use crate::daemon::stats::Stats;
+use crate::deadline::is_timeout;
 use crate::escape::escaped;
-use crate::listener::{BindError, is_timeout};
 use crate::peer::Peer;
-use crate::ratelimit::Limiter;
-use crate::server::Shared;
-use crate::stats::Stats;
 
 /// The receive buffer: larger than any UDP payload, so nothing is ever truncated unseen.
 const BUF: usize = 64 * 1024;

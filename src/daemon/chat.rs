@@ -101,10 +101,6 @@ impl Room {
         }
     }
 
-    pub fn count(&self) -> usize {
-        self.lock().by_id.len()
-    }
-
     fn lock(&self) -> MutexGuard<'_, Members> {
         // Every critical section leaves the map consistent, even if a holder panicked.
         self.members.lock().unwrap_or_else(PoisonError::into_inner)

@@ -18,22 +18,23 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use socket2::SockRef;
 
-use crate::access::{PerIp, Slot};
-use crate::activation::Activated;
 use crate::auth::{Key, KeyError};
-use crate::chat::Room;
 use crate::config::{self, Config, Origin};
-use crate::conn;
-use crate::listener::{self, BindError, is_timeout};
+use crate::daemon::access::{PerIp, Slot};
+use crate::daemon::activation::Activated;
+use crate::daemon::chat::Room;
+use crate::daemon::conn;
+use crate::daemon::listener::{self, BindError};
+use crate::daemon::notify::Notifier;
+use crate::daemon::registry::Registry;
+use crate::daemon::stats::Stats;
+use crate::daemon::store::{Store, StoreError};
+use crate::daemon::streamhash::HashPool;
+use crate::daemon::udp;
+use crate::deadline::is_timeout;
 use crate::logger;
-use crate::notify::Notifier;
 use crate::peer::Peer;
-use crate::registry::Registry;
 use crate::reload;
-use crate::stats::Stats;
-use crate::store::{Store, StoreError};
-use crate::streamhash::HashPool;
-use crate::udp;
 
 /// The line a client is sent when the daemon stops.
 pub const ERR_SHUTDOWN: &[u8] = b"ERR server shutting down\n";

@@ -30,7 +30,6 @@ type Job = Box<dyn FnOnce() + Send>;
 #[derive(Debug)]
 pub struct HashPool {
     tx: Sender<Job>,
-    threads: usize,
 }
 
 impl HashPool {
@@ -51,11 +50,7 @@ impl HashPool {
                     }
                 })?;
         }
-        Ok(HashPool { tx, threads })
-    }
-
-    pub fn threads(&self) -> usize {
-        self.threads
+        Ok(HashPool { tx })
     }
 
     /// Runs `job` on a pool thread, waiting for room in the queue if need be. False if the

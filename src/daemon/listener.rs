@@ -56,14 +56,6 @@ pub fn prepare_stream(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
     stream.set_write_timeout(Some(timeout))
 }
 
-/// A read, write or accept that hit its socket timeout (SO_RCVTIMEO/SO_SNDTIMEO report EAGAIN).
-pub fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
-}
-
 /// Stops a listener from accepting: a thread blocked in `accept` returns at once with an error and
 /// further connection attempts are refused by the kernel.
 pub fn stop_listening(listener: &TcpListener) {

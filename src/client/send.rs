@@ -15,8 +15,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::auth::{self, Key, KeyError, NONCE_LEN};
-use crate::filehash;
-use crate::listener::is_timeout;
+use crate::client::filehash;
+use crate::deadline::is_timeout;
 use crate::proto::answer::{Answer, parse_answer};
 use crate::proto::{Header, name};
 

@@ -1,10 +1,8 @@
-//! Who may connect: allow and deny lists of addresses and CIDR ranges (deny wins), and a count of
-//! connections per address for `max_per_ip`. Rule matching is pure; the counter is the only state.
+//! Who may connect: allow and deny lists of addresses and CIDR ranges (deny wins). Pure: an
+//! address in, a verdict out.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::peer::canonical_ip;
 
@@ -122,55 +120,6 @@ impl Rules {
     }
 }
 
-/// Connections open per address.
-#[derive(Debug, Default)]
-pub struct PerIp {
-    counts: Mutex<HashMap<IpAddr, u32>>,
-}
-
-/// One counted connection; dropping it uncounts it.
-#[derive(Debug)]
-pub struct Slot {
-    owner: Arc<PerIp>,
-    ip: IpAddr,
-}
-
-impl PerIp {
-    /// Counts a connection from `ip` unless `max` are open already; returns how many are.
-    pub fn acquire(self: &Arc<Self>, ip: IpAddr, max: u32) -> Result<Slot, u32> {
-        let mut counts = self.lock();
-        let n = counts.entry(ip).or_insert(0);
-        if *n >= max {
-            return Err(*n);
-        }
-        *n += 1;
-        Ok(Slot {
-            owner: Arc::clone(self),
-            ip,
-        })
-    }
-
-    pub fn open_from(&self, ip: IpAddr) -> u32 {
-        self.lock().get(&ip).copied().unwrap_or(0)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, u32>> {
-        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut counts = self.owner.lock();
-        if let Some(n) = counts.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.ip);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,18 +206,5 @@ mod tests {
                 .check(ip("1.2.3.4"))
                 .is_err()
         );
-    }
-
-    #[test]
-    fn per_ip_counts_and_releases() {
-        let p = Arc::new(PerIp::default());
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let slots: Vec<Slot> = (0..3).map(|_| p.acquire(a, 3).unwrap()).collect();
-        assert_eq!(p.acquire(a, 3).unwrap_err(), 3);
-        assert!(p.acquire(b, 3).is_ok(), "another address has its own count");
-        drop(slots);
-        assert_eq!(p.open_from(a), 0);
-        assert!(p.acquire(a, 3).is_ok());
     }
 }

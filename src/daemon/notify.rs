@@ -49,14 +49,6 @@ impl Notifier {
         Notifier { target, watchdog }
     }
 
-    /// A notifier that sends nothing.
-    pub fn none() -> Notifier {
-        Notifier {
-            target: None,
-            watchdog: None,
-        }
-    }
-
     pub fn is_active(&self) -> bool {
         self.target.is_some()
     }

@@ -5,11 +5,11 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use crate::daemon::store::{Store, StoreError};
+use crate::daemon::streamhash::{HashPool, StreamHash};
 use crate::escape::escaped;
 use crate::proto::answer::{self, Code};
 use crate::proto::{Header, name};
-use crate::store::{Store, StoreError};
-use crate::streamhash::{HashPool, StreamHash};
 
 /// How often a large upload logs its progress, at most.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);

@@ -14,17 +14,18 @@ use std::time::{Duration, Instant};
 use socket2::SockRef;
 
 use crate::auth::{self, Key, NONCE_LEN};
-use crate::chat::{self, Seat};
 use crate::config::{Config, Mode};
+use crate::daemon::chat::{self, Seat};
+use crate::daemon::listener;
+use crate::daemon::server::{self, ERR_SHUTDOWN, Job, Shared};
+use crate::daemon::stats::Stats;
+use crate::daemon::upload::{self, BodySource, Lost, Outcome};
+use crate::deadline::is_timeout;
 use crate::escape::{escaped, push_chat_text};
-use crate::listener::{self, is_timeout};
 use crate::peer::Peer;
 use crate::proto::answer::hex;
 use crate::proto::header::TAG_LEN;
 use crate::proto::{self, Code, FrameError, HEADER_LEN, Header, Parsed};
-use crate::server::{self, ERR_SHUTDOWN, Job, Shared};
-use crate::stats::Stats;
-use crate::upload::{self, BodySource, Lost, Outcome};
 
 /// The line a client is sent when it has been silent for `idle_timeout_secs`.
 pub const ERR_IDLE: &[u8] = b"ERR idle timeout\n";

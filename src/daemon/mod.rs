@@ -1,0 +1,65 @@
+//! The daemon: the accept loop and worker pool (`server`), one connection (`conn`), uploads into
+//! the store, the chat room, the UDP echo, access counts, and the glue to systemd (activation,
+//! notify, signals). Nothing in `proto`, `client` or the shared leaves imports from here.
+
+pub mod access;
+pub mod activation;
+pub mod chat;
+pub mod conn;
+pub mod listener;
+pub mod notify;
+pub mod ratelimit;
+pub mod registry;
+pub mod server;
+pub mod signals;
+pub mod stats;
+pub mod store;
+pub mod streamhash;
+pub mod udp;
+pub mod upload;
+
+use std::fmt;
+
+use crate::config::{Config, Origin};
+use notify::Notifier;
+use server::{Server, ServerError};
+
+/// Why the daemon could not start, or stopped with an error.
+#[derive(Debug)]
+pub enum DaemonError {
+    /// SIGHUP could not be blocked before the threads start.
+    Signals(String),
+    /// The sockets systemd passed cannot be used.
+    Activation(activation::ActivationError),
+    /// Binding, the upload directory, the key or a thread.
+    Server(ServerError),
+}
+
+impl fmt::Display for DaemonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DaemonError::Signals(e) => f.write_str(e),
+            DaemonError::Activation(e) => write!(f, "socket activation: {e}"),
+            DaemonError::Server(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for DaemonError {}
+
+/// Blocks SIGHUP in the calling thread. Call before any other thread exists (the config is read
+/// after it), so that every thread inherits the mask and only the reload thread takes SIGHUP.
+pub fn block_reload_signal() -> Result<(), DaemonError> {
+    signals::block_sighup().map_err(|e| DaemonError::Signals(format!("cannot block SIGHUP: {e}")))
+}
+
+/// Runs the daemon on `config` until SIGINT/SIGTERM: takes the sockets systemd passed (or binds
+/// its own), opens the store, installs the signal handlers and serves.
+pub fn serve(config: Config, origin: Origin) -> Result<(), DaemonError> {
+    let activated = activation::from_env().map_err(DaemonError::Activation)?;
+    let server = Server::bind(config, origin, activated, Notifier::from_env())
+        .map_err(DaemonError::Server)?;
+    let (stop, reload) = (server.handle(), server.handle());
+    signals::install(move || stop.stop(), move || reload.reload()).map_err(DaemonError::Signals)?;
+    server.run().map_err(DaemonError::Server)
+}
