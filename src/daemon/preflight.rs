@@ -100,10 +100,18 @@ fn check_dir(dir: &Path) -> Result<(), String> {
                     shown.display()
                 ));
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match probe.parent() {
-                Some(parent) => probe = parent,
-                None => return Err(format!("cannot be created: {e}")),
-            },
+            // Missing, or under something that is not a directory (found one level up).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                match probe.parent() {
+                    Some(parent) => probe = parent,
+                    None => return Err(format!("cannot be created: {e}")),
+                }
+            }
             Err(e) => return Err(format!("cannot look at {}: {e}", shown.display())),
         }
     }
