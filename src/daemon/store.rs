@@ -15,8 +15,7 @@ use std::fmt;
 use std::fs::{self, DirBuilder, File, Permissions};
 use std::io::{self, Write};
 use std::num::NonZeroU64;
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 

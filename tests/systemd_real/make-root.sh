@@ -7,6 +7,9 @@ set -euo pipefail
 ROOT=${ROOT:-/var/tmp/ferryd-sd-root}
 PKGS=systemd,systemd-sysv,dbus,netcat-openbsd,iproute2,procps,util-linux,ca-certificates,libpam-systemd
 stamp="bookworm $PKGS"
+# Two runs at once (two checkouts) build the root once: the second waits for the first.
+exec 9>"$ROOT.lock"
+flock 9
 if [[ -x $ROOT/lib/systemd/systemd && $(cat "$ROOT/.ferryd-root-stamp" 2>/dev/null) == "$stamp" ]]; then
   echo "$ROOT exists"
   exit 0
