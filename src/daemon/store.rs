@@ -237,16 +237,11 @@ impl Store {
             }
             _ => {}
         }
-        self.reserve(&dir, size)?;
-        let (file, temp_name) = match create_temp(&dir, self.cfg.file_mode) {
-            Ok(pair) => pair,
-            Err(e) => {
-                self.release(size);
-                return Err(e);
-            }
-        };
+        let reservation = self.reserve(&dir, size)?;
+        // On an error the reservation's drop gives the space back.
+        let (file, temp_name) = create_temp(&dir, self.cfg.file_mode)?;
         Ok(Pending {
-            store: self,
+            reservation,
             dir,
             file,
             temp_name,
@@ -259,7 +254,7 @@ impl Store {
     }
 
     /// Reserves `size` bytes of free space, or says how much is usable.
-    fn reserve(&self, dir: &File, size: u64) -> Result<(), StoreError> {
+    fn reserve(&self, dir: &File, size: u64) -> Result<Reservation<'_>, StoreError> {
         let vfs = rustix::fs::fstatvfs(dir).map_err(|e| StoreError::Io {
             op: "read the free space of the upload directory",
             err: e.into(),
@@ -273,7 +268,10 @@ impl Store {
             return Err(StoreError::NoSpace { size, usable });
         }
         *reserved += size;
-        Ok(())
+        Ok(Reservation {
+            store: self,
+            left: size,
+        })
     }
 
     fn release(&self, n: u64) {
@@ -405,9 +403,32 @@ fn create_temp(dir: &File, mode: u32) -> Result<(File, String), StoreError> {
     })
 }
 
-/// A file being received. Dropping it without `commit` removes the temp file.
-pub struct Pending<'a> {
+/// Free space set aside for one upload and not yet written. Written bytes are given back as they
+/// land on disk (the file system counts them from then on); dropping it gives back the rest.
+struct Reservation<'a> {
     store: &'a Store,
+    left: u64,
+}
+
+impl Reservation<'_> {
+    /// `n` bytes of the reservation are now on disk.
+    fn used(&mut self, n: u64) {
+        let n = n.min(self.left);
+        self.left -= n;
+        self.store.release(n);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.store.release(self.left);
+    }
+}
+
+/// A file being received. Dropping it without `commit` removes the temp file (and its
+/// reservation gives back the space not written).
+pub struct Pending<'a> {
+    reservation: Reservation<'a>,
     /// The directory the temp file is in, where it is renamed and which is fsynced.
     dir: Arc<File>,
     file: File,
@@ -438,7 +459,7 @@ impl Pending<'_> {
             .write_all(data)
             .map_err(io_err("write the file"))?;
         self.written += data.len() as u64;
-        self.store.release(data.len() as u64);
+        self.reservation.used(data.len() as u64);
         if self.written - self.flushed >= WRITEBACK_STEP {
             // Start writeback of what was written since the last step (and drop the clean pages
             // of the step before): with POSIX_FADV_DONTNEED, Linux queues the dirty pages for
@@ -464,13 +485,16 @@ impl Pending<'_> {
                 err: io::Error::other(format!("{} of {} bytes written", self.written, self.size)),
             });
         }
-        let mode = Permissions::from_mode(self.store.cfg.file_mode);
+        let mode = Permissions::from_mode(self.reservation.store.cfg.file_mode);
         // The umask may have narrowed the mode at creation; set it exactly.
         self.file
             .set_permissions(mode)
             .map_err(io_err("set the file mode"))?;
         self.file.sync_all().map_err(io_err("sync the file"))?;
-        let stored = self.store.place(&self.dir, &self.temp_name, &self.name)?;
+        let stored = self
+            .reservation
+            .store
+            .place(&self.dir, &self.temp_name, &self.name)?;
         self.done = true;
         self.dir
             .sync_all()
@@ -481,7 +505,6 @@ impl Pending<'_> {
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        self.store.release(self.size - self.written);
         if !self.done {
             let _ = rustix::fs::unlinkat(&*self.dir, self.temp_name.as_str(), AtFlags::empty());
         }
