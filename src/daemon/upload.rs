@@ -97,14 +97,16 @@ impl Outcome {
         }
     }
 
-    /// Whether the connection can carry further messages after this frame.
+    /// Whether the connection can carry further messages after this frame: after `OK`, and
+    /// after an `ERR` whose code says so (`Code::keeps_connection`).
     pub fn keeps_connection(&self) -> bool {
-        matches!(
-            self,
-            Outcome::Stored { .. }
-                | Outcome::Mismatch { .. }
-                | Outcome::Failed { in_sync: true, .. }
-        )
+        match self {
+            Outcome::Stored { .. } => true,
+            Outcome::Refused { code, .. } => code.keeps_connection(false),
+            Outcome::Mismatch { .. } => Code::Checksum.keeps_connection(true),
+            Outcome::Failed { code, in_sync, .. } => code.keeps_connection(*in_sync),
+            Outcome::Lost(_) => false,
+        }
     }
 }
 
@@ -136,8 +138,8 @@ pub fn receive(
             let code = match e {
                 StoreError::TooLarge { .. } => Code::TooLarge,
                 StoreError::NoSpace { .. } => Code::NoSpace,
-                StoreError::Exists(_) => Code::Exists,
-                StoreError::NoFreeName(_) | StoreError::Io { .. } => Code::Io,
+                StoreError::Exists(_) | StoreError::NoFreeName(_) => Code::Exists,
+                StoreError::Io { .. } => Code::Io,
             };
             log::warn!("{peer} file \"{shown}\" ({size} B) refused: {code}: {e}");
             return Outcome::Refused {
@@ -216,7 +218,7 @@ pub fn receive(
         }
         Err(e) => {
             let code = match e {
-                StoreError::Exists(_) => Code::Exists,
+                StoreError::Exists(_) | StoreError::NoFreeName(_) => Code::Exists,
                 _ => Code::Io,
             };
             log::error!("{peer} file \"{shown}\" not stored: {code}: {e}");
