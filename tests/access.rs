@@ -1158,10 +1158,15 @@ fn timed_line(s: &mut TcpStream, since: Instant, timeout: Duration) -> (String, 
 #[test]
 fn bodies_slower_than_min_upload_rate_are_cut_and_their_part_files_removed() {
     const MIN_RATE: u64 = 100_000;
-    // The window over which the daemon measures a body's rate.
-    const WINDOW: Duration = Duration::from_secs(10);
+    // The window over which the daemon measures a body's rate (access.upload_rate_window_secs,
+    // 10 s by default): the shortest, so that the test waits about 1 s, not 10.
+    const WINDOW: Duration = Duration::from_secs(1);
     let d = DaemonBuilder::new()
         .set("access", &format!("min_upload_bytes_per_sec = {MIN_RATE}"))
+        .set(
+            "access",
+            &format!("upload_rate_window_secs = {}", WINDOW.as_secs()),
+        )
         .start();
     let uploads = d.uploads();
     let body = Rng::new(5).bytes(1 << 20);

@@ -69,7 +69,8 @@ fn config(tmp: &TempDir, extra: &str) -> PathBuf {
             tmp.path().join("uploads").display().to_string()
         )
     };
-    let port = support::free_port();
+    // Never bound: the daemon refuses these configs (and check-config binds nothing).
+    let port = support::reserve_port().port();
     fs::write(
         &path,
         format!("[server]\nbind = \"127.0.0.1\"\nport = {port}\n\n[files]\n{dir_line}{extra}\n"),

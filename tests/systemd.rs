@@ -578,12 +578,14 @@ fn expect_reload_cycle(n: &Notify, d: &mut Daemon, from: usize) -> (usize, u64) 
 #[test]
 fn notify_ready_once_listening_then_live_status_and_stopping_on_sigterm() {
     // The daemon binds its own port here (READY=1 must wait for it): the test holds the port
-    // until the daemon listens, so nobody else can take it.
+    // until the daemon listens, so nobody else can take it. (Its UDP port could not be held, so
+    // the daemon runs without the UDP echo, as `bind_own_port` does.)
     let reserved = reserve_port();
     let port = reserved.port();
     let notify = Notify::bind_probing(Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
     let mut d = builder(&[("NOTIFY_SOCKET", &notify.path())], "")
         .set("server", &format!("port = {port}"))
+        .set("udp", "enabled = false")
         .start();
     drop(reserved);
 
@@ -928,7 +930,7 @@ struct Activated {
 fn start_activated() -> Activated {
     require_tool("systemd-socket-activate", INSTALL_SYSTEMD);
     let dir = TempDir::new();
-    // Both held by the test (bound, not listening, SO_REUSEADDR): the tool binds the first
+    // Both held by the test (TCP, bound, not listening, SO_REUSEADDR): the tool binds the first
     // beside the hold, and a connect to the second is refused unless ferryd listens there.
     let holds = (reserve_port(), reserve_port());
     let (act_port, cfg_port) = (holds.0.port(), holds.1.port());
@@ -1032,12 +1034,8 @@ fn socket_activation_with_a_datagram_socket_serves_udp_on_it() {
     // execs ferryd with LISTEN_FDS=2.
     require_tool("systemd-socket-activate", INSTALL_SYSTEMD);
     let dir = TempDir::new();
-    // Held by the test, as in `start_activated`, but the tool binds UDP without SO_REUSEADDR:
-    // only the TCP side of its port is held.
-    let _holds = (
-        Reservation::tcp_only(Ipv4Addr::LOCALHOST.into()),
-        reserve_port(),
-    );
+    // Held by the test, as in `start_activated` (TCP only: the tool binds the UDP side).
+    let _holds = (reserve_port(), reserve_port());
     let (act_port, cfg_port) = (_holds.0.port(), _holds.1.port());
     let cfg = write_config(&dir, cfg_port, &[]);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, act_port));

@@ -166,10 +166,11 @@ impl DaemonBuilder {
         self
     }
 
-    /// Lets the daemon bind its own port (`server.bind`, and the port the caller set or one the
-    /// builder holds for it until the daemon listens, see `Reservation`) instead of taking the
-    /// sockets the test passes, for tests of binding itself: the port stops listening at
-    /// shutdown, a reload keeps it, a READY=1 comes only once it listens.
+    /// Lets the daemon bind its own port (`server.bind`, and a port the builder holds for it
+    /// until the daemon listens, see `Reservation`) instead of taking the sockets the test
+    /// passes, for tests of binding itself: the port stops listening at shutdown, a reload keeps
+    /// it, a READY=1 comes only once it listens. The daemon runs with `udp.enabled = false`
+    /// unless the test sets `udp.enabled`: its UDP port cannot be held for it.
     pub fn bind_own_port(mut self) -> Self {
         self.own_port = true;
         self
@@ -258,8 +259,15 @@ impl DaemonBuilder {
         let (handoff, reservation) = if fixed_port.is_some() {
             (None, None)
         } else if self.own_port {
+            if !self
+                .lines("udp")
+                .any(|l| l.trim_start().starts_with("enabled"))
+            {
+                self = self.set("udp", "enabled = false");
+            }
             (None, Some(Reservation::new(bind_ip)))
         } else {
+            // The test's sockets, made as the daemon would make its own (see `Handoff`).
             let backlog = self.server_value("backlog").map_or(DEFAULT_BACKLOG, |v| {
                 v.parse()
                     .unwrap_or_else(|_| panic!("DaemonBuilder: backlog = {v} is not a number"))

@@ -1,6 +1,6 @@
 //! Where a test daemon listens, without a race for the port: sockets the test binds itself and
-//! hands to the daemon at fd 3 and 4 the way systemd socket activation does, or a port the test
-//! holds (bound, not listening) while a daemon that binds its own port starts.
+//! hands to the daemon at fd 3 and 4 the way systemd socket activation does, or a TCP port the
+//! test holds (bound, not listening) while a daemon that binds its own port starts.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -79,49 +79,26 @@ impl Handoff {
     }
 }
 
-/// A port on 127.0.0.1 held by the test, for a daemon that binds its own port: TCP and UDP
-/// sockets bound to it with SO_REUSEADDR but not listening. The daemon (which sets SO_REUSEADDR
-/// too) can bind the port meanwhile; nobody else gets it from the kernel, and a connect to it is
-/// refused until the daemon listens. Release it by dropping it once the daemon listens.
+/// A TCP port held by the test, for a daemon that binds its own port: a socket bound to it with
+/// SO_REUSEADDR but not listening. The daemon (which sets SO_REUSEADDR on its listener too) can
+/// bind and listen on the port meanwhile; nobody else gets it from the kernel, and a connect to
+/// it is refused until the daemon listens. Release it by dropping it once the daemon listens.
+///
+/// Only TCP: ferryd binds its UDP socket without SO_REUSEADDR, so that no other program can
+/// share that port, and no hold can be handed over to it. A daemon that binds its own port runs
+/// without the UDP echo unless its test asks for it (see `DaemonBuilder::bind_own_port`).
 #[derive(Debug)]
 pub struct Reservation {
     _tcp: Socket,
-    _udp: Option<Socket>,
     addr: SocketAddr,
 }
 
 impl Reservation {
     pub fn new(ip: IpAddr) -> Reservation {
-        for _ in 0..ATTEMPTS {
-            let tcp = new_socket(ip, Type::STREAM);
-            bind(&tcp, SocketAddr::new(ip, 0)).unwrap_or_else(|e| panic!("binding {ip}:0: {e}"));
-            let addr = local_addr(&tcp);
-            let udp = new_socket(ip, Type::DGRAM);
-            match bind(&udp, addr) {
-                Ok(()) => {
-                    return Reservation {
-                        _tcp: tcp,
-                        _udp: Some(udp),
-                        addr,
-                    };
-                }
-                Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
-                Err(e) => panic!("binding UDP {addr}: {e}"),
-            }
-        }
-        panic!("no port on {ip} had both its TCP and UDP side free in {ATTEMPTS} tries");
-    }
-
-    /// Holds only the TCP side, for a program that binds the UDP side without SO_REUSEADDR.
-    pub fn tcp_only(ip: IpAddr) -> Reservation {
         let tcp = new_socket(ip, Type::STREAM);
         bind(&tcp, SocketAddr::new(ip, 0)).unwrap_or_else(|e| panic!("binding {ip}:0: {e}"));
         let addr = local_addr(&tcp);
-        Reservation {
-            _tcp: tcp,
-            _udp: None,
-            addr,
-        }
+        Reservation { _tcp: tcp, addr }
     }
 
     pub fn port(&self) -> u16 {
@@ -135,20 +112,20 @@ pub fn reserve_port() -> Reservation {
     Reservation::new(Ipv4Addr::LOCALHOST.into())
 }
 
-/// A close-on-exec socket with SO_REUSEADDR (as the daemon sets it), dual-stack on `::`.
+/// A close-on-exec socket made as the daemon makes its own: SO_REUSEADDR on TCP only (UDP
+/// without it, so that no other program can share the port), dual-stack on `::`.
 fn new_socket(ip: IpAddr, kind: Type) -> Socket {
-    let protocol = if kind == Type::STREAM {
-        Protocol::TCP
-    } else {
-        Protocol::UDP
-    };
+    let tcp = kind == Type::STREAM;
+    let protocol = if tcp { Protocol::TCP } else { Protocol::UDP };
     let socket = Socket::new(
         Domain::for_address(SocketAddr::new(ip, 0)),
         kind,
         Some(protocol),
     )
     .unwrap_or_else(|e| panic!("cannot make a socket for {ip}: {e}"));
-    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    if tcp {
+        socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    }
     if ip.is_ipv6() && ip.is_unspecified() {
         socket.set_only_v6(false).expect("IPV6_V6ONLY off");
     }
