@@ -27,8 +27,8 @@ use ferryd::proto::{HEADER_LEN, Header, MAGIC};
 use support::{
     Daemon, DaemonBuilder, Rng, TempDir, connect_from, describe, echo_round_trip,
     expect_err_then_eof, expect_then_eof, header_for, is_timeout, label, log_tail, names_in,
-    ok_line, parts_in, path_str, peer_label, read_line, read_until_eof, run_ferryd, send_all,
-    target, try_connect_from, wait_until, write_file,
+    ok_line, parts_in, path_str, peer_label, read_line, read_until_eof, retry_eintr, run_ferryd,
+    send_all, target, try_connect_from, wait_until, write_file,
 };
 
 const ERR_NOT_ALLOWED: &[u8] = b"ERR not-allowed not allowed\n";
@@ -311,7 +311,7 @@ fn check_udp(d: &Daemon, denied: &str, rule: &str, allowed: &str) {
         .unwrap();
     let mut buf = [0u8; 512];
     allowed_sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    match allowed_sock.recv_from(&mut buf) {
+    match retry_eintr(|| allowed_sock.recv_from(&mut buf)) {
         Ok((n, _)) => assert_eq!(&buf[..n], allowed_msg, "{what}: the allowed echo"),
         Err(e) => panic!(
             "{what}: no echo for the allowed address: {e}{}",
@@ -323,7 +323,7 @@ fn check_udp(d: &Daemon, denied: &str, rule: &str, allowed: &str) {
     denied_sock
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
-    match denied_sock.recv_from(&mut buf) {
+    match retry_eintr(|| denied_sock.recv_from(&mut buf)) {
         Ok((n, from)) => panic!(
             "{what}: the denied address got an answer from {from}: {:?}{}",
             String::from_utf8_lossy(&buf[..n]),

@@ -20,7 +20,8 @@ use ferryd::proto::Header;
 
 use support::{
     Daemon, DaemonBuilder, TempDir, constant_threads, is_timeout, label, log_tail, median,
-    path_str, read_until_eof, require_tool, run_ferryd, run_for, tcp_queues, wait_until,
+    path_str, read_until_eof, require_tool, retry_eintr, run_ferryd, run_for, tcp_queues,
+    wait_until,
 };
 
 const NC_HINT: &str = "apt-get install -y netcat-openbsd";
@@ -452,7 +453,7 @@ fn udp_disabled_opens_no_udp_socket() {
     s.send(b"anyone there?\n").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut buf = [0u8; 64];
-    let got = s.recv(&mut buf);
+    let got = retry_eintr(|| s.recv(&mut buf));
     assert!(
         matches!(&got, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused),
         "expected ECONNREFUSED (no UDP socket on port {}), got {got:?}{}",

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use support::{
     Daemon, DaemonBuilder, TempDir, constant_threads, echo_round_trip, expect_then_eof, log_tail,
-    median, path_str, peer_label, read_line, read_to_eof, require_tool, run_ferryd, stderr_of,
-    stdout_of, tcp_queues, wait_until, write_file,
+    median, path_str, peer_label, read_line, read_to_eof, require_tool, retry_eintr, run_ferryd,
+    stderr_of, stdout_of, tcp_queues, wait_until, write_file,
 };
 
 const VERSION: &str = "0.1.0";
@@ -521,7 +521,7 @@ fn long_line_streams_without_buffering() {
     let mut buf = vec![0u8; 64 * 1024];
     let mut n = 0;
     while n < TOTAL {
-        let k = match s.read(&mut buf) {
+        let k = match retry_eintr(|| s.read(&mut buf)) {
             Ok(0) => panic!("EOF after {n} of {TOTAL} bytes{}", log_tail(&d)),
             Ok(k) => k,
             Err(e) => panic!(
@@ -568,7 +568,7 @@ fn full_queue_refuses_with_busy_and_queued_client_is_served_later() {
     c.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     let mut buf = [0u8; 64];
-    match c.read(&mut buf) {
+    match retry_eintr(|| c.read(&mut buf)) {
         Err(e)
             if matches!(
                 e.kind(),

@@ -454,7 +454,7 @@ fn no_other_socket_can_take_the_udp_port_and_a_second_ferryd_fails_at_start() {
     c.set_read_timeout(Some(SHORT)).unwrap();
     c.send_to(b"ping", addr).unwrap();
     let mut buf = [0u8; 16];
-    let (n, _) = c.recv_from(&mut buf).unwrap();
+    let (n, _) = support::retry_eintr(|| c.recv_from(&mut buf)).unwrap();
     assert_eq!(&buf[..n], b"ping");
 
     // A second ferryd on the same port exits 1 with a clear line.

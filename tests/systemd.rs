@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use support::{
     Captured, Daemon, DaemonBuilder, Reservation, TempDir, echo_round_trip, holds_udp_port,
-    path_str, peer_label, require_tool, reserve_port, signal, wait_until,
+    path_str, peer_label, require_tool, reserve_port, retry_eintr, signal, wait_until,
 };
 
 /// How long any single expected event (a datagram, a log line, an exit) may take.
@@ -1077,8 +1077,7 @@ fn socket_activation_with_a_datagram_socket_serves_udp_on_it() {
     };
     echo_round_trip(&mut client, b"activated\n");
     let mut buf = [0u8; 64];
-    let (n, from) = udp
-        .recv_from(&mut buf)
+    let (n, from) = retry_eintr(|| udp.recv_from(&mut buf))
         .expect("the datagram is echoed from the passed socket");
     assert_eq!(&buf[..n], b"passed datagram\n");
     assert_eq!(

@@ -674,6 +674,18 @@ pub fn connect_from(d: &Daemon, from: IpAddr) -> TcpStream {
         .unwrap_or_else(|e| panic!("connecting from {from} to {to}: {e}{}", log_tail(d)))
 }
 
+/// Runs a socket call again while it fails with EINTR. A read or receive on a socket with a
+/// timeout fails so when the process is stopped and continued, even without a signal handler
+/// (signal(7)), and that is no answer.
+pub fn retry_eintr<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
 /// Writes all of `data`, panicking with the daemon's log on failure.
 pub fn send_all(d: &Daemon, s: &mut TcpStream, data: &[u8], what: &str) {
     if let Err(e) = s.write_all(data) {
