@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ferryd::{Command, Config, ConfigError, Origin, SendOptions};
+use ferryd::{Command, Config, ConfigError, Origin, PackOptions, SendOptions};
 
 /// Exit codes (sysexits.h where one fits).
 const EXIT_FAILURE: u8 = 1;
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => check_config(config),
         Command::Send(opts) => send(&opts),
-        Command::Pack { files } => pack(&files),
+        Command::Pack(opts) => pack(&opts),
         Command::Run { config } => run(config),
     }
 }
@@ -76,8 +76,8 @@ fn send(opts: &SendOptions) -> ExitCode {
     }
 }
 
-fn pack(files: &[PathBuf]) -> ExitCode {
-    match ferryd::pack(files, &mut std::io::stdout().lock()) {
+fn pack(opts: &PackOptions) -> ExitCode {
+    match ferryd::pack(opts, &mut std::io::stdout().lock()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferryd: {e}");

@@ -7,10 +7,20 @@
 mod support;
 
 use std::fs;
+use std::io::Write;
 use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use support::{Daemon, DaemonBuilder, Rng, TempDir, log_tail, names_in, run_ferryd_for};
+use sha2::{Digest, Sha256};
+
+use ferryd::auth::{Key, NONCE_LEN};
+use ferryd::proto::{Algo, HEADER_LEN, Header};
+
+use support::{
+    Daemon, DaemonBuilder, Rng, TempDir, expect_err_then_eof, log_tail, names_in, read_line,
+    require_tool, run_ferryd_for, run_for,
+};
 
 /// How long a client run may take.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -64,4 +74,283 @@ fn log_shows_a_chinese_name_as_written() {
     );
     assert!(!log.contains("\\xe7"), "the log escaped the name:\n{log}");
     assert_stored(&d, &d.uploads(), "照片.jpg", &body, "send 照片.jpg");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256(body: &[u8]) -> [u8; 32] {
+    Sha256::digest(body).into()
+}
+
+/// Runs `ferryd ARGS` and asserts it exited 0; returns its stdout.
+fn ferryd_ok(d: &Daemon, args: &[&str]) -> String {
+    let out = run_ferryd_for(args, &[], RUN_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "ferryd {args:?} failed: {}{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        log_tail(d)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `ferryd send` in each checksum algorithm and place: the answer's hex is the checksum in the
+/// algorithm the frame named, the log names it, and the stored file is the source.
+#[test]
+fn send_in_every_hash_and_place() {
+    let d = DaemonBuilder::new().start();
+    let src = TempDir::new();
+    let to = d.addr().to_string();
+    let mut rng = Rng::new(21);
+    let cases = [
+        ("blake3", "trailing", 0usize),
+        ("blake3", "header", 3 << 20),
+        ("sha256", "trailing", (5 << 20) + 3),
+        ("sha256", "header", 1),
+        ("blake3", "trailing", (9 << 20) + 7),
+        ("sha256", "trailing", 4096),
+    ];
+    for (i, (algo, place, len)) in cases.into_iter().enumerate() {
+        let name = format!("f{i}-{algo}-{place}.bin");
+        let body = rng.bytes(len);
+        let path = src.path().join(&name);
+        fs::write(&path, &body).unwrap();
+        let out = ferryd_ok(
+            &d,
+            &[
+                "send",
+                "--to",
+                &to,
+                "--hash",
+                algo,
+                "--checksum",
+                place,
+                path.to_str().unwrap(),
+            ],
+        );
+        let want = match algo {
+            "sha256" => hex(&sha256(&body)),
+            _ => blake3::hash(&body).to_hex().to_string(),
+        };
+        assert!(
+            out.trim_end().ends_with(&format!("OK {name} {len} {want}")),
+            "{algo} {place}: {out}{}",
+            log_tail(&d)
+        );
+        let trailing = if place == "trailing" {
+            ", trailing checksum"
+        } else {
+            ""
+        };
+        d.wait_log(
+            &format!("stored \"{name}\" as \"{name}\" ({len} B, {algo} {want}{trailing}, "),
+            Duration::from_secs(10),
+        );
+        assert_stored(&d, &d.uploads(), &name, &body, &format!("{algo} {place}"));
+    }
+}
+
+/// A raw trailing frame: header (checksum field zero), name, body, then the checksum.
+fn trailing_frame(algo: Algo, name: &str, body: &[u8], sum: &[u8; 32]) -> Vec<u8> {
+    let header = Header {
+        algo,
+        trailing: true,
+        name_len: name.len() as u16,
+        size: body.len() as u64,
+        ..Header::default()
+    };
+    [&header.encode()[..], name.as_bytes(), body, sum].concat()
+}
+
+/// A wrong trailing checksum stores nothing and keeps the connection; a trailing frame with a
+/// non-zero header checksum is refused before its body.
+#[test]
+fn trailing_checksum_is_verified_before_commit() {
+    let d = DaemonBuilder::new().start();
+    let body = Rng::new(5).bytes(300_000);
+    let mut s = d.connect();
+    let mut bad = sha256(&body);
+    bad[0] ^= 1;
+    s.write_all(&trailing_frame(Algo::Sha256, "bad.bin", &body, &bad))
+        .unwrap();
+    let line = read_line(&mut s);
+    assert!(line.starts_with("ERR checksum "), "{line}{}", log_tail(&d));
+    // The connection goes on: the next frame, a good one, is stored.
+    s.write_all(&trailing_frame(
+        Algo::Sha256,
+        "good.bin",
+        &body,
+        &sha256(&body),
+    ))
+    .unwrap();
+    let line = read_line(&mut s);
+    assert_eq!(
+        line,
+        format!("OK good.bin {} {}\n", body.len(), hex(&sha256(&body))),
+        "{}",
+        log_tail(&d)
+    );
+    assert_eq!(names_in(&d.uploads()), ["good.bin"]);
+    assert_stored(&d, &d.uploads(), "good.bin", &body, "good trailing frame");
+    drop(s);
+    // Flag bit 2 with a checksum in the header: bad-header, before any body.
+    let mut s = d.connect();
+    let header = Header {
+        trailing: true,
+        name_len: 5,
+        size: 10,
+        checksum: [1; 32],
+        ..Header::default()
+    };
+    s.write_all(&header.encode()).unwrap();
+    expect_err_then_eof(
+        &d,
+        &mut s,
+        "bad-header",
+        "trailing frame with a header checksum",
+    );
+}
+
+/// With an upload key, `ferryd send` (trailing, both algorithms) is stored; a raw trailing
+/// frame whose second tag does not match is refused with nothing stored.
+#[test]
+fn trailing_frames_with_an_upload_key() {
+    let dir = TempDir::new();
+    let key_path = dir.path().join("key");
+    fs::write(&key_path, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let d = DaemonBuilder::new()
+        .set(
+            "files",
+            &format!("token_file = {:?}", key_path.to_str().unwrap()),
+        )
+        .start();
+    let to = d.addr().to_string();
+    let body = Rng::new(8).bytes((2 << 20) + 5);
+    let path = dir.path().join("keyed.bin");
+    fs::write(&path, &body).unwrap();
+    for algo in ["sha256", "blake3"] {
+        let out = ferryd_ok(
+            &d,
+            &[
+                "send",
+                "--to",
+                &to,
+                "--key-file",
+                key_path.to_str().unwrap(),
+                "--hash",
+                algo,
+                path.to_str().unwrap(),
+            ],
+        );
+        assert!(out.contains(": OK keyed"), "{out}");
+    }
+    assert_stored(&d, &d.uploads(), "keyed.bin", &body, "keyed trailing");
+    assert_stored(&d, &d.uploads(), "keyed (1).bin", &body, "keyed trailing");
+    // By hand: a good first tag, a wrong second one.
+    let key = Key::from_bytes(b"0123456789abcdef0123456789abcdef");
+    let mut s = d.connect();
+    let nonce_line = read_line(&mut s);
+    let nonce: [u8; NONCE_LEN] = ferryd::auth::from_hex(
+        nonce_line
+            .trim_end()
+            .strip_prefix("NONCE ")
+            .expect("a NONCE line"),
+    )
+    .and_then(|n| n.try_into().ok())
+    .expect("64 hex digits");
+    let header = Header {
+        authenticated: true,
+        algo: Algo::Sha256,
+        trailing: true,
+        name_len: 8,
+        size: body.len() as u64,
+        ..Header::default()
+    }
+    .encode();
+    let tag = key.upload_tag(&nonce, 0, &header, b"evil.bin");
+    let sum = sha256(&body);
+    let mut wrong = key.trailer_tag(&tag, &sum);
+    wrong[3] ^= 0x40;
+    let frame = [&header[..], b"evil.bin", &tag, &body, &sum, &wrong].concat();
+    s.write_all(&frame).unwrap();
+    expect_err_then_eof(&d, &mut s, "unauthorized", "wrong trailer tag");
+    assert!(!d.uploads().join("evil.bin").exists());
+    assert_eq!(HEADER_LEN, header.len());
+}
+
+/// `ferryd send --name NAME -` from a pipe and from a redirected file, and `ferryd pack --name
+/// NAME -` into netcat: all stored as sent, and no spool file left in $TMPDIR.
+#[test]
+fn stdin_uploads() {
+    require_tool("nc", "apt-get install -y netcat-openbsd");
+    let d = DaemonBuilder::new().start();
+    let tmp = TempDir::new();
+    let src = TempDir::new();
+    let to = d.addr().to_string();
+    let body = Rng::new(9).bytes((3 << 20) + 17);
+    let path = src.path().join("source.bin");
+    fs::write(&path, &body).unwrap();
+    let sh = |script: &str| -> Output {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", script, support::bin(), path.to_str().unwrap(), &to])
+            .env("TMPDIR", tmp.path())
+            .env_remove("FERRYD_CONFIG");
+        let out = run_for(cmd, script, RUN_TIMEOUT);
+        assert!(
+            out.status.success(),
+            "{script}: {}{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            log_tail(&d)
+        );
+        out
+    };
+    let port = d.port();
+    let cases = [
+        ("piped.bin", "cat \"$1\" | \"$0\" send --to \"$2\" --name piped.bin -".to_string()),
+        ("piped-sha.bin", "cat \"$1\" | \"$0\" send --to \"$2\" --hash sha256 --checksum header --name piped-sha.bin -".to_string()),
+        ("redirected.bin", "\"$0\" send --to \"$2\" --name redirected.bin - < \"$1\"".to_string()),
+        ("packed.bin", format!("cat \"$1\" | \"$0\" pack --name packed.bin - | nc -N 127.0.0.1 {port}")),
+    ];
+    for (name, script) in &cases {
+        let out = sh(script);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("OK {name} {}", body.len())),
+            "{script}: {text}"
+        );
+        assert_stored(&d, &d.uploads(), name, &body, script);
+    }
+    assert_eq!(
+        names_in(tmp.path()),
+        Vec::<String>::new(),
+        "spool files left"
+    );
+    // An empty pipe is an empty file.
+    let out = sh("printf '' | \"$0\" send --to \"$2\" --name empty.bin -");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK empty.bin 0 "));
+    assert_stored(&d, &d.uploads(), "empty.bin", b"", "empty stdin");
+    // A TMPDIR that cannot hold the pipe: a clear error, nothing sent.
+    let mut cmd = Command::new(support::bin());
+    cmd.args(["send", "--to", &to, "--name", "x.bin", "-"])
+        .env("TMPDIR", tmp.path().join("missing"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"data").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("cannot hold standard input in") && text.contains("TMPDIR"),
+        "{text}"
+    );
 }

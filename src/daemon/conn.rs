@@ -515,6 +515,11 @@ impl Conn<'_> {
             }
             auth.seq += 1;
         }
+        // A trailing checksum comes with a second tag when the frame needed a key.
+        let trailer_key = match &self.auth {
+            Some(a) if header.trailing => Some(Arc::clone(&a.key)),
+            _ => None,
+        };
         let shared = self.shared;
         let peer = self.peer;
         let min_rate = self.cfg.access.min_upload_bytes_per_sec;
@@ -538,6 +543,10 @@ impl Conn<'_> {
             name,
             &mut source,
             shared.hash_pool(),
+            trailer_key.as_deref().map(|key| upload::TrailerAuth {
+                key,
+                first_tag: tag,
+            }),
             &peer,
         );
         let _ = self.stream.set_read_timeout(Some(idle));
@@ -697,7 +706,7 @@ fn code_for(e: FrameError) -> Code {
     match e {
         FrameError::Magic => Code::BadMagic,
         FrameError::Version(_) => Code::BadVersion,
-        FrameError::Flags(_) => Code::BadHeader,
+        FrameError::Flags(_) | FrameError::TrailingChecksum => Code::BadHeader,
         FrameError::NameLength(_) => Code::BadName,
     }
 }
