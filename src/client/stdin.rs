@@ -125,7 +125,7 @@ fn create_unlinked(dir: &std::path::Path) -> io::Result<File> {
         crate::auth::new_nonce().map(|n| random.copy_from_slice(&n[..8]))?;
         let path = dir.join(format!(
             ".ferryd-stdin-{}",
-            crate::proto::answer::hex(&random)
+            crate::proto::wire::hex(&random)
         ));
         match OpenOptions::new()
             .read(true)

@@ -12,6 +12,7 @@ pub mod notify;
 pub mod ratelimit;
 pub mod registry;
 pub mod server;
+pub mod shared;
 pub mod signals;
 pub mod stats;
 pub mod store;

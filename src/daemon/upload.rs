@@ -11,8 +11,8 @@ use crate::daemon::bodyhash::BodyHash;
 use crate::daemon::store::{Store, StoreError};
 use crate::daemon::streamhash::HashPool;
 use crate::escape::escaped;
-use crate::proto::answer::{self, Code};
 use crate::proto::header::CHECKSUM_LEN;
+use crate::proto::wire::{self as answer, Code, ERR_SHUTDOWN};
 use crate::proto::{Header, name};
 
 /// How often a large upload logs its progress, at most.
@@ -93,7 +93,7 @@ impl Outcome {
                 answer::err_line(*code, reason)
             }
             Outcome::Mismatch { reason } => answer::err_line(Code::Checksum, reason),
-            Outcome::Lost(Lost::Shutdown) => "ERR server shutting down\n".to_string(),
+            Outcome::Lost(Lost::Shutdown) => String::from_utf8_lossy(ERR_SHUTDOWN).into_owned(),
             Outcome::Lost(lost @ (Lost::Timeout | Lost::TooSlow { .. })) => {
                 answer::err_line(Code::Timeout, lost)
             }
