@@ -31,6 +31,14 @@ pub struct Config {
     pub files: FilesConfig,
     pub access: AccessConfig,
     pub log: LogConfig,
+    pub compat: CompatConfig,
+}
+
+/// Compatibility with clients that do not speak the frame protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompatConfig {
+    /// Store `NAME**SIZE` uploads (the Qt tutorial file client), unverified.
+    pub starstar_uploads: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +70,9 @@ pub struct ServerConfig {
     pub mode: Mode,
     /// Chat mode: messages waiting for one slow client before it is dropped.
     pub chat_queue_depth: usize,
+    /// Chat mode: text without a newline is delivered as a line after this much silence;
+    /// `None` (0 in the file): only at a newline (or the end of the stream).
+    pub chat_flush: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -286,6 +297,7 @@ impl Default for Config {
                 shutdown_grace: Duration::from_secs(SHUTDOWN_GRACE_SECS.default as u64),
                 mode: Mode::Echo,
                 chat_queue_depth: CHAT_QUEUE_DEPTH.default as usize,
+                chat_flush: Some(Duration::from_millis(CHAT_FLUSH_MS.default as u64)),
             },
             udp: UdpConfig {
                 enabled: true,
@@ -316,6 +328,9 @@ impl Default for Config {
                 level: log::LevelFilter::Info,
                 format: LogFormat::Auto,
             },
+            compat: CompatConfig {
+                starstar_uploads: false,
+            },
         }
     }
 }
@@ -345,6 +360,11 @@ impl fmt::Display for Config {
         writeln!(f, "shutdown_grace_secs = {}", s.shutdown_grace.as_secs())?;
         writeln!(f, "mode = \"{}\"", s.mode.as_str())?;
         writeln!(f, "chat_queue_depth = {}", s.chat_queue_depth)?;
+        writeln!(
+            f,
+            "chat_flush_ms = {}",
+            s.chat_flush.map_or(0, |d| d.as_millis())
+        )?;
         writeln!(f)?;
         let u = &self.udp;
         writeln!(f, "[udp]")?;
@@ -395,7 +415,10 @@ impl fmt::Display for Config {
             "level = \"{}\"",
             self.log.level.as_str().to_ascii_lowercase()
         )?;
-        writeln!(f, "format = \"{}\"", self.log.format.as_str())
+        writeln!(f, "format = \"{}\"", self.log.format.as_str())?;
+        writeln!(f)?;
+        writeln!(f, "[compat]")?;
+        writeln!(f, "starstar_uploads = {}", self.compat.starstar_uploads)
     }
 }
 
@@ -496,6 +519,13 @@ const MIN_FREE_BYTES: IntKey = IntKey {
     default: 64 << 20,
     octal: false,
 };
+const CHAT_FLUSH_MS: IntKey = IntKey {
+    name: "server.chat_flush_ms",
+    min: 0,
+    max: 60_000,
+    default: 200,
+    octal: false,
+};
 const CHAT_QUEUE_DEPTH: IntKey = IntKey {
     name: "server.chat_queue_depth",
     min: 1,
@@ -579,6 +609,7 @@ const INT_KEYS: &[&IntKey] = &[
     &FILE_MODE,
     &MIN_FREE_BYTES,
     &CHAT_QUEUE_DEPTH,
+    &CHAT_FLUSH_MS,
     &UDP_PORT,
     &MAX_DATAGRAM_BYTES,
     &RATE_PER_SEC,
@@ -616,6 +647,7 @@ const DENY: &str = "access.deny";
 const RULES_ALLOWED: &str =
     "a list of IPv4/IPv6 addresses and CIDR ranges, e.g. [\"10.0.0.0/8\", \"::1\"]";
 const REQUIRE_TOKEN: &str = "access.require_token";
+const STARSTAR_UPLOADS: &str = "compat.starstar_uploads";
 const TOKEN_FILE: &str = "files.token_file";
 const TOKEN_FILE_ALLOWED: &str = "the path of a file holding the shared key (16 bytes or more)";
 const BIND_ALLOWED: &str =
@@ -655,7 +687,7 @@ fn allowed_for(key: &str) -> Option<String> {
     }
     match key {
         BIND | UDP_BIND => Some(BIND_ALLOWED.to_string()),
-        UDP_ENABLED | REQUIRE_TOKEN => Some("true or false".to_string()),
+        UDP_ENABLED | REQUIRE_TOKEN | STARSTAR_UPLOADS => Some("true or false".to_string()),
         ALLOW | DENY => Some(RULES_ALLOWED.to_string()),
         TOKEN_FILE => Some(TOKEN_FILE_ALLOWED.to_string()),
         FILES_DIR => Some(FILES_DIR_ALLOWED.to_string()),
@@ -681,6 +713,14 @@ struct RawConfig {
     access: RawAccess,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    compat: RawCompat,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCompat {
+    starstar_uploads: Field,
 }
 
 #[derive(Deserialize, Default)]
@@ -732,6 +772,7 @@ struct RawServer {
     shutdown_grace_secs: Field,
     mode: Field,
     chat_queue_depth: Field,
+    chat_flush_ms: Field,
 }
 
 #[derive(Deserialize, Default)]
@@ -775,6 +816,10 @@ impl Ctx<'_> {
                 shutdown_grace: self.secs(&s.shutdown_grace_secs, &SHUTDOWN_GRACE_SECS)?,
                 mode,
                 chat_queue_depth: self.int(&s.chat_queue_depth, &CHAT_QUEUE_DEPTH)? as usize,
+                chat_flush: match self.int(&s.chat_flush_ms, &CHAT_FLUSH_MS)? {
+                    0 => None,
+                    ms => Some(Duration::from_millis(ms as u64)),
+                },
             },
             udp: UdpConfig {
                 enabled: self.boolean(&raw.udp.enabled, UDP_ENABLED)?.unwrap_or(true),
@@ -795,6 +840,7 @@ impl Ctx<'_> {
                 max_peers: self.int(&raw.udp.max_peers, &MAX_PEERS)? as usize,
             },
             files: self.files(&raw.files)?,
+            compat: self.compat(&raw.compat, &raw.files)?,
             access: self.access(&raw.access, &raw.files)?,
             log: LogConfig {
                 level,
@@ -824,6 +870,22 @@ impl Ctx<'_> {
             min_free_bytes: self.int(&f.min_free_bytes, &MIN_FREE_BYTES)? as u64,
             token_file: self.path(&f.token_file, TOKEN_FILE)?,
         })
+    }
+
+    fn compat(&self, c: &RawCompat, files: &RawFiles) -> Result<CompatConfig, ConfigError> {
+        let starstar_uploads = self
+            .boolean(&c.starstar_uploads, STARSTAR_UPLOADS)?
+            .unwrap_or(false);
+        if let (true, Some(v), Some(_)) = (starstar_uploads, &c.starstar_uploads, &files.token_file)
+        {
+            return Err(self.bad(
+                v,
+                STARSTAR_UPLOADS,
+                "cannot be combined with files.token_file: a NAME**SIZE upload carries no key",
+                "false while files.token_file is set",
+            ));
+        }
+        Ok(CompatConfig { starstar_uploads })
     }
 
     fn access(&self, a: &RawAccess, files: &RawFiles) -> Result<AccessConfig, ConfigError> {
@@ -1260,6 +1322,19 @@ mod tests {
             (
                 "[access]\nmax_per_ip = 0\n",
                 "access.max_per_ip = 0: out of range",
+            ),
+            (
+                "[files]\ntoken_file = \"/k\"\n[compat]\nstarstar_uploads = true\n",
+                "compat.starstar_uploads = true: cannot be combined with files.token_file",
+            ),
+            (
+                "[compat]\nstarstar_uploads = 1\n",
+                "compat.starstar_uploads",
+            ),
+            ("[compat]\nstarstar = true\n", "unknown field `starstar`"),
+            (
+                "[server]\nchat_flush_ms = 60001\n",
+                "server.chat_flush_ms = 60001: out of range; allowed: an integer in 0–60000",
             ),
         ];
         for (src, want) in cases {

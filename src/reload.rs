@@ -56,6 +56,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         "server.max_line_bytes" => server.max_line_bytes,
         "server.shutdown_grace_secs" => server.shutdown_grace,
         "server.chat_queue_depth" => server.chat_queue_depth,
+        "server.chat_flush_ms" => server.chat_flush,
         "udp.max_datagram_bytes" => udp.max_datagram_bytes,
         "udp.rate_per_sec" => udp.rate_per_sec,
         "udp.burst" => udp.burst,
@@ -75,6 +76,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         "access.min_upload_bytes_per_sec" => access.min_upload_bytes_per_sec,
         "log.level" => log.level,
         "log.format" => log.format,
+        "compat.starstar_uploads" => compat.starstar_uploads,
     }
     Plan {
         effective,

@@ -354,3 +354,149 @@ fn stdin_uploads() {
         "{text}"
     );
 }
+
+/// `[compat] starstar_uploads = true`: the seed client's `NAME**SIZE` head, then (after the
+/// client's pause, here: once the daemon has logged the head) the body and the close. Stored
+/// byte for byte, including a body that starts with digits; OK line sent, nothing echoed.
+#[test]
+fn starstar_uploads_are_stored_unverified() {
+    let d = DaemonBuilder::new()
+        .set("compat", "starstar_uploads = true")
+        .start();
+    let mut rng = Rng::new(4);
+    let mut digits = b"31415926".to_vec();
+    digits.extend(rng.bytes(10_000));
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("photo.jpg", rng.bytes(200_031)),
+        ("digits first.bin", digits),
+        ("照片.txt", "你好\n".repeat(1000).into_bytes()),
+        ("empty.txt", Vec::new()),
+    ];
+    for (name, body) in &cases {
+        let mut s = d.connect();
+        s.write_all(format!("{name}**{}", body.len()).as_bytes())
+            .unwrap();
+        d.wait_log(
+            &format!(
+                "\"{name}\" ({} B): no checksum, storing unverified",
+                body.len()
+            ),
+            Duration::from_secs(10),
+        );
+        for chunk in body.chunks(4096) {
+            s.write_all(chunk).unwrap();
+        }
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let (got, err) = support::read_until_eof(&mut s, Duration::from_secs(10));
+        let want = format!("OK {name} {} {}\n", body.len(), blake3::hash(body).to_hex());
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            want,
+            "{name}: {err:?}{}",
+            log_tail(&d)
+        );
+        assert_stored(&d, &d.uploads(), name, body, name);
+        d.wait_log(
+            &format!("stored \"{name}\" as \"{name}\" ({} B, blake3 ", body.len()),
+            Duration::from_secs(10),
+        );
+    }
+    assert!(
+        d.log()
+            .contains("unverified (NAME**SIZE upload, no checksum)")
+    );
+    // The usual rules: a reserved name is refused, and so is a size over max_file_size.
+    let mut s = d.connect();
+    s.write_all(b".ferryd-x**3abc").unwrap();
+    expect_err_then_eof(&d, &mut s, "bad-name", "reserved starstar name");
+    let mut s = d.connect();
+    s.write_all(b"big.bin**99999999999999").unwrap();
+    expect_err_then_eof(&d, &mut s, "too-large", "starstar over max_file_size");
+    assert_eq!(names_in(&d.uploads()).len(), cases.len());
+}
+
+/// `starstar_uploads = false` (the default): the same head gets one `ERR legacy-header` line
+/// saying how to turn it on, a warning in the log, and the close; in chat mode nothing reaches
+/// the room.
+#[test]
+fn starstar_uploads_off_refuse_with_legacy_header() {
+    for mode in ["echo", "chat"] {
+        let d = DaemonBuilder::new()
+            .set("server", &format!("mode = \"{mode}\""))
+            .start();
+        let mut other = d.connect();
+        if mode == "chat" {
+            read_line(&mut other);
+        }
+        let mut s = d.connect();
+        if mode == "chat" {
+            read_line(&mut s);
+        }
+        s.write_all(b"photo.jpg**200031").unwrap();
+        let line = expect_err_then_eof(&d, &mut s, "legacy-header", mode);
+        assert!(line.contains("starstar_uploads = true"), "{line}");
+        d.wait_log(
+            "refused: legacy-header: the connection opened with a NAME**SIZE upload (\"photo.jpg\", 200031 B) and compat.starstar_uploads is off",
+            Duration::from_secs(10),
+        );
+        assert!(names_in(&d.uploads()).is_empty());
+        if mode == "chat" {
+            // The other member hears the join and the leave, nothing else.
+            let joined = read_line(&mut other);
+            assert!(joined.contains("joined"), "{joined}");
+            let left = read_line(&mut other);
+            assert!(left.contains("left"), "{left}");
+        }
+    }
+}
+
+/// Chat: text without a newline is delivered as a line after `server.chat_flush_ms`; the newline
+/// that follows it does not make an empty line; an unterminated last line is delivered at EOF.
+/// Echo is unchanged.
+#[test]
+fn chat_delivers_text_without_newline() {
+    let d = DaemonBuilder::new()
+        .set("server", "mode = \"chat\"")
+        .set("server", "chat_flush_ms = 100")
+        .start();
+    let mut a = d.connect();
+    read_line(&mut a);
+    let mut b = d.connect();
+    read_line(&mut b);
+    let joined = read_line(&mut a);
+    let la = a.local_addr().unwrap().to_string();
+    assert!(joined.contains("joined"), "{joined}");
+    a.write_all("你好，服务器".as_bytes()).unwrap();
+    assert_eq!(read_line(&mut b), format!("[{la}] 你好，服务器\n"));
+    a.write_all(b"\n").unwrap();
+    a.write_all(b"next\n").unwrap();
+    assert_eq!(read_line(&mut b), format!("[{la}] next\n"));
+    a.write_all(b"last words").unwrap();
+    a.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_line(&mut b), format!("[{la}] last words\n"));
+    assert!(read_line(&mut b).contains("left (eof)"));
+    // With the flush off, the last line still arrives at EOF.
+    let d = DaemonBuilder::new()
+        .set("server", "mode = \"chat\"")
+        .set("server", "chat_flush_ms = 0")
+        .start();
+    let mut a = d.connect();
+    read_line(&mut a);
+    let mut b = d.connect();
+    read_line(&mut b);
+    read_line(&mut a);
+    let la = a.local_addr().unwrap().to_string();
+    a.write_all(b"one ").unwrap();
+    a.write_all(b"line").unwrap();
+    a.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_line(&mut b), format!("[{la}] one line\n"));
+    // Echo: bytes come back as they are, no newline added.
+    let d = DaemonBuilder::new().start();
+    let mut e = d.connect();
+    e.write_all(b"no newline").unwrap();
+    let mut buf = [0u8; 10];
+    std::io::Read::read_exact(&mut e, &mut buf).unwrap();
+    assert_eq!(&buf, b"no newline");
+    e.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(support::read_to_eof(&mut e, Duration::from_secs(10)).is_empty());
+}

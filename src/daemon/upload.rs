@@ -119,6 +119,19 @@ pub struct TrailerAuth<'k> {
     pub first_tag: [u8; TAG_LEN],
 }
 
+/// What the body is checked against.
+pub enum Check<'k> {
+    /// A frame: the checksum in its header, or the one after its body (and, on an authenticated
+    /// connection, the tag after that).
+    Frame {
+        header: &'k Header,
+        trailer_auth: Option<TrailerAuth<'k>>,
+    },
+    /// A `NAME**SIZE` upload: there is no checksum; the body's BLAKE3 is computed for the
+    /// answer and the log, which says `unverified`.
+    Unverified { size: u64 },
+}
+
 /// Receives the frame whose `header` and raw `name` (and first tag, already checked) have been
 /// read. `peer` only labels logs.
 pub fn receive(
@@ -130,6 +143,43 @@ pub fn receive(
     trailer_auth: Option<TrailerAuth<'_>>,
     peer: &dyn fmt::Display,
 ) -> Outcome {
+    receive_checked(
+        store,
+        Check::Frame {
+            header,
+            trailer_auth,
+        },
+        raw_name,
+        source,
+        pool,
+        peer,
+    )
+}
+
+/// Receives an upload whose head has been read, through the same limits, store and commit as
+/// a frame, checked as `check` says.
+pub fn receive_checked(
+    store: &Store,
+    check: Check<'_>,
+    raw_name: &[u8],
+    source: &mut dyn BodySource,
+    pool: Option<&HashPool>,
+    peer: &dyn fmt::Display,
+) -> Outcome {
+    let unverified_header;
+    let (header, trailer_auth, verified) = match check {
+        Check::Frame {
+            header,
+            trailer_auth,
+        } => (header, trailer_auth, true),
+        Check::Unverified { size } => {
+            unverified_header = Header {
+                size,
+                ..Header::default()
+            };
+            (&unverified_header, None, false)
+        }
+    };
     let started = Instant::now();
     let shown = escaped(raw_name, 255);
     let name = match name::validate(raw_name) {
@@ -201,7 +251,9 @@ pub fn receive(
         }
     }
     let got = hash.finish();
-    let (want, said) = if header.trailing {
+    let (want, said) = if !verified {
+        (got, "")
+    } else if header.trailing {
         // The checksum (and, with a key, the tag binding it) follows the body.
         let mut trailer = [0u8; CHECKSUM_LEN + TAG_LEN];
         let len = if trailer_auth.is_some() {
@@ -260,7 +312,9 @@ pub fn receive(
                 "{peer} stored \"{shown}\" as \"{}\" ({size} B, {algo} {}, {}{:.2} s, {:.1} MB/s)",
                 escaped(stored_name.as_bytes(), 255),
                 answer::hex(&got),
-                if header.trailing {
+                if !verified {
+                    "unverified (NAME**SIZE upload, no checksum), "
+                } else if header.trailing {
                     "trailing checksum, "
                 } else {
                     ""

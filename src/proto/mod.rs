@@ -32,6 +32,7 @@
 pub mod head;
 pub mod header;
 pub mod name;
+pub mod starstar;
 pub mod wire;
 
 pub use head::{FrameHead, MAX_HEAD_LEN};

@@ -67,10 +67,13 @@ pub enum Code {
     Unauthorized,
     /// The connection already carried `access.max_files_per_connection` frames. Closed.
     TooManyFiles,
+    /// The connection opened with a `NAME**SIZE` upload head and `compat.starstar_uploads` is
+    /// off. Closed.
+    LegacyHeader,
 }
 
 /// Every code, for `Code::parse`.
-const ALL: [Code; 19] = [
+const ALL: [Code; 20] = [
     Code::Busy,
     Code::Shutdown,
     Code::Idle,
@@ -90,6 +93,7 @@ const ALL: [Code; 19] = [
     Code::Io,
     Code::Unauthorized,
     Code::TooManyFiles,
+    Code::LegacyHeader,
 ];
 
 impl Code {
@@ -114,6 +118,7 @@ impl Code {
             Code::Io => "io",
             Code::Unauthorized => "unauthorized",
             Code::TooManyFiles => "too-many-files",
+            Code::LegacyHeader => "legacy-header",
         }
     }
 
@@ -139,6 +144,15 @@ impl fmt::Display for Code {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// `ERR legacy-header …`: a `NAME**SIZE` upload while `compat.starstar_uploads` is off; says
+/// how to turn it on and where frames are described.
+pub fn err_legacy_header() -> String {
+    err_line(
+        Code::LegacyHeader,
+        &"NAME**SIZE uploads are off on this server: its admin can set [compat] starstar_uploads = true in config.toml, or send a verified frame (README, section Protocol)",
+    )
 }
 
 /// `ERR busy …`: every worker busy and the queue full.
