@@ -6,10 +6,12 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -499,4 +501,189 @@ fn chat_delivers_text_without_newline() {
     assert_eq!(&buf, b"no newline");
     e.shutdown(std::net::Shutdown::Write).unwrap();
     assert!(support::read_to_eof(&mut e, Duration::from_secs(10)).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Qt programs in the tutorials' style, from tests/qt/NAME/, built once per test run.
+
+/// What to install when the Qt toolchain is missing.
+const QT_APT: &str = "apt-get install -y qtbase5-dev qt5-qmake g++ make";
+
+/// Builds `tests/qt/NAME` with qmake and make into `target/qt/NAME` (make rebuilds only what
+/// changed, so later runs cost little) and returns the program's path. Builds are serialised:
+/// they take CPU on a small machine. Fails, never skips, when the toolchain is missing.
+fn qt_program(name: &str) -> PathBuf {
+    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut built = BUILT.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(path) = built.get(name) {
+        return path.clone();
+    }
+    for tool in ["qmake", "make", "g++"] {
+        require_tool(tool, QT_APT);
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/qt")
+        .join(name)
+        .join(format!("{name}.pro"));
+    // support::bin() is <target>/debug/ferryd.
+    let target = Path::new(support::bin())
+        .parent()
+        .and_then(Path::parent)
+        .expect("the binary lives in <target>/<profile>/");
+    let dir = target.join("qt").join(name);
+    fs::create_dir_all(&dir).unwrap();
+    for (prog, args) in [
+        ("qmake", vec![src.to_str().unwrap().to_string()]),
+        ("make", vec!["-s".to_string()]),
+    ] {
+        let mut cmd = Command::new(prog);
+        cmd.args(&args).current_dir(&dir);
+        let out = run_for(cmd, &format!("{prog} for {name}"), Duration::from_secs(300));
+        assert!(
+            out.status.success(),
+            "{prog} for tests/qt/{name} failed (is Qt installed? {QT_APT}):\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let path = dir.join(name);
+    assert!(path.exists(), "make did not produce {}", path.display());
+    built.insert(name.to_string(), path.clone());
+    path
+}
+
+/// Runs a built Qt program with `args` (offscreen, no display needed).
+fn run_qt(name: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(qt_program(name));
+    cmd.args(args).env("QT_QPA_PLATFORM", "offscreen");
+    run_for(cmd, &format!("{name} {}", args.join(" ")), RUN_TIMEOUT)
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The tutorials' echo client writes without a newline and gets its bytes back unchanged.
+#[test]
+fn qt_echo_client() {
+    let d = DaemonBuilder::new().start();
+    let port = d.port().to_string();
+    let out = run_qt("echo_client", &["127.0.0.1", &port, "你好, ferryd"]);
+    assert!(out.status.success(), "{}{}", text(&out), log_tail(&d));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "你好, ferryd");
+}
+
+/// Two of the tutorials' chat clients, each writing one message without a newline: each gets
+/// the other's message as a line.
+#[test]
+fn qt_chat_pair() {
+    let d = DaemonBuilder::new()
+        .set("server", "mode = \"chat\"")
+        .start();
+    let port = d.port().to_string();
+    qt_program("chat_client");
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| run_qt("chat_client", &["127.0.0.1", &port, "来自A的消息"]));
+        // B connects once A is in the room, so A is told B joined.
+        d.wait_log("online", Duration::from_secs(10));
+        let b = s.spawn(|| run_qt("chat_client", &["127.0.0.1", &port, "message from B"]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!(a.status.success(), "A: {}{}", text(&a), log_tail(&d));
+    assert!(b.status.success(), "B: {}{}", text(&b), log_tail(&d));
+    let (a_out, b_out) = (
+        String::from_utf8_lossy(&a.stdout),
+        String::from_utf8_lossy(&b.stdout),
+    );
+    assert!(
+        a_out.starts_with("[127.0.0.1:") && a_out.ends_with("] message from B\n"),
+        "A got {a_out:?}"
+    );
+    assert!(
+        b_out.starts_with("[127.0.0.1:") && b_out.ends_with("] 来自A的消息\n"),
+        "B got {b_out:?}"
+    );
+}
+
+/// The seed 004 file client, unchanged: stored byte for byte with `starstar_uploads = true`
+/// (also a file that starts with digits), refused with `ERR legacy-header` without it.
+#[test]
+fn qt_seed_file_client() {
+    let src = TempDir::new();
+    let mut rng = Rng::new(404);
+    let photo = src.path().join("photo.jpg");
+    let photo_body = rng.bytes(200_031);
+    fs::write(&photo, &photo_body).unwrap();
+    let digits = src.path().join("数字.txt");
+    let mut digits_body = b"2026-11-28 1234567890\n".repeat(300);
+    digits_body.extend(rng.bytes(5000));
+    fs::write(&digits, &digits_body).unwrap();
+
+    let d = DaemonBuilder::new()
+        .set("compat", "starstar_uploads = true")
+        .start();
+    let port = d.port().to_string();
+    for (path, body, name) in [
+        (&photo, &photo_body, "photo.jpg"),
+        (&digits, &digits_body, "数字.txt"),
+    ] {
+        let out = run_qt(
+            "starstar_client",
+            &["127.0.0.1", &port, path.to_str().unwrap()],
+        );
+        assert!(out.status.success(), "{}{}", text(&out), log_tail(&d));
+        d.wait_log(
+            &format!("stored \"{name}\" as \"{name}\" ({} B, blake3 ", body.len()),
+            Duration::from_secs(10),
+        );
+        assert_stored(&d, &d.uploads(), name, body, "seed 004 client, starstar on");
+    }
+    assert!(d.log().contains("unverified"));
+
+    let d = DaemonBuilder::new().start();
+    let port = d.port().to_string();
+    let out = run_qt(
+        "starstar_client",
+        &["127.0.0.1", &port, photo.to_str().unwrap()],
+    );
+    // The client cannot tell (it never reads); the server refused and stored nothing.
+    d.wait_log("refused: legacy-header", Duration::from_secs(10));
+    assert!(names_in(&d.uploads()).is_empty(), "{}", text(&out));
+    assert!(!d.log().contains("stored"));
+}
+
+/// A Qt client sending a trailing SHA-256 frame read in 4 KiB chunks (QCryptographicHash), in
+/// echo and chat mode (where notices come before the answer): stored byte for byte, OK line with
+/// the SHA-256.
+#[test]
+fn qt_trailing_sha256_frame() {
+    let src = TempDir::new();
+    let path = src.path().join("from qt.bin");
+    let body = Rng::new(77).bytes((3 << 20) + 1234);
+    fs::write(&path, &body).unwrap();
+    let want = format!("OK from qt.bin {} {}\n", body.len(), hex(&sha256(&body)));
+    for mode in ["echo", "chat"] {
+        let d = DaemonBuilder::new()
+            .set("server", &format!("mode = \"{mode}\""))
+            .start();
+        let port = d.port().to_string();
+        let out = run_qt(
+            "frame_client",
+            &["127.0.0.1", &port, path.to_str().unwrap()],
+        );
+        assert!(
+            out.status.success(),
+            "{mode}: {}{}",
+            text(&out),
+            log_tail(&d)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{mode}");
+        assert_stored(&d, &d.uploads(), "from qt.bin", &body, mode);
+        d.wait_log(", trailing checksum, ", Duration::from_secs(10));
+    }
 }
