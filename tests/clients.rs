@@ -687,3 +687,75 @@ fn qt_trailing_sha256_frame() {
         d.wait_log(", trailing checksum, ", Duration::from_secs(10));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The README's Python and shell clients, extracted from README.md and run as written.
+
+/// The fenced code block of README.md whose first lines start with `first_lines`.
+fn readme_block(lang: &str, first_lines: &str) -> String {
+    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let start = format!("```{lang}\n{first_lines}");
+    let at = readme
+        .find(&start)
+        .unwrap_or_else(|| panic!("README.md has no block starting {start:?}"));
+    let body = &readme[at + lang.len() + 4..];
+    let end = body.find("\n```").expect("the block ends");
+    body[..=end].to_string()
+}
+
+/// Runs a README client (`interpreter script HOST PORT FILE`) for each file and checks the
+/// answer and the stored bytes.
+fn run_readme_client(interpreter: &str, script: &str, algo_hex: fn(&[u8]) -> String) {
+    let d = DaemonBuilder::new().start();
+    let dir = TempDir::new();
+    let script_path = dir.path().join("client");
+    fs::write(&script_path, script).unwrap();
+    let mut rng = Rng::new(3);
+    let files = [
+        ("照片 1.jpg", rng.bytes(150_001)),
+        ("notes.txt", b"plain text\n".repeat(100)),
+        ("empty", Vec::new()),
+    ];
+    let port = d.port().to_string();
+    for (name, body) in &files {
+        let path = dir.path().join(name);
+        fs::write(&path, body).unwrap();
+        let mut cmd = Command::new(interpreter);
+        cmd.arg(&script_path)
+            .args(["127.0.0.1", &port])
+            .arg(&path)
+            .env("LC_ALL", "C.UTF-8");
+        let out = run_for(cmd, &format!("{interpreter} README client"), RUN_TIMEOUT);
+        assert!(
+            out.status.success(),
+            "{interpreter} {name}: {}{}",
+            text(&out),
+            log_tail(&d)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("OK {name} {} {}\n", body.len(), algo_hex(body)),
+            "{interpreter} {name}"
+        );
+        assert_stored(&d, &d.uploads(), name, body, interpreter);
+    }
+}
+
+/// README's Python client (hashlib only, trailing SHA-256), run as written.
+#[test]
+fn readme_python_client() {
+    require_tool("python3", "apt-get install -y python3");
+    let script = readme_block("python", "#!/usr/bin/env python3\n# ferry_send.py");
+    assert!(!script.contains("import blake3"));
+    run_readme_client("python3", &script, |b| hex(&sha256(b)));
+}
+
+/// README's shell recipe (coreutils `sha256sum`, `basenc`, and `nc`), run as written.
+#[test]
+fn readme_shell_recipe() {
+    require_tool("nc", "apt-get install -y netcat-openbsd");
+    require_tool("basenc", "apt-get install -y coreutils");
+    let script = readme_block("sh", "#!/bin/sh\n# ferry-send.sh");
+    run_readme_client("sh", &script, |b| hex(&sha256(b)));
+}
