@@ -46,10 +46,19 @@ fn assert_stored(d: &Daemon, dir: &Path, name: &str, want: &[u8], what: &str) {
 }
 
 /// `ferryd send` of a file whose name is Chinese: the log shows the name as it is, so that
-/// `grep 照片` finds it, and the stored file is the source.
+/// `grep 照片` finds it, in the human and the JSON format, and the stored file is the source; a
+/// name with a right-to-left override is escaped.
 #[test]
 fn log_shows_a_chinese_name_as_written() {
-    let d = DaemonBuilder::new().start();
+    for format in ["human", "json"] {
+        log_shows_names(format);
+    }
+}
+
+fn log_shows_names(format: &str) {
+    let d = DaemonBuilder::new()
+        .set("log", &format!("format = \"{format}\""))
+        .start();
     let src = TempDir::new();
     let path = src.path().join("照片.jpg");
     let body = Rng::new(11).bytes(70_001);
@@ -70,12 +79,33 @@ fn log_shows_a_chinese_name_as_written() {
         String::from_utf8_lossy(&out.stderr),
         log_tail(&d)
     );
-    let log = d.wait_log(
-        "stored \"照片.jpg\" as \"照片.jpg\"",
-        Duration::from_secs(10),
-    );
+    // The only line naming the file at level info is the one that says it was stored.
+    let log = d.wait_log("照片.jpg", Duration::from_secs(10));
+    let line = log
+        .lines()
+        .find(|l| l.contains("stored") && l.contains("照片.jpg"));
+    assert!(line.is_some(), "{format}: no stored line:\n{log}");
     assert!(!log.contains("\\xe7"), "the log escaped the name:\n{log}");
     assert_stored(&d, &d.uploads(), "照片.jpg", &body, "send 照片.jpg");
+    // A name with U+202E (right-to-left override), which a terminal shows as "photoexe.jpg",
+    // is logged escaped.
+    let sneaky = "photo\u{202e}gpj.exe";
+    let path = src.path().join(sneaky);
+    fs::write(&path, b"x").unwrap();
+    ferryd_ok(
+        &d,
+        &[
+            "send",
+            "--to",
+            &d.addr().to_string(),
+            path.to_str().unwrap(),
+        ],
+    );
+    let log = d.wait_log("u{202e}gpj.exe", Duration::from_secs(10));
+    assert!(
+        !log.contains('\u{202e}'),
+        "{format}: the override reached the log"
+    );
 }
 
 fn hex(bytes: &[u8]) -> String {
