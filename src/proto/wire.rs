@@ -1,10 +1,3 @@
-//! The one-line answers to a frame: `OK <stored-name> <size> <checksum-hex>` or
-//! `ERR <code> <reason>`, formatted for the server and parsed for the client.
-//!
-//! A stored name may contain spaces (`photo (1).jpg`), so a client reads an `OK` line from the
-//! right: the last two words are the size and the checksum, everything between `OK ` and them is
-//! the name. Names never contain control characters, so an answer is always one line.
-
 //! Every line the server sends, and the client's reading of them: the answers to a frame
 //! (`OK <stored-name> <size> <checksum-hex>` or `ERR <code> <reason>`), the connection-level
 //! refusals (`ERR busy …`, `ERR shutdown …`, `ERR idle …`), `NONCE` and `OK authenticated`.
