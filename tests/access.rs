@@ -1316,6 +1316,7 @@ fn garbage(rng: &mut Rng) -> Vec<u8> {
                 name_len: name_len as u16,
                 size: rng.between(1, 1 << 16) as u64,
                 checksum: rng.bytes(32).try_into().expect("32 bytes"),
+                ..Header::default()
             };
             if rng.between(0, 1) == 0 {
                 out.extend_from_slice(b"some text first\n");

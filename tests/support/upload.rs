@@ -14,6 +14,7 @@ pub fn header_for(name: impl AsRef<[u8]>, body: &[u8], authenticated: bool) -> [
         name_len: u16::try_from(name.as_ref().len()).expect("test names fit in a u16"),
         size: body.len() as u64,
         checksum: *blake3::hash(body).as_bytes(),
+        ..Header::default()
     }
     .encode()
 }
