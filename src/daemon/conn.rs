@@ -629,6 +629,18 @@ impl Conn<'_> {
         }
         if outcome.keeps_connection() {
             self.say(line.as_bytes());
+            // After the answer, so a hook never delays the client.
+            if let Outcome::Stored {
+                stored_name,
+                size,
+                checksum,
+            } = &outcome
+            {
+                let cfg = &self.snapshot.config;
+                shared
+                    .hooks
+                    .stored(cfg, store.dir(), stored_name, *size, checksum, peer.addr());
+            }
             return Ok(());
         }
         Err(match outcome {

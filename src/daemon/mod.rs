@@ -6,6 +6,7 @@ pub mod access;
 pub mod activation;
 pub mod chat;
 pub mod conn;
+pub mod hooks;
 pub mod listener;
 pub mod notify;
 pub mod ratelimit;

@@ -22,6 +22,7 @@ use crate::auth::{Key, KeyError};
 use crate::config::{self, Config, Origin};
 use crate::daemon::activation::Activated;
 use crate::daemon::conn;
+use crate::daemon::hooks::Hooks;
 use crate::daemon::listener::{self, BindError};
 use crate::daemon::notify::Notifier;
 use crate::daemon::shared::{Job, Shared, Snapshot, worker_stack_bytes};
@@ -183,6 +184,7 @@ impl Server {
                 (listener, local, true)
             }
         };
+        let hooks = Hooks::new(&config, worker_stack_bytes(&config));
         Ok(Server {
             handle: Handle {
                 shared: Arc::new(Shared::new(
@@ -192,6 +194,7 @@ impl Server {
                         key,
                     },
                     hash_pool,
+                    hooks,
                 )),
                 listener: Arc::new(listener),
                 notifier: Arc::new(notifier),
