@@ -13,7 +13,7 @@ ferryd — a small TCP daemon that echoes text and stores uploaded files
 Usage:
   ferryd [--config PATH]                 run the daemon
   ferryd check-config [--config PATH]    validate a config and print the effective settings
-  ferryd send --to HOST:PORT [--timeout SECS] [--key-file PATH] FILE...
+  ferryd send --to HOST:PORT [--timeout SECS] [--key-file PATH] [-r] FILE|DIR...
                                          upload files over one connection, one answer per file
   ferryd pack FILE...                    write the same frames to stdout, for netcat:
                                            ferryd pack photo.jpg | nc -N 127.0.0.1 7878
@@ -25,6 +25,9 @@ Options:
       --to HOST:PORT  (send) the server to upload to
       --timeout SECS  (send) connect timeout, and how long a stalled write may block; default 5
       --key-file PATH (send) the shared upload key, for servers with files.token_file
+  -r, --recursive     (send) send each DIR whole: every regular file under it, named by its
+                      path from DIR's parent (photos/2024/a.jpg); symlinks and special files
+                      are skipped with a note; the server needs files.allow_subdirs = true
   -h, --help          print this help
   -V, --version       print the version
 
@@ -68,6 +71,7 @@ where
     let mut to = None;
     let mut timeout = None;
     let mut key_file = None;
+    let mut recursive = false;
     let mut files = Vec::new();
     while let Some(arg) = parser.next()? {
         match arg {
@@ -75,6 +79,7 @@ where
             Long("to") => to = Some(parser.value()?.string()?),
             Long("timeout") => timeout = Some(parse_timeout(&parser.value()?.string()?)?),
             Long("key-file") => key_file = Some(PathBuf::from(parser.value()?)),
+            Short('r') | Long("recursive") => recursive = true,
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
             Value(v) if subcommand.is_none() => {
@@ -105,6 +110,7 @@ where
         ("--to", to.is_some(), sub == "send"),
         ("--timeout", timeout.is_some(), sub == "send"),
         ("--key-file", key_file.is_some(), sub == "send"),
+        ("-r", recursive, sub == "send"),
     ];
     if let Some((flag, ..)) = misplaced
         .iter()
@@ -125,6 +131,7 @@ where
                 timeout,
                 files,
                 key_file,
+                recursive,
             })
         }
         "pack" if files.is_empty() => return Err("pack needs at least one FILE".into()),
@@ -186,6 +193,7 @@ mod tests {
                 timeout: Duration::from_millis(ms),
                 files: files.iter().map(PathBuf::from).collect(),
                 key_file: None,
+                recursive: false,
             })
         };
         assert_eq!(
@@ -197,6 +205,16 @@ mod tests {
             send("h:2", 500, &["a"])
         );
         assert_eq!(
+            ok(&["send", "-r", "--to", "h:1", "dir"]),
+            Command::Send(SendOptions {
+                to: "h:1".into(),
+                timeout: Duration::from_secs(5),
+                files: vec!["dir".into()],
+                key_file: None,
+                recursive: true,
+            })
+        );
+        assert_eq!(
             ok(&["pack", "x"]),
             Command::Pack {
                 files: vec!["x".into()]
@@ -206,7 +224,8 @@ mod tests {
 
     #[test]
     fn errors() {
-        let cases: [&[&str]; 13] = [
+        let cases: [&[&str]; 14] = [
+            &["pack", "-r", "d"],
             &["--nope"],
             &["frobnicate"],
             &["--config"],

@@ -3,5 +3,6 @@
 
 pub mod filehash;
 mod send;
+mod walk;
 
 pub use send::*;

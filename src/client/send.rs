@@ -2,11 +2,11 @@
 //! one answer per file) and `ferryd pack` (write the same frames to stdout for `nc`).
 
 use std::fmt;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, IsTerminal, Read, Seek, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::auth::{self, Key, KeyError, NONCE_LEN};
 use crate::client::filehash;
+use crate::client::walk::{self, Item};
 use crate::deadline::is_timeout;
 use crate::proto::wire::{Answer, Code, parse_answer};
 use crate::proto::{Header, name};
@@ -35,6 +36,9 @@ pub struct SendOptions {
     pub files: Vec<PathBuf>,
     /// The shared upload key, for servers with `files.token_file`.
     pub key_file: Option<PathBuf>,
+    /// `-r`: directories among `files` are sent whole, each file named by its path relative to
+    /// the directory's parent (`client::walk`).
+    pub recursive: bool,
 }
 
 /// A client failure, with the reason a user can act on.
@@ -129,22 +133,38 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn open(path: &Path, progress: bool) -> Result<Prepared, ClientError> {
+    /// Opens `path` to be sent under its own file name, or under `as_name` (a name with
+    /// subdirectories, from `send -r`; then a symlink is never followed).
+    fn open(path: &Path, as_name: Option<&str>, progress: bool) -> Result<Prepared, ClientError> {
         let file_err = |err| ClientError::File {
             path: path.to_path_buf(),
             err,
         };
-        let raw_name = path
-            .file_name()
-            .map(|n| n.as_encoded_bytes())
-            .unwrap_or_default();
-        let name = name::validate(raw_name)
-            .map_err(|err| ClientError::BadName {
-                path: path.to_path_buf(),
-                err,
-            })?
-            .to_string();
-        let mut file = File::open(path).map_err(file_err)?;
+        let bad_name = |err| ClientError::BadName {
+            path: path.to_path_buf(),
+            err,
+        };
+        let name = match as_name {
+            Some(n) => name::validate_path(n.as_bytes()).map_err(bad_name)?,
+            None => {
+                let raw_name = path
+                    .file_name()
+                    .map(|n| n.as_encoded_bytes())
+                    .unwrap_or_default();
+                name::validate(raw_name).map_err(bad_name)?
+            }
+        }
+        .to_string();
+        let nofollow = if as_name.is_some() {
+            rustix::fs::OFlags::NOFOLLOW.bits()
+        } else {
+            0
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .custom_flags(i32::try_from(nofollow).unwrap_or(0))
+            .open(path)
+            .map_err(file_err)?;
         let meta = file.metadata().map_err(file_err)?;
         if !meta.is_file() {
             return Err(file_err(io::Error::other("not a regular file")));
@@ -228,7 +248,7 @@ impl Prepared {
 /// `ferryd pack FILE...`: writes one frame per file to `out`.
 pub fn pack<W: Write + AsFd>(files: &[PathBuf], out: &mut W) -> Result<(), ClientError> {
     for path in files {
-        let mut prepared = Prepared::open(path, false)?;
+        let mut prepared = Prepared::open(path, None, false)?;
         prepared
             .write_to(out, None, &mut |_| true)
             .map_err(ClientError::Io)?;
@@ -244,10 +264,25 @@ pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, Client
         Some(path) => Some(Key::load(path).map_err(ClientError::Key)?.0),
         None => None,
     };
+    let items = if opts.recursive {
+        let (items, notes) = walk::expand(&opts.files);
+        for note in notes {
+            eprintln!("{note}");
+        }
+        items
+    } else {
+        opts.files
+            .iter()
+            .map(|p| Item {
+                path: p.clone(),
+                name: None,
+            })
+            .collect()
+    };
     let mut conn: Option<Connection> = None;
     let mut results = Vec::new();
-    for path in &opts.files {
-        let mut prepared = match Prepared::open(path, progress) {
+    for Item { path, name } in &items {
+        let mut prepared = match Prepared::open(path, name.as_deref(), progress) {
             Ok(p) => p,
             Err(e) => {
                 results.push(report(out, path, false, e.detail()));

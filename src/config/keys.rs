@@ -372,6 +372,16 @@ pub(super) const KEYS: &[Key] = &[
     },
     Key {
         table: "files",
+        name: "allow_subdirs",
+        doc: "accept names with subdirectories (photos/2024/a.jpg, from ferryd send -r), \
+              creating the directories beneath files.dir",
+        kind: Kind::Bool { default: false },
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.files.allow_subdirs,
+    },
+    Key {
+        table: "files",
         name: "on_stored",
         doc: "command run for each stored file, as [program, arg, …] with {path}, {name}, {size}, \
               {checksum}, {peer}; no shell; [] runs nothing",

@@ -136,6 +136,8 @@ pub struct FilesConfig {
     pub min_free_bytes: u64,
     /// The shared upload key; `None`: uploads need no key.
     pub token_file: Option<PathBuf>,
+    /// Names may hold subdirectories (`photos/2024/a.jpg`).
+    pub allow_subdirs: bool,
     /// The command run for each stored file (checked by `hookargs::check`); empty: none.
     pub on_stored: Vec<String>,
     /// Hook commands running at once.
@@ -338,6 +340,7 @@ impl Config {
                 file_mode: v.get("files.file_mode")?,
                 min_free_bytes: v.get("files.min_free_bytes")?,
                 token_file: v.get("files.token_file")?,
+                allow_subdirs: v.get("files.allow_subdirs")?,
                 on_stored: v.get("files.on_stored")?,
                 hook_workers: v.get("files.hook_workers")?,
                 hook_queue_depth: v.get("files.hook_queue_depth")?,

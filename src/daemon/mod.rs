@@ -17,6 +17,7 @@ pub mod signals;
 pub mod stats;
 pub mod store;
 pub mod streamhash;
+pub mod subdir;
 pub mod udp;
 pub mod upload;
 

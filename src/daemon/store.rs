@@ -10,14 +10,16 @@ use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Write};
 use std::num::NonZeroU64;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
-use rustix::fs::{Advice, RenameFlags};
+use rustix::fs::{Advice, FileType, RenameFlags};
 
 use crate::config::{FilesConfig, OnConflict};
-use crate::proto::name::RESERVED_PREFIX;
+use crate::daemon::subdir::{self, WalkError};
+use crate::proto::name::{RESERVED_PREFIX, split_path};
 
 /// Suffix of temporary files.
 const PART_SUFFIX: &str = ".part";
@@ -47,6 +49,8 @@ pub enum StoreError {
         op: &'static str,
         err: io::Error,
     },
+    /// A name with subdirectories whose directories cannot be reached (`files.allow_subdirs`).
+    Path(WalkError),
 }
 
 impl fmt::Display for StoreError {
@@ -67,6 +71,7 @@ impl fmt::Display for StoreError {
                 )
             }
             StoreError::Io { op, err } => write!(f, "cannot {op}: {err}"),
+            StoreError::Path(e) => write!(f, "{e}"),
         }
     }
 }
@@ -142,6 +147,36 @@ impl Store {
         &self.dir
     }
 
+    /// Whether names may hold subdirectories (`files.allow_subdirs`).
+    pub fn allows_subdirs(&self) -> bool {
+        self.cfg.allow_subdirs
+    }
+
+    /// Refuses a name before the body if a directory on its way is a symlink or a file, or if
+    /// the name is a directory (which no policy replaces; `rename` picks another name) or,
+    /// under `reject`, exists. Creates nothing. `commit` checks again, atomically.
+    fn check_name(&self, name: &str) -> Result<(), StoreError> {
+        let (parents, leaf) = split_path(name);
+        let parent = subdir::open_beneath(self.dir_handle.as_fd(), parents, false)
+            .map_err(StoreError::Path)?;
+        if parent.is_none() && !parents.is_empty() {
+            // Its directory does not exist yet: nothing is in the way.
+            return Ok(());
+        }
+        let dir = parent
+            .as_ref()
+            .map_or(self.dir_handle.as_fd(), |fd| fd.as_fd());
+        match subdir::entry_type(dir, leaf) {
+            Ok(Some(FileType::Directory)) if self.cfg.on_conflict != OnConflict::Rename => {
+                Err(StoreError::Exists(format!("{name} (a directory)")))
+            }
+            Ok(Some(_)) if self.cfg.on_conflict == OnConflict::Reject => {
+                Err(StoreError::Exists(name.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Checks an announced upload against the limits and, if it may go ahead, opens its temp
     /// file. Nothing of the body has been read yet.
     pub fn begin(&self, name: &str, size: u64) -> Result<Pending<'_>, StoreError> {
@@ -151,12 +186,10 @@ impl Store {
                 max: self.cfg.max_file_size,
             });
         }
-        if self.cfg.on_conflict == OnConflict::Reject
-            && self.dir.join(name).symlink_metadata().is_ok()
-        {
-            // An early answer saves the transfer; `commit` still refuses atomically if the name
-            // appears meanwhile.
-            return Err(StoreError::Exists(name.to_string()));
+        // An early answer saves the transfer; `commit` still refuses atomically if the name
+        // appears meanwhile.
+        if name.contains('/') || self.cfg.on_conflict != OnConflict::Rename {
+            self.check_name(name)?;
         }
         let reservation = self.reserve(size)?;
         // On an error the reservation's drop gives the space back.
@@ -229,20 +262,47 @@ impl Store {
         })
     }
 
-    /// Moves `temp` to `name` under the conflict policy; returns the name it got.
-    fn place(&self, temp: &Path, name: &str) -> Result<String, StoreError> {
+    /// Moves `temp` to `name` under the conflict policy; returns the name it got and, for a name
+    /// with subdirectories, its directory (created as needed, beneath the upload directory), to
+    /// be fsynced.
+    fn place(&self, temp: &Path, name: &str) -> Result<(String, Option<OwnedFd>), StoreError> {
+        let (parents, leaf) = split_path(name);
+        let parent = subdir::open_beneath(self.dir_handle.as_fd(), parents, true)
+            .map_err(StoreError::Path)?;
+        let target = parent
+            .as_ref()
+            .map_or(self.dir_handle.as_fd(), |fd| fd.as_fd());
+        let with_dirs = |stored: String| match parents {
+            "" => stored,
+            p => format!("{p}/{stored}"),
+        };
+        let stored = self.place_in(temp, target, leaf)?;
+        Ok((with_dirs(stored), parent))
+    }
+
+    /// Moves `temp` to `name` in the directory `target` under the conflict policy; returns the
+    /// name it got there.
+    fn place_in(
+        &self,
+        temp: &Path,
+        target: BorrowedFd<'_>,
+        name: &str,
+    ) -> Result<String, StoreError> {
         let temp_name = temp.file_name().unwrap_or_default();
         match self.cfg.on_conflict {
             OnConflict::Overwrite => {
-                rustix::fs::renameat(&self.dir_handle, temp_name, &self.dir_handle, name).map_err(
-                    |e| StoreError::Io {
+                if subdir::entry_type(target, name).ok().flatten() == Some(FileType::Directory) {
+                    return Err(StoreError::Exists(format!("{name} (a directory)")));
+                }
+                rustix::fs::renameat(&self.dir_handle, temp_name, target, name).map_err(|e| {
+                    StoreError::Io {
                         op: "rename the file into place",
                         err: e.into(),
-                    },
-                )?;
+                    }
+                })?;
                 Ok(name.to_string())
             }
-            OnConflict::Reject => match self.place_new(temp_name, name) {
+            OnConflict::Reject => match self.place_new(temp_name, target, name) {
                 Ok(()) => Ok(name.to_string()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     Err(StoreError::Exists(name.to_string()))
@@ -255,7 +315,7 @@ impl Store {
             OnConflict::Rename => {
                 for n in 0..=MAX_RENAMES {
                     let candidate = numbered(name, n);
-                    match self.place_new(temp_name, &candidate) {
+                    match self.place_new(temp_name, target, &candidate) {
                         Ok(()) => return Ok(candidate),
                         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                         Err(e) => {
@@ -274,14 +334,14 @@ impl Store {
     /// Gives `temp_name` the name `name` only if `name` does not exist, atomically: renameat2
     /// with RENAME_NOREPLACE, or on a file system without it, link(2) then unlink(2) (link never
     /// replaces an existing name either).
-    fn place_new(&self, temp_name: &OsStr, name: &str) -> io::Result<()> {
+    fn place_new(&self, temp_name: &OsStr, target: BorrowedFd<'_>, name: &str) -> io::Result<()> {
         let d = &self.dir_handle;
-        match rustix::fs::renameat_with(d, temp_name, d, name, RenameFlags::NOREPLACE) {
+        match rustix::fs::renameat_with(d, temp_name, target, name, RenameFlags::NOREPLACE) {
             Ok(()) => return Ok(()),
             Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {}
             Err(e) => return Err(e.into()),
         }
-        rustix::fs::linkat(d, temp_name, d, name, rustix::fs::AtFlags::empty())?;
+        rustix::fs::linkat(d, temp_name, target, name, rustix::fs::AtFlags::empty())?;
         rustix::fs::unlinkat(d, temp_name, rustix::fs::AtFlags::empty())?;
         Ok(())
     }
@@ -373,8 +433,14 @@ impl Pending<'_> {
             .set_permissions(mode)
             .map_err(io_err("set the file mode"))?;
         self.file.sync_all().map_err(io_err("sync the file"))?;
-        let stored = self.reservation.store.place(&self.temp_path, &self.name)?;
+        let (stored, subdir) = self.reservation.store.place(&self.temp_path, &self.name)?;
         self.done = true;
+        if let Some(fd) = subdir {
+            rustix::fs::fsync(fd).map_err(|e| StoreError::Io {
+                op: "sync the file's directory",
+                err: e.into(),
+            })?;
+        }
         self.reservation
             .store
             .dir_handle

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use crate::daemon::store::{Store, StoreError};
 use crate::daemon::streamhash::{HashPool, StreamHash};
+use crate::daemon::subdir::WalkError;
 use crate::escape::escaped;
+use crate::proto::name::NameError;
 use crate::proto::wire::{self as answer, Code, ERR_SHUTDOWN};
 use crate::proto::{Header, name};
 
@@ -119,13 +121,22 @@ pub fn receive(
 ) -> Outcome {
     let started = Instant::now();
     let shown = escaped(raw_name, 255);
-    let name = match name::validate(raw_name) {
+    let checked = if store.allows_subdirs() {
+        name::validate_path(raw_name)
+    } else {
+        name::validate(raw_name)
+    };
+    let name = match checked {
         Ok(n) => n,
         Err(e) => {
-            log::warn!("{peer} file \"{shown}\" refused: bad-name: {e}");
+            let mut reason = e.to_string();
+            if e == NameError::Separator && raw_name.contains(&b'/') {
+                reason.push_str("; this server takes no subdirectories (files.allow_subdirs)");
+            }
+            log::warn!("{peer} file \"{shown}\" refused: bad-name: {reason}");
             return Outcome::Refused {
                 code: Code::BadName,
-                reason: e.to_string(),
+                reason,
             };
         }
     };
@@ -136,8 +147,13 @@ pub fn receive(
             let code = match e {
                 StoreError::TooLarge { .. } => Code::TooLarge,
                 StoreError::NoSpace { .. } => Code::NoSpace,
-                StoreError::Exists(_) => Code::Exists,
-                StoreError::NoFreeName(_) | StoreError::Io { .. } => Code::Io,
+                StoreError::Exists(_) | StoreError::Path(WalkError::NotADirectory(_)) => {
+                    Code::Exists
+                }
+                StoreError::Path(WalkError::Symlink(_)) => Code::BadName,
+                StoreError::NoFreeName(_)
+                | StoreError::Io { .. }
+                | StoreError::Path(WalkError::Io { .. }) => Code::Io,
             };
             log::warn!("{peer} file \"{shown}\" ({size} B) refused: {code}: {e}");
             return Outcome::Refused {
@@ -216,7 +232,9 @@ pub fn receive(
         }
         Err(e) => {
             let code = match e {
-                StoreError::Exists(_) => Code::Exists,
+                StoreError::Exists(_) | StoreError::Path(WalkError::NotADirectory(_)) => {
+                    Code::Exists
+                }
                 _ => Code::Io,
             };
             log::error!("{peer} file \"{shown}\" not stored: {code}: {e}");
