@@ -99,14 +99,16 @@ impl Outcome {
         }
     }
 
-    /// Whether the connection can carry further messages after this frame.
+    /// Whether the connection can carry further messages after this frame: after `OK`, and
+    /// after an `ERR` whose code says so (`Code::keeps_connection`).
     pub fn keeps_connection(&self) -> bool {
-        matches!(
-            self,
-            Outcome::Stored { .. }
-                | Outcome::Mismatch { .. }
-                | Outcome::Failed { in_sync: true, .. }
-        )
+        match self {
+            Outcome::Stored { .. } => true,
+            Outcome::Refused { code, .. } => code.keeps_connection(false),
+            Outcome::Mismatch { .. } => Code::Checksum.keeps_connection(true),
+            Outcome::Failed { code, in_sync, .. } => code.keeps_connection(*in_sync),
+            Outcome::Lost(_) => false,
+        }
     }
 }
 
@@ -147,13 +149,11 @@ pub fn receive(
             let code = match e {
                 StoreError::TooLarge { .. } => Code::TooLarge,
                 StoreError::NoSpace { .. } => Code::NoSpace,
-                StoreError::Exists(_) | StoreError::Path(WalkError::NotADirectory(_)) => {
-                    Code::Exists
-                }
+                StoreError::Exists(_)
+                | StoreError::NoFreeName(_)
+                | StoreError::Path(WalkError::NotADirectory(_)) => Code::Exists,
                 StoreError::Path(WalkError::Symlink(_)) => Code::BadName,
-                StoreError::NoFreeName(_)
-                | StoreError::Io { .. }
-                | StoreError::Path(WalkError::Io { .. }) => Code::Io,
+                StoreError::Io { .. } | StoreError::Path(WalkError::Io { .. }) => Code::Io,
             };
             log::warn!("{peer} file \"{shown}\" ({size} B) refused: {code}: {e}");
             return Outcome::Refused {
@@ -232,9 +232,9 @@ pub fn receive(
         }
         Err(e) => {
             let code = match e {
-                StoreError::Exists(_) | StoreError::Path(WalkError::NotADirectory(_)) => {
-                    Code::Exists
-                }
+                StoreError::Exists(_)
+                | StoreError::NoFreeName(_)
+                | StoreError::Path(WalkError::NotADirectory(_)) => Code::Exists,
                 _ => Code::Io,
             };
             log::error!("{peer} file \"{shown}\" not stored: {code}: {e}");
