@@ -18,8 +18,8 @@ use crate::auth::{self, Key, KeyError, NONCE_LEN};
 use crate::client::filehash;
 use crate::client::walk::{self, Item};
 use crate::deadline::is_timeout;
-use crate::proto::wire::{Answer, Code, parse_answer};
-use crate::proto::{Header, name};
+use crate::proto::wire::{Answer, Code, parse_answer, parse_resume};
+use crate::proto::{HEADER_LEN, Header, name};
 
 /// Buffer size for the read/write fallback when sendfile(2) cannot be used.
 const CHUNK: usize = 1 << 20;
@@ -27,6 +27,11 @@ const CHUNK: usize = 1 << 20;
 const SEND_CHUNK: u64 = 8 << 20;
 /// Longest answer line read from a server.
 const MAX_ANSWER: u64 = 4096;
+/// Files at least this large are sent resumable (header flag bit 3): the server keeps what
+/// arrived if the connection is cut, and the next `send` of the same file continues from there,
+/// at the cost of one round trip (the `RESUME <offset>` line) before the body. Smaller files are
+/// not worth the wait.
+pub const RESUME_MIN: u64 = 1 << 20;
 
 /// What `ferryd send` was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +135,8 @@ struct Prepared {
     file: File,
     name: String,
     header: Header,
+    /// Sent with the resume flag (`send`, files of `RESUME_MIN` bytes or more).
+    resume: bool,
 }
 
 impl Prepared {
@@ -184,8 +191,19 @@ impl Prepared {
                 size,
                 checksum,
             },
+            resume: false,
             name,
         })
+    }
+
+    /// The header as sent: with the resume flag when `resume`.
+    fn raw_header(&self) -> [u8; HEADER_LEN] {
+        let raw = self.header.encode();
+        if self.resume {
+            Header::with_resume_flag(raw)
+        } else {
+            raw
+        }
     }
 
     /// Writes header, name (and tag) and body to `out`, calling `tick` with the body bytes sent
@@ -196,14 +214,29 @@ impl Prepared {
         tag: Option<&[u8]>,
         tick: &mut dyn FnMut(u64) -> bool,
     ) -> io::Result<bool> {
-        out.write_all(&self.header.encode())?;
+        self.write_head(out, tag)?;
+        self.write_body(out, 0, tick)
+    }
+
+    /// Writes header, name and tag.
+    fn write_head<W: Write>(&self, out: &mut W, tag: Option<&[u8]>) -> io::Result<()> {
+        out.write_all(&self.raw_header())?;
         out.write_all(self.name.as_bytes())?;
         if let Some(tag) = tag {
             out.write_all(tag)?;
         }
-        out.flush()?;
+        out.flush()
+    }
+
+    /// Writes the body from byte `from` on (a resumed upload skips what the server holds).
+    fn write_body<W: Write + AsFd>(
+        &mut self,
+        out: &mut W,
+        from: u64,
+        tick: &mut dyn FnMut(u64) -> bool,
+    ) -> io::Result<bool> {
         let size = self.header.size;
-        let mut sent = 0u64;
+        let mut sent = from.min(size);
         let mut fallback: Option<Vec<u8>> = None;
         while sent < size {
             let want = (size - sent).min(SEND_CHUNK);
@@ -293,7 +326,19 @@ pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, Client
             conn = Some(Connection::open(&opts.to, opts.timeout, key.as_ref())?);
         }
         let Some(c) = conn.as_mut() else { continue };
-        let (ok, message, keep) = c.upload(&mut prepared, opts.timeout, progress);
+        prepared.resume = prepared.header.size >= RESUME_MIN;
+        let (mut ok, mut message, mut keep, resumed) =
+            c.upload(&mut prepared, opts.timeout, progress);
+        if resumed > 0 && keep && message.contains("; ERR checksum ") {
+            // The server's partial did not belong to this file after all (it dropped it): one
+            // more try, from the start.
+            let _ = writeln!(
+                out,
+                "{}: resumed at {resumed} bytes, but the whole file failed its checksum on the server (a damaged partial, dropped there); sending it again from the start",
+                path.display()
+            );
+            (ok, message, keep, _) = c.upload(&mut prepared, opts.timeout, progress);
+        }
         results.push(report(out, path, ok, message));
         if !keep {
             // The server closes after refusing a frame; the next file gets a new connection.
@@ -438,29 +483,72 @@ impl Connection {
         })
     }
 
-    /// Sends one file and waits for its answer. Returns (ok, message, keep the connection).
+    /// Sends one file and waits for its answer. Returns (ok, message, keep the connection, the
+    /// offset a resumed upload continued from).
     fn upload(
         &mut self,
         p: &mut Prepared,
         timeout: Duration,
         progress: bool,
-    ) -> (bool, String, bool) {
+    ) -> (bool, String, bool, u64) {
         let bar = progress_bar(progress, p.header.size, &format!("sending {}", p.name));
         let tag = self.auth.as_mut().map(|(key, nonce, seq)| {
             p.header.authenticated = true;
-            let tag = key.upload_tag(nonce, *seq, &p.header.encode(), p.name.as_bytes());
+            let tag = key.upload_tag(nonce, *seq, &p.raw_header(), p.name.as_bytes());
             *seq += 1;
             tag
         });
         if let Some(line) = self.pushed_back.take() {
             // The server already said something (e.g. `ERR busy`): do not send.
             bar.finish_and_clear();
-            return self.conclude(line, false);
+            return with_offset(self.conclude(line, false), 0);
         }
+        let tag = tag.as_ref().map(|t| &t[..]);
+        let from = if p.resume {
+            // A resumable frame: the server answers the head with `RESUME <offset>` (or refuses
+            // it with `ERR`), and the body goes from that offset on.
+            if let Err(e) = p.write_head(&mut self.stream, tag) {
+                bar.finish_and_clear();
+                let line = next_answer(&self.answers, Duration::from_secs(2), &mut self.wants_key)
+                    .unwrap_or(Err(e));
+                return with_offset(self.conclude(line, false), 0);
+            }
+            match self.resume_offset(answer_wait(timeout)) {
+                Ok(n) if n <= p.header.size => n,
+                Ok(n) => {
+                    bar.finish_and_clear();
+                    let size = p.header.size;
+                    return (
+                        false,
+                        format!(
+                            "the server offered to resume at {n} bytes, past the file's {size}"
+                        ),
+                        false,
+                        0,
+                    );
+                }
+                Err(Some(line)) => {
+                    bar.finish_and_clear();
+                    return with_offset(self.conclude(line, false), 0);
+                }
+                Err(None) => {
+                    bar.finish_and_clear();
+                    let secs = answer_wait(timeout).as_secs();
+                    return (
+                        false,
+                        format!("no answer from the server within {secs} s"),
+                        false,
+                        0,
+                    );
+                }
+            }
+        } else {
+            0
+        };
         let mut early = None;
         let stream = &mut self.stream;
         let (answers, wants_key) = (&self.answers, &mut self.wants_key);
-        let sent = p.write_to(stream, tag.as_ref().map(|t| &t[..]), &mut |n| {
+        let mut tick = |n| {
             bar.set_position(n);
             match next_answer(answers, Duration::ZERO, wants_key) {
                 Ok(line) => {
@@ -469,7 +557,12 @@ impl Connection {
                 }
                 Err(_) => true,
             }
-        });
+        };
+        let sent = if p.resume {
+            p.write_body(stream, from, &mut tick)
+        } else {
+            p.write_to(stream, tag, &mut tick)
+        };
         bar.finish_and_clear();
         // Only an answer that came after the whole body finds the stream in step.
         let body_sent = early.is_none() && sent.is_ok();
@@ -484,6 +577,7 @@ impl Connection {
                             false,
                             format!("no answer from the server within {secs} s"),
                             false,
+                            from,
                         );
                     }
                     Err(RecvTimeoutError::Disconnected) => Err(io::ErrorKind::UnexpectedEof.into()),
@@ -496,7 +590,37 @@ impl Connection {
                     .unwrap_or(Err(e))
             }
         };
-        self.conclude(line, body_sent)
+        let (ok, message, keep) = self.conclude(line, body_sent);
+        let message = if from > 0 {
+            format!("resumed at {from} bytes; {message}")
+        } else {
+            message
+        };
+        (ok, message, keep, from)
+    }
+
+    /// Waits for the server's `RESUME <offset>` line: the offset, or the answer line it sent
+    /// instead (`Err(Some)`: a refusal or a connection error), or nothing in time (`Err(None)`).
+    fn resume_offset(&mut self, wait: Duration) -> Result<u64, Option<io::Result<String>>> {
+        loop {
+            match self.answers.recv_timeout(wait) {
+                Ok(Ok(line)) => {
+                    if let Some(n) = parse_resume(&line) {
+                        return Ok(n);
+                    }
+                    if parse_nonce(&line).is_some() {
+                        self.wants_key = true;
+                    } else if line.starts_with("OK ") || line.starts_with("ERR ") {
+                        return Err(Some(Ok(line)));
+                    }
+                }
+                Ok(Err(e)) => return Err(Some(Err(e))),
+                Err(RecvTimeoutError::Timeout) => return Err(None),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Some(Err(io::ErrorKind::UnexpectedEof.into())));
+                }
+            }
+        }
     }
 
     fn conclude(&self, line: io::Result<String>, body_sent: bool) -> (bool, String, bool) {
@@ -525,6 +649,10 @@ impl Connection {
             Err(e) => (false, format!("connection failed: {e}"), false),
         }
     }
+}
+
+fn with_offset((ok, message, keep): (bool, String, bool), from: u64) -> (bool, String, bool, u64) {
+    (ok, message, keep, from)
 }
 
 /// The next answer from the server: an `OK` or `ERR` line. A `NONCE` line sets `wants_key`;

@@ -372,6 +372,24 @@ pub(super) const KEYS: &[Key] = &[
     },
     Key {
         table: "files",
+        name: "resume_keep_secs",
+        doc: "seconds the partial body of a cut-off resumable upload is kept; 0 turns resuming off",
+        kind: int(0, 31_536_000, 86_400),
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.files.resume_keep,
+    },
+    Key {
+        table: "files",
+        name: "resume_max_bytes",
+        doc: "total size, in bytes, of the files whose partial bodies are kept; 0 turns resuming off",
+        kind: int(0, I64_MAX, 4 << 30),
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.files.resume_max_bytes,
+    },
+    Key {
+        table: "files",
         name: "allow_subdirs",
         doc: "accept names with subdirectories (photos/2024/a.jpg, from ferryd send -r), \
               creating the directories beneath files.dir",

@@ -136,6 +136,10 @@ pub struct FilesConfig {
     pub min_free_bytes: u64,
     /// The shared upload key; `None`: uploads need no key.
     pub token_file: Option<PathBuf>,
+    /// How long the partial body of a cut-off resumable upload is kept; 0: resuming is off.
+    pub resume_keep: Duration,
+    /// Total announced size of the partial bodies kept; 0: resuming is off.
+    pub resume_max_bytes: u64,
     /// Names may hold subdirectories (`photos/2024/a.jpg`).
     pub allow_subdirs: bool,
     /// The command run for each stored file (checked by `hookargs::check`); empty: none.
@@ -340,6 +344,8 @@ impl Config {
                 file_mode: v.get("files.file_mode")?,
                 min_free_bytes: v.get("files.min_free_bytes")?,
                 token_file: v.get("files.token_file")?,
+                resume_keep: v.get("files.resume_keep_secs")?,
+                resume_max_bytes: v.get("files.resume_max_bytes")?,
                 allow_subdirs: v.get("files.allow_subdirs")?,
                 on_stored: v.get("files.on_stored")?,
                 hook_workers: v.get("files.hook_workers")?,

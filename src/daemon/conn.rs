@@ -555,12 +555,18 @@ impl Conn<'_> {
         // The header, name and tag must all arrive within header_timeout_secs of the first byte.
         let header_deadline = Deadline::after(self.cfg.access.header_timeout, Why::Header);
         let mut name_buf = [0u8; MAX_NAME_LEN as usize];
-        let (header, raw_header, name_len, tag) = loop {
+        let (header, raw_header, name_len, tag, resumable) = loop {
             match FrameHead::parse(input.data()) {
                 Ok(Parsed::Complete(head)) => {
                     let name = &mut name_buf[..head.name.len()];
                     name.copy_from_slice(head.name);
-                    let parts = (head.header, head.raw_header, head.name.len(), head.tag);
+                    let parts = (
+                        head.header,
+                        head.raw_header,
+                        head.name.len(),
+                        head.tag,
+                        head.resumable(),
+                    );
                     input.consume(head.len);
                     break parts;
                 }
@@ -608,6 +614,7 @@ impl Conn<'_> {
             &store,
             &header,
             name,
+            resumable,
             &mut source,
             shared.hash_pool(),
             &peer,
@@ -764,6 +771,14 @@ impl BodySource for ConnSource<'_, '_> {
                 Err(ReadEnd::Error(e)) => return Err(Lost::Error(e)),
             }
         }
+    }
+
+    fn tell(&mut self, line: &str) -> Result<(), Lost> {
+        self.conn.say(line.as_bytes());
+        // The body starts after the peer has read this: the rate window starts now.
+        self.window_start = Instant::now();
+        self.window_bytes = 0;
+        Ok(())
     }
 }
 

@@ -12,6 +12,7 @@ pub mod notify;
 pub mod preflight;
 pub mod ratelimit;
 pub mod registry;
+pub mod resume;
 pub mod server;
 pub mod shared;
 pub mod signals;

@@ -128,6 +128,21 @@ impl Server {
                 config.files.dir.display()
             );
         }
+        // Partial bodies of resumable uploads survive a restart until they expire.
+        match opened.store.sweep_partials() {
+            Ok((removed, kept)) => {
+                for name in &removed {
+                    log::info!(
+                        "removed expired partial upload {}/{name}",
+                        config.files.dir.display()
+                    );
+                }
+                if kept > 0 {
+                    log::info!("kept {kept} partial upload(s) for resuming");
+                }
+            }
+            Err(e) => log::warn!("partial uploads: {e}"),
+        }
         log::info!(
             "storing uploads in {} (on_conflict {}, max {} B per file)",
             opened.store.dir().display(),

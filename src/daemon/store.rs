@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use rustix::fs::{Advice, AtFlags, FileType, Mode, OFlags, RenameFlags};
 
 use crate::config::{FilesConfig, OnConflict};
+use crate::daemon::resume::{self, Limits};
 use crate::daemon::subdir::{self, WalkError};
 use crate::proto::name::{RESERVED_PREFIX, split_path};
 
@@ -98,6 +99,8 @@ pub struct Store {
     /// Bytes promised to uploads in progress and not yet written; shared with the store a reload
     /// replaces this one with, so uploads in flight stay counted.
     reserved: Arc<Mutex<u64>>,
+    /// Held while partial bodies are looked up, removed and started (`resume::claim`).
+    resume_lock: Mutex<()>,
 }
 
 /// What `Store::open` found.
@@ -164,6 +167,7 @@ impl Store {
             dir_handle: RwLock::new(Arc::new(dir_handle)),
             cfg: cfg.clone(),
             reserved,
+            resume_lock: Mutex::new(()),
         };
         // Fail at start-up, not on the first upload, if the directory is not writable.
         let handle = store.handle();
@@ -224,6 +228,83 @@ impl Store {
         self.cfg.allow_subdirs
     }
 
+    /// How long partial bodies of resumable uploads are kept, and how many bytes they may claim.
+    pub fn resume_limits(&self) -> Limits {
+        Limits {
+            keep: self.cfg.resume_keep,
+            max_bytes: self.cfg.resume_max_bytes,
+        }
+    }
+
+    /// At start-up: removes expired partial bodies; returns their names and how many were kept.
+    pub fn sweep_partials(&self) -> Result<(Vec<String>, usize), StoreError> {
+        let dir = self.current_handle()?;
+        let _held = self
+            .resume_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        resume::sweep(&dir, self.resume_limits()).map_err(io_err("clean up partial uploads"))
+    }
+
+    /// `begin` for a resumable frame: continues the partial body kept for this size and checksum,
+    /// or starts one that is kept if the upload is cut off. Returns the offset the body continues
+    /// from (0 for a new one). When the upload cannot be resumable (resuming off, over
+    /// `files.resume_max_bytes`, its partial held by another upload) it is an ordinary one from 0.
+    pub fn begin_resumable(
+        &self,
+        name: &str,
+        size: u64,
+        checksum: &[u8; 32],
+    ) -> Result<(Pending<'_>, u64), StoreError> {
+        if size > self.cfg.max_file_size {
+            return Err(StoreError::TooLarge {
+                size,
+                max: self.cfg.max_file_size,
+            });
+        }
+        let dir = self.current_handle()?;
+        self.check_name(&dir, name)?;
+        let claimed = {
+            let _held = self
+                .resume_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            resume::claim(
+                &dir,
+                checksum,
+                size,
+                name,
+                self.resume_limits(),
+                self.cfg.file_mode,
+            )
+            .map_err(io_err("keep a partial upload"))?
+        };
+        let Some(claimed) = claimed else {
+            return self.begin(name, size).map(|p| (p, 0));
+        };
+        let offset = claimed.offset;
+        // On an error the claimed file closes (unlocked) and the partial stays for later.
+        let reservation = self.reserve(&dir, size - offset)?;
+        let mut file = claimed.file;
+        io::Seek::seek(&mut file, io::SeekFrom::Start(offset))
+            .map_err(io_err("continue a partial upload"))?;
+        Ok((
+            Pending {
+                reservation,
+                dir,
+                file,
+                temp_name: claimed.file_name,
+                name: name.to_string(),
+                size,
+                written: offset,
+                flushed: offset,
+                done: false,
+                keep: true,
+            },
+            offset,
+        ))
+    }
+
     /// Checks an announced upload against the limits and, if it may go ahead, opens its temp
     /// file. Nothing of the body has been read yet.
     pub fn begin(&self, name: &str, size: u64) -> Result<Pending<'_>, StoreError> {
@@ -248,6 +329,7 @@ impl Store {
             written: 0,
             flushed: 0,
             done: false,
+            keep: false,
         })
     }
 
@@ -488,11 +570,31 @@ pub struct Pending<'a> {
     /// Bytes for which writeback has been started.
     flushed: u64,
     done: bool,
+    /// A resumable upload's partial body: left in place, not removed, if the upload ends
+    /// without `commit` (unless `discard` was called).
+    keep: bool,
 }
 
 impl Pending<'_> {
     pub fn written(&self) -> u64 {
         self.written
+    }
+
+    /// Whether the bytes are kept for a resume if the upload is cut off.
+    pub fn is_kept(&self) -> bool {
+        self.keep
+    }
+
+    /// Removes the partial body when the upload ends without `commit` after all (a checksum
+    /// mismatch, a disk error): its bytes are not worth continuing.
+    pub fn discard(&mut self) {
+        self.keep = false;
+    }
+
+    /// Reads bytes already in the file (a resumed upload's prefix) at `at`.
+    pub fn read_at(&self, buf: &mut [u8], at: u64) -> Result<usize, StoreError> {
+        std::os::unix::fs::FileExt::read_at(&self.file, buf, at)
+            .map_err(io_err("read the partial upload"))
     }
 
     /// Appends body bytes. Never writes more than the announced size.
@@ -560,7 +662,7 @@ impl Pending<'_> {
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if !self.done {
+        if !self.done && !self.keep {
             let _ = rustix::fs::unlinkat(&*self.dir, self.temp_name.as_str(), AtFlags::empty());
         }
     }

@@ -20,6 +20,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 pub trait BodySource {
     /// Reads at least one and at most `buf.len()` (> 0) next bytes of the body into `buf`.
     fn read_into(&mut self, buf: &mut [u8]) -> Result<usize, Lost>;
+    /// Sends `line` to the peer before the body (a resumable frame's `RESUME <offset>`).
+    fn tell(&mut self, line: &str) -> Result<(), Lost>;
 }
 
 /// Why the body stopped arriving.
@@ -117,6 +119,7 @@ pub fn receive(
     store: &Store,
     header: &Header,
     raw_name: &[u8],
+    resumable: bool,
     source: &mut dyn BodySource,
     pool: Option<&HashPool>,
     peer: &dyn fmt::Display,
@@ -143,7 +146,12 @@ pub fn receive(
         }
     };
     let size = header.size;
-    let mut pending = match store.begin(name, size) {
+    let begun = if resumable {
+        store.begin_resumable(name, size, &header.checksum)
+    } else {
+        store.begin(name, size).map(|p| (p, 0))
+    };
+    let (mut pending, offset) = match begun {
         Ok(p) => p,
         Err(e) => {
             let code = match e {
@@ -163,27 +171,81 @@ pub fn receive(
         }
     };
     log::debug!("{peer} receiving \"{shown}\" ({size} B)");
+    if resumable {
+        // The peer waits for this line before it sends the body from `offset` on.
+        if let Err(lost) = source.tell(&answer::resume_line(offset)) {
+            log::warn!("{peer} file \"{shown}\" lost before its body: {lost}");
+            return Outcome::Lost(lost);
+        }
+        if offset > 0 {
+            log::info!("{peer} resuming \"{shown}\" at {offset} of {size} B");
+        }
+    }
     // The body arrives piece by piece; each piece is hashed (on the hash pool, for large
-    // bodies) while it is written out and the next one is received.
+    // bodies) while it is written out and the next one is received. A resumed upload's first
+    // `offset` bytes come from its partial body on disk, hashed like the rest, so the checksum
+    // always covers the whole file.
     let mut hash = StreamHash::new(size, pool);
     let mut last_progress = started;
-    while pending.written() < size {
+    let mut fed: u64 = 0;
+    while fed < size {
         let mut piece = hash.buffer();
         let mut filled = 0;
+        while filled < piece.len() && fed + (filled as u64) < offset {
+            let at = fed + filled as u64;
+            let want = (offset - at).min((piece.len() - filled) as u64) as usize;
+            let got = piece
+                .get_mut(filled..filled + want)
+                .map(|buf| pending.read_at(buf, at));
+            match got {
+                Some(Ok(n)) if n > 0 => filled += n,
+                _ => {
+                    pending.discard();
+                    let reason = format!("partial upload unreadable at byte {at}");
+                    log::error!("{peer} file \"{shown}\" failed: {reason}; partial dropped");
+                    return Outcome::Failed {
+                        code: Code::Io,
+                        reason,
+                        in_sync: false,
+                    };
+                }
+            }
+        }
         while filled < piece.len() {
             match source.read_into(&mut piece[filled..]) {
                 Ok(n) => filled += n,
                 Err(lost) => {
-                    log::warn!(
-                        "{peer} file \"{shown}\" lost after {} of {size} B: {lost}; nothing stored",
-                        pending.written() + filled as u64
-                    );
+                    let got = fed + filled as u64;
+                    if pending.is_kept() {
+                        // Keep every byte that arrived, not only whole pieces: the next try
+                        // continues right after them.
+                        let skip = offset.saturating_sub(fed).min(filled as u64) as usize;
+                        if piece
+                            .get(skip..filled)
+                            .is_some_and(|rest| pending.write(rest).is_err())
+                        {
+                            pending.discard();
+                        }
+                    }
+                    if pending.is_kept() {
+                        log::warn!(
+                            "{peer} file \"{shown}\" lost after {got} of {size} B: {lost}; {} B kept for a resume",
+                            pending.written()
+                        );
+                    } else {
+                        log::warn!(
+                            "{peer} file \"{shown}\" lost after {got} of {size} B: {lost}; nothing stored"
+                        );
+                    }
                     return Outcome::Lost(lost);
                 }
             }
         }
         let piece = hash.feed(piece);
-        if let Err(e) = pending.write(&piece) {
+        let skip = offset.saturating_sub(fed).min(piece.len() as u64) as usize;
+        fed += piece.len() as u64;
+        if let Err(e) = pending.write(piece.get(skip..).unwrap_or(&[])) {
+            pending.discard();
             log::error!("{peer} file \"{shown}\" failed: {e}; nothing stored");
             return Outcome::Failed {
                 code: Code::Io,
@@ -209,8 +271,14 @@ pub fn receive(
             answer::hex(&got),
             answer::hex(&header.checksum)
         );
+        let dropped = if offset > 0 {
+            format!("; the partial body it continued ({offset} B) is dropped")
+        } else {
+            String::new()
+        };
+        pending.discard();
         log::warn!(
-            "{peer} file \"{shown}\" ({size} B) refused: checksum: {reason}; nothing stored"
+            "{peer} file \"{shown}\" ({size} B) refused: checksum: {reason}; nothing stored{dropped}"
         );
         return Outcome::Mismatch { reason };
     }

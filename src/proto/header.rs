@@ -17,6 +17,13 @@ pub const MAX_NAME_LEN: u16 = 255;
 pub const FLAG_AUTH: u8 = 0x01;
 /// Length of the tag of an authenticated frame.
 pub const TAG_LEN: usize = 32;
+/// Flag bit 3: the frame may be resumed. After the head the server answers `RESUME <offset>`
+/// (`wire::resume_line`) and the body on the wire is only its bytes from `offset` on; the header
+/// still gives the whole file's size and checksum, which identify the partial body the server
+/// kept. (Bits 1 and 2 are left to the checksum-algorithm and trailing-checksum flags.)
+pub const FLAG_RESUME: u8 = 0x08;
+/// Every flag bit this build knows; the others must be zero.
+pub const KNOWN_FLAGS: u8 = FLAG_AUTH | FLAG_RESUME;
 
 const VERSION_AT: usize = 4;
 const FLAGS_AT: usize = 5;
@@ -92,7 +99,7 @@ impl Header {
             }
         }
         if let Some(&flags) = buf.get(FLAGS_AT) {
-            if flags & !FLAG_AUTH != 0 {
+            if flags & !KNOWN_FLAGS != 0 {
                 return Err(FrameError::Flags(flags));
             }
         }
@@ -113,6 +120,18 @@ impl Header {
             size: BigEndian::read_u64(&buf[SIZE_AT..CHECKSUM_AT]),
             checksum,
         }))
+    }
+
+    /// Whether the encoded header `raw` asks for a resumable upload (flag bit 3). Kept out of
+    /// `Header` so that its fields, which many callers build, stay as they are.
+    pub fn resume_flag(raw: &[u8; HEADER_LEN]) -> bool {
+        raw[FLAGS_AT] & FLAG_RESUME != 0
+    }
+
+    /// `raw` with the resume flag set.
+    pub fn with_resume_flag(mut raw: [u8; HEADER_LEN]) -> [u8; HEADER_LEN] {
+        raw[FLAGS_AT] |= FLAG_RESUME;
+        raw
     }
 
     /// Encodes the header.
@@ -159,6 +178,26 @@ mod tests {
     }
 
     #[test]
+    fn the_resume_flag_is_known_and_read_from_the_raw_bytes() {
+        let plain = sample().encode();
+        assert!(!Header::resume_flag(&plain));
+        let resumable = Header::with_resume_flag(plain);
+        assert!(Header::resume_flag(&resumable));
+        assert_eq!(resumable[5], FLAG_RESUME);
+        assert_eq!(Header::parse(&resumable), Ok(Parsed::Complete(sample())));
+        let mut both = Header::with_resume_flag(
+            Header {
+                authenticated: true,
+                ..sample()
+            }
+            .encode(),
+        );
+        assert_eq!(both[5], FLAG_AUTH | FLAG_RESUME);
+        both[5] = 0x0a;
+        assert_eq!(Header::parse(&both), Err(FrameError::Flags(0x0a)));
+    }
+
+    #[test]
     fn every_truncated_prefix_is_partial() {
         let bytes = sample().encode();
         for len in 0..HEADER_LEN {
@@ -173,7 +212,7 @@ mod tests {
     #[test]
     fn bad_bytes_are_refused_as_soon_as_they_arrive() {
         let good = sample().encode();
-        let cases: [(usize, u8, FrameError); 9] = [
+        let cases: [(usize, u8, FrameError); 10] = [
             (1, b'f', FrameError::Magic),
             (2, b'X', FrameError::Magic),
             (3, 0, FrameError::Magic),
@@ -181,6 +220,7 @@ mod tests {
             (4, 2, FrameError::Version(2)),
             (5, 2, FrameError::Flags(2)),
             (5, 0x81, FrameError::Flags(0x81)),
+            (5, 0x10, FrameError::Flags(0x10)),
             (7, 0, FrameError::NameLength(0)),
             (6, 1, FrameError::NameLength(0x0109)),
         ];
@@ -279,7 +319,14 @@ mod tests {
                     (Ok(Parsed::Partial), None) => assert!(len < HEADER_LEN, "{buf:?}"),
                     (Ok(Parsed::Complete(h)), None) => {
                         assert!(len >= HEADER_LEN);
-                        assert_eq!(h.encode()[..], buf[..HEADER_LEN]);
+                        // The resume flag lives in the raw bytes only.
+                        let resume = buf.get(5).is_some_and(|f| f & FLAG_RESUME != 0);
+                        let encoded = if resume {
+                            Header::with_resume_flag(h.encode())
+                        } else {
+                            h.encode()
+                        };
+                        assert_eq!(encoded[..], buf[..HEADER_LEN]);
                     }
                 }
             }
