@@ -16,7 +16,9 @@ Usage:
                                          validate a config (and the key file, upload directory
                                          and addresses it names) and print the effective settings
   ferryd send --to HOST:PORT [--timeout SECS] [--key-file PATH] [-r] FILE|DIR...
-                                         upload files over one connection, one answer per file
+                                         upload files over one connection, one answer per file;
+                                         files of 1 MiB or more are resumable: sending one again
+                                         after a cut continues where it stopped
   ferryd pack FILE...                    write the same frames to stdout, for netcat:
                                            ferryd pack photo.jpg | nc -N 127.0.0.1 7878
   ferryd --help | --version

@@ -407,3 +407,50 @@ fn resuming_needs_the_upload_key_like_any_upload() {
     assert_eq!(resumed_at(&text), Some(kept), "{text}");
     assert_eq!(fs::read(d.uploads().join("signed.bin")).unwrap(), body);
 }
+
+#[test]
+fn expired_partials_go_and_unexpired_ones_stay() {
+    let uploads = TempDir::new();
+    let dir_line = format!("dir = {:?}", uploads.path().display().to_string());
+    let body = Rng::new(7).bytes(2 * MIB);
+    let old = uploads.path().join(partial_name("old.bin", &body));
+    let fresh = uploads.path().join(partial_name("fresh.bin", &body[..MIB]));
+    fs::write(&old, &body[..1000]).unwrap();
+    fs::write(&fresh, &body[..1000]).unwrap();
+    let aged = Command::new("touch")
+        .args(["-d", "@1000000000"])
+        .arg(&old)
+        .status()
+        .unwrap();
+    assert!(aged.success());
+    // At start-up: the expired one goes, the other stays.
+    let d = DaemonBuilder::new()
+        .set("files", &dir_line)
+        .set("files", "resume_keep_secs = 2")
+        .start();
+    d.wait_log("kept 1 partial upload(s) for resuming", WAIT);
+    assert!(!old.exists() && fresh.exists());
+    assert!(
+        d.log().contains("removed expired partial upload"),
+        "{}",
+        d.log()
+    );
+    // While running: once it has not grown for resume_keep_secs, the next resumable upload
+    // removes it.
+    let fresh_name = fresh.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(wait_until(WAIT, || fs::metadata(&fresh)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t
+            .elapsed()
+            .is_ok_and(|age| age > Duration::from_secs(3)))));
+    let mut s = d.connect();
+    s.write_all(&resumable_head("other.bin", &body)).unwrap();
+    assert_eq!(read_line(&mut s), "RESUME 0\n");
+    s.write_all(&body).unwrap();
+    assert!(read_line(&mut s).starts_with("OK other.bin "));
+    assert!(!fresh.exists(), "the expired partial is gone");
+    d.wait_log(
+        &format!("removed partial upload {fresh_name} (expired)"),
+        WAIT,
+    );
+}

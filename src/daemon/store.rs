@@ -19,6 +19,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use rustix::fs::{Advice, AtFlags, FileType, Mode, OFlags, RenameFlags};
 
@@ -27,6 +28,8 @@ use crate::daemon::resume::{self, Limits};
 use crate::daemon::subdir::{self, WalkError};
 use crate::proto::name::{RESERVED_PREFIX, split_path};
 
+/// How often, at most, uploads sweep expired partial bodies away.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Suffix of temporary files.
 const PART_SUFFIX: &str = ".part";
 /// Mode of the upload directory when ferryd creates it.
@@ -99,8 +102,9 @@ pub struct Store {
     /// Bytes promised to uploads in progress and not yet written; shared with the store a reload
     /// replaces this one with, so uploads in flight stay counted.
     reserved: Arc<Mutex<u64>>,
-    /// Held while partial bodies are looked up, removed and started (`resume::claim`).
-    resume_lock: Mutex<()>,
+    /// Held while partial bodies are looked up, removed and started (`resume::claim`); holds
+    /// when expired ones were last swept away.
+    resume_lock: Mutex<Option<Instant>>,
 }
 
 /// What `Store::open` found.
@@ -167,7 +171,7 @@ impl Store {
             dir_handle: RwLock::new(Arc::new(dir_handle)),
             cfg: cfg.clone(),
             reserved,
-            resume_lock: Mutex::new(()),
+            resume_lock: Mutex::new(None),
         };
         // Fail at start-up, not on the first upload, if the directory is not writable.
         let handle = store.handle();
@@ -239,11 +243,34 @@ impl Store {
     /// At start-up: removes expired partial bodies; returns their names and how many were kept.
     pub fn sweep_partials(&self) -> Result<(Vec<String>, usize), StoreError> {
         let dir = self.current_handle()?;
-        let _held = self
+        let mut last = self
             .resume_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        *last = Some(Instant::now());
         resume::sweep(&dir, self.resume_limits()).map_err(io_err("clean up partial uploads"))
+    }
+
+    /// Removes expired partial bodies (all of them when resuming is off) at most once every
+    /// `SWEEP_EVERY`, so they go even when no resumable upload comes: one listing of the
+    /// directory per minute at most, on the uploading worker.
+    fn sweep_now_and_then(&self, dir: &File) {
+        let mut last = self
+            .resume_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < SWEEP_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        match resume::sweep(dir, self.resume_limits()) {
+            Ok((removed, _)) => {
+                for name in removed {
+                    log::info!("removed expired partial upload {name}");
+                }
+            }
+            Err(e) => log::warn!("cannot clean up partial uploads: {e}"),
+        }
     }
 
     /// `begin` for a resumable frame: continues the partial body kept for this size and checksum,
@@ -316,6 +343,7 @@ impl Store {
         }
         let dir = self.current_handle()?;
         self.check_name(&dir, name)?;
+        self.sweep_now_and_then(&dir);
         let reservation = self.reserve(&dir, size)?;
         // On an error the reservation's drop gives the space back.
         let (file, temp_name) = create_temp(&dir, self.cfg.file_mode)?;
