@@ -35,6 +35,7 @@ fn frame(name: &str, body: &[u8]) -> Vec<u8> {
         name_len: u16::try_from(name.len()).expect("test names fit in a u16"),
         size: body.len() as u64,
         checksum: *blake3::hash(body).as_bytes(),
+        ..Header::default()
     }
     .encode()
     .to_vec();

@@ -318,6 +318,7 @@ fn resumable_head(name: &str, body: &[u8]) -> Vec<u8> {
         name_len: u16::try_from(name.len()).unwrap(),
         size: body.len() as u64,
         checksum: *blake3::hash(body).as_bytes(),
+        ..Header::default()
     };
     let mut out = Header::with_resume_flag(header.encode()).to_vec();
     out.extend_from_slice(name.as_bytes());

@@ -130,7 +130,7 @@ pub(super) const ARGV_ALLOWED: &str = "a list of strings: the program, then its 
      {path}, {name}, {size}, {checksum}, {peer} ([] for no hook)";
 
 /// The tables, in the order `check-config` prints them.
-pub(super) const TABLES: &[&str] = &["server", "udp", "files", "access", "log"];
+pub(super) const TABLES: &[&str] = &["server", "udp", "files", "access", "log", "compat"];
 
 /// Every key, table by table in the order of config/config.toml.
 pub(super) const KEYS: &[Key] = &[
@@ -236,6 +236,16 @@ pub(super) const KEYS: &[Key] = &[
         same_as: None,
         reload: Reload::Live,
         get: |c| &c.server.chat_queue_depth,
+    },
+    Key {
+        table: "server",
+        name: "chat_flush_ms",
+        doc: "chat mode: text without a newline is delivered as a line after this many \
+              milliseconds of silence; 0: only at a newline",
+        kind: int(0, 60_000, 200),
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.server.chat_flush_ms,
     },
     // [udp]
     Key {
@@ -533,6 +543,17 @@ pub(super) const KEYS: &[Key] = &[
         same_as: None,
         reload: Reload::Live,
         get: |c| &c.log.format,
+    },
+    // [compat]
+    Key {
+        table: "compat",
+        name: "starstar_uploads",
+        doc: "store NAME**SIZE uploads (the Qt tutorials' file client), unverified; else \
+              \"ERR legacy-header\"; not with files.token_file",
+        kind: Kind::Bool { default: false },
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.compat.starstar_uploads,
     },
 ];
 

@@ -64,6 +64,14 @@ pub struct Config {
     pub files: FilesConfig,
     pub access: AccessConfig,
     pub log: LogConfig,
+    pub compat: CompatConfig,
+}
+
+/// Compatibility with clients that do not speak the frame protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompatConfig {
+    /// Store `NAME**SIZE` uploads (the Qt tutorials' file client), unverified.
+    pub starstar_uploads: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -98,6 +106,9 @@ pub struct ServerConfig {
     pub mode: Mode,
     /// Chat mode: messages waiting for one slow client before it is dropped.
     pub chat_queue_depth: usize,
+    /// Chat mode: text without a newline is delivered as a line after this many milliseconds
+    /// of silence; 0: only at a newline (or the end of the stream).
+    pub chat_flush_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -327,6 +338,7 @@ impl Config {
                 shutdown_grace: v.get("server.shutdown_grace_secs")?,
                 mode: v.get("server.mode")?,
                 chat_queue_depth: v.get("server.chat_queue_depth")?,
+                chat_flush_ms: v.get("server.chat_flush_ms")?,
             },
             udp: UdpConfig {
                 enabled: v.get("udp.enabled")?,
@@ -367,6 +379,9 @@ impl Config {
             log: LogConfig {
                 level: v.get("log.level")?,
                 format: v.get("log.format")?,
+            },
+            compat: CompatConfig {
+                starstar_uploads: v.get("compat.starstar_uploads")?,
             },
         })
     }
@@ -679,6 +694,19 @@ mod tests {
             (
                 "[access]\nmax_per_ip = 0\n",
                 "access.max_per_ip = 0: out of range",
+            ),
+            (
+                "[files]\ntoken_file = \"/k\"\n[compat]\nstarstar_uploads = true\n",
+                "compat.starstar_uploads = true: cannot be combined with files.token_file",
+            ),
+            (
+                "[compat]\nstarstar_uploads = 1\n",
+                "compat.starstar_uploads",
+            ),
+            ("[compat]\nstarstar = true\n", "starstar"),
+            (
+                "[server]\nchat_flush_ms = 60001\n",
+                "server.chat_flush_ms = 60001: out of range",
             ),
         ];
         for (src, want) in cases {
