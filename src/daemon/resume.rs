@@ -43,6 +43,18 @@ pub struct Claimed {
     pub offset: u64,
 }
 
+/// What `claim` found.
+#[derive(Debug)]
+pub enum Claim {
+    /// This upload now holds the partial (new or continued).
+    Got(Claimed),
+    /// Another upload holds the partial for this file right now (often the connection that was
+    /// just cut, which the server has not finished with yet): worth trying again shortly.
+    Held,
+    /// This upload cannot be resumable (resuming is off, or the file is over the budget).
+    No,
+}
+
 /// One partial found in the directory.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -84,8 +96,7 @@ fn parse_name(file_name: &str) -> Option<(String, u64, String)> {
 
 /// Finds (or starts) the partial for a file of `size` bytes and `checksum`, sent as `name`, in
 /// `dir`, after removing the expired and superseded ones and making room within the byte budget.
-/// `Ok(None)`: this upload cannot be resumable (resuming is off, the file is over the budget,
-/// or another upload holds its partial); it goes on as an ordinary one.
+/// Without a partial it can hold, the upload goes on as an ordinary one.
 pub fn claim(
     dir: &File,
     checksum: &[u8; 32],
@@ -93,9 +104,9 @@ pub fn claim(
     name: &str,
     limits: Limits,
     mode: u32,
-) -> io::Result<Option<Claimed>> {
+) -> io::Result<Claim> {
     if limits.keep.is_zero() || size > limits.max_bytes {
-        return Ok(None);
+        return Ok(Claim::No);
     }
     let now = SystemTime::now();
     let tag = tag_of(name);
@@ -119,7 +130,7 @@ pub fn claim(
     }
     if let Some(e) = live.iter().find(|e| e.key == key) {
         let Some(file) = lock(dir, &e.file_name)? else {
-            return Ok(None);
+            return Ok(Claim::Held);
         };
         let mut offset = e.len;
         if offset > size {
@@ -137,7 +148,7 @@ pub fn claim(
                 Err(_) => e.file_name.clone(),
             }
         };
-        return Ok(Some(Claimed {
+        return Ok(Claim::Got(Claimed {
             file,
             file_name,
             offset,
@@ -149,7 +160,7 @@ pub fn claim(
     let mut i = 0;
     while total.saturating_add(size) > limits.max_bytes {
         let Some(e) = live.get(i) else {
-            return Ok(None);
+            return Ok(Claim::No);
         };
         i += 1;
         if remove_if_free(dir, &e.file_name)? {
@@ -169,17 +180,17 @@ pub fn claim(
     ) {
         Ok(fd) => fd,
         // Another upload of the same file started it a moment ago.
-        Err(Errno::EXIST) => return Ok(None),
+        Err(Errno::EXIST) => return Ok(Claim::Held),
         Err(e) => return Err(e.into()),
     };
     let file = File::from(fd);
     match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(Some(Claimed {
+        Ok(()) => Ok(Claim::Got(Claimed {
             file,
             file_name,
             offset: 0,
         })),
-        Err(Errno::WOULDBLOCK) => Ok(None),
+        Err(Errno::WOULDBLOCK) => Ok(Claim::Held),
         Err(e) => Err(e.into()),
     }
 }
@@ -291,6 +302,13 @@ mod tests {
         }
     }
 
+    fn got(c: io::Result<Claim>) -> Claimed {
+        match c {
+            Ok(Claim::Got(c)) => c,
+            other => panic!("expected a claimed partial, got {other:?}"),
+        }
+    }
+
     #[test]
     fn claim_continues_supersedes_and_keeps_the_budget() {
         let path = std::env::temp_dir().join(format!("ferryd-resume-{}", std::process::id()));
@@ -304,28 +322,30 @@ mod tests {
         let a = *blake3::hash(b"a").as_bytes();
         let b = *blake3::hash(b"b").as_bytes();
         // A new partial, written to, released; the same file claims it back at its length.
-        let c = claim(&dir, &a, 60, "one", limits, 0o600).unwrap().unwrap();
+        let c = got(claim(&dir, &a, 60, "one", limits, 0o600));
         assert_eq!(c.offset, 0);
         std::io::Write::write_all(&mut &c.file, &[7; 25]).unwrap();
         // While held, nobody else gets it.
-        assert!(claim(&dir, &a, 60, "one", limits, 0o600).unwrap().is_none());
+        assert!(matches!(
+            claim(&dir, &a, 60, "one", limits, 0o600),
+            Ok(Claim::Held)
+        ));
         drop(c);
-        let c = claim(&dir, &a, 60, "one", limits, 0o600).unwrap().unwrap();
+        let c = got(claim(&dir, &a, 60, "one", limits, 0o600));
         assert_eq!(c.offset, 25);
         drop(c);
         // Over the budget alone: not resumable.
-        assert!(
-            claim(&dir, &b, 101, "two", limits, 0o600)
-                .unwrap()
-                .is_none()
-        );
+        assert!(matches!(
+            claim(&dir, &b, 101, "two", limits, 0o600),
+            Ok(Claim::No)
+        ));
         // Another file needing room evicts the older partial.
-        let c = claim(&dir, &b, 50, "two", limits, 0o600).unwrap().unwrap();
+        let c = got(claim(&dir, &b, 50, "two", limits, 0o600));
         assert_eq!(c.offset, 0);
         drop(c);
         assert_eq!(list(&dir).unwrap().len(), 1);
         // The same name with another checksum supersedes it.
-        let c = claim(&dir, &a, 10, "two", limits, 0o600).unwrap().unwrap();
+        let c = got(claim(&dir, &a, 10, "two", limits, 0o600));
         drop(c);
         let left: Vec<String> = list(&dir).unwrap().into_iter().map(|e| e.key).collect();
         assert_eq!(left, [format!("{}-10", hex(&a))]);

@@ -24,10 +24,15 @@ use std::time::{Duration, Instant};
 use rustix::fs::{Advice, AtFlags, FileType, Mode, OFlags, RenameFlags};
 
 use crate::config::{FilesConfig, OnConflict};
-use crate::daemon::resume::{self, Limits};
+use crate::daemon::resume::{self, Claim, Limits};
 use crate::daemon::subdir::{self, WalkError};
 use crate::proto::name::{RESERVED_PREFIX, split_path};
 
+/// How long a resumable upload waits for the partial body it would continue while another
+/// connection still holds it (typically the one just cut, not yet given up by the server).
+const HELD_GRACE: Duration = Duration::from_secs(3);
+/// How often it looks again meanwhile.
+const HELD_POLL: Duration = Duration::from_millis(20);
 /// How often, at most, uploads sweep expired partial bodies away.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Suffix of temporary files.
@@ -291,20 +296,28 @@ impl Store {
         }
         let dir = self.current_handle()?;
         self.check_name(&dir, name)?;
-        let claimed = {
-            let _held = self
-                .resume_lock
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            resume::claim(
-                &dir,
-                checksum,
-                size,
-                name,
-                self.resume_limits(),
-                self.cfg.file_mode,
-            )
-            .map_err(io_err("keep a partial upload"))?
+        let waited_until = Instant::now() + HELD_GRACE;
+        let claimed = loop {
+            let found = {
+                let _held = self
+                    .resume_lock
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                resume::claim(
+                    &dir,
+                    checksum,
+                    size,
+                    name,
+                    self.resume_limits(),
+                    self.cfg.file_mode,
+                )
+                .map_err(io_err("keep a partial upload"))?
+            };
+            match found {
+                Claim::Got(c) => break Some(c),
+                Claim::Held if Instant::now() < waited_until => std::thread::sleep(HELD_POLL),
+                Claim::Held | Claim::No => break None,
+            }
         };
         let Some(claimed) = claimed else {
             return self.begin(name, size).map(|p| (p, 0));
