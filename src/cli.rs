@@ -17,8 +17,10 @@ Usage:
                                          validate a config (and the key file, upload directory
                                          and addresses it names) and print the effective settings
   ferryd send --to HOST:PORT [--timeout SECS] [--key-file PATH] [--hash ALGO]
-              [--checksum PLACE] [--name NAME] FILE...
-                                         upload files over one connection, one answer per file
+              [--checksum PLACE] [--name NAME] [-r] FILE|DIR...
+                                         upload files over one connection, one answer per file;
+                                         files of 1 MiB or more are resumable: sending one again
+                                         after a cut continues where it stopped
   ferryd pack [--hash ALGO] [--name NAME] FILE...
                                          write the same frames to stdout, for netcat:
                                            ferryd pack photo.jpg | nc -N 127.0.0.1 7878
@@ -32,10 +34,14 @@ Options:
       --to HOST:PORT  (send) the server to upload to
       --timeout SECS  (send) connect timeout, and how long a stalled write may block; default 5
       --key-file PATH (send) the shared upload key, for servers with files.token_file
+  -r, --recursive     (send) send each DIR whole: every regular file under it, named by its
+                      path from DIR's parent (photos/2024/a.jpg); symlinks and special files
+                      are skipped with a note; the server needs files.allow_subdirs = true
       --hash ALGO     (send, pack) the checksum: blake3 (default) or sha256
       --checksum PLACE
                       (send) trailing (default: after the body, hashed while sending) or
-                      header (before the body, hashed first)
+                      header (before the body, hashed first); unless trailing is given,
+                      files of 1 MiB or more go with the checksum in the header, resumable
       --name NAME     (send, pack) send the one FILE under NAME; needed for -
   -h, --help          print this help
   -V, --version       print the version
@@ -79,6 +85,7 @@ where
     let mut to = None;
     let mut timeout = None;
     let mut key_file = None;
+    let mut recursive = false;
     let mut hash = None;
     let mut checksum = None;
     let mut name = None;
@@ -91,6 +98,7 @@ where
             Short('q') | Long("quiet") => quiet = true,
             Long("timeout") => timeout = Some(parse_timeout(&parser.value()?.string()?)?),
             Long("key-file") => key_file = Some(PathBuf::from(parser.value()?)),
+            Short('r') | Long("recursive") => recursive = true,
             Long("hash") => hash = Some(parse_hash(&parser.value()?.string()?)?),
             Long("checksum") => checksum = Some(parse_place(&parser.value()?.string()?)?),
             Long("name") => name = Some(parser.value()?.string()?),
@@ -125,6 +133,7 @@ where
         ("--to", to.is_some(), sub == "send"),
         ("--timeout", timeout.is_some(), sub == "send"),
         ("--key-file", key_file.is_some(), sub == "send"),
+        ("-r", recursive, sub == "send"),
         ("--hash", hash.is_some(), matches!(sub, "send" | "pack")),
         ("--checksum", checksum.is_some(), sub == "send"),
         ("--name", name.is_some(), matches!(sub, "send" | "pack")),
@@ -150,6 +159,9 @@ where
         // of its output can check before reading the body.
         trailing: sub == "send" && checksum.unwrap_or(true),
         name,
+        // Resuming needs the checksum before the body: `send` hashes large files first unless
+        // `--checksum trailing` asks for one pass.
+        resume: sub == "send" && checksum != Some(true),
     };
     Ok(match sub {
         "check-config" => Command::CheckConfig { config, quiet },
@@ -164,6 +176,7 @@ where
                 timeout,
                 files,
                 key_file,
+                recursive,
                 form,
             })
         }
@@ -258,32 +271,43 @@ mod tests {
 
     #[test]
     fn send_and_pack() {
-        let trailing = Form {
+        let default_send = Form {
+            trailing: true,
+            resume: true,
+            ..Form::default()
+        };
+        let one_pass = Form {
             trailing: true,
             ..Form::default()
         };
-        let send = |to: &str, ms: u64, files: &[&str], form: &Form| {
+        let send = |to: &str, ms: u64, files: &[&str], form: &Form, recursive: bool| {
             Command::Send(SendOptions {
                 to: to.into(),
                 timeout: Duration::from_millis(ms),
                 files: files.iter().map(PathBuf::from).collect(),
                 key_file: None,
                 form: form.clone(),
+                recursive,
             })
         };
         let sha_header_named = Form {
             algo: Algo::Sha256,
             trailing: false,
             name: Some("d.tar".into()),
+            resume: true,
         };
-        let cases: [(&[&str], Command); 6] = [
+        let cases: [(&[&str], Command); 7] = [
             (
                 &["send", "--to", "h:1", "a", "b"],
-                send("h:1", 5000, &["a", "b"], &trailing),
+                send("h:1", 5000, &["a", "b"], &default_send, false),
             ),
             (
                 &["send", "a", "--timeout", "0.5", "--to=h:2"],
-                send("h:2", 500, &["a"], &trailing),
+                send("h:2", 500, &["a"], &default_send, false),
+            ),
+            (
+                &["send", "-r", "--to", "h:1", "dir"],
+                send("h:1", 5000, &["dir"], &default_send, true),
             ),
             (
                 &[
@@ -298,7 +322,7 @@ mod tests {
                     "d.tar",
                     "-",
                 ],
-                send("h:1", 5000, &["-"], &sha_header_named),
+                send("h:1", 5000, &["-"], &sha_header_named, false),
             ),
             (
                 &[
@@ -309,7 +333,7 @@ mod tests {
                     "--checksum=trailing",
                     "a",
                 ],
-                send("h:1", 5000, &["a"], &trailing),
+                send("h:1", 5000, &["a"], &one_pass, false),
             ),
             (
                 &["pack", "x"],
@@ -324,6 +348,7 @@ mod tests {
                     files: vec!["-".into()],
                     form: Form {
                         trailing: false,
+                        resume: false,
                         ..sha_header_named.clone()
                     },
                 }),
@@ -336,7 +361,8 @@ mod tests {
 
     #[test]
     fn errors() {
-        let cases: [&[&str]; 27] = [
+        let cases: [&[&str]; 28] = [
+            &["pack", "-r", "d"],
             &["send", "--to", "h:1", "-"],
             &["pack", "-"],
             &["send", "--to", "h:1", "--name", "x", "a", "b"],

@@ -18,6 +18,7 @@ mod config;
 mod daemon;
 mod deadline;
 mod escape;
+mod hookargs;
 mod logger;
 mod peer;
 mod rules;

@@ -389,7 +389,7 @@ fn bad_names_and_bad_headers_are_refused_and_close_the_connection() {
         ("magic F5 'X' R Y", 1, b'X', "bad-magic"),
         ("version 2", 4, 2, "bad-version"),
         ("version 0", 4, 0, "bad-version"),
-        ("flags 0x08", 5, 8, "bad-header"),
+        ("flags 0x10", 5, 0x10, "bad-header"),
         ("flags 0x80", 5, 0x80, "bad-header"),
     ] {
         let mut bad = good.clone();

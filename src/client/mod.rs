@@ -4,5 +4,6 @@
 pub mod filehash;
 mod send;
 mod stdin;
+mod walk;
 
 pub use send::*;

@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use toml::{Spanned, Value};
 
+use crate::hookargs;
 use crate::rules::Cidr;
 
 use super::ConfigError;
@@ -205,6 +206,21 @@ impl Ctx<'_> {
             (Kind::Word { .. } | Kind::Ip { .. } | Kind::Path { .. }, _) => {
                 Err(wrong_type("a string"))
             }
+            (Kind::Argv, Value::Array(items)) => {
+                let argv = items
+                    .iter()
+                    .zip(1..)
+                    .map(|(item, n)| match item {
+                        Value::String(s) => Ok(s.clone()),
+                        other => Err(problem(&format!(
+                            "item {n} is {}, not a string",
+                            type_name(other)
+                        ))),
+                    })
+                    .collect::<Result<Vec<String>, ConfigError>>()?;
+                hookargs::check(&argv).map_err(|e| problem(&e.to_string()))?;
+                Ok(Val::Argv(argv))
+            }
             (Kind::Rules, Value::Array(items)) => items
                 .iter()
                 .zip(1..)
@@ -219,7 +235,7 @@ impl Ctx<'_> {
                 })
                 .collect::<Result<Vec<Cidr>, ConfigError>>()
                 .map(Val::Rules),
-            (Kind::Rules, _) => Err(wrong_type("a list")),
+            (Kind::Rules | Kind::Argv, _) => Err(wrong_type("a list")),
         }
     }
 

@@ -147,6 +147,20 @@ pub struct FilesConfig {
     pub min_free_bytes: u64,
     /// The shared upload key; `None`: uploads need no key.
     pub token_file: Option<PathBuf>,
+    /// How long the partial body of a cut-off resumable upload is kept; 0: resuming is off.
+    pub resume_keep: Duration,
+    /// Total announced size of the partial bodies kept; 0: resuming is off.
+    pub resume_max_bytes: u64,
+    /// Names may hold subdirectories (`photos/2024/a.jpg`).
+    pub allow_subdirs: bool,
+    /// The command run for each stored file (checked by `hookargs::check`); empty: none.
+    pub on_stored: Vec<String>,
+    /// Hook commands running at once.
+    pub hook_workers: usize,
+    /// Stored files waiting for a hook worker.
+    pub hook_queue_depth: usize,
+    /// How long a hook may run before its process group is killed.
+    pub hook_timeout: Duration,
 }
 
 words! {
@@ -342,6 +356,13 @@ impl Config {
                 file_mode: v.get("files.file_mode")?,
                 min_free_bytes: v.get("files.min_free_bytes")?,
                 token_file: v.get("files.token_file")?,
+                resume_keep: v.get("files.resume_keep_secs")?,
+                resume_max_bytes: v.get("files.resume_max_bytes")?,
+                allow_subdirs: v.get("files.allow_subdirs")?,
+                on_stored: v.get("files.on_stored")?,
+                hook_workers: v.get("files.hook_workers")?,
+                hook_queue_depth: v.get("files.hook_queue_depth")?,
+                hook_timeout: v.get("files.hook_timeout_secs")?,
             },
             access: AccessConfig {
                 rules: Rules {
@@ -407,6 +428,10 @@ fn toml_text(key: &Key, v: &Val) -> String {
         Val::Path(p) => quoted(&p.to_string_lossy()),
         Val::Rules(rules) => {
             let items: Vec<String> = rules.iter().map(|r| format!("\"{r}\"")).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Val::Argv(argv) => {
+            let items: Vec<String> = argv.iter().map(|a| quoted(a)).collect();
             format!("[{}]", items.join(", "))
         }
         Val::Unset => String::new(),
@@ -590,6 +615,48 @@ mod tests {
             msg.contains("files.max_file_size = -1: out of range"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn on_stored_is_a_checked_command() {
+        let c = parse(
+            "[files]\non_stored = [\"/usr/bin/mosquitto_pub\", \"-m\", \"{name} \\\"{size}\\\"\"]\nhook_workers = 3\nhook_timeout_secs = 5\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            c.files.on_stored,
+            ["/usr/bin/mosquitto_pub", "-m", "{name} \"{size}\""]
+        );
+        assert_eq!(c.files.hook_workers, 3);
+        assert_eq!(c.files.hook_timeout, Duration::from_secs(5));
+        assert_eq!(parse(&c.to_string(), "y").unwrap(), c);
+        let cases = [
+            (
+                "[files]\non_stored = [\"/bin/x\", \"{file}\"]\n",
+                "test.toml:2: files.on_stored = [\"/bin/x\", \"{file}\"]: item 2: unknown placeholder {file}, known: {path}, {name}, {size}, {checksum}, {peer}; allowed: a list of strings",
+            ),
+            (
+                "[files]\non_stored = \"/bin/x {path}\"\n",
+                "files.on_stored = \"/bin/x {path}\": expected a list, found a string",
+            ),
+            (
+                "[files]\non_stored = [\"/bin/x\", 5]\n",
+                "item 2 is an integer, not a string",
+            ),
+            (
+                "[files]\non_stored = [\"\"]\n",
+                "item 1, the program, is empty",
+            ),
+            (
+                "[files]\nhook_workers = 0\n",
+                "files.hook_workers = 0: out of range",
+            ),
+        ];
+        for (src, want) in cases {
+            let msg = err(src);
+            assert!(msg.contains(want), "{msg}");
+        }
     }
 
     #[test]

@@ -694,12 +694,18 @@ impl Conn<'_> {
         // The header, name and tag must all arrive within header_timeout_secs of the first byte.
         let header_deadline = Deadline::after(self.cfg.access.header_timeout, Why::Header);
         let mut name_buf = [0u8; MAX_NAME_LEN as usize];
-        let (header, raw_header, name_len, tag) = loop {
+        let (header, raw_header, name_len, tag, resumable) = loop {
             match FrameHead::parse(input.data()) {
                 Ok(Parsed::Complete(head)) => {
                     let name = &mut name_buf[..head.name.len()];
                     name.copy_from_slice(head.name);
-                    let parts = (head.header, head.raw_header, head.name.len(), head.tag);
+                    let parts = (
+                        head.header,
+                        head.raw_header,
+                        head.name.len(),
+                        head.tag,
+                        head.resumable(),
+                    );
                     input.consume(head.len);
                     break parts;
                 }
@@ -748,16 +754,19 @@ impl Conn<'_> {
             window_bytes: 0,
         };
         let store = Arc::clone(&source.conn.snapshot.store);
-        let outcome = upload::receive(
+        let outcome = upload::receive_checked(
             &store,
-            &header,
+            Check::Frame {
+                header: &header,
+                trailer_auth: trailer_key.as_ref().map(|(key, tag)| upload::TrailerAuth {
+                    key,
+                    first_tag: *tag,
+                }),
+                resumable,
+            },
             name,
             &mut source,
             shared.hash_pool(),
-            trailer_key.as_ref().map(|(key, tag)| upload::TrailerAuth {
-                key,
-                first_tag: *tag,
-            }),
             &peer,
         );
         self.answer_upload(outcome)
@@ -785,6 +794,23 @@ impl Conn<'_> {
         }
         if outcome.keeps_connection() {
             self.say(line.as_bytes());
+            // After the answer, so a hook never delays the client.
+            if let Outcome::Stored {
+                stored_name,
+                size,
+                checksum,
+            } = &outcome
+            {
+                let snapshot = &self.snapshot;
+                shared.hooks.stored(
+                    &snapshot.config,
+                    snapshot.store.dir(),
+                    stored_name,
+                    *size,
+                    checksum,
+                    peer.addr(),
+                );
+            }
             return Ok(());
         }
         Err(match outcome {
@@ -913,13 +939,23 @@ impl BodySource for ConnSource<'_, '_> {
             }
         }
     }
+
+    fn tell(&mut self, line: &str) -> Result<(), Lost> {
+        self.conn.say(line.as_bytes());
+        // The body starts after the peer has read this: the rate window starts now.
+        self.window_start = Instant::now();
+        self.window_bytes = 0;
+        Ok(())
+    }
 }
 
 fn code_for(e: FrameError) -> Code {
     match e {
         FrameError::Magic => Code::BadMagic,
         FrameError::Version(_) => Code::BadVersion,
-        FrameError::Flags(_) | FrameError::TrailingChecksum => Code::BadHeader,
+        FrameError::Flags(_) | FrameError::TrailingChecksum | FrameError::ResumeTrailing => {
+            Code::BadHeader
+        }
         FrameError::NameLength(_) => Code::BadName,
     }
 }

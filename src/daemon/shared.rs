@@ -10,6 +10,7 @@ use crate::auth::Key;
 use crate::config::Config;
 use crate::daemon::access::{PerIp, Slot};
 use crate::daemon::chat::Room;
+use crate::daemon::hooks::Hooks;
 use crate::daemon::registry::Registry;
 use crate::daemon::stats::Stats;
 use crate::daemon::store::Store;
@@ -43,11 +44,13 @@ pub struct Shared {
     /// Workers waiting for a connection right now.
     pub idle_workers: AtomicUsize,
     hash_pool: Option<HashPool>,
+    /// The `files.on_stored` queue and its threads.
+    pub hooks: Hooks,
     stopping: AtomicBool,
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot, hash_pool: Option<HashPool>) -> Shared {
+    pub fn new(snapshot: Snapshot, hash_pool: Option<HashPool>, hooks: Hooks) -> Shared {
         Shared {
             snapshot: RwLock::new(Arc::new(snapshot)),
             stats: Stats::default(),
@@ -56,6 +59,7 @@ impl Shared {
             per_ip: Arc::new(PerIp::default()),
             idle_workers: AtomicUsize::new(0),
             hash_pool,
+            hooks,
             stopping: AtomicBool::new(false),
         }
     }

@@ -21,11 +21,16 @@ pub const FLAG_SHA256: u8 = 0x02;
 /// and the header's checksum field is zero.
 pub const FLAG_TRAILING: u8 = 0x04;
 /// Every flag bit this build knows; the others must be zero.
-pub const KNOWN_FLAGS: u8 = FLAG_AUTH | FLAG_SHA256 | FLAG_TRAILING;
+pub const KNOWN_FLAGS: u8 = FLAG_AUTH | FLAG_SHA256 | FLAG_TRAILING | FLAG_RESUME;
 /// Length of a checksum, either algorithm.
 pub const CHECKSUM_LEN: usize = 32;
 /// Length of the tag of an authenticated frame.
 pub const TAG_LEN: usize = 32;
+/// Flag bit 3: the frame may be resumed. After the head the server answers `RESUME <offset>`
+/// (`wire::resume_line`) and the body on the wire is only its bytes from `offset` on; the header
+/// still gives the whole file's size and checksum, which identify the partial body the server
+/// kept, so it cannot be combined with `FLAG_TRAILING`.
+pub const FLAG_RESUME: u8 = 0x08;
 
 const VERSION_AT: usize = 4;
 const FLAGS_AT: usize = 5;
@@ -94,6 +99,9 @@ pub enum FrameError {
     Flags(u8),
     /// A trailing-checksum frame whose header checksum field is not zero.
     TrailingChecksum,
+    /// Flag bits 2 (trailing checksum) and 3 (resumable) together: a partial body is found by
+    /// the checksum in the header.
+    ResumeTrailing,
     /// The name length is 0 or over 255.
     NameLength(u16),
 }
@@ -109,6 +117,9 @@ impl fmt::Display for FrameError {
                 )
             }
             FrameError::Flags(b) => write!(f, "reserved flag bits set: {b:#04x}"),
+            FrameError::ResumeTrailing => f.write_str(
+                "flag bit 3 (resumable) needs the checksum in the header, not after the body (bit 2)",
+            ),
             FrameError::TrailingChecksum => f.write_str(
                 "flag bit 2 (trailing checksum) is set but the header's checksum field is not zero",
             ),
@@ -141,6 +152,9 @@ impl Header {
             if flags & !KNOWN_FLAGS != 0 {
                 return Err(FrameError::Flags(flags));
             }
+            if flags & (FLAG_RESUME | FLAG_TRAILING) == FLAG_RESUME | FLAG_TRAILING {
+                return Err(FrameError::ResumeTrailing);
+            }
         }
         if let Some(b) = buf.get(NAME_LEN_AT..NAME_LEN_AT + 2) {
             let n = BigEndian::read_u16(b);
@@ -170,6 +184,18 @@ impl Header {
             size: BigEndian::read_u64(&buf[SIZE_AT..CHECKSUM_AT]),
             checksum,
         }))
+    }
+
+    /// Whether the encoded header `raw` asks for a resumable upload (flag bit 3). Kept out of
+    /// `Header` so that its fields, which many callers build, stay as they are.
+    pub fn resume_flag(raw: &[u8; HEADER_LEN]) -> bool {
+        raw[FLAGS_AT] & FLAG_RESUME != 0
+    }
+
+    /// `raw` with the resume flag set.
+    pub fn with_resume_flag(mut raw: [u8; HEADER_LEN]) -> [u8; HEADER_LEN] {
+        raw[FLAGS_AT] |= FLAG_RESUME;
+        raw
     }
 
     /// The flags byte.
@@ -233,6 +259,31 @@ mod tests {
     }
 
     #[test]
+    fn the_resume_flag_is_known_and_read_from_the_raw_bytes() {
+        let plain = sample().encode();
+        assert!(!Header::resume_flag(&plain));
+        let resumable = Header::with_resume_flag(plain);
+        assert!(Header::resume_flag(&resumable));
+        assert_eq!(resumable[5], FLAG_RESUME);
+        assert_eq!(Header::parse(&resumable), Ok(Parsed::Complete(sample())));
+        let mut both = Header::with_resume_flag(
+            Header {
+                authenticated: true,
+                ..sample()
+            }
+            .encode(),
+        );
+        assert_eq!(both[5], FLAG_AUTH | FLAG_RESUME);
+        both[5] = FLAG_RESUME | FLAG_TRAILING;
+        both[CHECKSUM_AT..].fill(0);
+        assert_eq!(Header::parse(&both), Err(FrameError::ResumeTrailing));
+        assert_eq!(
+            Header::parse(&both[..=FLAGS_AT]),
+            Err(FrameError::ResumeTrailing)
+        );
+    }
+
+    #[test]
     fn every_truncated_prefix_is_partial() {
         let bytes = sample().encode();
         for len in 0..HEADER_LEN {
@@ -247,14 +298,15 @@ mod tests {
     #[test]
     fn bad_bytes_are_refused_as_soon_as_they_arrive() {
         let good = sample().encode();
-        let cases: [(usize, u8, FrameError); 10] = [
+        let cases: [(usize, u8, FrameError); 11] = [
             (1, b'f', FrameError::Magic),
             (2, b'X', FrameError::Magic),
             (3, 0, FrameError::Magic),
             (4, 0, FrameError::Version(0)),
             (4, 2, FrameError::Version(2)),
-            (5, 8, FrameError::Flags(8)),
+            (5, 0x20, FrameError::Flags(0x20)),
             (5, 0x81, FrameError::Flags(0x81)),
+            (5, 0x10, FrameError::Flags(0x10)),
             (5, 0xff, FrameError::Flags(0xff)),
             (7, 0, FrameError::NameLength(0)),
             (6, 1, FrameError::NameLength(0x0109)),
@@ -320,14 +372,27 @@ mod tests {
                 assert_eq!(Header::parse(&bytes[..=FLAGS_AT]), got);
                 continue;
             }
+            if flags & FLAG_RESUME != 0 && flags & FLAG_TRAILING != 0 {
+                assert_eq!(got, Err(FrameError::ResumeTrailing), "flags {flags:#04x}");
+                assert_eq!(Header::parse(&bytes[..=FLAGS_AT]), got);
+                continue;
+            }
+            // The resume flag lives in the raw bytes only.
+            let resume = flags & FLAG_RESUME != 0;
             let Ok(Parsed::Complete(h)) = got else {
                 panic!("flags {flags:#04x}: {got:?}");
             };
             assert_eq!(h.authenticated, flags & FLAG_AUTH != 0);
             assert_eq!(h.algo == Algo::Sha256, flags & FLAG_SHA256 != 0);
             assert_eq!(h.trailing, flags & FLAG_TRAILING != 0);
-            assert_eq!(h.flags(), flags);
-            assert_eq!(h.encode(), bytes);
+            assert_eq!(h.flags(), flags & !FLAG_RESUME);
+            assert_eq!(Header::resume_flag(&bytes), resume);
+            let encoded = if resume {
+                Header::with_resume_flag(h.encode())
+            } else {
+                h.encode()
+            };
+            assert_eq!(encoded, bytes);
             for len in 0..HEADER_LEN {
                 assert_eq!(Header::parse(&bytes[..len]), Ok(Parsed::Partial), "{len}");
             }
@@ -415,7 +480,14 @@ mod tests {
                     (Ok(Parsed::Partial), None) => assert!(len < HEADER_LEN, "{buf:?}"),
                     (Ok(Parsed::Complete(h)), None) => {
                         assert!(len >= HEADER_LEN);
-                        assert_eq!(h.encode()[..], buf[..HEADER_LEN]);
+                        // The resume flag lives in the raw bytes only.
+                        let resume = buf.get(5).is_some_and(|f| f & FLAG_RESUME != 0);
+                        let encoded = if resume {
+                            Header::with_resume_flag(h.encode())
+                        } else {
+                            h.encode()
+                        };
+                        assert_eq!(encoded[..], buf[..HEADER_LEN]);
                     }
                 }
             }

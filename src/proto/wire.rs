@@ -181,6 +181,23 @@ pub fn nonce_line(nonce: &[u8]) -> String {
     format!("NONCE {}\n", hex(nonce))
 }
 
+/// `RESUME <offset>\n`: the answer to a resumable frame's head (flag bit 3): the body that
+/// follows on the wire starts at byte `offset` of the file (0: the server holds nothing of it).
+pub fn resume_line(offset: u64) -> String {
+    format!("RESUME {offset}\n")
+}
+
+/// The offset of a `RESUME <offset>` line (with or without its newline).
+pub fn parse_resume(line: &str) -> Option<u64> {
+    let digits = line
+        .trim_end_matches(['\n', '\r'])
+        .strip_prefix("RESUME ")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// `OK <stored-name> <size> <checksum-hex>\n`.
 pub fn ok_line(stored_name: &str, size: u64, checksum: &[u8; 32]) -> String {
     format!("OK {stored_name} {size} {}\n", hex(checksum))
@@ -244,6 +261,24 @@ pub fn parse_answer(line: &str) -> Option<Answer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resume_lines_round_trip() {
+        for n in [0, 1, 123_456_789, u64::MAX] {
+            assert_eq!(parse_resume(&resume_line(n)), Some(n));
+        }
+        for bad in [
+            "RESUME",
+            "RESUME ",
+            "RESUME -1",
+            "RESUME 1x",
+            "RESUME  1",
+            "OK a 1 b",
+            "RESUME 99999999999999999999",
+        ] {
+            assert_eq!(parse_resume(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn every_server_line_is_code_then_reason() {
