@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 use ferryd::proto::Header;
 
 use support::{
-    DaemonBuilder, TempDir, constant_threads, free_port, log_tail, read_line, run_ferryd,
-    wait_until,
+    DaemonBuilder, TempDir, constant_threads, log_tail, read_line, run_ferryd, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -152,7 +151,9 @@ impl Broker {
             tool("mosquitto_pub"),
         );
         let dir = TempDir::new();
-        let port = free_port();
+        // Held (bound, not listening) until mosquitto listens on it: no other test takes it.
+        let hold = support::reserve_port();
+        let port = hold.port();
         let conf = dir.path().join("mosquitto.conf");
         fs::write(
             &conf,
@@ -175,6 +176,7 @@ impl Broker {
             wait_until(WAIT, || TcpStream::connect(("127.0.0.1", port)).is_ok()),
             "mosquitto did not listen on 127.0.0.1:{port}"
         );
+        drop(hold);
         let mut sub_child = Command::new(&sub)
             .args([
                 "-h",
