@@ -60,8 +60,10 @@ pub struct ServerConfig {
     pub thread_stack_kib: usize,
     pub shutdown_grace: Duration,
     pub mode: Mode,
-    /// Chat mode: messages waiting for one slow client before it is dropped.
-    pub chat_queue_depth: usize,
+    /// Chat mode: bytes of messages the room holds for its slowest member before senders wait.
+    pub chat_queue_bytes: usize,
+    /// Chat mode: how long a member may take nothing of what waits for it before it is dropped.
+    pub chat_drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -285,7 +287,8 @@ impl Default for Config {
                 thread_stack_kib: THREAD_STACK_KIB.default as usize,
                 shutdown_grace: Duration::from_secs(SHUTDOWN_GRACE_SECS.default as u64),
                 mode: Mode::Echo,
-                chat_queue_depth: CHAT_QUEUE_DEPTH.default as usize,
+                chat_queue_bytes: CHAT_QUEUE_BYTES.default as usize,
+                chat_drain_timeout: Duration::from_secs(CHAT_DRAIN_TIMEOUT_SECS.default as u64),
             },
             udp: UdpConfig {
                 enabled: true,
@@ -344,7 +347,12 @@ impl fmt::Display for Config {
         writeln!(f, "thread_stack_kib = {}", s.thread_stack_kib)?;
         writeln!(f, "shutdown_grace_secs = {}", s.shutdown_grace.as_secs())?;
         writeln!(f, "mode = \"{}\"", s.mode.as_str())?;
-        writeln!(f, "chat_queue_depth = {}", s.chat_queue_depth)?;
+        writeln!(f, "chat_queue_bytes = {}", s.chat_queue_bytes)?;
+        writeln!(
+            f,
+            "chat_drain_timeout_secs = {}",
+            s.chat_drain_timeout.as_secs()
+        )?;
         writeln!(f)?;
         let u = &self.udp;
         writeln!(f, "[udp]")?;
@@ -496,11 +504,18 @@ const MIN_FREE_BYTES: IntKey = IntKey {
     default: 64 << 20,
     octal: false,
 };
-const CHAT_QUEUE_DEPTH: IntKey = IntKey {
-    name: "server.chat_queue_depth",
+const CHAT_QUEUE_BYTES: IntKey = IntKey {
+    name: "server.chat_queue_bytes",
+    min: 4096,
+    max: 1 << 30,
+    default: 1 << 20,
+    octal: false,
+};
+const CHAT_DRAIN_TIMEOUT_SECS: IntKey = IntKey {
+    name: "server.chat_drain_timeout_secs",
     min: 1,
-    max: 1_000_000,
-    default: 128,
+    max: 3600,
+    default: 5,
     octal: false,
 };
 const UDP_PORT: IntKey = IntKey {
@@ -578,7 +593,8 @@ const INT_KEYS: &[&IntKey] = &[
     &MAX_FILE_SIZE,
     &FILE_MODE,
     &MIN_FREE_BYTES,
-    &CHAT_QUEUE_DEPTH,
+    &CHAT_QUEUE_BYTES,
+    &CHAT_DRAIN_TIMEOUT_SECS,
     &UDP_PORT,
     &MAX_DATAGRAM_BYTES,
     &RATE_PER_SEC,
@@ -731,7 +747,8 @@ struct RawServer {
     thread_stack_kib: Field,
     shutdown_grace_secs: Field,
     mode: Field,
-    chat_queue_depth: Field,
+    chat_queue_bytes: Field,
+    chat_drain_timeout_secs: Field,
 }
 
 #[derive(Deserialize, Default)]
@@ -774,7 +791,9 @@ impl Ctx<'_> {
                 thread_stack_kib: self.int(&s.thread_stack_kib, &THREAD_STACK_KIB)? as usize,
                 shutdown_grace: self.secs(&s.shutdown_grace_secs, &SHUTDOWN_GRACE_SECS)?,
                 mode,
-                chat_queue_depth: self.int(&s.chat_queue_depth, &CHAT_QUEUE_DEPTH)? as usize,
+                chat_queue_bytes: self.int(&s.chat_queue_bytes, &CHAT_QUEUE_BYTES)? as usize,
+                chat_drain_timeout: self
+                    .secs(&s.chat_drain_timeout_secs, &CHAT_DRAIN_TIMEOUT_SECS)?,
             },
             udp: UdpConfig {
                 enabled: self.boolean(&raw.udp.enabled, UDP_ENABLED)?.unwrap_or(true),

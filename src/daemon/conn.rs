@@ -15,7 +15,7 @@ use socket2::SockRef;
 
 use crate::auth::{self, Key, NONCE_LEN};
 use crate::config::{Config, Mode};
-use crate::daemon::chat::{self, Seat};
+use crate::daemon::chat::{ChatLimits, Seat};
 use crate::daemon::listener;
 use crate::daemon::server::{self, ERR_SHUTDOWN, Job, Shared};
 use crate::daemon::stats::Stats;
@@ -67,8 +67,8 @@ pub enum Reason {
     Protocol(String),
     /// A file frame was refused in a way that ends the connection (the `ERR` line).
     Refused(String),
-    /// Chat: the client stopped reading and its outbound queue filled up.
-    TooSlow,
+    /// Chat: the room dropped the client for not draining what waited for it (why).
+    TooSlow(String),
 }
 
 impl fmt::Display for Reason {
@@ -81,7 +81,7 @@ impl fmt::Display for Reason {
             Reason::Error(e) => write!(f, "error: {e}"),
             Reason::Protocol(what) => write!(f, "error: {what}"),
             Reason::Refused(line) => write!(f, "refused: {line}"),
-            Reason::TooSlow => f.write_str("too slow: not reading, chat queue full"),
+            Reason::TooSlow(why) => write!(f, "too slow: {why}"),
         }
     }
 }
@@ -192,7 +192,7 @@ struct Conn<'a> {
     bytes_in: u64,
     bytes_out: u64,
     /// Chat mode: this client's seat in the room and its unfinished line.
-    chat: Option<ChatLine>,
+    chat: Option<ChatLine<'a>>,
     /// Set when uploads need a key: the key, this connection's nonce, and the sequence number
     /// the next authenticated frame must carry.
     auth: Option<Auth>,
@@ -210,13 +210,21 @@ struct Auth {
     seq: u64,
 }
 
-/// A chat client's line being assembled.
-struct ChatLine {
-    seat: Seat,
+/// A chat client's seat and the line being assembled.
+struct ChatLine<'a> {
+    seat: Seat<'a>,
+    limits: ChatLimits,
     line: Vec<u8>,
     /// The current line was too long and is being thrown away up to its newline.
     skipping: bool,
+    /// Bytes its writer has sent, and their count when the reader last timed out: a member the
+    /// room talks to is not idle, even if it only reads.
+    written: Arc<AtomicU64>,
+    seen_written: u64,
 }
+
+/// The largest message one read's lines make before they go to the room (plus one line).
+const CHAT_MSG_BYTES: usize = 16 * 1024;
 
 impl Conn<'_> {
     /// Chat mode: joins the room, starts this client's writer thread (the only one that writes
@@ -225,37 +233,41 @@ impl Conn<'_> {
         let shared = self.shared;
         // Best effort: without it the kernel buffers more for a client that does not read.
         let _ = SockRef::from(&**stream).set_send_buffer_size(CHAT_SNDBUF);
-        let (seat, rx) = shared.room.join(
-            self.peer,
-            Arc::clone(stream),
-            self.cfg.server.chat_queue_depth,
-        );
-        let (id, dropped) = (seat.id, Arc::clone(&seat.dropped));
-        let written = AtomicU64::new(0);
+        let limits = ChatLimits {
+            queue_bytes: self.cfg.server.chat_queue_bytes,
+            drain_timeout: self.cfg.server.chat_drain_timeout,
+        };
+        let (mut seat, writer) = shared.room.join(self.peer, Arc::clone(stream), limits);
+        let written = Arc::new(AtomicU64::new(0));
         let stack = server::worker_stack_bytes(&self.cfg);
         let reason = thread::scope(|s| {
-            let writer = thread::Builder::new()
+            let counter = Arc::clone(&written);
+            let spawned = thread::Builder::new()
                 .name("chat-writer".into())
                 .stack_size(stack)
-                .spawn_scoped(s, || chat::write_queue(stream, &rx, &written));
-            if let Err(e) = writer {
-                shared.room.leave(id, "server error");
+                .spawn_scoped(s, move || writer.run(&counter));
+            if let Err(e) = spawned {
+                seat.leave("server error");
                 return Reason::Error(e);
             }
             self.chat = Some(ChatLine {
                 seat,
+                limits,
                 line: Vec::new(),
                 skipping: false,
+                written: Arc::clone(&written),
+                seen_written: 0,
             });
             let reason = self.run();
-            let reason = if dropped.load(Ordering::SeqCst) {
-                Reason::TooSlow
-            } else {
-                reason
+            let Some(mut chat) = self.chat.take() else {
+                return reason;
             };
-            shared.room.leave(id, &reason.to_string());
-            // Dropping the seat's sender lets the writer send what is queued, then end.
-            self.chat = None;
+            let reason = match chat.seat.dropped() {
+                Some(why) => Reason::TooSlow(why),
+                None => reason,
+            };
+            // The writer sends what is still queued for this client alone, then ends.
+            chat.seat.leave(&reason.to_string());
             reason
         });
         let written = written.load(Ordering::Relaxed);
@@ -351,14 +363,17 @@ impl Conn<'_> {
     }
 
     /// Chat: adds text to the current line; each completed line goes to everyone else as
-    /// `[ip:port] line`. The lines completed by one read travel as one message, so a sender's
-    /// burst costs each queue one slot, not one per line. A line over `max_line_bytes` is refused
-    /// to its sender and thrown away.
+    /// `[ip:port] line`. The lines completed by one read travel as few messages as
+    /// `CHAT_MSG_BYTES` allows, so a sender's burst costs the room few entries. A line over
+    /// `max_line_bytes` is refused to its sender and thrown away. Waits while the room's log is
+    /// full or this sender has its share of it.
     fn chat_text(&mut self, text: &[u8]) {
         let max = self.cfg.server.max_line_bytes;
+        let shared = self.shared;
         let Some(chat) = self.chat.as_mut() else {
             return;
         };
+        let give_up = || shared.is_stopping();
         let mut out = String::new();
         let mut too_long = false;
         for segment in text.split_inclusive(|&b| b == b'\n') {
@@ -385,10 +400,14 @@ impl Conn<'_> {
                 let _ = write!(out, "{} ", self.peer);
                 push_chat_text(&mut out, line);
                 out.push('\n');
+                if out.len() >= CHAT_MSG_BYTES {
+                    chat.seat.broadcast(out.as_bytes(), chat.limits, &give_up);
+                    out.clear();
+                }
             }
         }
         if !out.is_empty() {
-            self.shared.room.broadcast(chat.seat.id, out.as_bytes());
+            chat.seat.broadcast(out.as_bytes(), chat.limits, &give_up);
         }
         if too_long {
             log::warn!(
@@ -401,9 +420,22 @@ impl Conn<'_> {
 
     /// Reads more bytes into an empty `input`. A clean end of stream, the idle timeout and the
     /// shutdown each end the connection (after telling the peer why, where there is a why).
+    /// In chat mode the idle rule counts traffic both ways: a member that only reads is not idle
+    /// while the room sends it lines (it is cut once neither way carried a byte for between one
+    /// and two `idle_timeout_secs`).
     fn fill(&mut self, input: &mut Input) -> Result<(), Reason> {
-        if self.fill_raw(input)? {
-            return Ok(());
+        loop {
+            if self.fill_raw(input)? {
+                return Ok(());
+            }
+            let Some(chat) = self.chat.as_mut() else {
+                break;
+            };
+            let written = chat.written.load(Ordering::Relaxed);
+            if written == chat.seen_written {
+                break;
+            }
+            chat.seen_written = written;
         }
         self.say(ERR_IDLE);
         Err(Reason::Idle)
@@ -551,7 +583,8 @@ impl Conn<'_> {
                     let mut notice = format!("* {peer} uploaded ");
                     push_chat_text(&mut notice, stored_name.as_bytes());
                     notice.push_str(&format!(" ({size} B)\n"));
-                    shared.room.broadcast(chat.seat.id, notice.as_bytes());
+                    chat.seat
+                        .broadcast(notice.as_bytes(), chat.limits, &|| shared.is_stopping());
                 }
             }
             _ => Stats::add(&shared.stats.files_failed, 1),
@@ -588,7 +621,15 @@ impl Conn<'_> {
     /// closing a socket with unread input sends a reset that could destroy the answer.
     fn refuse(&mut self, line: &str) -> Reason {
         self.say(line.as_bytes());
-        let _ = self.stream.shutdown(Shutdown::Write);
+        let reason = Reason::Refused(line.trim_end().to_string());
+        match self.chat.as_mut() {
+            // Chat: the writer sends the answer (and what is queued for this client alone), then
+            // shuts the sending side.
+            Some(chat) => chat.seat.leave(&reason.to_string()),
+            None => {
+                let _ = self.stream.shutdown(Shutdown::Write);
+            }
+        }
         let deadline = Instant::now() + LINGER_TIME;
         let mut scratch = [0u8; READ_BUF];
         let mut drained = 0u64;
@@ -602,7 +643,7 @@ impl Conn<'_> {
                 Ok(n) => drained += n as u64,
             }
         }
-        Reason::Refused(line.trim_end().to_string())
+        reason
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -627,14 +668,13 @@ impl Conn<'_> {
         Ok(())
     }
 
-    /// Sends a line of our own (an answer or a notice). In chat mode it goes through the
-    /// client's queue, behind what is already queued for it; a full queue means the client is
-    /// being dropped anyway. A peer that is gone cannot be told, which is not an error.
+    /// Sends a line of our own (an answer or a notice). In chat mode it goes to the client's
+    /// private queue, which its writer sends before the room's lines; a client with
+    /// `chat::PRIVATE_BYTES` of them unsent is not reading them. A peer that is gone cannot be
+    /// told, which is not an error.
     fn say(&mut self, line: &[u8]) {
         match &self.chat {
-            Some(chat) => {
-                let _ = chat.seat.tx.try_send(Arc::from(line));
-            }
+            Some(chat) => chat.seat.tell(line),
             None => {
                 let _ = self.write_all(line);
             }
