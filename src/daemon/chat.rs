@@ -22,6 +22,7 @@ use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::deadline::is_timeout;
@@ -35,7 +36,9 @@ const WELCOME_NAMES: usize = 20;
 /// A writer sends at most this many bytes (or one larger message) per `write`.
 pub const BATCH_BYTES: usize = 64 * 1024;
 /// And at most this many messages (iovecs) per `write`.
-const BATCH_MSGS: usize = 64;
+const BATCH_MSGS: usize = 256;
+/// How long a writer woken by a new message waits for more before it writes.
+const COALESCE: Duration = Duration::from_millis(1);
 /// Lines of the server's own (answers, the welcome) queued for one member; beyond this the member
 /// is not reading even its own answers, and further ones are not queued.
 pub const PRIVATE_BYTES: usize = 64 * 1024;
@@ -270,10 +273,17 @@ impl Room {
             };
             m.waiting = true;
             let wake = Arc::clone(&m.wake);
-            st = wake
+            let (guard, waited) = wake
                 .wait_timeout(st, WRITER_RECHECK)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+                .unwrap_or_else(PoisonError::into_inner);
+            st = guard;
+            if !waited.timed_out() {
+                // Woken by a new message: let the next ones arrive too, so that one `write`
+                // carries them all instead of one each (under load, most of them come together).
+                drop(st);
+                thread::sleep(COALESCE);
+                st = self.lock();
+            }
             if let Some(m) = st.members.get_mut(&id) {
                 m.waiting = false;
             }
