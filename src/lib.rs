@@ -20,12 +20,15 @@ mod deadline;
 mod escape;
 mod logger;
 mod peer;
-mod reload;
 mod rules;
+
+// The reload plan lives with the key declarations it is derived from.
+use config::reload;
 
 // What `main` needs; everything else is private, so the compiler reports what nothing uses.
 pub use cli::{Command, HELP, parse as parse_args};
 pub use client::{SendOptions, pack, send};
 pub use config::{Config, ConfigError, Origin, load as load_config};
-pub use daemon::{DaemonError, block_reload_signal, serve};
+pub use daemon::preflight::PreflightError;
+pub use daemon::{DaemonError, block_reload_signal, preflight, serve};
 pub use logger::init as init_logger;

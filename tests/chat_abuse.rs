@@ -739,7 +739,10 @@ fn a_reading_member_is_not_idle_cut_while_the_room_talks() {
     println!(
         "{n} lines over {talking:?} without a cut; cut {cut_after:.2?} after the room fell silent"
     );
-    assert_eq!(lines.last().map(String::as_str), Some("ERR idle timeout\n"));
+    assert!(
+        lines.last().is_some_and(|l| l.starts_with("ERR idle ")),
+        "the last lines: {lines:?}"
+    );
     assert!(
         cut_after >= IDLE - Duration::from_millis(100)
             && cut_after <= IDLE * 2 + Duration::from_secs(1),

@@ -71,7 +71,8 @@ pub struct Room {
     space: Condvar,
 }
 
-/// A member's place in the room, held by its connection. Dropping it leaves the room.
+/// A member's place in the room, held by its connection: dropping it leaves the room (on every
+/// path, a panic included), telling the others why.
 #[derive(Debug)]
 pub struct Seat<'r> {
     room: &'r Room,
@@ -203,6 +204,10 @@ impl Room {
                 limits,
             },
         )
+    }
+
+    fn stream_of(&self, id: u64) -> Option<Arc<TcpStream>> {
+        self.lock().members.get(&id).map(|m| Arc::clone(&m.stream))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -392,7 +397,14 @@ impl Seat<'_> {
 
 impl Drop for Seat<'_> {
     fn drop(&mut self) {
-        self.leave("gone");
+        if thread::panicking() && !self.left {
+            // The handler failed: wake this member's writer, which may be blocked on a full
+            // socket, so that the worker is not held until the write timeout.
+            if let Some(stream) = self.room.stream_of(self.id) {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+        self.leave("server error");
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::daemon::store::{Store, StoreError};
 use crate::daemon::streamhash::{HashPool, StreamHash};
 use crate::escape::escaped;
-use crate::proto::answer::{self, Code};
+use crate::proto::wire::{self as answer, Code, ERR_SHUTDOWN};
 use crate::proto::{Header, name};
 
 /// How often a large upload logs its progress, at most.
@@ -89,7 +89,7 @@ impl Outcome {
                 answer::err_line(*code, reason)
             }
             Outcome::Mismatch { reason } => answer::err_line(Code::Checksum, reason),
-            Outcome::Lost(Lost::Shutdown) => "ERR server shutting down\n".to_string(),
+            Outcome::Lost(Lost::Shutdown) => String::from_utf8_lossy(ERR_SHUTDOWN).into_owned(),
             Outcome::Lost(lost @ (Lost::Timeout | Lost::TooSlow { .. })) => {
                 answer::err_line(Code::Timeout, lost)
             }
@@ -97,14 +97,16 @@ impl Outcome {
         }
     }
 
-    /// Whether the connection can carry further messages after this frame.
+    /// Whether the connection can carry further messages after this frame: after `OK`, and
+    /// after an `ERR` whose code says so (`Code::keeps_connection`).
     pub fn keeps_connection(&self) -> bool {
-        matches!(
-            self,
-            Outcome::Stored { .. }
-                | Outcome::Mismatch { .. }
-                | Outcome::Failed { in_sync: true, .. }
-        )
+        match self {
+            Outcome::Stored { .. } => true,
+            Outcome::Refused { code, .. } => code.keeps_connection(false),
+            Outcome::Mismatch { .. } => Code::Checksum.keeps_connection(true),
+            Outcome::Failed { code, in_sync, .. } => code.keeps_connection(*in_sync),
+            Outcome::Lost(_) => false,
+        }
     }
 }
 
@@ -136,8 +138,8 @@ pub fn receive(
             let code = match e {
                 StoreError::TooLarge { .. } => Code::TooLarge,
                 StoreError::NoSpace { .. } => Code::NoSpace,
-                StoreError::Exists(_) => Code::Exists,
-                StoreError::NoFreeName(_) | StoreError::Io { .. } => Code::Io,
+                StoreError::Exists(_) | StoreError::NoFreeName(_) => Code::Exists,
+                StoreError::Io { .. } => Code::Io,
             };
             log::warn!("{peer} file \"{shown}\" ({size} B) refused: {code}: {e}");
             return Outcome::Refused {
@@ -216,7 +218,7 @@ pub fn receive(
         }
         Err(e) => {
             let code = match e {
-                StoreError::Exists(_) => Code::Exists,
+                StoreError::Exists(_) | StoreError::NoFreeName(_) => Code::Exists,
                 _ => Code::Io,
             };
             log::error!("{peer} file \"{shown}\" not stored: {code}: {e}");
