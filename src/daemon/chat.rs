@@ -38,7 +38,7 @@ pub const BATCH_BYTES: usize = 64 * 1024;
 /// And at most this many messages (iovecs) per `write`.
 const BATCH_MSGS: usize = 256;
 /// How long a writer woken by a new message waits for more before it writes.
-const COALESCE: Duration = Duration::from_millis(1);
+const COALESCE: Duration = Duration::from_millis(2);
 /// Lines of the server's own (answers, the welcome) queued for one member; beyond this the member
 /// is not reading even its own answers, and further ones are not queued.
 pub const PRIVATE_BYTES: usize = 64 * 1024;
