@@ -9,9 +9,9 @@
 //! to take its next batch: fast senders are slowed down to what the members drain, and each
 //! sender may hold only its fair share of the log (the bytes divided by the senders with bytes
 //! in it), so one blasting client cannot crowd out the others. A member is dropped only when it
-//! has stopped draining for `server.chat_drain_timeout_secs`: its writer could not write a byte
-//! for that long, or it held the oldest message of the room while a sender waited and took
-//! nothing for that long.
+//! has stopped draining for `server.chat_drain_timeout_secs`: its writer could not send it one
+//! batch (64 KiB at most) in that time, or it held the oldest message of the room while a sender
+//! waited and took nothing for that long.
 //!
 //! Memory: the log holds at most `chat_queue_bytes` plus the notices (rate-limited, below), the
 //! writers at most one batch more (they take consecutive entries), so the room's messages never
@@ -50,6 +50,9 @@ const NOTICE_WINDOW: Duration = Duration::from_secs(1);
 /// `NOTICES_PER_WINDOW + 1` lines of at most `NOTICE_MAX` bytes per window for one drain timeout
 /// of up to an hour. Notices never wait, so joining and leaving never block.
 const NOTICE_MAX: usize = 256;
+/// A writer sets its socket's write timeout again only when it is off by more than this, so
+/// the deadline of a batch is overshot by at most this much.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(50);
 /// How often a waiting sender looks again at the drop rule and the shutdown, and an idle writer
 /// at the notice summary.
 const SENDER_RECHECK: Duration = Duration::from_millis(100);
@@ -410,11 +413,12 @@ impl Drop for Seat<'_> {
 
 impl Writer<'_> {
     /// Sends what the member's queues receive, many messages per `write`, until it leaves or is
-    /// dropped; adds the bytes written to `written`. A `write` that cannot send a byte within
-    /// `chat_drain_timeout_secs` drops the member.
+    /// dropped; adds the bytes written to `written`. A batch (at most `BATCH_BYTES`, or one
+    /// larger message) must be sent within `chat_drain_timeout_secs` for each `BATCH_BYTES` in
+    /// it, or the member is dropped: that is the least a member must take to stay.
     pub fn run(self, written: &AtomicU64) {
         let stream = &*self.stream;
-        let _ = stream.set_write_timeout(Some(self.limits.drain_timeout));
+        let mut timeout = None;
         let mut batch = Vec::with_capacity(BATCH_MSGS);
         loop {
             batch.clear();
@@ -423,14 +427,17 @@ impl Writer<'_> {
                 let _ = stream.shutdown(Shutdown::Write);
                 return;
             }
-            match write_batch(stream, &batch, written) {
+            let bytes: usize = batch.iter().map(|m| m.len()).sum();
+            let allowance = allowance(bytes, self.limits.drain_timeout);
+            let deadline = Instant::now() + allowance;
+            match write_batch(stream, &batch, deadline, &mut timeout, written) {
                 Ok(()) => {}
                 Err(e) if is_timeout(&e) => {
-                    let secs = self.limits.drain_timeout.as_secs();
+                    let secs = allowance.as_secs();
                     self.room.drop_member(
                         self.id,
                         format!(
-                            "not reading: could not send it a byte for {secs} s (server.chat_drain_timeout_secs)"
+                            "not reading: it took less than {bytes} B in {secs} s (server.chat_drain_timeout_secs)"
                         ),
                     );
                     return;
@@ -443,6 +450,12 @@ impl Writer<'_> {
             }
         }
     }
+}
+
+/// The time a batch of `bytes` may take: the drain timeout for each `BATCH_BYTES` begun.
+fn allowance(bytes: usize, drain_timeout: Duration) -> Duration {
+    let batches = bytes.div_ceil(BATCH_BYTES).max(1);
+    drain_timeout.saturating_mul(u32::try_from(batches).unwrap_or(u32::MAX))
 }
 
 impl Drop for Writer<'_> {
@@ -699,17 +712,35 @@ fn msg(bytes: &[u8]) -> Msg {
 }
 
 /// Writes every message of `batch`, as few `write`s as the socket allows.
-fn write_batch(mut out: &TcpStream, batch: &[Msg], written: &AtomicU64) -> io::Result<()> {
+/// Writes every message of `batch` by `deadline`, as few `write`s as the socket allows. The
+/// socket's write timeout (`timeout`, as last set) is set again only when it is off from the time
+/// left by more than `TIMEOUT_SLACK`, so a batch that goes out at once costs no extra system call.
+fn write_batch(
+    mut out: &TcpStream,
+    batch: &[Msg],
+    deadline: Instant,
+    timeout: &mut Option<Duration>,
+    written: &AtomicU64,
+) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|m| IoSlice::new(m)).collect();
     let mut bufs = &mut slices[..];
     while !bufs.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        if timeout.is_none_or(|t| t.abs_diff(left) > TIMEOUT_SLACK) {
+            out.set_write_timeout(Some(left))?;
+            *timeout = Some(left);
+        }
         match out.write_vectored(bufs) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 written.fetch_add(n as u64, Ordering::Relaxed);
                 IoSlice::advance_slices(&mut bufs, n);
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // Timed out: the loop checks the deadline.
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
@@ -752,6 +783,21 @@ mod tests {
         }
         // A new window shows its share again.
         assert!(gate.admit(t0 + Duration::from_millis(3100), Notice::Joined));
+    }
+
+    #[test]
+    fn a_batch_gets_the_drain_timeout_per_64_kib() {
+        let td = Duration::from_secs(5);
+        let cases = [
+            (0, 5),
+            (1, 5),
+            (BATCH_BYTES, 5),
+            (BATCH_BYTES + 1, 10),
+            (4 * BATCH_BYTES, 20),
+        ];
+        for (bytes, secs) in cases {
+            assert_eq!(allowance(bytes, td), Duration::from_secs(secs), "{bytes} B");
+        }
     }
 
     #[test]
