@@ -16,6 +16,9 @@ pub enum Why {
     RateWindow,
     /// The short drain after a refusal, so the `ERR` line is not destroyed by a reset.
     Linger,
+    /// `server.chat_flush_ms`: a chat client's unterminated text is delivered after this
+    /// silence (not an error).
+    ChatFlush,
 }
 
 /// A point in time and the reason it is a limit.

@@ -176,6 +176,7 @@ fn header_for(name: &str, body: &[u8], authenticated: bool) -> [u8; HEADER_LEN] 
         name_len: u16::try_from(name.len()).expect("test names fit in a u16"),
         size: body.len() as u64,
         checksum: *blake3::hash(body).as_bytes(),
+        ..Header::default()
     }
     .encode()
 }
@@ -1407,6 +1408,7 @@ fn garbage(rng: &mut Rng) -> Vec<u8> {
                 name_len: name_len as u16,
                 size: rng.between(1, 1 << 16) as u64,
                 checksum: rng.bytes(32).try_into().expect("32 bytes"),
+                ..Header::default()
             };
             if rng.between(0, 1) == 0 {
                 out.extend_from_slice(b"some text first\n");

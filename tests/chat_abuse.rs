@@ -406,6 +406,7 @@ fn header(name: &[u8], size: u64, checksum: [u8; 32]) -> [u8; HEADER_LEN] {
         name_len: u16::try_from(name.len()).expect("short name"),
         size,
         checksum,
+        ..Header::default()
     }
     .encode()
 }

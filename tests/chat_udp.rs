@@ -1169,6 +1169,7 @@ fn upload_of_a_raw_frame_in_chat_mode_is_announced_and_the_chat_goes_on() {
         name_len: name.len() as u16,
         size: body.len() as u64,
         checksum: *blake3::hash(body).as_bytes(),
+        ..Header::default()
     };
     let frame = [&header.encode()[..], name, body].concat();
     c.send(&frame);

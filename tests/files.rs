@@ -41,6 +41,7 @@ fn header_for(name: &[u8], body: &[u8]) -> [u8; HEADER_LEN] {
         name_len: u16::try_from(name.len()).expect("test names fit in a u16"),
         size: body.len() as u64,
         checksum: *blake3::hash(body).as_bytes(),
+        ..Header::default()
     }
     .encode()
 }
@@ -450,7 +451,7 @@ fn bad_names_and_bad_headers_are_refused_and_close_the_connection() {
         ("magic F5 'X' R Y", 1, b'X', "bad-magic"),
         ("version 2", 4, 2, "bad-version"),
         ("version 0", 4, 0, "bad-version"),
-        ("flags 0x02", 5, 2, "bad-header"),
+        ("flags 0x08", 5, 8, "bad-header"),
         ("flags 0x80", 5, 0x80, "bad-header"),
     ] {
         let mut bad = good.clone();

@@ -43,6 +43,7 @@ fn header(name: &str, size: u64, checksum: [u8; 32]) -> [u8; HEADER_LEN] {
         name_len: u16::try_from(name.len()).unwrap(),
         size,
         checksum,
+        ..Header::default()
     }
     .encode()
 }

@@ -3,5 +3,6 @@
 
 pub mod filehash;
 mod send;
+mod stdin;
 
 pub use send::*;

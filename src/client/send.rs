@@ -1,9 +1,11 @@
 //! The client half of the file protocol: `ferryd send` (upload files to a server, one connection,
-//! one answer per file) and `ferryd pack` (write the same frames to stdout for `nc`).
+//! one answer per file) and `ferryd pack` (write the same frames to stdout for `nc`). `send`
+//! puts the checksum after the body by default, hashing beside `sendfile` instead of before it;
+//! `pack` puts it in the header.
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, IsTerminal, Read, Seek, Write};
+use std::io::{self, BufRead, BufReader, IsTerminal, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
@@ -15,10 +17,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::auth::{self, Key, KeyError, NONCE_LEN};
-use crate::client::filehash;
+use crate::client::{filehash, stdin};
 use crate::deadline::is_timeout;
 use crate::proto::wire::{Answer, Code, parse_answer};
-use crate::proto::{Header, name};
+use crate::proto::{Algo, Header, name};
 
 /// Buffer size for the read/write fallback when sendfile(2) cannot be used.
 const CHUNK: usize = 1 << 20;
@@ -35,6 +37,26 @@ pub struct SendOptions {
     pub files: Vec<PathBuf>,
     /// The shared upload key, for servers with `files.token_file`.
     pub key_file: Option<PathBuf>,
+    /// How the frames are made.
+    pub form: Form,
+}
+
+/// What `ferryd pack` was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackOptions {
+    pub files: Vec<PathBuf>,
+    pub form: Form,
+}
+
+/// How frames are made: the checksum's algorithm and place, and the name to send under.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Form {
+    pub algo: Algo,
+    /// The checksum follows the body (hashed while it is sent) instead of standing in the
+    /// header (hashed before it is sent).
+    pub trailing: bool,
+    /// The name to send under instead of the file's own (required for `-`, standard input).
+    pub name: Option<String>,
 }
 
 /// A client failure, with the reason a user can act on.
@@ -64,6 +86,7 @@ pub enum ClientError {
         err: name::NameError,
     },
     Key(KeyError),
+    Stdin(stdin::StdinError),
     /// With `--key-file`, the server did not open with a `NONCE` line.
     NoNonce {
         to: String,
@@ -98,6 +121,7 @@ impl fmt::Display for ClientError {
                 )
             }
             ClientError::Key(e) => write!(f, "--key-file: {e}"),
+            ClientError::Stdin(e) => write!(f, "{e}"),
             ClientError::NoNonce { to } => write!(
                 f,
                 "{to} sent no NONCE line: it does not take upload keys (try without --key-file)"
@@ -120,60 +144,87 @@ impl ClientError {
     }
 }
 
-/// A file ready to go: opened, measured and hashed.
+/// A file ready to go: opened, measured, and hashed unless the checksum trails the body.
 struct Prepared {
     path: PathBuf,
     file: File,
     name: String,
     header: Header,
+    /// The checksum, when known before sending (always for a header checksum).
+    known: Option<[u8; 32]>,
 }
 
+/// What a trailing checksum is followed by on an authenticated connection: the tag binding it
+/// to the frame's first tag.
+type TrailerTag<'a> = &'a dyn Fn(&[u8; 32]) -> [u8; 32];
+
 impl Prepared {
-    fn open(path: &Path, progress: bool) -> Result<Prepared, ClientError> {
+    fn open(path: &Path, form: &Form, progress: bool) -> Result<Prepared, ClientError> {
         let file_err = |err| ClientError::File {
             path: path.to_path_buf(),
             err,
         };
-        let raw_name = path
-            .file_name()
-            .map(|n| n.as_encoded_bytes())
-            .unwrap_or_default();
+        let raw_name = match &form.name {
+            Some(n) => n.as_bytes(),
+            None => path
+                .file_name()
+                .map(|n| n.as_encoded_bytes())
+                .unwrap_or_default(),
+        };
         let name = name::validate(raw_name)
             .map_err(|err| ClientError::BadName {
                 path: path.to_path_buf(),
                 err,
             })?
             .to_string();
-        let mut file = File::open(path).map_err(file_err)?;
-        let meta = file.metadata().map_err(file_err)?;
-        if !meta.is_file() {
-            return Err(file_err(io::Error::other("not a regular file")));
+        let (file, size, mut known) = if path == Path::new("-") {
+            let s = stdin::take(form.algo).map_err(ClientError::Stdin)?;
+            (s.file, s.size, s.checksum)
+        } else {
+            let file = File::open(path).map_err(file_err)?;
+            let meta = file.metadata().map_err(file_err)?;
+            if !meta.is_file() {
+                return Err(file_err(io::Error::other("not a regular file")));
+            }
+            (file, meta.len(), None)
+        };
+        if !form.trailing && known.is_none() {
+            let bar = progress_bar(progress, size, &format!("hashing {name}"));
+            known = Some(
+                filehash::checksum_file(form.algo, &file, size, hash_depth(), &|n| bar.inc(n))
+                    .map_err(file_err)?,
+            );
+            bar.finish_and_clear();
         }
-        let size = meta.len();
-        let bar = progress_bar(progress, size, &format!("hashing {name}"));
-        let checksum =
-            filehash::hash_file(&file, size, hash_depth(), &|n| bar.inc(n)).map_err(file_err)?;
-        bar.finish_and_clear();
-        file.rewind().map_err(file_err)?;
         Ok(Prepared {
             path: path.to_path_buf(),
             file,
             header: Header {
-                authenticated: false,
+                algo: form.algo,
+                trailing: form.trailing,
                 name_len: name.len() as u16,
                 size,
-                checksum,
+                checksum: match known {
+                    Some(sum) if !form.trailing => sum,
+                    _ => [0; 32],
+                },
+                ..Header::default()
             },
             name,
+            known,
         })
     }
 
-    /// Writes header, name (and tag) and body to `out`, calling `tick` with the body bytes sent
-    /// so far after each chunk; `tick` returning false stops the body early.
+    /// Writes header, name (and tag), body and, for a trailing frame, the checksum (and
+    /// `trailer_tag` of it) to `out`, calling `tick` with the body bytes sent so far after each
+    /// chunk; `tick` returning false stops the body early. A trailing checksum not known yet is
+    /// computed on other threads while the body is sent, reading the file's pages beside
+    /// `sendfile`.
     fn write_to<W: Write + AsFd>(
         &mut self,
         out: &mut W,
         tag: Option<&[u8]>,
+        trailer_tag: Option<TrailerTag<'_>>,
         tick: &mut dyn FnMut(u64) -> bool,
     ) -> io::Result<bool> {
         out.write_all(&self.header.encode())?;
@@ -182,6 +233,45 @@ impl Prepared {
             out.write_all(tag)?;
         }
         out.flush()?;
+        if !self.header.trailing {
+            return self.write_body(out, tick);
+        }
+        let (algo, size, known) = (self.header.algo, self.header.size, self.known);
+        let (sent, sum) = thread::scope(|s| {
+            let file = &self.file;
+            let hasher = match known {
+                Some(_) => None,
+                None => Some(s.spawn(move || {
+                    filehash::checksum_file(algo, file, size, hash_depth(), &|_| {})
+                })),
+            };
+            let sent = self.write_body(out, tick);
+            let sum = match hasher {
+                Some(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("hashing thread panicked"))),
+                None => known.ok_or_else(|| io::Error::other("no checksum")),
+            };
+            (sent, sum)
+        });
+        if !sent? {
+            return Ok(false);
+        }
+        let sum = sum?;
+        out.write_all(&sum)?;
+        if let Some(trailer_tag) = trailer_tag {
+            out.write_all(&trailer_tag(&sum))?;
+        }
+        out.flush()?;
+        Ok(true)
+    }
+
+    /// Sends the body with `sendfile(2)` (or read and write where it cannot be used).
+    fn write_body<W: Write + AsFd>(
+        &self,
+        out: &mut W,
+        tick: &mut dyn FnMut(u64) -> bool,
+    ) -> io::Result<bool> {
         let size = self.header.size;
         let mut sent = 0u64;
         let mut fallback: Option<Vec<u8>> = None;
@@ -226,11 +316,11 @@ impl Prepared {
 }
 
 /// `ferryd pack FILE...`: writes one frame per file to `out`.
-pub fn pack<W: Write + AsFd>(files: &[PathBuf], out: &mut W) -> Result<(), ClientError> {
-    for path in files {
-        let mut prepared = Prepared::open(path, false)?;
+pub fn pack<W: Write + AsFd>(opts: &PackOptions, out: &mut W) -> Result<(), ClientError> {
+    for path in &opts.files {
+        let mut prepared = Prepared::open(path, &opts.form, false)?;
         prepared
-            .write_to(out, None, &mut |_| true)
+            .write_to(out, None, None, &mut |_| true)
             .map_err(ClientError::Io)?;
     }
     out.flush().map_err(ClientError::Io)
@@ -247,7 +337,7 @@ pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, Client
     let mut conn: Option<Connection> = None;
     let mut results = Vec::new();
     for path in &opts.files {
-        let mut prepared = match Prepared::open(path, progress) {
+        let mut prepared = match Prepared::open(path, &opts.form, progress) {
             Ok(p) => p,
             Err(e) => {
                 results.push(report(out, path, false, e.detail()));
@@ -417,6 +507,11 @@ impl Connection {
             *seq += 1;
             tag
         });
+        let key = self.auth.as_ref().map(|(key, ..)| key.clone());
+        let trailer = |sum: &[u8; 32]| match (&key, &tag) {
+            (Some(key), Some(tag)) => key.trailer_tag(tag, sum),
+            _ => [0; 32],
+        };
         if let Some(line) = self.pushed_back.take() {
             // The server already said something (e.g. `ERR busy`): do not send.
             bar.finish_and_clear();
@@ -425,16 +520,22 @@ impl Connection {
         let mut early = None;
         let stream = &mut self.stream;
         let (answers, wants_key) = (&self.answers, &mut self.wants_key);
-        let sent = p.write_to(stream, tag.as_ref().map(|t| &t[..]), &mut |n| {
-            bar.set_position(n);
-            match next_answer(answers, Duration::ZERO, wants_key) {
-                Ok(line) => {
-                    early = Some(line);
-                    false
+        let trailer_tag: Option<TrailerTag<'_>> = tag.is_some().then_some(&trailer);
+        let sent = p.write_to(
+            stream,
+            tag.as_ref().map(|t| &t[..]),
+            trailer_tag,
+            &mut |n| {
+                bar.set_position(n);
+                match next_answer(answers, Duration::ZERO, wants_key) {
+                    Ok(line) => {
+                        early = Some(line);
+                        false
+                    }
+                    Err(_) => true,
                 }
-                Err(_) => true,
-            }
-        });
+            },
+        );
         bar.finish_and_clear();
         // Only an answer that came after the whole body finds the stream in step.
         let body_sent = early.is_none() && sent.is_ok();

@@ -122,6 +122,7 @@ impl Ctx<'_> {
         }
         let values = Values::resolve(given);
         self.require_token_has_key(&values, &spans)?;
+        self.starstar_without_key(&values, &spans)?;
         Ok(values)
     }
 
@@ -143,6 +144,31 @@ impl Ctx<'_> {
                 "access.require_token",
                 "needs files.token_file, the key to check",
                 "false, or set files.token_file",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `compat.starstar_uploads = true` cannot go with `files.token_file`: such an upload
+    /// carries no key.
+    fn starstar_without_key(
+        &self,
+        values: &Values,
+        spans: &[Option<&Spanned<Value>>],
+    ) -> Result<(), ConfigError> {
+        let at = |path: &str| KEYS.iter().position(|k| k.is(path));
+        let (Some(star), Some(file)) = (at("compat.starstar_uploads"), at("files.token_file"))
+        else {
+            return Ok(());
+        };
+        let on = values.0.get(star) == Some(&Val::Bool(true));
+        let keyed = !matches!(values.0.get(file), Some(Val::Unset) | None);
+        match spans.get(star) {
+            Some(Some(v)) if on && keyed => Err(self.bad(
+                v,
+                "compat.starstar_uploads",
+                "cannot be combined with files.token_file: a NAME**SIZE upload carries no key",
+                "false while files.token_file is set",
             )),
             _ => Ok(()),
         }

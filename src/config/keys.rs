@@ -124,7 +124,7 @@ const DIR_ALLOWED: &str =
 const TOKEN_FILE_ALLOWED: &str = "the path of a file holding the shared key (16 bytes or more)";
 
 /// The tables, in the order `check-config` prints them.
-pub(super) const TABLES: &[&str] = &["server", "udp", "files", "access", "log"];
+pub(super) const TABLES: &[&str] = &["server", "udp", "files", "access", "log", "compat"];
 
 /// Every key, table by table in the order of config/config.toml.
 pub(super) const KEYS: &[Key] = &[
@@ -239,6 +239,16 @@ pub(super) const KEYS: &[Key] = &[
         same_as: None,
         reload: Reload::Live,
         get: |c| &c.server.chat_drain_timeout,
+    },
+    Key {
+        table: "server",
+        name: "chat_flush_ms",
+        doc: "chat mode: text without a newline is delivered as a line after this many \
+              milliseconds of silence; 0: only at a newline",
+        kind: int(0, 60_000, 200),
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.server.chat_flush_ms,
     },
     // [udp]
     Key {
@@ -471,6 +481,17 @@ pub(super) const KEYS: &[Key] = &[
         same_as: None,
         reload: Reload::Live,
         get: |c| &c.log.format,
+    },
+    // [compat]
+    Key {
+        table: "compat",
+        name: "starstar_uploads",
+        doc: "store NAME**SIZE uploads (the Qt tutorials' file client), unverified; else \
+              \"ERR legacy-header\"; not with files.token_file",
+        kind: Kind::Bool { default: false },
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.compat.starstar_uploads,
     },
 ];
 

@@ -64,6 +64,14 @@ pub struct Config {
     pub files: FilesConfig,
     pub access: AccessConfig,
     pub log: LogConfig,
+    pub compat: CompatConfig,
+}
+
+/// Compatibility with clients that do not speak the frame protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompatConfig {
+    /// Store `NAME**SIZE` uploads (the Qt tutorials' file client), unverified.
+    pub starstar_uploads: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -100,6 +108,9 @@ pub struct ServerConfig {
     pub chat_queue_bytes: usize,
     /// Chat mode: how long a member may take nothing of what waits for it before it is dropped.
     pub chat_drain_timeout: Duration,
+    /// Chat mode: text without a newline is delivered as a line after this many milliseconds
+    /// of silence; 0: only at a newline (or the end of the stream).
+    pub chat_flush_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -316,6 +327,7 @@ impl Config {
                 mode: v.get("server.mode")?,
                 chat_queue_bytes: v.get("server.chat_queue_bytes")?,
                 chat_drain_timeout: v.get("server.chat_drain_timeout_secs")?,
+                chat_flush_ms: v.get("server.chat_flush_ms")?,
             },
             udp: UdpConfig {
                 enabled: v.get("udp.enabled")?,
@@ -349,6 +361,9 @@ impl Config {
             log: LogConfig {
                 level: v.get("log.level")?,
                 format: v.get("log.format")?,
+            },
+            compat: CompatConfig {
+                starstar_uploads: v.get("compat.starstar_uploads")?,
             },
         })
     }
@@ -615,6 +630,19 @@ mod tests {
             (
                 "[access]\nmax_per_ip = 0\n",
                 "access.max_per_ip = 0: out of range",
+            ),
+            (
+                "[files]\ntoken_file = \"/k\"\n[compat]\nstarstar_uploads = true\n",
+                "compat.starstar_uploads = true: cannot be combined with files.token_file",
+            ),
+            (
+                "[compat]\nstarstar_uploads = 1\n",
+                "compat.starstar_uploads",
+            ),
+            ("[compat]\nstarstar = true\n", "starstar"),
+            (
+                "[server]\nchat_flush_ms = 60001\n",
+                "server.chat_flush_ms = 60001: out of range",
             ),
         ];
         for (src, want) in cases {

@@ -20,11 +20,12 @@ use crate::daemon::chat::{ChatLimits, Seat};
 use crate::daemon::listener;
 use crate::daemon::shared::{Job, Shared, Snapshot, worker_stack_bytes};
 use crate::daemon::stats::Stats;
-use crate::daemon::upload::{self, BodySource, Lost, Outcome};
+use crate::daemon::upload::{self, BodySource, Check, Lost, Outcome};
 use crate::deadline::{Deadline, Why, is_timeout};
 use crate::escape::{escaped, push_chat_text};
 use crate::peer::Peer;
 use crate::proto::header::MAX_NAME_LEN;
+use crate::proto::starstar::{self, Detect};
 use crate::proto::wire::{self, ERR_SHUTDOWN, OK_AUTH};
 use crate::proto::{self, Code, FrameError, FrameHead, Parsed};
 
@@ -44,6 +45,11 @@ const MAX_AUTH_LINE: usize = 256;
 /// this, so that a stream of reads under one deadline costs no system call each; a deadline is
 /// overshot by at most this much.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
+
+/// How long a connection's first bytes that could still become a `NAME**SIZE` head (a name and
+/// an asterisk) wait for the rest before they are taken as text. The head comes in one write, so
+/// its bytes arrive together; this only covers a split in transit.
+const STARSTAR_WAIT: Duration = Duration::from_millis(200);
 
 /// The kernel send buffer of a chat client (Linux doubles it). A fixed size bounds what a client
 /// that stops reading can hold in the kernel, so that its writer blocks and the drop rule sees it
@@ -256,6 +262,9 @@ struct ChatLine<'a> {
     /// the room talks to is not idle, even if it only reads.
     written: Arc<AtomicU64>,
     seen_written: u64,
+    /// The current line was delivered without its newline after `server.chat_flush_ms` of
+    /// silence: a newline that comes next ends it and is not an empty line of its own.
+    flushed: bool,
 }
 
 /// The largest message one read's lines make before they go to the room (plus one line).
@@ -293,6 +302,7 @@ impl Conn<'_> {
                 skipping: false,
                 written: Arc::clone(&written),
                 seen_written: 0,
+                flushed: false,
             });
             let served = panic::catch_unwind(AssertUnwindSafe(|| self.run()));
             // Leave before the scope joins the writer: leaving is what ends the writer, once it
@@ -331,6 +341,9 @@ impl Conn<'_> {
             start: 0,
             end: 0,
         };
+        if let Err(reason) = self.starstar(&mut input) {
+            return reason;
+        }
         // Whether the next byte begins a message (so a frame may start there).
         let mut at_message_start = true;
         loop {
@@ -428,6 +441,14 @@ impl Conn<'_> {
         for segment in text.split_inclusive(|&b| b == b'\n') {
             let ends_line = segment.last() == Some(&b'\n');
             let content = segment.strip_suffix(b"\n").unwrap_or(segment);
+            // The newline of a line already delivered by the flush.
+            if std::mem::take(&mut chat.flushed)
+                && ends_line
+                && chat.line.is_empty()
+                && matches!(content, b"" | b"\r")
+            {
+                continue;
+            }
             if chat.skipping {
                 chat.skipping = !ends_line;
                 continue;
@@ -471,20 +492,31 @@ impl Conn<'_> {
     }
 
     /// Reads more bytes into an empty `input` by the idle deadline. A clean end of stream, the
-    /// idle timeout and the shutdown each end the connection (after telling the peer why).
-    /// In chat mode the idle rule counts traffic both ways: a member that only reads is not idle
-    /// while the room sends it lines (it is cut once neither way carried a byte for between one
-    /// and two `idle_timeout_secs`).
+    /// idle timeout and the shutdown each end the connection (after telling the peer why). In
+    /// chat mode, an unfinished line is delivered after `server.chat_flush_ms` of silence and at
+    /// the end of the stream, and the idle rule counts traffic both ways: a member that only
+    /// reads is not idle while the room sends it lines (it is cut once neither way carried a
+    /// byte for between one and two `idle_timeout_secs`).
     fn fill(&mut self, input: &mut Input) -> Result<(), Reason> {
         input.start = 0;
         input.end = 0;
         loop {
-            match self.read_by(&mut input.buf, self.idle_deadline()) {
+            let idle = self.idle_deadline();
+            let deadline = match self.chat_flush_after() {
+                Some(after) => idle.earliest(Deadline::after(after, Why::ChatFlush)),
+                None => idle,
+            };
+            match self.read_by(&mut input.buf, deadline) {
                 Ok(n) => {
                     input.end = n;
                     return Ok(());
                 }
                 Err(ReadEnd::Timeout(Why::Idle)) if self.room_talked() => {}
+                Err(ReadEnd::Timeout(Why::ChatFlush)) => self.flush_chat_line(),
+                Err(ReadEnd::Eof) => {
+                    self.flush_chat_line();
+                    return Err(self.ended(ReadEnd::Eof));
+                }
                 Err(end) => return Err(self.ended(end)),
             }
         }
@@ -499,6 +531,106 @@ impl Conn<'_> {
         let talked = written != chat.seen_written;
         chat.seen_written = written;
         talked
+    }
+
+    /// Chat: how long to wait before delivering the unfinished line, if there is one.
+    fn chat_flush_after(&self) -> Option<Duration> {
+        let chat = self.chat.as_ref()?;
+        if chat.line.is_empty() || chat.skipping {
+            return None;
+        }
+        match self.cfg.server.chat_flush_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Chat: delivers the unfinished line as a line (a client that writes without newlines, or
+    /// the last line before the end of the stream).
+    fn flush_chat_line(&mut self) {
+        let Some(chat) = self.chat.as_mut() else {
+            return;
+        };
+        if chat.skipping || chat.line.is_empty() {
+            return;
+        }
+        let line = std::mem::take(&mut chat.line);
+        let line = line.strip_suffix(b"\r").unwrap_or(&line);
+        chat.flushed = true;
+        let mut out = format!("{} ", self.peer);
+        push_chat_text(&mut out, line);
+        out.push('\n');
+        let shared = self.shared;
+        chat.seat
+            .broadcast(out.as_bytes(), chat.limits, &|| shared.is_stopping());
+    }
+
+    /// At the start of a connection: recognises the Qt tutorial file client's `NAME**SIZE` head
+    /// (`proto::starstar`) and, with `compat.starstar_uploads`, stores its body like a frame's
+    /// (unverified); without it, refuses with `ERR legacy-header` and closes, so that a file is
+    /// never echoed or relayed as chat. `Ok` means the connection goes on (with text, or after
+    /// the upload).
+    fn starstar(&mut self, input: &mut Input) -> Result<(), Reason> {
+        self.fill(input)?;
+        let head = loop {
+            match starstar::detect(input.data()) {
+                Detect::NotStarstar => return Ok(()),
+                Detect::Complete(head) => break head,
+                Detect::Partial => {
+                    input.compact();
+                    let end = input.end;
+                    let deadline = Deadline::after(STARSTAR_WAIT, Why::Header);
+                    match self.read_by(&mut input.buf[end..], deadline) {
+                        Ok(n) => input.end += n,
+                        // Not a head after all: the bytes are text, and the main loop sees the
+                        // end of the stream again after them.
+                        Err(ReadEnd::Timeout(_) | ReadEnd::Eof) => return Ok(()),
+                        Err(end) => return Err(self.ended(end)),
+                    }
+                }
+            }
+        };
+        let mut name_buf = [0u8; MAX_NAME_LEN as usize];
+        let name_len = head.name.len();
+        name_buf[..name_len].copy_from_slice(head.name);
+        let (size, head_len) = (head.size, head.len);
+        input.consume(head_len);
+        let name = &name_buf[..name_len];
+        let shown = escaped(name, 255);
+        if !self.cfg.compat.starstar_uploads {
+            log::warn!(
+                "{} refused: legacy-header: the connection opened with a NAME**SIZE upload (\"{shown}\", {size} B) and compat.starstar_uploads is off",
+                self.peer
+            );
+            return Err(self.refuse(&wire::err_legacy_header()));
+        }
+        self.frames += 1;
+        log::info!(
+            "{} NAME**SIZE upload \"{shown}\" ({size} B): no checksum, storing unverified",
+            self.peer
+        );
+        let shared = self.shared;
+        let peer = self.peer;
+        let min_rate = self.cfg.access.min_upload_bytes_per_sec;
+        let window = self.cfg.access.upload_rate_window;
+        let mut source = ConnSource {
+            conn: self,
+            input,
+            min_rate,
+            window,
+            window_start: Instant::now(),
+            window_bytes: 0,
+        };
+        let store = Arc::clone(&source.conn.snapshot.store);
+        let outcome = upload::receive_checked(
+            &store,
+            Check::Unverified { size },
+            name,
+            &mut source,
+            shared.hash_pool(),
+            &peer,
+        );
+        self.answer_upload(outcome)
     }
 
     /// Appends bytes to `input` (after moving what is unused to the front), by `deadline`.
@@ -632,6 +764,11 @@ impl Conn<'_> {
             }
             auth.seq += 1;
         }
+        // A trailing checksum comes with a second tag when the frame needed a key.
+        let trailer_key = match (&self.auth, tag) {
+            (Some(a), Some(tag)) if header.trailing => Some((Arc::clone(&a.key), tag)),
+            _ => None,
+        };
         let shared = self.shared;
         let peer = self.peer;
         let min_rate = self.cfg.access.min_upload_bytes_per_sec;
@@ -651,8 +788,20 @@ impl Conn<'_> {
             name,
             &mut source,
             shared.hash_pool(),
+            trailer_key.as_ref().map(|(key, tag)| upload::TrailerAuth {
+                key,
+                first_tag: *tag,
+            }),
             &peer,
         );
+        self.answer_upload(outcome)
+    }
+
+    /// Counts an upload's outcome, announces a stored file to the chat room, and answers it;
+    /// `Ok` means the connection goes on.
+    fn answer_upload(&mut self, outcome: Outcome) -> Result<(), Reason> {
+        let shared = self.shared;
+        let peer = self.peer;
         let line = outcome.answer();
         match &outcome {
             Outcome::Stored {
@@ -808,7 +957,7 @@ fn code_for(e: FrameError) -> Code {
     match e {
         FrameError::Magic => Code::BadMagic,
         FrameError::Version(_) => Code::BadVersion,
-        FrameError::Flags(_) => Code::BadHeader,
+        FrameError::Flags(_) | FrameError::TrailingChecksum => Code::BadHeader,
         FrameError::NameLength(_) => Code::BadName,
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod activation;
+pub mod bodyhash;
 pub mod chat;
 pub mod conn;
 pub mod listener;

@@ -1,13 +1,17 @@
 //! Receiving one file frame after its header: check the name and the limits before a byte of body
-//! is stored, stream the body into the store while hashing it, and commit only a verified file.
-//! The bytes come from a `BodySource`, so this file touches no socket.
+//! is stored, stream the body into the store while hashing it (BLAKE3 or SHA-256, as the frame
+//! says), read a trailing checksum (and its tag) where the frame has one, and commit only a
+//! verified file. The bytes come from a `BodySource`, so this file touches no socket.
 
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use crate::auth::{Key, TAG_LEN};
+use crate::daemon::bodyhash::BodyHash;
 use crate::daemon::store::{Store, StoreError};
-use crate::daemon::streamhash::{HashPool, StreamHash};
+use crate::daemon::streamhash::HashPool;
 use crate::escape::escaped;
+use crate::proto::header::CHECKSUM_LEN;
 use crate::proto::wire::{self as answer, Code, ERR_SHUTDOWN};
 use crate::proto::{Header, name};
 
@@ -110,15 +114,74 @@ impl Outcome {
     }
 }
 
-/// Receives the frame whose `header` and raw `name` have been read. `peer` only labels logs.
+/// For an authenticated frame with a trailing checksum: the key and the frame's first tag, to
+/// check the tag that follows the checksum (see `crate::auth`).
+pub struct TrailerAuth<'k> {
+    pub key: &'k Key,
+    pub first_tag: [u8; TAG_LEN],
+}
+
+/// What the body is checked against.
+pub enum Check<'k> {
+    /// A frame: the checksum in its header, or the one after its body (and, on an authenticated
+    /// connection, the tag after that).
+    Frame {
+        header: &'k Header,
+        trailer_auth: Option<TrailerAuth<'k>>,
+    },
+    /// A `NAME**SIZE` upload: there is no checksum; the body's BLAKE3 is computed for the
+    /// answer and the log, which says `unverified`.
+    Unverified { size: u64 },
+}
+
+/// Receives the frame whose `header` and raw `name` (and first tag, already checked) have been
+/// read. `peer` only labels logs.
 pub fn receive(
     store: &Store,
     header: &Header,
     raw_name: &[u8],
     source: &mut dyn BodySource,
     pool: Option<&HashPool>,
+    trailer_auth: Option<TrailerAuth<'_>>,
     peer: &dyn fmt::Display,
 ) -> Outcome {
+    receive_checked(
+        store,
+        Check::Frame {
+            header,
+            trailer_auth,
+        },
+        raw_name,
+        source,
+        pool,
+        peer,
+    )
+}
+
+/// Receives an upload whose head has been read, through the same limits, store and commit as
+/// a frame, checked as `check` says.
+pub fn receive_checked(
+    store: &Store,
+    check: Check<'_>,
+    raw_name: &[u8],
+    source: &mut dyn BodySource,
+    pool: Option<&HashPool>,
+    peer: &dyn fmt::Display,
+) -> Outcome {
+    let unverified_header;
+    let (header, trailer_auth, verified) = match check {
+        Check::Frame {
+            header,
+            trailer_auth,
+        } => (header, trailer_auth, true),
+        Check::Unverified { size } => {
+            unverified_header = Header {
+                size,
+                ..Header::default()
+            };
+            (&unverified_header, None, false)
+        }
+    };
     let started = Instant::now();
     let shown = escaped(raw_name, 255);
     let name = match name::validate(raw_name) {
@@ -151,7 +214,8 @@ pub fn receive(
     log::debug!("{peer} receiving \"{shown}\" ({size} B)");
     // The body arrives piece by piece; each piece is hashed (on the hash pool, for large
     // bodies) while it is written out and the next one is received.
-    let mut hash = StreamHash::new(size, pool);
+    let algo = header.algo;
+    let mut hash = BodyHash::new(algo, size, pool);
     let mut last_progress = started;
     while pending.written() < size {
         let mut piece = hash.buffer();
@@ -189,11 +253,54 @@ pub fn receive(
         }
     }
     let got = hash.finish();
-    if got != header.checksum {
+    let (want, said) = if !verified {
+        (got, "")
+    } else if header.trailing {
+        // The checksum (and, with a key, the tag binding it) follows the body.
+        let mut trailer = [0u8; CHECKSUM_LEN + TAG_LEN];
+        let len = if trailer_auth.is_some() {
+            CHECKSUM_LEN + TAG_LEN
+        } else {
+            CHECKSUM_LEN
+        };
+        let mut filled = 0;
+        while filled < len {
+            match source.read_into(&mut trailer[filled..len]) {
+                Ok(n) => filled += n,
+                Err(lost) => {
+                    log::warn!(
+                        "{peer} file \"{shown}\" lost after its {size} B body, in its trailing checksum: {lost}; nothing stored"
+                    );
+                    return Outcome::Lost(lost);
+                }
+            }
+        }
+        let mut sum = [0u8; CHECKSUM_LEN];
+        sum.copy_from_slice(&trailer[..CHECKSUM_LEN]);
+        if let Some(a) = &trailer_auth {
+            if !a
+                .key
+                .verify_trailer(&a.first_tag, &sum, &trailer[CHECKSUM_LEN..len])
+            {
+                let reason = "the tag after the trailing checksum does not match it, the frame's tag and the key";
+                log::warn!(
+                    "{peer} file \"{shown}\" ({size} B) refused: unauthorized: {reason}; nothing stored"
+                );
+                return Outcome::Refused {
+                    code: Code::Unauthorized,
+                    reason: reason.to_string(),
+                };
+            }
+        }
+        (sum, "the trailing checksum says")
+    } else {
+        (header.checksum, "header says")
+    };
+    if got != want {
         let reason = format!(
-            "body hashes to {}, header says {}",
+            "body's {algo} is {}, {said} {}",
             answer::hex(&got),
-            answer::hex(&header.checksum)
+            answer::hex(&want)
         );
         log::warn!(
             "{peer} file \"{shown}\" ({size} B) refused: checksum: {reason}; nothing stored"
@@ -204,9 +311,16 @@ pub fn receive(
         Ok(stored_name) => {
             let took = started.elapsed();
             log::info!(
-                "{peer} stored \"{shown}\" as \"{}\" ({size} B, blake3 {}, {:.2} s, {:.1} MB/s)",
+                "{peer} stored \"{shown}\" as \"{}\" ({size} B, {algo} {}, {}{:.2} s, {:.1} MB/s)",
                 escaped(stored_name.as_bytes(), 255),
                 answer::hex(&got),
+                if !verified {
+                    "unverified (NAME**SIZE upload, no checksum), "
+                } else if header.trailing {
+                    "trailing checksum, "
+                } else {
+                    ""
+                },
                 took.as_secs_f64(),
                 mb_per_s(size, took)
             );

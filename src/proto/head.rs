@@ -65,6 +65,7 @@ mod tests {
             name_len: u16::try_from(name.len()).unwrap(),
             size: 3,
             checksum: *blake3::hash(b"abc").as_bytes(),
+            ..Header::default()
         };
         let mut out = header.encode().to_vec();
         out.extend_from_slice(name);
