@@ -499,11 +499,19 @@ impl State {
 
     fn append(&mut self, from: Option<u64>, message: Msg, now: Instant) {
         let len = message.len();
+        let next = self.next_seq();
+        let mut sender_was_oldest = false;
         if let Some(m) = from.and_then(|id| self.members.get_mut(&id)) {
             if m.in_log == 0 {
                 self.n_senders += 1;
             }
             m.in_log += len;
+            // A sender that has taken everything skips its own line at once: otherwise its
+            // writer, which is not woken for it, would hold the log back until it looks again.
+            if m.cursor == next {
+                m.cursor = next + 1;
+                sender_was_oldest = self.first_seq == next;
+            }
         }
         self.log_bytes += len;
         self.log.push_back(Entry {
@@ -511,6 +519,9 @@ impl State {
             msg: message,
             at: now,
         });
+        if sender_was_oldest {
+            self.trim();
+        }
         for (&id, m) in &mut self.members {
             if m.waiting && m.listening && Some(id) != from {
                 m.waiting = false;
