@@ -580,10 +580,12 @@ fn a_member_that_stops_reading_is_dropped_within_the_drain_timeout() {
     writer.join().expect("talker");
     assert!(dropped, "the silent member was not dropped{}", log_tail(&d));
     println!("the silent member was dropped {after:.2?} after the room started talking");
-    // The rules: its writer could not send a byte for the timeout, or the log waited on it for
-    // the timeout. Either needs the timeout to pass, and the kernel's buffers fill in moments.
+    // The rules: its writer could not send it a batch within the timeout, or the log waited on
+    // it for the timeout. Either counts from the last batch it took: from the moment the
+    // kernel's buffers between it and the daemon (about 100 KB here) are full, which takes the
+    // room a moment, and up to 3 s with both cores loaded.
     assert!(
-        after >= DRAIN_TIMEOUT && after <= DRAIN_TIMEOUT + Duration::from_secs(3),
+        after >= DRAIN_TIMEOUT && after <= DRAIN_TIMEOUT + Duration::from_secs(5),
         "dropped after {after:?}; the rule says {DRAIN_TIMEOUT:?} after it stopped draining{}",
         log_tail(&d)
     );
