@@ -104,8 +104,10 @@ pub struct ServerConfig {
     pub thread_stack_kib: usize,
     pub shutdown_grace: Duration,
     pub mode: Mode,
-    /// Chat mode: messages waiting for one slow client before it is dropped.
-    pub chat_queue_depth: usize,
+    /// Chat mode: bytes of messages the room holds for its slowest member before senders wait.
+    pub chat_queue_bytes: usize,
+    /// Chat mode: how long a member may take nothing of what waits for it before it is dropped.
+    pub chat_drain_timeout: Duration,
     /// Chat mode: text without a newline is delivered as a line after this many milliseconds
     /// of silence; 0: only at a newline (or the end of the stream).
     pub chat_flush_ms: u64,
@@ -337,7 +339,8 @@ impl Config {
                 thread_stack_kib: v.get("server.thread_stack_kib")?,
                 shutdown_grace: v.get("server.shutdown_grace_secs")?,
                 mode: v.get("server.mode")?,
-                chat_queue_depth: v.get("server.chat_queue_depth")?,
+                chat_queue_bytes: v.get("server.chat_queue_bytes")?,
+                chat_drain_timeout: v.get("server.chat_drain_timeout_secs")?,
                 chat_flush_ms: v.get("server.chat_flush_ms")?,
             },
             udp: UdpConfig {

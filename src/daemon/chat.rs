@@ -1,92 +1,162 @@
-//! Chat mode's room: who is connected, and delivery of lines and notices to everyone else through
-//! each member's bounded outbound queue. A member whose queue is full is dropped on the spot
-//! (its socket shut, the others told), so one client that stops reading never slows the rest.
+//! Chat mode's room: one shared log of messages, bounded in bytes, that every member's writer
+//! thread reads at its own cursor; a small private queue per member for the server's own lines to
+//! it; the join/leave notice gate; and the drop rule for members that stop draining.
 //!
-//! Every delivery happens under the room's lock with non-blocking `try_send`s only, so all
-//! members see all messages in one order, and each sender's lines in the order it sent them.
+//! A sender appends under the room's lock, so all members see the room's messages in one order,
+//! and each sender's lines in the order it sent them. Appending costs one entry whatever the
+//! number of members; fan-out happens in the writers, each sending many entries per vectored
+//! `write`. When the log holds `server.chat_queue_bytes`, a sender waits for the slowest member
+//! to take its next batch: fast senders are slowed down to what the members drain, and each
+//! sender may hold only its fair share of the log (the bytes divided by the senders with bytes
+//! in it), so one blasting client cannot crowd out the others. A member is dropped only when it
+//! has stopped draining for `server.chat_drain_timeout_secs`: its writer could not send it one
+//! batch (64 KiB at most) in that time, or it held the oldest message of the room while a sender
+//! waited and took nothing for that long.
+//!
+//! Memory: the log holds at most `chat_queue_bytes` plus the notices (rate-limited, below), the
+//! writers at most one batch more (they take consecutive entries), so the room's messages never
+//! exceed `chat_queue_bytes + BATCH_BYTES + NOTICE_SLACK` plus one message larger than a batch.
 
-use std::collections::HashMap;
-use std::io::Write;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-
+use crate::deadline::is_timeout;
 use crate::peer::Peer;
 
-/// A message on its way to members: the bytes of one or more whole lines, shared by all queues.
+/// A message on its way to members: the bytes of one or more whole lines, shared by all writers.
 pub type Msg = Arc<[u8]>;
 
 /// How many names the welcome line lists before it only counts.
 const WELCOME_NAMES: usize = 20;
-/// A writer sends queued messages in batches of up to this many bytes per `write`.
-const BATCH: usize = 64 * 1024;
+/// A writer sends at most this many bytes (or one larger message) per `write`.
+pub const BATCH_BYTES: usize = 64 * 1024;
+/// And at most this many messages (iovecs) per `write`.
+const BATCH_MSGS: usize = 256;
+/// How long a writer woken by a new message waits for more before it writes.
+const COALESCE: Duration = Duration::from_millis(2);
+/// Lines of the server's own (answers, the welcome) queued for one member; beyond this the member
+/// is not reading even its own answers, and further ones are not queued.
+pub const PRIVATE_BYTES: usize = 64 * 1024;
+/// Join and leave notices shown one by one per `NOTICE_WINDOW`; beyond, they are counted and a
+/// single summary line follows the window.
+const NOTICES_PER_WINDOW: u32 = 10;
+const NOTICE_WINDOW: Duration = Duration::from_secs(1);
+/// Bytes the notices may add to a full log while it waits on its slowest member: at most
+/// `NOTICES_PER_WINDOW + 1` lines of at most `NOTICE_MAX` bytes per window for one drain timeout
+/// of up to an hour. Notices never wait, so joining and leaving never block.
+const NOTICE_MAX: usize = 256;
+/// A writer sets its socket's write timeout again only when it is off by more than this, so
+/// the deadline of a batch is overshot by at most this much.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(50);
+/// How often a waiting sender looks again at the drop rule and the shutdown, and an idle writer
+/// at the notice summary.
+const SENDER_RECHECK: Duration = Duration::from_millis(100);
+const WRITER_RECHECK: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Default)]
-pub struct Room {
-    members: Mutex<Members>,
+/// The limits of one connection's configuration (a reload applies to new connections).
+#[derive(Debug, Clone, Copy)]
+pub struct ChatLimits {
+    /// `server.chat_queue_bytes`: bytes of messages the log holds before senders wait.
+    pub queue_bytes: usize,
+    /// `server.chat_drain_timeout_secs`: how long a member may take nothing before it is dropped.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Default)]
-struct Members {
+pub struct Room {
+    state: Mutex<State>,
+    /// Senders wait here for space in the log.
+    space: Condvar,
+}
+
+/// A member's place in the room, held by its connection: dropping it leaves the room (on every
+/// path, a panic included), telling the others why.
+#[derive(Debug)]
+pub struct Seat<'r> {
+    room: &'r Room,
+    id: u64,
+    left: bool,
+}
+
+/// A member's writer, to run on its own thread. Dropping it (run or not) forgets the member once
+/// its seat is gone too.
+#[derive(Debug)]
+pub struct Writer<'r> {
+    room: &'r Room,
+    id: u64,
+    stream: Arc<TcpStream>,
+    limits: ChatLimits,
+}
+
+#[derive(Debug, Default)]
+struct State {
     next_id: u64,
-    by_id: HashMap<u64, Member>,
+    members: HashMap<u64, Member>,
+    log: VecDeque<Entry>,
+    /// The sequence number of `log[0]`.
+    first_seq: u64,
+    log_bytes: usize,
+    /// Members with bytes of their own in the log.
+    n_senders: usize,
+    notices: NoticeGate,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// The sending member (it does not get its own lines back); `None` for notices.
+    from: Option<u64>,
+    msg: Msg,
+    at: Instant,
 }
 
 #[derive(Debug)]
 struct Member {
     peer: Peer,
-    tx: Sender<Msg>,
     stream: Arc<TcpStream>,
-    dropped: Arc<AtomicBool>,
-}
-
-/// A member's own view of its membership, and the membership itself: dropping the seat leaves
-/// the room (on every path, a panic included), telling the others why.
-#[derive(Debug)]
-pub struct Seat<'r> {
-    room: &'r Room,
-    pub id: u64,
-    pub tx: Sender<Msg>,
-    /// Set when the room dropped this member for not reading.
-    pub dropped: Arc<AtomicBool>,
-}
-
-impl Seat<'_> {
-    /// Leaves the room, telling the others `reason`.
-    pub fn leave_with(self, reason: &str) {
-        self.room.leave(self.id, reason);
-        // The drop below finds the member gone and does nothing more.
-    }
-}
-
-impl Drop for Seat<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // The handler failed: wake this member's writer, which may be blocked on a full
-            // socket, so that the worker is not held until the write timeout.
-            if let Some(stream) = self.room.stream_of(self.id) {
-                let _ = stream.shutdown(Shutdown::Both);
-            }
-        }
-        self.room.leave(self.id, "server error");
-    }
+    /// Wakes this member's writer.
+    wake: Arc<Condvar>,
+    /// Its writer waits on `wake` right now.
+    waiting: bool,
+    /// In the room: it receives the log from `cursor` on and holds back the log's oldest entries.
+    listening: bool,
+    cursor: u64,
+    /// When its writer last took a batch from the log (or it joined).
+    last_take: Instant,
+    /// The seat is gone: the writer sends what is private, then ends.
+    seat_gone: bool,
+    writer_gone: bool,
+    /// Why the room dropped it, if it did.
+    dropped: Option<String>,
+    /// The others were told it left.
+    announced: bool,
+    private: VecDeque<Msg>,
+    private_bytes: usize,
+    /// Bytes of its own messages in the log.
+    in_log: usize,
 }
 
 impl Room {
-    /// Adds a member with an outbound queue of `depth` messages. The newcomer's queue starts with
-    /// a welcome that lists who is there; everyone else is told it joined.
+    /// Adds a member. Its private queue starts with a welcome that lists who is there; everyone
+    /// else is told it joined (see `NoticeGate`).
     pub fn join(
         &self,
         peer: Peer,
         stream: Arc<TcpStream>,
-        depth: usize,
-    ) -> (Seat<'_>, Receiver<Msg>) {
-        let (tx, rx) = crossbeam_channel::bounded(depth.max(1));
-        let mut m = self.lock();
-        let mut names: Vec<String> = m.by_id.values().map(|o| o.peer.to_string()).collect();
-        names.sort();
+        limits: ChatLimits,
+    ) -> (Seat<'_>, Writer<'_>) {
+        let mut st = self.lock();
+        let mut names: Vec<String> = st
+            .members
+            .values()
+            .filter(|m| m.listening)
+            .map(|m| m.peer.to_string())
+            .collect();
+        names.sort_unstable();
         let welcome = match names.len() {
             0 => format!("* welcome {peer}; nobody else is here\n"),
             n if n <= WELCOME_NAMES => format!("* welcome {peer}; here: {}\n", names.join(", ")),
@@ -96,113 +166,674 @@ impl Room {
                 n - WELCOME_NAMES
             ),
         };
-        // The queue is new and has room for at least one message.
-        let _ = tx.try_send(msg(welcome.as_bytes()));
-        deliver(&mut m, None, msg(format!("* {peer} joined\n").as_bytes()));
-        let id = m.next_id;
-        m.next_id += 1;
-        let dropped = Arc::new(AtomicBool::new(false));
-        m.by_id.insert(
+        let now = Instant::now();
+        st.notice(now, Notice::Joined, format!("* {peer} joined\n"));
+        let id = st.next_id;
+        st.next_id += 1;
+        let cursor = st.first_seq + st.log.len() as u64;
+        let welcome = msg(welcome.as_bytes());
+        st.members.insert(
             id,
             Member {
                 peer,
-                tx: tx.clone(),
-                stream,
-                dropped: Arc::clone(&dropped),
+                stream: Arc::clone(&stream),
+                wake: Arc::new(Condvar::new()),
+                waiting: false,
+                listening: true,
+                cursor,
+                last_take: now,
+                seat_gone: false,
+                writer_gone: false,
+                dropped: None,
+                announced: false,
+                private_bytes: welcome.len(),
+                private: VecDeque::from([welcome]),
+                in_log: 0,
             },
         );
+        // Entries nobody was listening to go (the invariant: the log starts at the smallest
+        // listening cursor).
+        st.trim();
         (
             Seat {
                 room: self,
                 id,
-                tx,
-                dropped,
+                left: false,
             },
-            rx,
+            Writer {
+                room: self,
+                id,
+                stream,
+                limits,
+            },
         )
     }
 
-    /// Delivers `text` (whole lines) to every member but `from`.
-    pub fn broadcast(&self, from: u64, text: &[u8]) {
-        deliver(&mut self.lock(), Some(from), msg(text));
+    fn stream_of(&self, id: u64) -> Option<Arc<TcpStream>> {
+        self.lock().members.get(&id).map(|m| Arc::clone(&m.stream))
     }
 
-    /// Removes a member and tells the others why it left. Does nothing if the room already
-    /// dropped it.
-    pub fn leave(&self, id: u64, reason: &str) {
-        let mut m = self.lock();
-        if let Some(member) = m.by_id.remove(&id) {
-            let notice = format!("* {} left ({reason})\n", member.peer);
-            deliver(&mut m, None, msg(notice.as_bytes()));
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the state consistent, even if a holder panicked.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the next batch for member `id` into `batch`, waiting for one; false when the
+    /// member's writer should end (the member left or was dropped, and its private lines are
+    /// sent).
+    fn take(&self, id: u64, batch: &mut Vec<Msg>) -> bool {
+        let mut st = self.lock();
+        loop {
+            let now = Instant::now();
+            let st_ref = &mut *st;
+            let Some(m) = st_ref.members.get_mut(&id) else {
+                return false;
+            };
+            let mut bytes = 0;
+            while let Some(p) = m.private.front() {
+                if batch.len() == BATCH_MSGS || (!batch.is_empty() && bytes + p.len() > BATCH_BYTES)
+                {
+                    break;
+                }
+                bytes += p.len();
+                m.private_bytes -= p.len();
+                batch.extend(m.private.pop_front());
+            }
+            let mut freed = false;
+            if m.listening {
+                let start = m.cursor.saturating_sub(st_ref.first_seq) as usize;
+                let mut seq = m.cursor;
+                for e in st_ref.log.range(start.min(st_ref.log.len())..) {
+                    if batch.len() == BATCH_MSGS
+                        || (!batch.is_empty() && bytes + e.msg.len() > BATCH_BYTES)
+                    {
+                        break;
+                    }
+                    seq += 1;
+                    if e.from != Some(id) {
+                        bytes += e.msg.len();
+                        batch.push(Arc::clone(&e.msg));
+                    }
+                }
+                if seq != m.cursor {
+                    freed = m.cursor == st_ref.first_seq;
+                    m.cursor = seq;
+                    m.last_take = now;
+                }
+            }
+            let (listening, seat_gone) = (m.listening, m.seat_gone);
+            if freed {
+                st_ref.trim();
+                self.space.notify_all();
+            }
+            if !batch.is_empty() {
+                return true;
+            }
+            if !listening || seat_gone {
+                return false;
+            }
+            if st_ref.notices.summary_due(now) {
+                st_ref.flush_notices(now);
+                continue;
+            }
+            let Some(m) = st_ref.members.get_mut(&id) else {
+                return false;
+            };
+            m.waiting = true;
+            let wake = Arc::clone(&m.wake);
+            let (guard, waited) = wake
+                .wait_timeout(st, WRITER_RECHECK)
+                .unwrap_or_else(PoisonError::into_inner);
+            st = guard;
+            if !waited.timed_out() {
+                // Woken by a new message: let the next ones arrive too, so that one `write`
+                // carries them all instead of one each (under load, most of them come together).
+                drop(st);
+                thread::sleep(COALESCE);
+                st = self.lock();
+            }
+            if let Some(m) = st.members.get_mut(&id) {
+                m.waiting = false;
+            }
         }
     }
 
-    fn stream_of(&self, id: u64) -> Option<Arc<TcpStream>> {
-        self.lock().by_id.get(&id).map(|m| Arc::clone(&m.stream))
+    /// Drops member `id` for not draining: out of the room, its socket shut (which wakes both of
+    /// its threads), the others told.
+    fn drop_member(&self, id: u64, why: String) {
+        let mut st = self.lock();
+        if st.drop_member(id, why) {
+            self.space.notify_all();
+        }
+    }
+}
+
+impl Seat<'_> {
+    /// Sends `text` (whole lines) to every other member, waiting while the log is full or this
+    /// sender has its share of it. Gives up (false) when this member is no longer in the room, or
+    /// when `give_up` says so (the daemon is stopping). While it waits it applies the drop rule
+    /// to the member that holds the log back.
+    pub fn broadcast(&self, text: &[u8], limits: ChatLimits, give_up: &dyn Fn() -> bool) -> bool {
+        let message = msg(text);
+        let len = message.len();
+        let room = self.room;
+        let mut st = room.lock();
+        loop {
+            let now = Instant::now();
+            let Some(m) = st.members.get(&self.id) else {
+                return false;
+            };
+            if !m.listening || give_up() {
+                return false;
+            }
+            if st.fits(len, m.in_log, limits.queue_bytes) {
+                st.append(Some(self.id), message, now);
+                return true;
+            }
+            if st.drop_stalled(now, limits.drain_timeout) {
+                room.space.notify_all();
+                continue;
+            }
+            st = room
+                .space
+                .wait_timeout(st, SENDER_RECHECK)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Members> {
-        // Every critical section leaves the map consistent, even if a holder panicked.
-        self.members.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Queues a line of the server's own for this member only (an answer, a notice), behind the
+    /// others of its kind. A member with `PRIVATE_BYTES` of them unsent is not reading, and the
+    /// line is not queued.
+    pub fn tell(&self, line: &[u8]) {
+        let mut st = self.room.lock();
+        let Some(m) = st.members.get_mut(&self.id) else {
+            return;
+        };
+        if m.writer_gone || (!m.private.is_empty() && m.private_bytes + line.len() > PRIVATE_BYTES)
+        {
+            return;
+        }
+        m.private_bytes += line.len();
+        m.private.push_back(msg(line));
+        m.wake.notify_one();
     }
+
+    /// Why the room dropped this member, if it did.
+    pub fn dropped(&self) -> Option<String> {
+        self.room
+            .lock()
+            .members
+            .get(&self.id)
+            .and_then(|m| m.dropped.clone())
+    }
+
+    /// Leaves the room, telling the others `reason` (unless the room dropped it and told them
+    /// already). The writer sends the lines still private to this member, shuts the sending side
+    /// of the socket and ends. Later calls do nothing.
+    pub fn leave(&mut self, reason: &str) {
+        if self.left {
+            return;
+        }
+        self.left = true;
+        let mut st = self.room.lock();
+        let now = Instant::now();
+        let Some(m) = st.members.get_mut(&self.id) else {
+            return;
+        };
+        m.seat_gone = true;
+        m.wake.notify_one();
+        let (announce, peer, writer_gone) = (!m.announced, m.peer, m.writer_gone);
+        m.listening = false;
+        m.announced = true;
+        if writer_gone {
+            st.forget(self.id);
+        }
+        if announce {
+            let reason = cut(reason, NOTICE_MAX - 80);
+            st.notice(now, Notice::Left, format!("* {peer} left ({reason})\n"));
+        }
+        st.trim();
+        self.room.space.notify_all();
+    }
+}
+
+impl Drop for Seat<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() && !self.left {
+            // The handler failed: wake this member's writer, which may be blocked on a full
+            // socket, so that the worker is not held until the write timeout.
+            if let Some(stream) = self.room.stream_of(self.id) {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+        self.leave("server error");
+    }
+}
+
+impl Writer<'_> {
+    /// Sends what the member's queues receive, many messages per `write`, until it leaves or is
+    /// dropped; adds the bytes written to `written`. A batch (at most `BATCH_BYTES`, or one
+    /// larger message) must be sent within `chat_drain_timeout_secs` for each `BATCH_BYTES` in
+    /// it, or the member is dropped: that is the least a member must take to stay.
+    pub fn run(self, written: &AtomicU64) {
+        let stream = &*self.stream;
+        let mut timeout = None;
+        let mut batch = Vec::with_capacity(BATCH_MSGS);
+        loop {
+            batch.clear();
+            if !self.room.take(self.id, &mut batch) {
+                // Left: after its last line, the peer sees the end of the stream.
+                let _ = stream.shutdown(Shutdown::Write);
+                return;
+            }
+            let bytes: usize = batch.iter().map(|m| m.len()).sum();
+            let allowance = allowance(bytes, self.limits.drain_timeout);
+            let deadline = Instant::now() + allowance;
+            match write_batch(stream, &batch, deadline, &mut timeout, written) {
+                Ok(()) => {}
+                Err(e) if is_timeout(&e) => {
+                    let secs = allowance.as_secs();
+                    self.room.drop_member(
+                        self.id,
+                        format!(
+                            "not reading: it took less than {bytes} B in {secs} s (server.chat_drain_timeout_secs)"
+                        ),
+                    );
+                    return;
+                }
+                Err(_) => {
+                    // The reader sees the shut socket and ends the connection.
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The time a batch of `bytes` may take: the drain timeout for each `BATCH_BYTES` begun.
+fn allowance(bytes: usize, drain_timeout: Duration) -> Duration {
+    let batches = bytes.div_ceil(BATCH_BYTES).max(1);
+    drain_timeout.saturating_mul(u32::try_from(batches).unwrap_or(u32::MAX))
+}
+
+impl Drop for Writer<'_> {
+    fn drop(&mut self) {
+        let mut st = self.room.lock();
+        let Some(m) = st.members.get_mut(&self.id) else {
+            return;
+        };
+        m.writer_gone = true;
+        let (was_listening, seat_gone) = (m.listening, m.seat_gone);
+        m.listening = false;
+        if seat_gone {
+            st.forget(self.id);
+        }
+        if was_listening {
+            st.trim();
+            self.room.space.notify_all();
+        }
+    }
+}
+
+impl State {
+    fn next_seq(&self) -> u64 {
+        self.first_seq + self.log.len() as u64
+    }
+
+    /// Whether a message of `len` bytes from a sender with `in_log` bytes in the log may be
+    /// appended now: the log has space for it (an empty log takes any message), and the sender
+    /// stays within its fair share, the log's bytes divided by the senders with bytes in it
+    /// (itself included); a sender with nothing in the log may always add one message.
+    fn fits(&self, len: usize, in_log: usize, queue_bytes: usize) -> bool {
+        if self.log_bytes == 0 {
+            return true;
+        }
+        if self.log_bytes + len > queue_bytes {
+            return false;
+        }
+        let senders = self.n_senders + usize::from(in_log == 0);
+        in_log == 0 || in_log + len <= queue_bytes / senders.max(1)
+    }
+
+    fn append(&mut self, from: Option<u64>, message: Msg, now: Instant) {
+        let len = message.len();
+        let next = self.next_seq();
+        let mut sender_was_oldest = false;
+        if let Some(m) = from.and_then(|id| self.members.get_mut(&id)) {
+            if m.in_log == 0 {
+                self.n_senders += 1;
+            }
+            m.in_log += len;
+            // A sender that has taken everything skips its own line at once: otherwise its
+            // writer, which is not woken for it, would hold the log back until it looks again.
+            if m.cursor == next {
+                m.cursor = next + 1;
+                sender_was_oldest = self.first_seq == next;
+            }
+        }
+        self.log_bytes += len;
+        self.log.push_back(Entry {
+            from,
+            msg: message,
+            at: now,
+        });
+        if sender_was_oldest {
+            self.trim();
+        }
+        for (&id, m) in &mut self.members {
+            if m.waiting && m.listening && Some(id) != from {
+                m.waiting = false;
+                m.wake.notify_one();
+            }
+        }
+    }
+
+    /// Removes the entries every listening member has taken.
+    fn trim(&mut self) {
+        let min = self
+            .members
+            .values()
+            .filter(|m| m.listening)
+            .map(|m| m.cursor)
+            .min()
+            .unwrap_or_else(|| self.next_seq());
+        while self.first_seq < min {
+            let Some(e) = self.log.pop_front() else {
+                break;
+            };
+            self.first_seq += 1;
+            self.log_bytes -= e.msg.len();
+            if let Some(m) = e.from.and_then(|id| self.members.get_mut(&id)) {
+                m.in_log -= e.msg.len();
+                if m.in_log == 0 {
+                    self.n_senders -= 1;
+                }
+            }
+        }
+    }
+
+    /// The drop rule, applied while a sender waits: a listening member that holds the oldest
+    /// entry and has taken nothing since that entry arrived or for `drain_timeout`, whichever is
+    /// later, is dropped. True if one was.
+    fn drop_stalled(&mut self, now: Instant, drain_timeout: Duration) -> bool {
+        let Some(oldest) = self.log.front() else {
+            return false;
+        };
+        let (first, oldest_at, waiting_bytes) = (self.first_seq, oldest.at, self.log_bytes);
+        let stalled: Vec<u64> = self
+            .members
+            .iter()
+            .filter(|(_, m)| {
+                m.listening
+                    && m.cursor == first
+                    && now.saturating_duration_since(m.last_take.max(oldest_at)) >= drain_timeout
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        let secs = drain_timeout.as_secs();
+        let mut any = false;
+        for id in stalled {
+            any |= self.drop_member(
+                id,
+                format!(
+                    "not reading: took nothing for {secs} s while {waiting_bytes} B waited for it (server.chat_drain_timeout_secs)"
+                ),
+            );
+        }
+        any
+    }
+
+    /// Takes a listening member out of the room for `why`; true if it was in.
+    fn drop_member(&mut self, id: u64, why: String) -> bool {
+        let Some(m) = self.members.get_mut(&id) else {
+            return false;
+        };
+        if !m.listening {
+            return false;
+        }
+        m.listening = false;
+        m.wake.notify_one();
+        // Wakes both of its threads: the writer blocked on a full socket, the reader.
+        let _ = m.stream.shutdown(Shutdown::Both);
+        let peer = m.peer;
+        log::warn!("{peer} dropped from the chat: {why}");
+        m.dropped = Some(why);
+        m.announced = true;
+        self.notice(
+            Instant::now(),
+            Notice::Left,
+            format!("* {peer} left (too slow: not reading)\n"),
+        );
+        self.trim();
+        true
+    }
+
+    /// Removes a member whose seat and writer are both gone.
+    fn forget(&mut self, id: u64) {
+        if let Some(m) = self.members.remove(&id) {
+            if m.in_log > 0 {
+                self.n_senders -= 1;
+            }
+        }
+    }
+
+    /// Posts a join or leave notice, or counts it when this window has shown its share.
+    fn notice(&mut self, now: Instant, kind: Notice, text: String) {
+        self.flush_notices(now);
+        if self.notices.admit(now, kind) {
+            self.append(None, msg(text.as_bytes()), now);
+        }
+    }
+
+    /// Posts the summary of the notices counted in a finished window.
+    fn flush_notices(&mut self, now: Instant) {
+        if let Some(summary) = self.notices.summary(now) {
+            self.append(None, msg(summary.as_bytes()), now);
+        }
+    }
+}
+
+/// What a notice announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Notice {
+    Joined,
+    Left,
+}
+
+/// Rate limit of join and leave notices: `NOTICES_PER_WINDOW` shown per window, the rest counted
+/// and summed up in one line once the window is over, so a client connecting and disconnecting in
+/// a loop costs the room about 11 lines a second.
+#[derive(Debug)]
+struct NoticeGate {
+    window_start: Instant,
+    shown: u32,
+    joined: u64,
+    left: u64,
+}
+
+impl Default for NoticeGate {
+    fn default() -> NoticeGate {
+        NoticeGate {
+            window_start: Instant::now(),
+            shown: 0,
+            joined: 0,
+            left: 0,
+        }
+    }
+}
+
+impl NoticeGate {
+    /// Whether a notice may be shown now; if not, it is counted.
+    fn admit(&mut self, now: Instant, kind: Notice) -> bool {
+        if now.saturating_duration_since(self.window_start) >= NOTICE_WINDOW
+            && self.joined + self.left == 0
+        {
+            self.window_start = now;
+            self.shown = 0;
+        }
+        if self.shown < NOTICES_PER_WINDOW {
+            self.shown += 1;
+            return true;
+        }
+        match kind {
+            Notice::Joined => self.joined += 1,
+            Notice::Left => self.left += 1,
+        }
+        false
+    }
+
+    fn summary_due(&self, now: Instant) -> bool {
+        self.joined + self.left > 0
+            && now.saturating_duration_since(self.window_start) >= NOTICE_WINDOW
+    }
+
+    /// Once the window is over, the line that sums up what it did not show, and a new window.
+    fn summary(&mut self, now: Instant) -> Option<String> {
+        if !self.summary_due(now) {
+            return None;
+        }
+        let secs = now
+            .saturating_duration_since(self.window_start)
+            .as_secs_f64();
+        let line = format!(
+            "* {} more joined and {} more left in the last {secs:.1} s (too many to list)\n",
+            self.joined, self.left
+        );
+        self.window_start = now;
+        self.shown = 0;
+        self.joined = 0;
+        self.left = 0;
+        Some(line)
+    }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn msg(bytes: &[u8]) -> Msg {
     Arc::from(bytes)
 }
 
-/// Puts `message` in every member's queue except `except`'s. Members whose queue is full are
-/// dropped, and the others told, until no queue overflows.
-fn deliver(m: &mut Members, except: Option<u64>, message: Msg) {
-    let mut pending = vec![(except, message)];
-    while let Some((except, message)) = pending.pop() {
-        let mut full = Vec::new();
-        for (&id, member) in &m.by_id {
-            if Some(id) == except {
-                continue;
-            }
-            match member.tx.try_send(Arc::clone(&message)) {
-                Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-                Err(TrySendError::Full(_)) => full.push(id),
-            }
+/// Writes every message of `batch`, as few `write`s as the socket allows.
+/// Writes every message of `batch` by `deadline`, as few `write`s as the socket allows. The
+/// socket's write timeout (`timeout`, as last set) is set again only when it is off from the time
+/// left by more than `TIMEOUT_SLACK`, so a batch that goes out at once costs no extra system call.
+fn write_batch(
+    mut out: &TcpStream,
+    batch: &[Msg],
+    deadline: Instant,
+    timeout: &mut Option<Duration>,
+    written: &AtomicU64,
+) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|m| IoSlice::new(m)).collect();
+    let mut bufs = &mut slices[..];
+    while !bufs.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
         }
-        for id in full {
-            if let Some(member) = m.by_id.remove(&id) {
-                member.dropped.store(true, Ordering::SeqCst);
-                // Wakes both of its threads: the writer blocked on a full socket, the reader.
-                let _ = member.stream.shutdown(Shutdown::Both);
-                log::warn!(
-                    "{} dropped from the chat: not reading, its outbound queue of {} messages is full (server.chat_queue_depth)",
-                    member.peer,
-                    member.tx.capacity().unwrap_or(0)
-                );
-                let notice = format!("* {} left (too slow: not reading)\n", member.peer);
-                pending.push((None, msg(notice.as_bytes())));
+        if timeout.is_none_or(|t| t.abs_diff(left) > TIMEOUT_SLACK) {
+            out.set_write_timeout(Some(left))?;
+            *timeout = Some(left);
+        }
+        match out.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written.fetch_add(n as u64, Ordering::Relaxed);
+                IoSlice::advance_slices(&mut bufs, n);
             }
+            // Timed out: the loop checks the deadline.
+            Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
+    Ok(())
 }
 
-/// A chat member's writer: sends what its queue receives, several messages per `write` when they
-/// pile up, until the queue is closed (the member left) or the socket fails. Returns the bytes
-/// written.
-pub fn write_queue(stream: &TcpStream, rx: &Receiver<Msg>, written: &AtomicU64) {
-    let mut batch = Vec::new();
-    let mut out = stream;
-    while let Ok(first) = rx.recv() {
-        batch.clear();
-        batch.extend_from_slice(&first);
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.extend_from_slice(&m),
-                Err(_) => break,
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notice_gate_shows_a_share_per_window_then_sums_up() {
+        let t0 = Instant::now();
+        let mut gate = NoticeGate {
+            window_start: t0,
+            ..NoticeGate::default()
+        };
+        let shown = (0..25)
+            .filter(|i| {
+                let kind = if i % 2 == 0 {
+                    Notice::Joined
+                } else {
+                    Notice::Left
+                };
+                gate.admit(t0 + Duration::from_millis(*i), kind)
+            })
+            .count();
+        assert_eq!(shown, NOTICES_PER_WINDOW as usize);
+        assert_eq!((gate.joined, gate.left), (8, 7));
+        let cases = [
+            (Duration::from_millis(500), None),
+            (
+                Duration::from_millis(1500),
+                Some("* 8 more joined and 7 more left in the last 1.5 s (too many to list)\n"),
+            ),
+            (Duration::from_millis(3000), None),
+        ];
+        for (at, want) in cases {
+            assert_eq!(gate.summary(t0 + at).as_deref(), want, "at {at:?}");
         }
-        if out.write_all(&batch).is_err() {
-            // The reader sees the shut socket and ends the connection.
-            let _ = stream.shutdown(Shutdown::Both);
-            return;
+        // A new window shows its share again.
+        assert!(gate.admit(t0 + Duration::from_millis(3100), Notice::Joined));
+    }
+
+    #[test]
+    fn a_batch_gets_the_drain_timeout_per_64_kib() {
+        let td = Duration::from_secs(5);
+        let cases = [
+            (0, 5),
+            (1, 5),
+            (BATCH_BYTES, 5),
+            (BATCH_BYTES + 1, 10),
+            (4 * BATCH_BYTES, 20),
+        ];
+        for (bytes, secs) in cases {
+            assert_eq!(allowance(bytes, td), Duration::from_secs(secs), "{bytes} B");
         }
-        written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn fair_share_of_the_log() {
+        // (log bytes, senders with bytes in it, this sender's bytes, message, queue) -> fits
+        let cases = [
+            (0, 0, 0, 5000, 1000, true),    // an empty log takes any message
+            (900, 1, 0, 100, 1000, true),   // space left, a newcomer
+            (900, 1, 0, 101, 1000, false),  // no space
+            (600, 2, 400, 50, 1000, true),  // within half
+            (600, 2, 500, 1, 1000, false),  // over half
+            (100, 1, 100, 800, 1000, true), // alone: the whole log
+            (300, 3, 0, 200, 1000, true),   // a newcomer always gets one message in
+        ];
+        for (log_bytes, n_senders, in_log, len, queue, want) in cases {
+            let st = State {
+                log_bytes,
+                n_senders,
+                ..State::default()
+            };
+            assert_eq!(
+                st.fits(len, in_log, queue),
+                want,
+                "log {log_bytes}, senders {n_senders}, own {in_log}, len {len}"
+            );
+        }
     }
 }

@@ -16,7 +16,7 @@ use socket2::SockRef;
 
 use crate::auth::{self, Key, NONCE_LEN};
 use crate::config::{Config, Mode};
-use crate::daemon::chat::{self, Seat};
+use crate::daemon::chat::{ChatLimits, Seat};
 use crate::daemon::listener;
 use crate::daemon::shared::{Job, Shared, Snapshot, worker_stack_bytes};
 use crate::daemon::stats::Stats;
@@ -52,7 +52,7 @@ const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
 const STARSTAR_WAIT: Duration = Duration::from_millis(200);
 
 /// The kernel send buffer of a chat client (Linux doubles it). A fixed size bounds what a client
-/// that stops reading can hold in the kernel, so that its outbound queue fills and it is dropped
+/// that stops reading can hold in the kernel, so that its writer blocks and the drop rule sees it
 /// instead of the kernel buffering megabytes for it.
 const CHAT_SNDBUF: usize = 64 * 1024;
 
@@ -71,8 +71,8 @@ pub enum Reason {
     Protocol(String),
     /// A file frame was refused in a way that ends the connection (the `ERR` line).
     Refused(String),
-    /// Chat: the client stopped reading and its outbound queue filled up.
-    TooSlow,
+    /// Chat: the room dropped the client for not draining what waited for it (why).
+    TooSlow(String),
 }
 
 impl fmt::Display for Reason {
@@ -85,7 +85,7 @@ impl fmt::Display for Reason {
             Reason::Error(e) => write!(f, "error: {e}"),
             Reason::Protocol(what) => write!(f, "error: {what}"),
             Reason::Refused(line) => write!(f, "refused: {line}"),
-            Reason::TooSlow => f.write_str("too slow: not reading, chat queue full"),
+            Reason::TooSlow(why) => write!(f, "too slow: {why}"),
         }
     }
 }
@@ -251,16 +251,24 @@ struct Auth {
     seq: u64,
 }
 
-/// A chat client's line being assembled.
+/// A chat client's seat and the line being assembled.
 struct ChatLine<'a> {
     seat: Seat<'a>,
+    limits: ChatLimits,
     line: Vec<u8>,
     /// The current line was too long and is being thrown away up to its newline.
     skipping: bool,
+    /// Bytes its writer has sent, and their count when the idle deadline last passed: a member
+    /// the room talks to is not idle, even if it only reads.
+    written: Arc<AtomicU64>,
+    seen_written: u64,
     /// The current line was delivered without its newline after `server.chat_flush_ms` of
     /// silence: a newline that comes next ends it and is not an empty line of its own.
     flushed: bool,
 }
+
+/// The largest message one read's lines make before they go to the room (plus one line).
+const CHAT_MSG_BYTES: usize = 16 * 1024;
 
 impl Conn<'_> {
     /// Chat mode: joins the room, starts this client's writer thread (the only one that writes
@@ -270,52 +278,55 @@ impl Conn<'_> {
         let shared = self.shared;
         // Best effort: without it the kernel buffers more for a client that does not read.
         let _ = SockRef::from(&**stream).set_send_buffer_size(CHAT_SNDBUF);
-        let (seat, rx) = shared.room.join(
-            self.peer,
-            Arc::clone(stream),
-            self.cfg.server.chat_queue_depth,
-        );
-        let dropped = Arc::clone(&seat.dropped);
-        let written = AtomicU64::new(0);
+        let limits = ChatLimits {
+            queue_bytes: self.cfg.server.chat_queue_bytes,
+            drain_timeout: self.cfg.server.chat_drain_timeout,
+        };
+        let (mut seat, writer) = shared.room.join(self.peer, Arc::clone(stream), limits);
+        let written = Arc::new(AtomicU64::new(0));
         let stack = worker_stack_bytes(&self.cfg);
         let reason = thread::scope(|s| {
-            let writer = thread::Builder::new()
+            let counter = Arc::clone(&written);
+            let spawned = thread::Builder::new()
                 .name("chat-writer".into())
                 .stack_size(stack)
-                .spawn_scoped(s, || chat::write_queue(stream, &rx, &written));
-            if let Err(e) = writer {
-                seat.leave_with("server error");
+                .spawn_scoped(s, move || writer.run(&counter));
+            if let Err(e) = spawned {
+                seat.leave("server error");
                 return Reason::Error(e);
             }
             self.chat = Some(ChatLine {
                 seat,
+                limits,
                 line: Vec::new(),
                 skipping: false,
+                written: Arc::clone(&written),
+                seen_written: 0,
                 flushed: false,
             });
             let served = panic::catch_unwind(AssertUnwindSafe(|| self.run()));
-            // Leave before the scope joins the writer: leaving closes the seat's queue, which is
-            // what ends the writer.
+            // Leave before the scope joins the writer: leaving is what ends the writer, once it
+            // has sent what is still queued for this client alone.
             let chat = self.chat.take();
             let reason = match served {
                 Ok(reason) => reason,
                 Err(panic) => {
                     // Wake the writer too (it may be blocked on a full socket), then leave.
                     let _ = stream.shutdown(Shutdown::Both);
-                    if let Some(chat) = chat {
-                        chat.seat.leave_with("server error");
+                    if let Some(mut chat) = chat {
+                        chat.seat.leave("server error");
                     }
                     panic::resume_unwind(panic);
                 }
             };
-            let reason = if dropped.load(Ordering::SeqCst) {
-                Reason::TooSlow
-            } else {
-                reason
+            let Some(mut chat) = chat else {
+                return reason;
             };
-            if let Some(chat) = chat {
-                chat.seat.leave_with(&reason.to_string());
-            }
+            let reason = match chat.seat.dropped() {
+                Some(why) => Reason::TooSlow(why),
+                None => reason,
+            };
+            chat.seat.leave(&reason.to_string());
             reason
         });
         let written = written.load(Ordering::Relaxed);
@@ -414,14 +425,17 @@ impl Conn<'_> {
     }
 
     /// Chat: adds text to the current line; each completed line goes to everyone else as
-    /// `[ip:port] line`. The lines completed by one read travel as one message, so a sender's
-    /// burst costs each queue one slot, not one per line. A line over `max_line_bytes` is refused
-    /// to its sender and thrown away.
+    /// `[ip:port] line`. The lines completed by one read travel as few messages as
+    /// `CHAT_MSG_BYTES` allows, so a sender's burst costs the room few entries. A line over
+    /// `max_line_bytes` is refused to its sender and thrown away. Waits while the room's log is
+    /// full or this sender holds its share of it.
     fn chat_text(&mut self, text: &[u8]) {
         let max = self.cfg.server.max_line_bytes;
+        let shared = self.shared;
         let Some(chat) = self.chat.as_mut() else {
             return;
         };
+        let give_up = || shared.is_stopping();
         let mut out = String::new();
         let mut too_long = false;
         for segment in text.split_inclusive(|&b| b == b'\n') {
@@ -459,10 +473,14 @@ impl Conn<'_> {
                 let _ = write!(out, "{} ", self.peer);
                 push_chat_text(&mut out, line);
                 out.push('\n');
+                if out.len() >= CHAT_MSG_BYTES {
+                    chat.seat.broadcast(out.as_bytes(), chat.limits, &give_up);
+                    out.clear();
+                }
             }
         }
         if !out.is_empty() {
-            self.shared.room.broadcast(chat.seat.id, out.as_bytes());
+            chat.seat.broadcast(out.as_bytes(), chat.limits, &give_up);
         }
         if too_long {
             log::warn!(
@@ -476,7 +494,9 @@ impl Conn<'_> {
     /// Reads more bytes into an empty `input` by the idle deadline. A clean end of stream, the
     /// idle timeout and the shutdown each end the connection (after telling the peer why). In
     /// chat mode, an unfinished line is delivered after `server.chat_flush_ms` of silence and at
-    /// the end of the stream.
+    /// the end of the stream, and the idle rule counts traffic both ways: a member that only
+    /// reads is not idle while the room sends it lines (it is cut once neither way carried a
+    /// byte for between one and two `idle_timeout_secs`).
     fn fill(&mut self, input: &mut Input) -> Result<(), Reason> {
         input.start = 0;
         input.end = 0;
@@ -491,6 +511,7 @@ impl Conn<'_> {
                     input.end = n;
                     return Ok(());
                 }
+                Err(ReadEnd::Timeout(Why::Idle)) if self.room_talked() => {}
                 Err(ReadEnd::Timeout(Why::ChatFlush)) => self.flush_chat_line(),
                 Err(ReadEnd::Eof) => {
                     self.flush_chat_line();
@@ -499,6 +520,17 @@ impl Conn<'_> {
                 Err(end) => return Err(self.ended(end)),
             }
         }
+    }
+
+    /// Chat: whether this member's writer sent it anything since the last time this was asked.
+    fn room_talked(&mut self) -> bool {
+        let Some(chat) = self.chat.as_mut() else {
+            return false;
+        };
+        let written = chat.written.load(Ordering::Relaxed);
+        let talked = written != chat.seen_written;
+        chat.seen_written = written;
+        talked
     }
 
     /// Chat: how long to wait before delivering the unfinished line, if there is one.
@@ -528,7 +560,9 @@ impl Conn<'_> {
         let mut out = format!("{} ", self.peer);
         push_chat_text(&mut out, line);
         out.push('\n');
-        self.shared.room.broadcast(chat.seat.id, out.as_bytes());
+        let shared = self.shared;
+        chat.seat
+            .broadcast(out.as_bytes(), chat.limits, &|| shared.is_stopping());
     }
 
     /// At the start of a connection: recognises the Qt tutorial file client's `NAME**SIZE` head
@@ -787,7 +821,8 @@ impl Conn<'_> {
                     let mut notice = format!("* {peer} uploaded ");
                     push_chat_text(&mut notice, stored_name.as_bytes());
                     notice.push_str(&format!(" ({size} B)\n"));
-                    shared.room.broadcast(chat.seat.id, notice.as_bytes());
+                    chat.seat
+                        .broadcast(notice.as_bytes(), chat.limits, &|| shared.is_stopping());
                 }
             }
             _ => Stats::add(&shared.stats.files_failed, 1),
@@ -841,10 +876,14 @@ impl Conn<'_> {
     /// closing a socket with unread input sends a reset that could destroy the answer.
     fn refuse(&mut self, line: &str) -> Reason {
         self.say(line.as_bytes());
-        // In chat mode the line is queued for the writer thread: shutting the write side now
-        // could cut it off. The writer sends it, and the socket closes when the connection ends.
-        if self.chat.is_none() {
-            let _ = self.stream.shutdown(Shutdown::Write);
+        let reason = Reason::Refused(line.trim_end().to_string());
+        match self.chat.as_mut() {
+            // Chat: the writer sends the answer (and what is queued for this client alone), then
+            // shuts the sending side.
+            Some(chat) => chat.seat.leave(&reason.to_string()),
+            None => {
+                let _ = self.stream.shutdown(Shutdown::Write);
+            }
         }
         let deadline = Deadline::after(LINGER_TIME, Why::Linger);
         let mut scratch = [0u8; READ_BUF];
@@ -855,7 +894,7 @@ impl Conn<'_> {
                 Err(_) => break,
             }
         }
-        Reason::Refused(line.trim_end().to_string())
+        reason
     }
 
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
@@ -866,14 +905,13 @@ impl Conn<'_> {
         Ok(())
     }
 
-    /// Sends a line of our own (an answer or a notice). In chat mode it goes through the
-    /// client's queue, behind what is already queued for it; a full queue means the client is
-    /// being dropped anyway. A peer that is gone cannot be told, which is not an error.
+    /// Sends a line of our own (an answer or a notice). In chat mode it goes to the client's
+    /// private queue, which its writer sends before the room's lines; a client with
+    /// `chat::PRIVATE_BYTES` of them unsent is not reading them. A peer that is gone cannot be
+    /// told, which is not an error.
     fn say(&mut self, line: &[u8]) {
         match &self.chat {
-            Some(chat) => {
-                let _ = chat.seat.tx.try_send(Arc::from(line));
-            }
+            Some(chat) => chat.seat.tell(line),
             None => {
                 let _ = self.write_all(line);
             }
