@@ -732,12 +732,15 @@ fn sigterm_tells_every_client_and_exits_0() {
 fn second_signal_during_shutdown_exits_130_at_once() {
     // A shutdown that cannot finish by itself: in chat mode, a client that never reads has a
     // writer thread blocked on its full socket with megabytes still queued for it (the drain
-    // timeout is made long enough that it is not dropped as too slow). The first signal shuts every read
+    // timeout is made long enough that it is not dropped as too slow, and the room's log large
+    // enough to take the whole burst). The first signal shuts every read
     // side, which cannot help that writer: the daemon waits out shutdown_grace_secs, and the
     // second signal must end it at once.
     let mut d = DaemonBuilder::new()
         .set("server", "mode = \"chat\"")
         .set("server", "chat_drain_timeout_secs = 3600")
+        // Room for the whole burst in the room's log, so that the talker is never held back.
+        .set("server", "chat_queue_bytes = 67108864")
         .set("server", "shutdown_grace_secs = 30")
         .start();
     let silent = d.connect();
