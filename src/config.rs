@@ -46,6 +46,10 @@ pub struct AccessConfig {
     pub header_timeout: Duration,
     /// Slowest body accepted, measured over `RATE_WINDOW`; 0 disables the check.
     pub min_upload_bytes_per_sec: u64,
+    /// With `require_token`: time from the connection's start to a good `AUTH` line.
+    pub auth_timeout: Duration,
+    /// Loopback peers (127.0.0.0/8, ::1) are not counted against `max_per_ip`.
+    pub exempt_loopback: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +66,12 @@ pub struct ServerConfig {
     pub mode: Mode,
     /// Chat mode: messages waiting for one slow client before it is dropped.
     pub chat_queue_depth: usize,
+    /// A text line must be complete within this time of its first byte.
+    pub line_timeout: Duration,
+    /// A write to a peer that does not take it fails after this time.
+    pub write_timeout: Duration,
+    /// Longest wait in the queue for a worker before `ERR busy`.
+    pub queue_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +135,8 @@ impl OnConflict {
 pub struct LogConfig {
     pub level: log::LevelFilter,
     pub format: LogFormat,
+    /// Refusals beyond the per-reason line budget are summed up once per this interval.
+    pub refusal_summary: Duration,
 }
 
 /// How log lines are written.
@@ -286,6 +298,9 @@ impl Default for Config {
                 shutdown_grace: Duration::from_secs(SHUTDOWN_GRACE_SECS.default as u64),
                 mode: Mode::Echo,
                 chat_queue_depth: CHAT_QUEUE_DEPTH.default as usize,
+                line_timeout: Duration::from_secs(LINE_TIMEOUT_SECS.default as u64),
+                write_timeout: Duration::from_secs(WRITE_TIMEOUT_SECS.default as u64),
+                queue_timeout: Duration::from_secs(QUEUE_TIMEOUT_SECS.default as u64),
             },
             udp: UdpConfig {
                 enabled: true,
@@ -311,10 +326,13 @@ impl Default for Config {
                 require_token: false,
                 header_timeout: Duration::from_secs(HEADER_TIMEOUT_SECS.default as u64),
                 min_upload_bytes_per_sec: MIN_UPLOAD_BYTES_PER_SEC.default as u64,
+                auth_timeout: Duration::from_secs(AUTH_TIMEOUT_SECS.default as u64),
+                exempt_loopback: true,
             },
             log: LogConfig {
                 level: log::LevelFilter::Info,
                 format: LogFormat::Auto,
+                refusal_summary: Duration::from_secs(REFUSAL_SUMMARY_SECS.default as u64),
             },
         }
     }
@@ -345,6 +363,9 @@ impl fmt::Display for Config {
         writeln!(f, "shutdown_grace_secs = {}", s.shutdown_grace.as_secs())?;
         writeln!(f, "mode = \"{}\"", s.mode.as_str())?;
         writeln!(f, "chat_queue_depth = {}", s.chat_queue_depth)?;
+        writeln!(f, "line_timeout_secs = {}", s.line_timeout.as_secs())?;
+        writeln!(f, "write_timeout_secs = {}", s.write_timeout.as_secs())?;
+        writeln!(f, "queue_timeout_secs = {}", s.queue_timeout.as_secs())?;
         writeln!(f)?;
         let u = &self.udp;
         writeln!(f, "[udp]")?;
@@ -388,6 +409,8 @@ impl fmt::Display for Config {
             "min_upload_bytes_per_sec = {}",
             a.min_upload_bytes_per_sec
         )?;
+        writeln!(f, "auth_timeout_secs = {}", a.auth_timeout.as_secs())?;
+        writeln!(f, "exempt_loopback = {}", a.exempt_loopback)?;
         writeln!(f)?;
         writeln!(f, "[log]")?;
         writeln!(
@@ -395,7 +418,12 @@ impl fmt::Display for Config {
             "level = \"{}\"",
             self.log.level.as_str().to_ascii_lowercase()
         )?;
-        writeln!(f, "format = \"{}\"", self.log.format.as_str())
+        writeln!(f, "format = \"{}\"", self.log.format.as_str())?;
+        writeln!(
+            f,
+            "refusal_summary_secs = {}",
+            self.log.refusal_summary.as_secs()
+        )
     }
 }
 
@@ -528,7 +556,7 @@ const BURST: IntKey = IntKey {
     name: "udp.burst",
     min: 1,
     max: 10_000_000,
-    default: 200,
+    default: 1000,
     octal: false,
 };
 const MAX_PEERS: IntKey = IntKey {
@@ -566,6 +594,41 @@ const MIN_UPLOAD_BYTES_PER_SEC: IntKey = IntKey {
     default: 1024,
     octal: false,
 };
+const LINE_TIMEOUT_SECS: IntKey = IntKey {
+    name: "server.line_timeout_secs",
+    min: 1,
+    max: 3600,
+    default: 10,
+    octal: false,
+};
+const WRITE_TIMEOUT_SECS: IntKey = IntKey {
+    name: "server.write_timeout_secs",
+    min: 1,
+    max: 3600,
+    default: 10,
+    octal: false,
+};
+const QUEUE_TIMEOUT_SECS: IntKey = IntKey {
+    name: "server.queue_timeout_secs",
+    min: 1,
+    max: 3600,
+    default: 5,
+    octal: false,
+};
+const AUTH_TIMEOUT_SECS: IntKey = IntKey {
+    name: "access.auth_timeout_secs",
+    min: 1,
+    max: 3600,
+    default: 10,
+    octal: false,
+};
+const REFUSAL_SUMMARY_SECS: IntKey = IntKey {
+    name: "log.refusal_summary_secs",
+    min: 1,
+    max: 3600,
+    default: 10,
+    octal: false,
+};
 const INT_KEYS: &[&IntKey] = &[
     &PORT,
     &MAX_CONNECTIONS,
@@ -588,6 +651,11 @@ const INT_KEYS: &[&IntKey] = &[
     &MAX_FILES_PER_CONNECTION,
     &HEADER_TIMEOUT_SECS,
     &MIN_UPLOAD_BYTES_PER_SEC,
+    &LINE_TIMEOUT_SECS,
+    &WRITE_TIMEOUT_SECS,
+    &QUEUE_TIMEOUT_SECS,
+    &AUTH_TIMEOUT_SECS,
+    &REFUSAL_SUMMARY_SECS,
 ];
 
 const MODE: WordKey = WordKey {
@@ -616,6 +684,7 @@ const DENY: &str = "access.deny";
 const RULES_ALLOWED: &str =
     "a list of IPv4/IPv6 addresses and CIDR ranges, e.g. [\"10.0.0.0/8\", \"::1\"]";
 const REQUIRE_TOKEN: &str = "access.require_token";
+const EXEMPT_LOOPBACK: &str = "access.exempt_loopback";
 const TOKEN_FILE: &str = "files.token_file";
 const TOKEN_FILE_ALLOWED: &str = "the path of a file holding the shared key (16 bytes or more)";
 const BIND_ALLOWED: &str =
@@ -655,7 +724,7 @@ fn allowed_for(key: &str) -> Option<String> {
     }
     match key {
         BIND | UDP_BIND => Some(BIND_ALLOWED.to_string()),
-        UDP_ENABLED | REQUIRE_TOKEN => Some("true or false".to_string()),
+        UDP_ENABLED | REQUIRE_TOKEN | EXEMPT_LOOPBACK => Some("true or false".to_string()),
         ALLOW | DENY => Some(RULES_ALLOWED.to_string()),
         TOKEN_FILE => Some(TOKEN_FILE_ALLOWED.to_string()),
         FILES_DIR => Some(FILES_DIR_ALLOWED.to_string()),
@@ -716,6 +785,8 @@ struct RawAccess {
     require_token: Field,
     header_timeout_secs: Field,
     min_upload_bytes_per_sec: Field,
+    auth_timeout_secs: Field,
+    exempt_loopback: Field,
 }
 
 #[derive(Deserialize, Default)]
@@ -732,6 +803,9 @@ struct RawServer {
     shutdown_grace_secs: Field,
     mode: Field,
     chat_queue_depth: Field,
+    line_timeout_secs: Field,
+    write_timeout_secs: Field,
+    queue_timeout_secs: Field,
 }
 
 #[derive(Deserialize, Default)]
@@ -739,6 +813,7 @@ struct RawServer {
 struct RawLog {
     level: Field,
     format: Field,
+    refusal_summary_secs: Field,
 }
 
 /// The text being validated, for turning spans into lines and values.
@@ -775,6 +850,9 @@ impl Ctx<'_> {
                 shutdown_grace: self.secs(&s.shutdown_grace_secs, &SHUTDOWN_GRACE_SECS)?,
                 mode,
                 chat_queue_depth: self.int(&s.chat_queue_depth, &CHAT_QUEUE_DEPTH)? as usize,
+                line_timeout: self.secs(&s.line_timeout_secs, &LINE_TIMEOUT_SECS)?,
+                write_timeout: self.secs(&s.write_timeout_secs, &WRITE_TIMEOUT_SECS)?,
+                queue_timeout: self.secs(&s.queue_timeout_secs, &QUEUE_TIMEOUT_SECS)?,
             },
             udp: UdpConfig {
                 enabled: self.boolean(&raw.udp.enabled, UDP_ENABLED)?.unwrap_or(true),
@@ -804,6 +882,7 @@ impl Ctx<'_> {
                     Some("json") => LogFormat::Json,
                     _ => LogFormat::Auto,
                 },
+                refusal_summary: self.secs(&raw.log.refusal_summary_secs, &REFUSAL_SUMMARY_SECS)?,
             },
         })
     }
@@ -852,6 +931,10 @@ impl Ctx<'_> {
             min_upload_bytes_per_sec: self
                 .int(&a.min_upload_bytes_per_sec, &MIN_UPLOAD_BYTES_PER_SEC)?
                 as u64,
+            auth_timeout: self.secs(&a.auth_timeout_secs, &AUTH_TIMEOUT_SECS)?,
+            exempt_loopback: self
+                .boolean(&a.exempt_loopback, EXEMPT_LOOPBACK)?
+                .unwrap_or(true),
         })
     }
 

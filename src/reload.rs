@@ -56,6 +56,9 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         "server.max_line_bytes" => server.max_line_bytes,
         "server.shutdown_grace_secs" => server.shutdown_grace,
         "server.chat_queue_depth" => server.chat_queue_depth,
+        "server.line_timeout_secs" => server.line_timeout,
+        "server.write_timeout_secs" => server.write_timeout,
+        "server.queue_timeout_secs" => server.queue_timeout,
         "udp.max_datagram_bytes" => udp.max_datagram_bytes,
         "udp.rate_per_sec" => udp.rate_per_sec,
         "udp.burst" => udp.burst,
@@ -73,8 +76,11 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         "access.require_token" => access.require_token,
         "access.header_timeout_secs" => access.header_timeout,
         "access.min_upload_bytes_per_sec" => access.min_upload_bytes_per_sec,
+        "access.auth_timeout_secs" => access.auth_timeout,
+        "access.exempt_loopback" => access.exempt_loopback,
         "log.level" => log.level,
         "log.format" => log.format,
+        "log.refusal_summary_secs" => log.refusal_summary,
     }
     Plan {
         effective,

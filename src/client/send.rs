@@ -17,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::auth::{self, Key, KeyError, NONCE_LEN};
 use crate::client::filehash;
 use crate::deadline::is_timeout;
+use crate::escape::push_chat_text;
 use crate::proto::answer::{Answer, parse_answer};
 use crate::proto::{Header, name};
 
@@ -268,8 +269,14 @@ pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, Client
     Ok(results)
 }
 
+/// Prints one result line. The message may quote the server, so its control characters are
+/// escaped: a hostile server (or a man in the middle) cannot drive the user's terminal.
 fn report(out: &mut dyn Write, path: &Path, ok: bool, message: String) -> bool {
-    let _ = writeln!(out, "{}: {message}", path.display());
+    let mut shown = String::with_capacity(message.len());
+    push_chat_text(&mut shown, message.as_bytes());
+    let mut name = String::new();
+    push_chat_text(&mut name, path.as_os_str().as_encoded_bytes());
+    let _ = writeln!(out, "{name}: {shown}");
     ok
 }
 
@@ -376,13 +383,16 @@ impl Connection {
         thread::spawn(move || {
             let mut reader = BufReader::new(reader);
             loop {
-                let mut line = String::new();
-                match (&mut reader).take(MAX_ANSWER).read_line(&mut line) {
+                let mut line = Vec::new();
+                match (&mut reader).take(MAX_ANSWER).read_until(b'\n', &mut line) {
                     Ok(0) => {
                         let _ = tx.send(Err(io::ErrorKind::UnexpectedEof.into()));
                         return;
                     }
                     Ok(_) => {
+                        // Bytes that are not UTF-8 are shown as U+FFFD; control characters are
+                        // escaped where the line is printed.
+                        let line = String::from_utf8_lossy(&line).into_owned();
                         if tx.send(Ok(line)).is_err() {
                             return;
                         }

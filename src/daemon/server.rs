@@ -8,10 +8,10 @@
 //! `STATUS=`, so a hung accept loop stops the watchdog and gets the service restarted.
 
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,8 +24,10 @@ use crate::daemon::access::{PerIp, Slot};
 use crate::daemon::activation::Activated;
 use crate::daemon::chat::Room;
 use crate::daemon::conn;
+use crate::daemon::fdlimit::{self, Spare};
 use crate::daemon::listener::{self, BindError};
 use crate::daemon::notify::Notifier;
+use crate::daemon::refusals::{Refusals, Why};
 use crate::daemon::registry::Registry;
 use crate::daemon::stats::Stats;
 use crate::daemon::store::{Store, StoreError};
@@ -74,6 +76,8 @@ pub struct Shared {
     idle_workers: AtomicUsize,
     hash_pool: Option<HashPool>,
     stopping: AtomicBool,
+    /// Refused connections, counted and logged within a budget per reason.
+    refusals: Mutex<Refusals>,
 }
 
 impl Shared {
@@ -102,6 +106,31 @@ impl Shared {
 
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Counts a refused connection and logs `line()` as a warning if the reason's line budget
+    /// allows; otherwise the refusal shows in the reason's next summary.
+    pub fn refused(&self, why: Why, ip: Option<IpAddr>, line: impl FnOnce() -> String) {
+        let log_it = self
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .note(why, ip, Instant::now());
+        if log_it {
+            log::warn!("{}", line());
+        }
+    }
+
+    /// Logs the refusal summaries that are due.
+    fn summarise_refusals(&self, interval: Duration) {
+        let lines = {
+            let mut r = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+            r.set_interval(interval);
+            r.due(Instant::now())
+        };
+        for line in lines {
+            log::warn!("{line}");
+        }
     }
 
     /// The live counts, for `STATUS=` and the logs.
@@ -265,6 +294,7 @@ impl Server {
                 (listener, local, true)
             }
         };
+        let refusal_summary = config.log.refusal_summary;
         Ok(Server {
             handle: Handle {
                 shared: Arc::new(Shared {
@@ -278,6 +308,7 @@ impl Server {
                     idle_workers: AtomicUsize::new(0),
                     hash_pool,
                     stopping: AtomicBool::new(false),
+                    refusals: Mutex::new(Refusals::new(refusal_summary, Instant::now())),
                 }),
                 listener: Arc::new(listener),
                 notifier: Arc::new(notifier),
@@ -302,6 +333,8 @@ impl Server {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_depth);
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
         let n_workers = cfg.max_connections;
+        // Before the workers exist: every thread shares the limit.
+        fdlimit::log_outcome(&fdlimit::ensure(fdlimit::needed(&shared.config())));
         let stack = worker_stack_bytes(&shared.config());
         for index in 0..n_workers {
             let (shared, rx, done) = (Arc::clone(shared), rx.clone(), done_tx.clone());
@@ -382,15 +415,17 @@ impl Server {
 
     fn accept_loop(&self, tx: &Sender<Job>) {
         let shared = &self.handle.shared;
+        let listener = &*self.handle.listener;
         let notifier = &self.handle.notifier;
         let watchdog = notifier.watchdog_interval();
         let mut last_watchdog = Instant::now();
         let mut last_status = Instant::now();
+        let mut spare = Spare::new(listener);
         if watchdog.is_some() {
             notifier.watchdog();
         }
         loop {
-            let accepted = self.handle.listener.accept();
+            let accepted = listener.accept();
             if shared.is_stopping() {
                 if let Ok((stream, _)) = accepted {
                     refuse(&stream, ERR_SHUTDOWN);
@@ -408,39 +443,71 @@ impl Server {
                 notifier.status(&shared.status());
                 last_status = Instant::now();
             }
+            let cfg = shared.config();
+            shared.summarise_refusals(cfg.log.refusal_summary);
             let (stream, addr) = match accepted {
                 Ok(pair) => pair,
                 Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
                     continue;
                 }
+                Err(e) if fdlimit::is_exhaustion(&e) => {
+                    // Out of descriptors: free the spare one to take the connection and tell it
+                    // so, rather than leave it waiting in the backlog with no answer.
+                    spare.release();
+                    if let Ok((stream, addr)) = listener.accept() {
+                        Stats::add(&shared.stats.refused_busy, 1);
+                        refuse(&stream, ERR_BUSY);
+                        let peer = Peer::new(addr);
+                        shared.refused(Why::Descriptors, Some(peer.ip()), || {
+                            format!("{peer} refused: busy (out of file descriptors: {e})")
+                        });
+                    }
+                    if !spare.retake(listener) {
+                        shared.refused(Why::AcceptError, None, || {
+                            format!(
+                                "accept failed: {e}; retrying in {} ms",
+                                ACCEPT_BACKOFF.as_millis()
+                            )
+                        });
+                        thread::sleep(ACCEPT_BACKOFF);
+                    }
+                    continue;
+                }
                 Err(e) => {
-                    // Typically EMFILE/ENFILE (out of descriptors) or ECONNABORTED: the loop must
-                    // survive all of them.
-                    log::warn!(
-                        "accept failed: {e}; retrying in {} ms",
-                        ACCEPT_BACKOFF.as_millis()
-                    );
+                    // E.g. ECONNABORTED: the loop must survive all of them.
+                    shared.refused(Why::AcceptError, None, || {
+                        format!(
+                            "accept failed: {e}; retrying in {} ms",
+                            ACCEPT_BACKOFF.as_millis()
+                        )
+                    });
                     thread::sleep(ACCEPT_BACKOFF);
                     continue;
                 }
             };
             Stats::add(&shared.stats.accepted, 1);
             let peer = Peer::new(addr);
-            let cfg = shared.config();
             if let Err(refusal) = cfg.access.rules.check(peer.ip()) {
                 Stats::add(&shared.stats.refused_access, 1);
                 refuse(&stream, ERR_NOT_ALLOWED);
-                log::warn!("{peer} refused: not allowed: the address {refusal}");
+                shared.refused(Why::NotAllowed, Some(peer.ip()), || {
+                    format!("{peer} refused: not allowed: the address {refusal}")
+                });
                 continue;
             }
-            let slot = match shared.per_ip.acquire(peer.ip(), cfg.access.max_per_ip) {
+            let slot = match shared
+                .per_ip
+                .acquire(peer.ip(), per_ip_cap(&cfg, peer.ip()))
+            {
                 Ok(slot) => slot,
                 Err(open) => {
                     Stats::add(&shared.stats.refused_access, 1);
                     refuse(&stream, ERR_TOO_MANY);
-                    log::warn!(
-                        "{peer} refused: {open} connections from this address are open, the limit of access.max_per_ip"
-                    );
+                    shared.refused(Why::TooMany, Some(peer.ip()), || {
+                        format!(
+                            "{peer} refused: {open} connections from this address are open, the limit of access.max_per_ip"
+                        )
+                    });
                     continue;
                 }
             };
@@ -452,14 +519,24 @@ impl Server {
                     Stats::add(&shared.stats.refused_busy, 1);
                     refuse(&job.stream, ERR_BUSY);
                     let cfg = &cfg.server;
-                    log::warn!(
-                        "{peer} refused: busy ({} connections served, the limit of server.max_connections, and {} waiting, the limit of server.queue_depth)",
-                        cfg.max_connections,
-                        cfg.queue_depth
-                    );
+                    shared.refused(Why::Busy, Some(peer.ip()), || {
+                        format!(
+                            "{peer} refused: busy ({} connections served, the limit of server.max_connections, and {} waiting, the limit of server.queue_depth)",
+                            cfg.max_connections, cfg.queue_depth
+                        )
+                    });
                 }
             }
         }
+    }
+}
+
+/// The `max_per_ip` cap for `ip`: none for loopback peers under `access.exempt_loopback`.
+fn per_ip_cap(cfg: &Config, ip: IpAddr) -> u32 {
+    if cfg.access.exempt_loopback && ip.is_loopback() {
+        u32::MAX
+    } else {
+        cfg.access.max_per_ip
     }
 }
 
