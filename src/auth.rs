@@ -220,7 +220,7 @@ mod tests {
         assert!(!key.verify_auth(&[4u8; NONCE_LEN], &tag));
         // Known answer: HMAC-SHA256("0123456789abcdef", "ferryd auth v1\0" ‖ 32 × 0x03), as
         // computed by Python's hmac module.
-        assert_eq!(crate::proto::answer::hex(&tag), KNOWN_AUTH_TAG);
+        assert_eq!(crate::proto::wire::hex(&tag), KNOWN_AUTH_TAG);
     }
 
     const KNOWN_AUTH_TAG: &str = "8dcaf8043ae4f967301f544b739d33c1bd465a98aee85ebcff99a55f7f706cfd";

@@ -20,8 +20,10 @@ mod deadline;
 mod escape;
 mod logger;
 mod peer;
-mod reload;
 mod rules;
+
+// The reload plan lives with the key declarations it is derived from.
+use config::reload;
 
 // What `main` needs; everything else is private, so the compiler reports what nothing uses.
 pub use cli::{Command, HELP, parse as parse_args};

@@ -19,8 +19,8 @@ use support::{
 };
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-const ERR_BUSY: &[u8] = b"ERR busy\n";
-const ERR_TOO_MANY: &[u8] = b"ERR too many connections from your address\n";
+const ERR_BUSY: &[u8] = b"ERR busy server busy, try again later\n";
+const ERR_TOO_MANY: &[u8] = b"ERR too-many-connections too many connections from your address\n";
 
 /// Held by the tests that load the machine or measure latencies, so that they never overlap.
 static HEAVY: Mutex<()> = Mutex::new(());

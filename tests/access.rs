@@ -30,8 +30,8 @@ use support::{
     log_tail, names_in, read_line, read_until_eof, run_ferryd, wait_until,
 };
 
-const ERR_NOT_ALLOWED: &[u8] = b"ERR not allowed\n";
-const ERR_TOO_MANY: &[u8] = b"ERR too many connections from your address\n";
+const ERR_NOT_ALLOWED: &[u8] = b"ERR not-allowed not allowed\n";
+const ERR_TOO_MANY: &[u8] = b"ERR too-many-connections too many connections from your address\n";
 const OK_AUTH: &str = "OK authenticated\n";
 /// Connect, read and write timeouts of the test's own sockets, and how long to wait for a log
 /// line or an answer that needs no disk work.

@@ -796,7 +796,7 @@ fn chat_relays_every_line_to_everyone_else_in_order() {
 
     // Over max_line_bytes: refused to the sender only, in one write or split over two; a line of
     // exactly the limit passes, and the connection goes on.
-    let err = "ERR line too long: over 100 bytes; not delivered\n";
+    let err = "ERR line-too-long line too long: over 100 bytes; not delivered\n";
     a.send(&[b"x".repeat(101), b"\n".to_vec()].concat());
     a.expect(err);
     a.send(&b"z".repeat(60));

@@ -20,9 +20,10 @@ use support::{
 };
 
 const VERSION: &str = "0.1.0";
-const ERR_BUSY: &[u8] = b"ERR busy\n";
-const ERR_IDLE: &[u8] = b"ERR idle timeout\n";
-const ERR_SHUTDOWN: &[u8] = b"ERR server shutting down\n";
+const ERR_BUSY: &[u8] = b"ERR busy server busy, try again later\n";
+/// With `idle_timeout_secs = 1`.
+const ERR_IDLE: &[u8] = b"ERR idle timeout: nothing received for 1 s\n";
+const ERR_SHUTDOWN: &[u8] = b"ERR shutdown server shutting down\n";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.

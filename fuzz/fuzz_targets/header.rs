@@ -17,6 +17,6 @@ fuzz_target!(|data: &[u8]| {
     assert!(proto::text_len(data, true) <= data.len());
     assert!(proto::text_len(data, false) <= data.len());
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = proto::answer::parse_answer(text);
+        let _ = proto::wire::parse_answer(text);
     }
 });

@@ -18,7 +18,7 @@ use crate::auth::{self, Key, KeyError, NONCE_LEN};
 use crate::client::filehash;
 use crate::deadline::is_timeout;
 use crate::escape::push_chat_text;
-use crate::proto::answer::{Answer, parse_answer};
+use crate::proto::wire::{Answer, Code, parse_answer};
 use crate::proto::{Header, name};
 
 /// Buffer size for the read/write fallback when sendfile(2) cannot be used.
@@ -430,7 +430,7 @@ impl Connection {
         if let Some(line) = self.pushed_back.take() {
             // The server already said something (e.g. `ERR busy`): do not send.
             bar.finish_and_clear();
-            return self.conclude(line);
+            return self.conclude(line, false);
         }
         let mut early = None;
         let stream = &mut self.stream;
@@ -446,6 +446,8 @@ impl Connection {
             }
         });
         bar.finish_and_clear();
+        // Only an answer that came after the whole body finds the stream in step.
+        let body_sent = early.is_none() && sent.is_ok();
         let line = match (early, sent) {
             (Some(line), _) => line,
             (None, Ok(_)) => {
@@ -469,10 +471,10 @@ impl Connection {
                     .unwrap_or(Err(e))
             }
         };
-        self.conclude(line)
+        self.conclude(line, body_sent)
     }
 
-    fn conclude(&self, line: io::Result<String>) -> (bool, String, bool) {
+    fn conclude(&self, line: io::Result<String>, body_sent: bool) -> (bool, String, bool) {
         match line {
             Ok(line)
                 if self.wants_key
@@ -488,7 +490,7 @@ impl Connection {
                     false,
                 )
             }
-            Ok(line) => interpret(&line),
+            Ok(line) => interpret(&line, body_sent),
             Err(e) if is_timeout(&e) => (false, format!("timed out sending: {e}"), false),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => (
                 false,
@@ -522,8 +524,9 @@ fn parse_nonce(line: &str) -> Option<[u8; NONCE_LEN]> {
     auth::from_hex(hex)?.try_into().ok()
 }
 
-/// Turns the server's answer into (ok, message, keep the connection).
-fn interpret(line: &str) -> (bool, String, bool) {
+/// Turns the server's answer into (ok, message, keep the connection). `body_sent`: the whole
+/// body had gone out before the answer came.
+fn interpret(line: &str, body_sent: bool) -> (bool, String, bool) {
     let text = line.trim_end().to_string();
     match parse_answer(line) {
         Some(Answer::Ok { .. }) => (true, text, true),
@@ -535,9 +538,8 @@ fn interpret(line: &str) -> (bool, String, bool) {
                 }
                 _ => "",
             };
-            // After a checksum mismatch or a commit-time failure the server keeps the
-            // connection; after anything else it closes.
-            let keep = matches!(code.as_str(), "checksum");
+            // The server and the client go by the same rule (`Code::keeps_connection`).
+            let keep = Code::parse(&code).is_some_and(|c| c.keeps_connection(body_sent));
             (false, format!("{text}{hint}"), keep)
         }
         None => (false, format!("unexpected answer: {text}"), false),

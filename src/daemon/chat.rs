@@ -42,19 +42,47 @@ struct Member {
     dropped: Arc<AtomicBool>,
 }
 
-/// A member's own view of its membership.
+/// A member's own view of its membership, and the membership itself: dropping the seat leaves
+/// the room (on every path, a panic included), telling the others why.
 #[derive(Debug)]
-pub struct Seat {
+pub struct Seat<'r> {
+    room: &'r Room,
     pub id: u64,
     pub tx: Sender<Msg>,
     /// Set when the room dropped this member for not reading.
     pub dropped: Arc<AtomicBool>,
 }
 
+impl Seat<'_> {
+    /// Leaves the room, telling the others `reason`.
+    pub fn leave_with(self, reason: &str) {
+        self.room.leave(self.id, reason);
+        // The drop below finds the member gone and does nothing more.
+    }
+}
+
+impl Drop for Seat<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The handler failed: wake this member's writer, which may be blocked on a full
+            // socket, so that the worker is not held until the write timeout.
+            if let Some(stream) = self.room.stream_of(self.id) {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+        self.room.leave(self.id, "server error");
+    }
+}
+
 impl Room {
     /// Adds a member with an outbound queue of `depth` messages. The newcomer's queue starts with
     /// a welcome that lists who is there; everyone else is told it joined.
-    pub fn join(&self, peer: Peer, stream: Arc<TcpStream>, depth: usize) -> (Seat, Receiver<Msg>) {
+    pub fn join(
+        &self,
+        peer: Peer,
+        stream: Arc<TcpStream>,
+        depth: usize,
+    ) -> (Seat<'_>, Receiver<Msg>) {
         let (tx, rx) = crossbeam_channel::bounded(depth.max(1));
         let mut m = self.lock();
         let mut names: Vec<String> = m.by_id.values().map(|o| o.peer.to_string()).collect();
@@ -83,7 +111,15 @@ impl Room {
                 dropped: Arc::clone(&dropped),
             },
         );
-        (Seat { id, tx, dropped }, rx)
+        (
+            Seat {
+                room: self,
+                id,
+                tx,
+                dropped,
+            },
+            rx,
+        )
     }
 
     /// Delivers `text` (whole lines) to every member but `from`.
@@ -99,6 +135,10 @@ impl Room {
             let notice = format!("* {} left ({reason})\n", member.peer);
             deliver(&mut m, None, msg(notice.as_bytes()));
         }
+    }
+
+    fn stream_of(&self, id: u64) -> Option<Arc<TcpStream>> {
+        self.lock().by_id.get(&id).map(|m| Arc::clone(&m.stream))
     }
 
     fn lock(&self) -> MutexGuard<'_, Members> {

@@ -6,6 +6,7 @@
 use std::fmt::{self, Write as _};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -17,35 +18,35 @@ use crate::auth::{self, Key, NONCE_LEN};
 use crate::config::{Config, Mode};
 use crate::daemon::chat::{self, Seat};
 use crate::daemon::listener;
-use crate::daemon::server::{self, ERR_SHUTDOWN, Job, Shared};
+use crate::daemon::shared::{Job, Shared, Snapshot, worker_stack_bytes};
 use crate::daemon::stats::Stats;
 use crate::daemon::upload::{self, BodySource, Lost, Outcome};
-use crate::deadline::is_timeout;
+use crate::deadline::{Deadline, Why, is_timeout};
 use crate::escape::{escaped, push_chat_text};
 use crate::peer::Peer;
-use crate::proto::answer::hex;
-use crate::proto::header::TAG_LEN;
-use crate::proto::{self, Code, FrameError, HEADER_LEN, Header, Parsed};
-
-/// The line a client is sent when it has been silent for `idle_timeout_secs`.
-pub const ERR_IDLE: &[u8] = b"ERR idle timeout\n";
+use crate::proto::header::MAX_NAME_LEN;
+use crate::proto::wire::{self, ERR_SHUTDOWN, OK_AUTH};
+use crate::proto::{self, Code, FrameError, FrameHead, Parsed};
 
 /// How many bytes of a request or response a debug log line shows.
 const LOG_WIDTH: usize = 80;
-/// Size of the text read buffer, on the worker's stack. Small, so that an idle connection costs
-/// only the pages it touches.
+/// Size of the read buffer, on the worker's stack. Small, so that an idle connection costs only
+/// the pages it touches; large enough for a whole frame head (`proto::MAX_HEAD_LEN`).
 const READ_BUF: usize = 4096;
+const _: () = assert!(proto::MAX_HEAD_LEN <= READ_BUF);
 /// After refusing a frame, how long and how much of the unread body is read and dropped before
 /// closing, so that the peer gets the `ERR` line instead of a connection reset.
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: u64 = 8 << 20;
 /// A body is checked against `access.min_upload_bytes_per_sec` over windows this long, and a
-/// body read waits at most this long before the check runs.
+/// body read waits at most until the end of the window before the check runs.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// Longest `AUTH` line accepted.
 const MAX_AUTH_LINE: usize = 256;
-/// The answer to a good `AUTH` line.
-const OK_AUTH: &[u8] = b"OK authenticated\n";
+/// A socket's read timeout is set again only when the time left differs from it by more than
+/// this, so that a stream of reads under one deadline costs no system call each; a deadline is
+/// overshot by at most this much.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
 
 /// The kernel send buffer of a chat client (Linux doubles it). A fixed size bounds what a client
 /// that stops reading can hold in the kernel, so that its outbound queue fills and it is dropped
@@ -88,32 +89,36 @@ impl fmt::Display for Reason {
 
 /// Serves one accepted connection until it ends, logging `online` and `offline`.
 pub fn serve(shared: &Shared, job: Job) {
-    // The slot keeps this connection counted against its address until `serve` returns.
+    // The slot keeps this connection counted against its address until `serve` returns (or
+    // unwinds).
     let Job {
         stream,
         peer,
         slot: _slot,
     } = job;
     let started = Instant::now();
-    let cfg = shared.config();
+    // The settings this connection lives by, taken whole: a reload mid-way does not mix them.
+    let snapshot = shared.snapshot();
+    let cfg = Arc::clone(&snapshot.config);
     if let Err(e) = listener::prepare_stream(&stream, cfg.server.idle_timeout) {
         log::warn!("{peer} cannot set socket options: {e}; closing");
         return;
     }
     let stream = Arc::new(stream);
     let _registration = shared.conns.register(Arc::clone(&stream));
-    Stats::add(&shared.stats.open, 1);
-    let key = shared.key();
-    let text_locked = key.is_some() && cfg.access.require_token;
+    let _open = Stats::hold(&shared.stats.open);
+    let text_locked = snapshot.key.is_some() && cfg.access.require_token;
     let mut conn = Conn {
         shared,
         cfg: Arc::clone(&cfg),
+        snapshot: Arc::clone(&snapshot),
         stream: &stream,
         peer,
         bytes_in: 0,
         bytes_out: 0,
+        read_timeout: Some(cfg.server.idle_timeout),
         chat: None,
-        auth: key.map(|key| Auth {
+        auth: snapshot.key.clone().map(|key| Auth {
             key,
             nonce: [0; NONCE_LEN],
             seq: 0,
@@ -121,6 +126,7 @@ pub fn serve(shared: &Shared, job: Job) {
         text_locked,
         auth_line: Vec::new(),
         frames: 0,
+        panic_line: debug_panic_line(),
     };
     log::info!("{peer} online");
     if let Some(auth) = conn.auth.as_mut() {
@@ -128,12 +134,11 @@ pub fn serve(shared: &Shared, job: Job) {
             Ok(nonce) => auth.nonce = nonce,
             Err(e) => {
                 log::error!("{peer} no random nonce: {e}; closing");
-                Stats::sub(&shared.stats.open, 1);
                 return;
             }
         }
         // Before anything else, so that a client can read it as the first line.
-        let line = format!("NONCE {}\n", hex(&auth.nonce));
+        let line = wire::nonce_line(&auth.nonce);
         conn.say(line.as_bytes());
     }
     let reason = if shared.is_stopping() {
@@ -145,13 +150,33 @@ pub fn serve(shared: &Shared, job: Job) {
     } else {
         conn.run()
     };
-    Stats::sub(&shared.stats.open, 1);
     log::info!(
         "{peer} offline (in {} B, out {} B, {:.1} s, reason: {reason})",
         conn.bytes_in,
         conn.bytes_out,
         started.elapsed().as_secs_f64()
     );
+}
+
+/// A debug build's test hook: a chat line equal to `$FERRYD_DEBUG_PANIC_LINE` makes its handler
+/// panic, so that a test can show what a panic in a handler leaves behind (nothing). Release
+/// builds never read the variable.
+fn debug_panic_line() -> Option<Vec<u8>> {
+    if cfg!(debug_assertions) {
+        std::env::var_os("FERRYD_DEBUG_PANIC_LINE").map(|v| v.into_encoded_bytes())
+    } else {
+        None
+    }
+}
+
+/// How a read under a deadline ended without bytes.
+#[derive(Debug)]
+enum ReadEnd {
+    /// The peer closed its side (or the shutdown shut our read side).
+    Eof,
+    /// The deadline passed; it says which limit it was.
+    Timeout(Why),
+    Error(io::Error),
 }
 
 /// Bytes read from the socket and not yet used.
@@ -174,6 +199,13 @@ impl Input {
         self.start = (self.start + n).min(self.end);
     }
 
+    /// Moves the unused bytes to the front, so that a read can append after them.
+    fn compact(&mut self) {
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+    }
+
     /// Moves up to `out.len()` bytes into `out`; returns how many.
     fn take_into(&mut self, out: &mut [u8]) -> usize {
         let n = out.len().min(self.end - self.start);
@@ -185,14 +217,18 @@ impl Input {
 
 struct Conn<'a> {
     shared: &'a Shared,
-    /// The configuration as it was when the connection started.
+    /// The configuration as it was when the connection started (`snapshot.config`).
     cfg: Arc<Config>,
+    /// The settings in force when the connection started: config, store and key.
+    snapshot: Arc<Snapshot>,
     stream: &'a TcpStream,
     peer: Peer,
     bytes_in: u64,
     bytes_out: u64,
+    /// The socket's read timeout as last set (only `read_by` sets it).
+    read_timeout: Option<Duration>,
     /// Chat mode: this client's seat in the room and its unfinished line.
-    chat: Option<ChatLine>,
+    chat: Option<ChatLine<'a>>,
     /// Set when uploads need a key: the key, this connection's nonce, and the sequence number
     /// the next authenticated frame must carry.
     auth: Option<Auth>,
@@ -202,6 +238,8 @@ struct Conn<'a> {
     auth_line: Vec<u8>,
     /// File frames seen on this connection.
     frames: u32,
+    /// See `debug_panic_line`.
+    panic_line: Option<Vec<u8>>,
 }
 
 struct Auth {
@@ -211,8 +249,8 @@ struct Auth {
 }
 
 /// A chat client's line being assembled.
-struct ChatLine {
-    seat: Seat,
+struct ChatLine<'a> {
+    seat: Seat<'a>,
     line: Vec<u8>,
     /// The current line was too long and is being thrown away up to its newline.
     skipping: bool,
@@ -220,7 +258,8 @@ struct ChatLine {
 
 impl Conn<'_> {
     /// Chat mode: joins the room, starts this client's writer thread (the only one that writes
-    /// to its socket from now on), serves, leaves.
+    /// to its socket from now on), serves, leaves. The seat is the membership: dropping it leaves
+    /// the room, on every path, a panic included.
     fn run_chat(&mut self, stream: &Arc<TcpStream>) -> Reason {
         let shared = self.shared;
         // Best effort: without it the kernel buffers more for a client that does not read.
@@ -230,16 +269,16 @@ impl Conn<'_> {
             Arc::clone(stream),
             self.cfg.server.chat_queue_depth,
         );
-        let (id, dropped) = (seat.id, Arc::clone(&seat.dropped));
+        let dropped = Arc::clone(&seat.dropped);
         let written = AtomicU64::new(0);
-        let stack = server::worker_stack_bytes(&self.cfg);
+        let stack = worker_stack_bytes(&self.cfg);
         let reason = thread::scope(|s| {
             let writer = thread::Builder::new()
                 .name("chat-writer".into())
                 .stack_size(stack)
                 .spawn_scoped(s, || chat::write_queue(stream, &rx, &written));
             if let Err(e) = writer {
-                shared.room.leave(id, "server error");
+                seat.leave_with("server error");
                 return Reason::Error(e);
             }
             self.chat = Some(ChatLine {
@@ -247,15 +286,29 @@ impl Conn<'_> {
                 line: Vec::new(),
                 skipping: false,
             });
-            let reason = self.run();
+            let served = panic::catch_unwind(AssertUnwindSafe(|| self.run()));
+            // Leave before the scope joins the writer: leaving closes the seat's queue, which is
+            // what ends the writer.
+            let chat = self.chat.take();
+            let reason = match served {
+                Ok(reason) => reason,
+                Err(panic) => {
+                    // Wake the writer too (it may be blocked on a full socket), then leave.
+                    let _ = stream.shutdown(Shutdown::Both);
+                    if let Some(chat) = chat {
+                        chat.seat.leave_with("server error");
+                    }
+                    panic::resume_unwind(panic);
+                }
+            };
             let reason = if dropped.load(Ordering::SeqCst) {
                 Reason::TooSlow
             } else {
                 reason
             };
-            shared.room.leave(id, &reason.to_string());
-            // Dropping the seat's sender lets the writer send what is queued, then end.
-            self.chat = None;
+            if let Some(chat) = chat {
+                chat.seat.leave_with(&reason.to_string());
+            }
             reason
         });
         let written = written.load(Ordering::Relaxed);
@@ -347,7 +400,7 @@ impl Conn<'_> {
 
     fn unauthorized(&mut self, why: &str) -> Reason {
         log::warn!("{} refused: unauthorized: {why}", self.peer);
-        self.refuse(&proto::answer::err_line(Code::Unauthorized, &why))
+        self.refuse(&wire::err_line(Code::Unauthorized, &why))
     }
 
     /// Chat: adds text to the current line; each completed line goes to everyone else as
@@ -382,6 +435,9 @@ impl Conn<'_> {
             if ends_line {
                 let line = std::mem::take(&mut chat.line);
                 let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                if self.panic_line.as_deref() == Some(line) {
+                    panic!("FERRYD_DEBUG_PANIC_LINE received");
+                }
                 let _ = write!(out, "{} ", self.peer);
                 push_chat_text(&mut out, line);
                 out.push('\n');
@@ -395,60 +451,93 @@ impl Conn<'_> {
                 "{} chat line over server.max_line_bytes = {max}; refused",
                 self.peer
             );
-            self.say(format!("ERR line too long: over {max} bytes; not delivered\n").as_bytes());
+            self.say(wire::err_line_too_long(max).as_bytes());
         }
     }
 
-    /// Reads more bytes into an empty `input`. A clean end of stream, the idle timeout and the
-    /// shutdown each end the connection (after telling the peer why, where there is a why).
+    /// Reads more bytes into an empty `input` by the idle deadline. A clean end of stream, the
+    /// idle timeout and the shutdown each end the connection (after telling the peer why).
     fn fill(&mut self, input: &mut Input) -> Result<(), Reason> {
-        if self.fill_raw(input)? {
-            return Ok(());
-        }
-        self.say(ERR_IDLE);
-        Err(Reason::Idle)
-    }
-
-    /// As `fill`, but gives up at `deadline` (a frame header's time limit) with `ERR timeout`.
-    fn fill_by(&mut self, input: &mut Input, deadline: Instant) -> Result<(), Reason> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let idle = self.cfg.server.idle_timeout;
-        if !left.is_zero() {
-            let _ = self.stream.set_read_timeout(Some(left.min(idle)));
-            if self.fill_raw(input)? {
-                return Ok(());
-            }
-            if idle < left {
-                self.say(ERR_IDLE);
-                return Err(Reason::Idle);
-            }
-        }
-        let secs = self.cfg.access.header_timeout.as_secs();
-        log::warn!(
-            "{} frame header not complete within access.header_timeout_secs = {secs}",
-            self.peer
-        );
-        let why = format!("header not complete within {secs} s");
-        Err(self.refuse(&proto::answer::err_line(Code::Timeout, &why)))
-    }
-
-    /// Reads into an empty `input`: `Ok(true)` with bytes, `Ok(false)` when the read timed out;
-    /// the end of the stream and errors end the connection.
-    fn fill_raw(&mut self, input: &mut Input) -> Result<bool, Reason> {
         input.start = 0;
         input.end = 0;
-        match self.read(&mut input.buf) {
-            Ok(0) if self.shared.is_stopping() => {
-                self.say(ERR_SHUTDOWN);
-                Err(Reason::Shutdown)
-            }
-            Ok(0) => Err(Reason::Eof),
+        self.fill_more(input, self.idle_deadline())
+    }
+
+    /// Appends bytes to `input` (after moving what is unused to the front), by `deadline`.
+    fn fill_more(&mut self, input: &mut Input, deadline: Deadline) -> Result<(), Reason> {
+        input.compact();
+        let end = input.end;
+        match self.read_by(&mut input.buf[end..], deadline) {
             Ok(n) => {
-                input.end = n;
-                Ok(true)
+                input.end += n;
+                Ok(())
             }
-            Err(e) if is_timeout(&e) => Ok(false),
-            Err(e) => Err(Reason::Error(e)),
+            Err(end) => Err(self.ended(end)),
+        }
+    }
+
+    /// The reason a connection ends for a read that ended without bytes, after telling the
+    /// peer why where there is a why.
+    fn ended(&mut self, end: ReadEnd) -> Reason {
+        match end {
+            ReadEnd::Eof if self.shared.is_stopping() => {
+                self.say(ERR_SHUTDOWN);
+                Reason::Shutdown
+            }
+            ReadEnd::Eof => Reason::Eof,
+            ReadEnd::Timeout(Why::Idle) => {
+                let line = wire::err_idle(self.cfg.server.idle_timeout.as_secs());
+                self.say(line.as_bytes());
+                Reason::Idle
+            }
+            ReadEnd::Timeout(Why::Header) => {
+                let secs = self.cfg.access.header_timeout.as_secs();
+                log::warn!(
+                    "{} frame header not complete within access.header_timeout_secs = {secs}",
+                    self.peer
+                );
+                let why = format!("header not complete within {secs} s");
+                self.refuse(&wire::err_line(Code::Timeout, &why))
+            }
+            ReadEnd::Timeout(why) => Reason::Protocol(format!("timed out ({why:?})")),
+            ReadEnd::Error(e) => Reason::Error(e),
+        }
+    }
+
+    /// The idle limit, counted from now.
+    fn idle_deadline(&self) -> Deadline {
+        Deadline::after(self.cfg.server.idle_timeout, Why::Idle)
+    }
+
+    /// The one place that reads from the socket: at most `buf.len()` bytes, by `deadline`, whose
+    /// reason comes back if it passes first.
+    fn read_by(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<usize, ReadEnd> {
+        loop {
+            let left = deadline.left();
+            if left.is_zero() {
+                return Err(ReadEnd::Timeout(deadline.why));
+            }
+            let want = left.max(Duration::from_millis(1));
+            let stale = self
+                .read_timeout
+                .is_none_or(|t| t.abs_diff(want) > TIMEOUT_SLACK);
+            if stale {
+                self.stream
+                    .set_read_timeout(Some(want))
+                    .map_err(ReadEnd::Error)?;
+                self.read_timeout = Some(want);
+            }
+            match self.stream.read(buf) {
+                Ok(0) => return Err(ReadEnd::Eof),
+                Ok(n) => {
+                    self.bytes_in += n as u64;
+                    Stats::add(&self.shared.stats.bytes_in, n as u64);
+                    return Ok(n);
+                }
+                // Timed out: the loop checks the deadline (set at most TIMEOUT_SLACK early).
+                Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReadEnd::Error(e)),
+            }
         }
     }
 
@@ -464,50 +553,40 @@ impl Conn<'_> {
             );
             let why =
                 format!("this connection has carried {max_files} files, the limit; reconnect");
-            return Err(self.refuse(&proto::answer::err_line(Code::TooManyFiles, &why)));
+            return Err(self.refuse(&wire::err_line(Code::TooManyFiles, &why)));
         }
         // The header, name and tag must all arrive within header_timeout_secs of the first byte.
-        let deadline = Instant::now() + self.cfg.access.header_timeout;
-        let mut head = [0u8; HEADER_LEN];
-        let mut have = 0;
-        let header = loop {
-            have += input.take_into(&mut head[have..]);
-            match Header::parse(&head[..have]) {
-                Ok(Parsed::Complete(h)) => break h,
-                Ok(Parsed::Partial) => self.fill_by(input, deadline)?,
+        let header_deadline = Deadline::after(self.cfg.access.header_timeout, Why::Header);
+        let mut name_buf = [0u8; MAX_NAME_LEN as usize];
+        let (header, raw_header, name_len, tag) = loop {
+            match FrameHead::parse(input.data()) {
+                Ok(Parsed::Complete(head)) => {
+                    let name = &mut name_buf[..head.name.len()];
+                    name.copy_from_slice(head.name);
+                    let parts = (head.header, head.raw_header, head.name.len(), head.tag);
+                    input.consume(head.len);
+                    break parts;
+                }
+                Ok(Parsed::Partial) => {
+                    let deadline = self.idle_deadline().earliest(header_deadline);
+                    self.fill_more(input, deadline)?;
+                }
                 Err(e) => {
                     log::warn!("{} bad frame header: {e}", self.peer);
-                    return Err(self.refuse(&proto::answer::err_line(code_for(e), &e)));
+                    return Err(self.refuse(&wire::err_line(code_for(e), &e)));
                 }
             }
         };
-        let mut name = [0u8; proto::header::MAX_NAME_LEN as usize];
-        let name = &mut name[..usize::from(header.name_len)];
-        let mut have = input.take_into(name);
-        while have < name.len() {
-            self.fill_by(input, deadline)?;
-            have += input.take_into(&mut name[have..]);
-        }
-        let mut tag = [0u8; TAG_LEN];
-        if header.authenticated {
-            let mut have = input.take_into(&mut tag);
-            while have < TAG_LEN {
-                self.fill_by(input, deadline)?;
-                have += input.take_into(&mut tag[have..]);
-            }
-        }
-        let _ = self
-            .stream
-            .set_read_timeout(Some(self.cfg.server.idle_timeout));
+        let name = &name_buf[..name_len];
         if let Some(auth) = self.auth.as_mut() {
-            if !header.authenticated {
+            let Some(tag) = tag else {
                 return Err(
                     self.unauthorized("this server needs an upload key (ferryd send --key-file)")
                 );
-            }
+            };
             if !auth
                 .key
-                .verify_upload(&auth.nonce, auth.seq, &head, name, &tag)
+                .verify_upload(&auth.nonce, auth.seq, &raw_header, name, &tag)
             {
                 return Err(
                     self.unauthorized("the tag does not match this frame, connection and key")
@@ -518,20 +597,14 @@ impl Conn<'_> {
         let shared = self.shared;
         let peer = self.peer;
         let min_rate = self.cfg.access.min_upload_bytes_per_sec;
-        let idle = self.cfg.server.idle_timeout;
-        if min_rate > 0 {
-            // Wake up at least once per window, so a stalled body is noticed in time.
-            let _ = self.stream.set_read_timeout(Some(idle.min(RATE_WINDOW)));
-        }
         let mut source = ConnSource {
             conn: self,
             input,
             min_rate,
-            idle,
             window_start: Instant::now(),
             window_bytes: 0,
         };
-        let store = shared.store();
+        let store = Arc::clone(&source.conn.snapshot.store);
         let outcome = upload::receive(
             &store,
             &header,
@@ -540,7 +613,6 @@ impl Conn<'_> {
             shared.hash_pool(),
             &peer,
         );
-        let _ = self.stream.set_read_timeout(Some(idle));
         let line = outcome.answer();
         match &outcome {
             Outcome::Stored {
@@ -589,34 +661,16 @@ impl Conn<'_> {
     fn refuse(&mut self, line: &str) -> Reason {
         self.say(line.as_bytes());
         let _ = self.stream.shutdown(Shutdown::Write);
-        let deadline = Instant::now() + LINGER_TIME;
+        let deadline = Deadline::after(LINGER_TIME, Why::Linger);
         let mut scratch = [0u8; READ_BUF];
         let mut drained = 0u64;
         while drained < LINGER_BYTES {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || self.stream.set_read_timeout(Some(left)).is_err() {
-                break;
-            }
-            match self.read(&mut scratch) {
-                Ok(0) | Err(_) => break,
+            match self.read_by(&mut scratch, deadline) {
                 Ok(n) => drained += n as u64,
+                Err(_) => break,
             }
         }
         Reason::Refused(line.trim_end().to_string())
-    }
-
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            match self.stream.read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Ok(n) => {
-                    self.bytes_in += n as u64;
-                    Stats::add(&self.shared.stats.bytes_in, n as u64);
-                    return Ok(n);
-                }
-                Err(e) => return Err(e),
-            }
-        }
     }
 
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
@@ -647,17 +701,15 @@ impl Conn<'_> {
 struct ConnSource<'c, 'a> {
     conn: &'c mut Conn<'a>,
     input: &'c mut Input,
-    /// `access.min_upload_bytes_per_sec` (0: no check) and the bytes of the current window.
+    /// `access.min_upload_bytes_per_sec` (0: no check) and the current window.
     min_rate: u64,
-    idle: Duration,
     window_start: Instant,
     window_bytes: u64,
 }
 
 impl ConnSource<'_, '_> {
-    /// Counts `n` bytes towards the current window; at the end of a window, checks its rate.
-    fn check_rate(&mut self, n: usize) -> Result<(), Lost> {
-        self.window_bytes += n as u64;
+    /// At the end of a rate window, checks the window's rate and starts the next one.
+    fn check_rate(&mut self) -> Result<(), Lost> {
         let elapsed = self.window_start.elapsed();
         if self.min_rate == 0 || elapsed < RATE_WINDOW {
             return Ok(());
@@ -676,19 +728,28 @@ impl BodySource for ConnSource<'_, '_> {
         if !self.input.is_empty() {
             return Ok(self.input.take_into(buf));
         }
-        match self.conn.read(buf) {
-            Ok(0) if self.conn.shared.is_stopping() => Err(Lost::Shutdown),
-            Ok(0) => Err(Lost::Eof),
-            Ok(n) => {
-                self.check_rate(n)?;
-                Ok(n)
+        loop {
+            let mut deadline = self.conn.idle_deadline();
+            if self.min_rate > 0 {
+                // Wake up at the end of the window at the latest, so a stalled body is noticed.
+                let window_end = Deadline {
+                    at: self.window_start + RATE_WINDOW,
+                    why: Why::RateWindow,
+                };
+                deadline = deadline.earliest(window_end);
             }
-            // The read waited min(idle timeout, RATE_WINDOW) without a byte.
-            Err(e) if is_timeout(&e) && self.min_rate > 0 && self.idle > RATE_WINDOW => {
-                Err(Lost::TooSlow { min: self.min_rate })
+            match self.conn.read_by(buf, deadline) {
+                Ok(n) => {
+                    self.window_bytes += n as u64;
+                    self.check_rate()?;
+                    return Ok(n);
+                }
+                Err(ReadEnd::Timeout(Why::RateWindow)) => self.check_rate()?,
+                Err(ReadEnd::Eof) if self.conn.shared.is_stopping() => return Err(Lost::Shutdown),
+                Err(ReadEnd::Eof) => return Err(Lost::Eof),
+                Err(ReadEnd::Timeout(_)) => return Err(Lost::Timeout),
+                Err(ReadEnd::Error(e)) => return Err(Lost::Error(e)),
             }
-            Err(e) if is_timeout(&e) => Err(Lost::Timeout),
-            Err(e) => Err(Lost::Error(e)),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod ratelimit;
 pub mod refusals;
 pub mod registry;
 pub mod server;
+pub mod shared;
 pub mod signals;
 pub mod stats;
 pub mod store;

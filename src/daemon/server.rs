@@ -10,8 +10,8 @@
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,15 +20,13 @@ use socket2::SockRef;
 
 use crate::auth::{Key, KeyError};
 use crate::config::{self, Config, Origin};
-use crate::daemon::access::{PerIp, Slot};
 use crate::daemon::activation::Activated;
-use crate::daemon::chat::Room;
 use crate::daemon::conn;
 use crate::daemon::fdlimit::{self, Spare};
 use crate::daemon::listener::{self, BindError};
 use crate::daemon::notify::Notifier;
-use crate::daemon::refusals::{Refusals, Why};
-use crate::daemon::registry::Registry;
+use crate::daemon::refusals::Why;
+use crate::daemon::shared::{Job, Shared, Snapshot, worker_stack_bytes};
 use crate::daemon::stats::Stats;
 use crate::daemon::store::{Store, StoreError};
 use crate::daemon::streamhash::HashPool;
@@ -36,16 +34,8 @@ use crate::daemon::udp;
 use crate::deadline::is_timeout;
 use crate::logger;
 use crate::peer::Peer;
+use crate::proto::wire::{ERR_BUSY, ERR_NOT_ALLOWED, ERR_SHUTDOWN, ERR_TOO_MANY};
 use crate::reload;
-
-/// The line a client is sent when the daemon stops.
-pub const ERR_SHUTDOWN: &[u8] = b"ERR server shutting down\n";
-/// The line a client is sent when every worker is busy and the queue is full.
-pub const ERR_BUSY: &[u8] = b"ERR busy\n";
-/// The line a client is sent when the access rules refuse its address.
-pub const ERR_NOT_ALLOWED: &[u8] = b"ERR not allowed\n";
-/// The line a client is sent when its address has `access.max_per_ip` connections open.
-pub const ERR_TOO_MANY: &[u8] = b"ERR too many connections from your address\n";
 
 /// How long the accept loop waits after a failed `accept` before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -56,105 +46,6 @@ const TICK: Duration = Duration::from_millis(250);
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// How many times the accept thread yields to idle workers before answering `ERR busy`.
 const OFFER_YIELDS: usize = 64;
-/// Smallest worker stack in a debug build, in KiB.
-const DEBUG_MIN_STACK_KIB: usize = 64;
-
-/// State shared by the accept thread, the workers and the control paths.
-#[derive(Debug)]
-pub struct Shared {
-    config: RwLock<Arc<Config>>,
-    store: RwLock<Arc<Store>>,
-    pub stats: Stats,
-    pub conns: Registry,
-    /// Chat mode's members.
-    pub room: Room,
-    /// Connections open per address.
-    pub per_ip: Arc<PerIp>,
-    /// The upload key, when `files.token_file` is set.
-    key: RwLock<Option<Arc<Key>>>,
-    /// Workers waiting for a connection right now.
-    idle_workers: AtomicUsize,
-    hash_pool: Option<HashPool>,
-    stopping: AtomicBool,
-    /// Refused connections, counted and logged within a budget per reason.
-    refusals: Mutex<Refusals>,
-}
-
-impl Shared {
-    /// The configuration in force now (a reload may replace it; holders keep their snapshot).
-    pub fn config(&self) -> Arc<Config> {
-        Arc::clone(&self.config.read().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// The upload key in force now, if uploads need one.
-    pub fn key(&self) -> Option<Arc<Key>> {
-        self.key
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// The threads that hash large uploads, if they could be started.
-    pub fn hash_pool(&self) -> Option<&HashPool> {
-        self.hash_pool.as_ref()
-    }
-
-    /// The upload store in force now.
-    pub fn store(&self) -> Arc<Store> {
-        Arc::clone(&self.store.read().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
-    }
-
-    /// Counts a refused connection and logs `line()` as a warning if the reason's line budget
-    /// allows; otherwise the refusal shows in the reason's next summary.
-    pub fn refused(&self, why: Why, ip: Option<IpAddr>, line: impl FnOnce() -> String) {
-        let log_it = self
-            .refusals
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .note(why, ip, Instant::now());
-        if log_it {
-            log::warn!("{}", line());
-        }
-    }
-
-    /// Logs the refusal summaries that are due.
-    fn summarise_refusals(&self, interval: Duration) {
-        let lines = {
-            let mut r = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
-            r.set_interval(interval);
-            r.due(Instant::now())
-        };
-        for line in lines {
-            log::warn!("{line}");
-        }
-    }
-
-    /// The live counts, for `STATUS=` and the logs.
-    pub fn status(&self) -> String {
-        let s = &self.stats;
-        format!(
-            "{} open, {} queued, {} refused busy, {} files stored, {} accepted",
-            Stats::get(&s.open),
-            Stats::get(&s.queued),
-            Stats::get(&s.refused_busy),
-            Stats::get(&s.files_stored),
-            Stats::get(&s.accepted)
-        )
-    }
-}
-
-/// An accepted connection waiting for a worker.
-pub struct Job {
-    pub stream: TcpStream,
-    pub peer: Peer,
-    /// This connection's place in its address's count (`access.max_per_ip`).
-    pub slot: Slot,
-}
-
 /// Errors that keep the server from starting.
 #[derive(Debug)]
 pub enum ServerError {
@@ -294,22 +185,16 @@ impl Server {
                 (listener, local, true)
             }
         };
-        let refusal_summary = config.log.refusal_summary;
         Ok(Server {
             handle: Handle {
-                shared: Arc::new(Shared {
-                    config: RwLock::new(Arc::new(config)),
-                    store: RwLock::new(Arc::new(opened.store)),
-                    stats: Stats::default(),
-                    conns: Registry::default(),
-                    room: Room::default(),
-                    per_ip: Arc::new(PerIp::default()),
-                    key: RwLock::new(key),
-                    idle_workers: AtomicUsize::new(0),
+                shared: Arc::new(Shared::new(
+                    Snapshot {
+                        config: Arc::new(config),
+                        store: Arc::new(opened.store),
+                        key,
+                    },
                     hash_pool,
-                    stopping: AtomicBool::new(false),
-                    refusals: Mutex::new(Refusals::new(refusal_summary, Instant::now())),
-                }),
+                )),
                 listener: Arc::new(listener),
                 notifier: Arc::new(notifier),
                 origin: Arc::new(origin),
@@ -544,7 +429,7 @@ impl Handle {
     /// Begins the shutdown: stops accepting at once and wakes every worker blocked in `read`.
     /// Returns false if a shutdown had already begun.
     pub fn stop(&self) -> bool {
-        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+        if !self.shared.begin_stop() {
             return false;
         }
         self.notifier.stopping();
@@ -588,16 +473,12 @@ impl Handle {
                 return;
             }
         };
-        if plan.effective.files != old.files {
+        let store = if plan.effective.files == old.files {
+            self.shared.snapshot().store.clone()
+        } else {
             // In-flight uploads keep the store they started with.
             match Store::open(&plan.effective.files, false) {
-                Ok(opened) => {
-                    *self
-                        .shared
-                        .store
-                        .write()
-                        .unwrap_or_else(PoisonError::into_inner) = Arc::new(opened.store);
-                }
+                Ok(opened) => Arc::new(opened.store),
                 Err(e) => {
                     log::error!(
                         "reload refused, the running configuration stays in force: files.dir: {e}"
@@ -605,18 +486,14 @@ impl Handle {
                     return;
                 }
             }
-        }
-        *self
-            .shared
-            .key
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = key;
+        };
         logger::init(plan.effective.log.level, plan.effective.log.format);
-        *self
-            .shared
-            .config
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(plan.effective);
+        // Config, store and key change together, in one swap.
+        self.shared.replace(Snapshot {
+            config: Arc::new(plan.effective),
+            store,
+            key,
+        });
         for change in &plan.needs_restart {
             log::warn!("reload: {change} needs a restart; the running value stays");
         }
@@ -650,18 +527,6 @@ fn load_key(cfg: &Config) -> Result<Option<Arc<Key>>, KeyError> {
         }
     );
     Ok(Some(Arc::new(key)))
-}
-
-/// The stack size of worker threads (and chat writer threads), from `server.thread_stack_kib`.
-pub fn worker_stack_bytes(cfg: &Config) -> usize {
-    // Unoptimised code has much larger stack frames; a debug build must not overflow where a
-    // release build does not.
-    let kib = if cfg!(debug_assertions) {
-        cfg.server.thread_stack_kib.max(DEBUG_MIN_STACK_KIB)
-    } else {
-        cfg.server.thread_stack_kib
-    };
-    kib * 1024
 }
 
 /// Writes a one-line refusal without ever blocking the caller, then closes the connection.

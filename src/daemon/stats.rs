@@ -34,6 +34,13 @@ impl Stats {
         counter.fetch_sub(n, Ordering::Relaxed);
     }
 
+    /// Counts one in `counter` until the returned guard is dropped (on every path, unwinding
+    /// included).
+    pub fn hold(counter: &AtomicU64) -> Held<'_> {
+        Stats::add(counter, 1);
+        Held(counter)
+    }
+
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
@@ -51,5 +58,15 @@ impl Stats {
             Stats::get(&self.bytes_in),
             Stats::get(&self.bytes_out),
         )
+    }
+}
+
+/// One counted unit; see `Stats::hold`.
+#[must_use = "the count goes down again when the guard is dropped"]
+pub struct Held<'a>(&'a AtomicU64);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        Stats::sub(self.0, 1);
     }
 }

@@ -158,16 +158,11 @@ impl Store {
             // appears meanwhile.
             return Err(StoreError::Exists(name.to_string()));
         }
-        self.reserve(size)?;
-        let (file, temp_path) = match self.create_temp() {
-            Ok(pair) => pair,
-            Err(e) => {
-                self.release(size);
-                return Err(e);
-            }
-        };
+        let reservation = self.reserve(size)?;
+        // On an error the reservation's drop gives the space back.
+        let (file, temp_path) = self.create_temp()?;
         Ok(Pending {
-            store: self,
+            reservation,
             file,
             temp_path,
             name: name.to_string(),
@@ -179,7 +174,7 @@ impl Store {
     }
 
     /// Reserves `size` bytes of free space, or says how much is usable.
-    fn reserve(&self, size: u64) -> Result<(), StoreError> {
+    fn reserve(&self, size: u64) -> Result<Reservation<'_>, StoreError> {
         let vfs = rustix::fs::fstatvfs(&self.dir_handle).map_err(|e| StoreError::Io {
             op: "read the free space of the upload directory",
             err: e.into(),
@@ -193,7 +188,10 @@ impl Store {
             return Err(StoreError::NoSpace { size, usable });
         }
         *reserved += size;
-        Ok(())
+        Ok(Reservation {
+            store: self,
+            left: size,
+        })
     }
 
     fn release(&self, n: u64) {
@@ -289,9 +287,32 @@ impl Store {
     }
 }
 
-/// A file being received. Dropping it without `commit` removes the temp file.
-pub struct Pending<'a> {
+/// Free space set aside for one upload and not yet written. Written bytes are given back as they
+/// land on disk (the file system counts them from then on); dropping it gives back the rest.
+struct Reservation<'a> {
     store: &'a Store,
+    left: u64,
+}
+
+impl Reservation<'_> {
+    /// `n` bytes of the reservation are now on disk.
+    fn used(&mut self, n: u64) {
+        let n = n.min(self.left);
+        self.left -= n;
+        self.store.release(n);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.store.release(self.left);
+    }
+}
+
+/// A file being received. Dropping it without `commit` removes the temp file (and its
+/// reservation gives back the space not written).
+pub struct Pending<'a> {
+    reservation: Reservation<'a>,
     file: File,
     temp_path: PathBuf,
     name: String,
@@ -320,7 +341,7 @@ impl Pending<'_> {
             .write_all(data)
             .map_err(io_err("write the file"))?;
         self.written += data.len() as u64;
-        self.store.release(data.len() as u64);
+        self.reservation.used(data.len() as u64);
         if self.written - self.flushed >= WRITEBACK_STEP {
             // Start writeback of what was written since the last step (and drop the clean pages
             // of the step before): with POSIX_FADV_DONTNEED, Linux queues the dirty pages for
@@ -346,15 +367,16 @@ impl Pending<'_> {
                 err: io::Error::other(format!("{} of {} bytes written", self.written, self.size)),
             });
         }
-        let mode = Permissions::from_mode(self.store.cfg.file_mode);
+        let mode = Permissions::from_mode(self.reservation.store.cfg.file_mode);
         // The umask may have narrowed the mode at creation; set it exactly.
         self.file
             .set_permissions(mode)
             .map_err(io_err("set the file mode"))?;
         self.file.sync_all().map_err(io_err("sync the file"))?;
-        let stored = self.store.place(&self.temp_path, &self.name)?;
+        let stored = self.reservation.store.place(&self.temp_path, &self.name)?;
         self.done = true;
-        self.store
+        self.reservation
+            .store
             .dir_handle
             .sync_all()
             .map_err(io_err("sync the upload directory"))?;
@@ -364,7 +386,6 @@ impl Pending<'_> {
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        self.store.release(self.size - self.written);
         if !self.done {
             let _ = fs::remove_file(&self.temp_path);
         }

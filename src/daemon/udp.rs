@@ -12,7 +12,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::daemon::listener::BindError;
 use crate::daemon::ratelimit::Limiter;
-use crate::daemon::server::Shared;
+use crate::daemon::shared::Shared;
 use crate::daemon::stats::Stats;
 use crate::deadline::is_timeout;
 use crate::escape::escaped;

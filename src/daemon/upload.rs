@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::daemon::store::{Store, StoreError};
 use crate::daemon::streamhash::{HashPool, StreamHash};
 use crate::escape::escaped;
-use crate::proto::answer::{self, Code};
+use crate::proto::wire::{self as answer, Code, ERR_SHUTDOWN};
 use crate::proto::{Header, name};
 
 /// How often a large upload logs its progress, at most.
@@ -89,7 +89,7 @@ impl Outcome {
                 answer::err_line(*code, reason)
             }
             Outcome::Mismatch { reason } => answer::err_line(Code::Checksum, reason),
-            Outcome::Lost(Lost::Shutdown) => "ERR server shutting down\n".to_string(),
+            Outcome::Lost(Lost::Shutdown) => String::from_utf8_lossy(ERR_SHUTDOWN).into_owned(),
             Outcome::Lost(lost @ (Lost::Timeout | Lost::TooSlow { .. })) => {
                 answer::err_line(Code::Timeout, lost)
             }

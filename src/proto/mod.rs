@@ -1,6 +1,7 @@
 //! The wire protocol, without I/O: the fixed file header, the rules for file names, where a frame
-//! may start in a stream of text, and the one-line answers. Everything here takes bytes and
-//! returns a `Result`; only `conn` and `upload` touch sockets and files.
+//! may start in a stream of text, the whole frame head, and every line the server sends.
+//! Everything here takes bytes and returns a `Result`; only the daemon and the client touch
+//! sockets and files. Nothing here imports from the rest of the crate.
 //!
 //! A connection is a stream of *messages*: text lines and file frames, in any order. A frame may
 //! start where a message may start: at the beginning of the connection, right after a `\n`, or
@@ -23,12 +24,14 @@
 //! The server answers every frame with one line: `OK <stored-name> <size> <checksum-hex>` or
 //! `ERR <code> <reason>` (codes in `Code`).
 
-pub mod answer;
+pub mod head;
 pub mod header;
 pub mod name;
+pub mod wire;
 
-pub use answer::Code;
+pub use head::{FrameHead, MAX_HEAD_LEN};
 pub use header::{FrameError, HEADER_LEN, Header, MAGIC, Parsed};
+pub use wire::Code;
 
 /// How many leading bytes of `data` are text, i.e. come before the first place a frame starts.
 /// `at_message_start` says whether `data[0]` begins a message (start of connection, after a

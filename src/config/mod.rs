@@ -1,0 +1,648 @@
+//! The configuration: the TOML schema, its validation into a typed `Config`, and errors that name
+//! the file, line, key, bad value and what is allowed.
+//!
+//! Every key is declared once, in `keys`: its table, name, doc line, type, default, range and
+//! whether a reload may change it. Two layers read the file, as ripgrep does with its flags:
+//! serde reads it into tables of `Spanned` values (`check::Raw`, so every error can point at a
+//! line), `check` validates each value against its key, and `Config::build` moves the checked
+//! values into a `Config` whose fields already hold `Duration`s, addresses and checked limits.
+//! The built-in defaults, `check-config`'s output and the reload plan (`reload`) come from the
+//! same table. `parse` is pure (a `&str` in, a `Result` out); `load` only adds the file read.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::escape::quoted;
+use crate::rules::Rules;
+
+mod check;
+mod keys;
+pub(crate) mod reload;
+
+use check::{Ctx, Unfit, Values};
+use keys::{KEYS, Key, Kind, TABLES, Val};
+
+/// The configuration file shipped in `config/config.toml`; its values are the built-in defaults
+/// (this unit test holds the two together).
+#[cfg(test)]
+const SHIPPED: &str = include_str!("../../config/config.toml");
+
+/// An enum whose values are the words a key takes: the words are written once, here, and give
+/// `WORDS` (what the key allows), `as_str` and `from_word`.
+macro_rules! words {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $word:literal,)+ }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($(#[$vmeta])* $variant,)+ }
+
+        impl $name {
+            /// Every word, in the order the documentation lists them.
+            pub const WORDS: &'static [&'static str] = &[$($word),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $word,)+ }
+            }
+
+            /// The value a word names; `None` for any other word (never a silent default).
+            pub fn from_word(word: &str) -> Option<$name> {
+                match word { $($word => Some($name::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
+/// A validated configuration. Every field is within its documented range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub udp: UdpConfig,
+    pub files: FilesConfig,
+    pub access: AccessConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessConfig {
+    pub rules: Rules,
+    /// Connections open at once from one address.
+    pub max_per_ip: u32,
+    /// File frames one connection may carry.
+    pub max_files_per_connection: u32,
+    /// Text needs the `AUTH` line too, not only file frames.
+    pub require_token: bool,
+    /// Time from a frame's first byte to the end of its header, name and tag.
+    pub header_timeout: Duration,
+    /// Slowest body accepted, measured over `upload_rate_window`; 0 disables the check.
+    pub min_upload_bytes_per_sec: u64,
+    /// The window over which `min_upload_bytes_per_sec` is measured; a body read waits at most
+    /// this long before the check runs.
+    pub upload_rate_window: Duration,
+    /// With `require_token`: time from the connection's start to a good `AUTH` line.
+    pub auth_timeout: Duration,
+    /// Loopback peers (127.0.0.0/8, ::1) are not counted against `max_per_ip`.
+    pub exempt_loopback: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub bind: IpAddr,
+    pub port: u16,
+    pub max_connections: usize,
+    pub queue_depth: usize,
+    pub backlog: u32,
+    pub idle_timeout: Duration,
+    pub max_line_bytes: usize,
+    pub thread_stack_kib: usize,
+    pub shutdown_grace: Duration,
+    pub mode: Mode,
+    /// Chat mode: messages waiting for one slow client before it is dropped.
+    pub chat_queue_depth: usize,
+    /// A text line must be complete within this time of its first byte.
+    pub line_timeout: Duration,
+    /// A write to a peer that does not take it fails after this time.
+    pub write_timeout: Duration,
+    /// Longest wait in the queue for a worker before `ERR busy`.
+    pub queue_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UdpConfig {
+    pub enabled: bool,
+    /// Defaults to `server.bind`.
+    pub bind: IpAddr,
+    /// Defaults to `server.port`.
+    pub port: u16,
+    pub max_datagram_bytes: usize,
+    /// Token bucket per peer address: datagrams echoed per second, and the bucket size.
+    pub rate_per_sec: u32,
+    pub burst: u32,
+    /// Peer addresses whose buckets are remembered at once.
+    pub max_peers: usize,
+}
+
+words! {
+    /// What text does.
+    pub enum Mode {
+        /// Every byte goes back to its sender as it arrives.
+        Echo = "echo",
+        /// Every complete line goes to every other client, prefixed with its sender.
+        Chat = "chat",
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilesConfig {
+    /// Where uploads are stored (created with mode 0750 if missing).
+    pub dir: PathBuf,
+    pub max_file_size: u64,
+    pub on_conflict: OnConflict,
+    /// Permission bits of stored files.
+    pub file_mode: u32,
+    pub min_free_bytes: u64,
+    /// The shared upload key; `None`: uploads need no key.
+    pub token_file: Option<PathBuf>,
+}
+
+words! {
+    /// What happens when an upload's name is already taken.
+    pub enum OnConflict {
+        /// Store as `name (1).ext`, `name (2).ext`, …
+        Rename = "rename",
+        /// Refuse with `ERR exists`.
+        Reject = "reject",
+        /// Replace the old file atomically.
+        Overwrite = "overwrite",
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub level: log::LevelFilter,
+    pub format: LogFormat,
+    /// Refusals beyond the per-reason line budget are summed up once per this interval.
+    pub refusal_summary: Duration,
+}
+
+words! {
+    /// How log lines are written.
+    pub enum LogFormat {
+        /// `Journal` when stderr is connected to the journal (`$JOURNAL_STREAM`), else `Human`.
+        Auto = "auto",
+        /// RFC 3339 timestamp, level, message.
+        Human = "human",
+        /// `<N>message`: the sd-daemon priority prefix, no timestamp.
+        Journal = "journal",
+        /// One JSON object per line.
+        Json = "json",
+    }
+}
+
+/// Where a configuration came from; the first log line names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// `--config PATH`.
+    Flag(PathBuf),
+    /// `$FERRYD_CONFIG`.
+    Env(PathBuf),
+    /// `/etc/ferryd/config.toml`, found on disk.
+    System(PathBuf),
+    /// No file: the built-in defaults.
+    Builtin,
+}
+
+/// A configuration that cannot be used. `Display` names the file, line, key, value and what is
+/// allowed, as far as each is known.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file could not be read.
+    Read { path: PathBuf, err: std::io::Error },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong shape.
+    Invalid {
+        file: String,
+        line: Option<usize>,
+        key: Option<String>,
+        value: Option<String>,
+        problem: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, err } => {
+                write!(f, "cannot read config file {}: {err}", path.display())
+            }
+            ConfigError::Invalid {
+                file,
+                line,
+                key,
+                value,
+                problem,
+            } => {
+                write!(f, "{file}")?;
+                if let Some(line) = line {
+                    write!(f, ":{line}")?;
+                }
+                match (key, value) {
+                    (Some(k), Some(v)) => write!(f, ": {k} = {v}")?,
+                    (Some(k), None) => write!(f, ": {k}")?,
+                    _ => {}
+                }
+                write!(f, ": {problem}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The system-wide configuration path tried when neither `--config` nor `$FERRYD_CONFIG` is given.
+pub const SYSTEM_PATH: &str = "/etc/ferryd/config.toml";
+
+impl Origin {
+    /// Picks the configuration source: `flag`, else `env` (the value of `$FERRYD_CONFIG`), else
+    /// `/etc/ferryd/config.toml` if it exists, else the built-in defaults.
+    pub fn choose(flag: Option<PathBuf>, env: Option<PathBuf>) -> Origin {
+        if let Some(p) = flag {
+            return Origin::Flag(p);
+        }
+        if let Some(p) = env.filter(|p| !p.as_os_str().is_empty()) {
+            return Origin::Env(p);
+        }
+        let system = Path::new(SYSTEM_PATH);
+        if system.exists() {
+            return Origin::System(system.to_path_buf());
+        }
+        Origin::Builtin
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Origin::Flag(p) | Origin::Env(p) | Origin::System(p) => Some(p),
+            Origin::Builtin => None,
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Flag(p) => write!(f, "{} (from --config)", p.display()),
+            Origin::Env(p) => write!(f, "{} (from $FERRYD_CONFIG)", p.display()),
+            Origin::System(p) => write!(f, "{}", p.display()),
+            Origin::Builtin => write!(
+                f,
+                "built-in defaults (same as the shipped config/config.toml)"
+            ),
+        }
+    }
+}
+
+/// Reads and validates the configuration named by `origin`.
+pub fn load(origin: &Origin) -> Result<Config, ConfigError> {
+    let Some(path) = origin.path() else {
+        return Ok(Config::default());
+    };
+    let src = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+        path: path.to_path_buf(),
+        err,
+    })?;
+    parse(&src, &path.display().to_string())
+}
+
+/// Parses and validates configuration text. `file` is only used in error messages.
+pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+    let ctx = Ctx { src, file };
+    let raw = ctx.read()?;
+    let values = ctx.validate(&raw)?;
+    Config::build(&values).map_err(|Unfit(key)| ConfigError::Invalid {
+        file: file.to_string(),
+        line: None,
+        key: Some(key),
+        value: None,
+        problem: "the value does not fit its setting (a bug in ferryd)".to_string(),
+    })
+}
+
+impl Config {
+    /// Moves one checked value per key into its field: the one place that names both.
+    fn build(v: &Values) -> Result<Config, Unfit> {
+        Ok(Config {
+            server: ServerConfig {
+                bind: v.get("server.bind")?,
+                port: v.get("server.port")?,
+                max_connections: v.get("server.max_connections")?,
+                queue_depth: v.get("server.queue_depth")?,
+                backlog: v.get("server.backlog")?,
+                idle_timeout: v.get("server.idle_timeout_secs")?,
+                max_line_bytes: v.get("server.max_line_bytes")?,
+                thread_stack_kib: v.get("server.thread_stack_kib")?,
+                shutdown_grace: v.get("server.shutdown_grace_secs")?,
+                mode: v.get("server.mode")?,
+                chat_queue_depth: v.get("server.chat_queue_depth")?,
+                line_timeout: v.get("server.line_timeout_secs")?,
+                write_timeout: v.get("server.write_timeout_secs")?,
+                queue_timeout: v.get("server.queue_timeout_secs")?,
+            },
+            udp: UdpConfig {
+                enabled: v.get("udp.enabled")?,
+                bind: v.get("udp.bind")?,
+                port: v.get("udp.port")?,
+                max_datagram_bytes: v.get("udp.max_datagram_bytes")?,
+                rate_per_sec: v.get("udp.rate_per_sec")?,
+                burst: v.get("udp.burst")?,
+                max_peers: v.get("udp.max_peers")?,
+            },
+            files: FilesConfig {
+                dir: v.get("files.dir")?,
+                max_file_size: v.get("files.max_file_size")?,
+                on_conflict: v.get("files.on_conflict")?,
+                file_mode: v.get("files.file_mode")?,
+                min_free_bytes: v.get("files.min_free_bytes")?,
+                token_file: v.get("files.token_file")?,
+            },
+            access: AccessConfig {
+                rules: Rules {
+                    allow: v.get("access.allow")?,
+                    deny: v.get("access.deny")?,
+                },
+                max_per_ip: v.get("access.max_per_ip")?,
+                max_files_per_connection: v.get("access.max_files_per_connection")?,
+                require_token: v.get("access.require_token")?,
+                header_timeout: v.get("access.header_timeout_secs")?,
+                min_upload_bytes_per_sec: v.get("access.min_upload_bytes_per_sec")?,
+                upload_rate_window: v.get("access.upload_rate_window_secs")?,
+                auth_timeout: v.get("access.auth_timeout_secs")?,
+                exempt_loopback: v.get("access.exempt_loopback")?,
+            },
+            log: LogConfig {
+                level: v.get("log.level")?,
+                format: v.get("log.format")?,
+                refusal_summary: v.get("log.refusal_summary_secs")?,
+            },
+        })
+    }
+}
+
+/// The built-in defaults: every key's declared default.
+impl Default for Config {
+    fn default() -> Config {
+        // The key table is constant, and `defaults_fit_their_fields` builds it.
+        Config::build(&Values::defaults())
+            .expect("every key's default fits its field (unit-tested)")
+    }
+}
+
+/// Renders the effective configuration as TOML that `parse` reads back to the same `Config`:
+/// every key of every table, each under its doc line.
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (n, table) in TABLES.iter().enumerate() {
+            if n > 0 {
+                writeln!(f)?;
+            }
+            writeln!(f, "[{table}]")?;
+            for key in KEYS.iter().filter(|k| k.table == *table) {
+                writeln!(f, "# {}", key.doc)?;
+                match (key.get)(self).to_val() {
+                    Val::Unset => writeln!(f, "# {} is not set", key.name)?,
+                    v => writeln!(f, "{} = {}", key.name, toml_text(key, &v))?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A value as TOML text.
+fn toml_text(key: &Key, v: &Val) -> String {
+    match v {
+        Val::Int(n) if matches!(key.kind, Kind::Int { octal: true, .. }) => format!("{n:#o}"),
+        Val::Int(n) => n.to_string(),
+        Val::Word(w) => format!("\"{w}\""),
+        Val::Bool(b) => b.to_string(),
+        Val::Ip(ip) => format!("\"{ip}\""),
+        Val::Path(p) => quoted(&p.to_string_lossy()),
+        Val::Rules(rules) => {
+            let items: Vec<String> = rules.iter().map(|r| format!("\"{r}\"")).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Val::Unset => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(src: &str) -> String {
+        match parse(src, "test.toml") {
+            Ok(c) => panic!("expected an error for {src:?}, got {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn shipped_file_equals_builtin_defaults() {
+        assert_eq!(parse(SHIPPED, "config.toml").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(parse("", "x").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn display_round_trips() {
+        let src = "[server]\nbind = \"::\"\nport = 9000\nidle_timeout_secs = 7\n[log]\nlevel = \"debug\"\n";
+        let c = parse(src, "x").unwrap();
+        assert_eq!(parse(&c.to_string(), "y").unwrap(), c);
+        assert_eq!(
+            parse(&Config::default().to_string(), "y").unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn bad_ports_name_file_line_key_value_and_range() {
+        let cases = [
+            ("0", "out of range"),
+            ("00", "leading zero"),
+            ("\"0000\"", "expected an integer, found a string"),
+            ("70000", "out of range"),
+            ("-1", "out of range"),
+            ("\"abc\"", "expected an integer, found a string"),
+            ("7878.5", "expected an integer, found a float"),
+        ];
+        for (value, problem) in cases {
+            let msg = err(&format!("# comment\n[server]\nport = {value}\n"));
+            let want = format!("test.toml:3: server.port = {value}: ");
+            assert!(msg.starts_with(&want), "{msg:?} should start with {want:?}");
+            assert!(msg.contains(problem), "{msg:?} should contain {problem:?}");
+            assert!(msg.contains("1–65535"), "{msg:?} should name the range");
+        }
+    }
+
+    #[test]
+    fn absurd_limits_are_rejected() {
+        let cases = [
+            ("max_connections = 0", "server.max_connections = 0"),
+            ("queue_depth = 0", "server.queue_depth = 0"),
+            ("queue_depth = 1000001", "server.queue_depth = 1000001"),
+            ("thread_stack_kib = 15", "server.thread_stack_kib = 15"),
+            ("max_line_bytes = 0", "server.max_line_bytes = 0"),
+            ("idle_timeout_secs = 0", "server.idle_timeout_secs = 0"),
+            ("backlog = -5", "server.backlog = -5"),
+        ];
+        for (line, want) in cases {
+            let msg = err(&format!("[server]\n{line}\n"));
+            assert!(msg.starts_with(&format!("test.toml:2: {want}: ")), "{msg}");
+            assert!(msg.contains("allowed: an integer in"), "{msg}");
+        }
+        assert_eq!(
+            parse("[server]\nqueue_depth = 1000000\n", "x")
+                .unwrap()
+                .server
+                .queue_depth,
+            1_000_000
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_tables_name_line_and_key() {
+        let msg = err("[server]\nport = 1\nprot = 2\n");
+        assert!(
+            msg.starts_with("test.toml:3: server.prot = 2: unknown field `prot`"),
+            "{msg}"
+        );
+        let msg = err("[sever]\nport = 1\n");
+        assert!(
+            msg.starts_with("test.toml:1: unknown field `sever`"),
+            "{msg}"
+        );
+        let msg = err("[log]\nlevel = \"info\"\ncolour = true\n");
+        assert!(
+            msg.starts_with("test.toml:3: log.colour = true: unknown field"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn wrong_words_and_types() {
+        let msg = err("[server]\nmode = \"relay\"\n");
+        assert!(
+            msg.contains("server.mode = \"relay\": not a known value; allowed: one of \"echo\""),
+            "{msg}"
+        );
+        let msg = err("[log]\nlevel = 3\n");
+        assert!(
+            msg.contains("test.toml:2: log.level = 3: expected a string"),
+            "{msg}"
+        );
+        let msg = err("[server]\nbind = \"localhost\"\n");
+        assert!(
+            msg.contains("server.bind = \"localhost\": not an IP address"),
+            "{msg}"
+        );
+        let msg = err("server = 5\n");
+        assert!(
+            msg.starts_with("test.toml:1: server = 5: expected a table, found an integer"),
+            "{msg}"
+        );
+        let msg = err("port = 5\n");
+        assert!(
+            msg.starts_with(
+                "test.toml:1: port = 5: unknown field `port`, expected one of `server`"
+            ),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let msg = err("[server]\nport = 7878\nbind = \"127.0.0.1\n");
+        assert!(
+            msg.starts_with("test.toml:3: server.bind = \"127.0.0.1: "),
+            "{msg}"
+        );
+        let msg = err("[server\n");
+        assert!(msg.starts_with("test.toml:1: "), "{msg}");
+    }
+
+    #[test]
+    fn valid_values_are_typed() {
+        let c = parse(
+            "[server]\nbind = \"::\"\nport = 65535\nidle_timeout_secs = 2\n[log]\nlevel = \"warn\"\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.server.bind, "::".parse::<IpAddr>().unwrap());
+        assert_eq!(c.server.port, 65535);
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(2));
+        assert_eq!(c.log.level, log::LevelFilter::Warn);
+    }
+
+    #[test]
+    fn files_section() {
+        let c = parse(
+            "[files]\ndir = \"/var/lib/ferryd/up \\\"q\\\"\"\nmax_file_size = 10\non_conflict = \"reject\"\nfile_mode = 0o600\nmin_free_bytes = 0\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.files.dir, PathBuf::from("/var/lib/ferryd/up \"q\""));
+        assert_eq!(c.files.max_file_size, 10);
+        assert_eq!(c.files.on_conflict, OnConflict::Reject);
+        assert_eq!(c.files.file_mode, 0o600);
+        assert_eq!(parse(&c.to_string(), "y").unwrap(), c);
+        let msg = err("[files]\nfile_mode = 640\n");
+        assert!(msg.contains("files.file_mode = 640: out of range; allowed: an octal mode in 0o0–0o777, e.g. 0o640"), "{msg}");
+        let msg = err("[files]\ndir = \"\"\n");
+        assert!(msg.contains("files.dir = \"\": empty path"), "{msg}");
+        let msg = err("[files]\non_conflict = \"replace\"\n");
+        assert!(
+            msg.contains("one of \"rename\", \"reject\", \"overwrite\""),
+            "{msg}"
+        );
+        let msg = err("[files]\nmax_file_size = -1\n");
+        assert!(
+            msg.contains("files.max_file_size = -1: out of range"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn access_section() {
+        let c = parse(
+            "[files]\ntoken_file = \"/etc/ferryd/upload.key\"\n[access]\nallow = [\"10.0.0.0/8\", \"::1\"]\ndeny = [\"10.9.0.0/16\"]\nmax_per_ip = 2\nrequire_token = true\nheader_timeout_secs = 3\nmin_upload_bytes_per_sec = 0\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.access.rules.allow.len(), 2);
+        assert_eq!(c.access.max_per_ip, 2);
+        assert!(c.access.require_token);
+        assert_eq!(c.access.header_timeout, Duration::from_secs(3));
+        assert_eq!(c.access.upload_rate_window, Duration::from_secs(10));
+        let c = parse("[access]\nupload_rate_window_secs = 30\n", "x").unwrap();
+        assert_eq!(c.access.upload_rate_window, Duration::from_secs(30));
+        assert_eq!(parse(&c.to_string(), "y").unwrap(), c);
+        let cases = [
+            (
+                "[access]\nallow = [\"10.0.0/8\"]\n",
+                "test.toml:2: access.allow = [\"10.0.0/8\"]: item 1: \"10.0.0/8\" is not an IP address or CIDR range",
+            ),
+            (
+                "[access]\ndeny = \"10.0.0.0/8\"\n",
+                "test.toml:2: access.deny = \"10.0.0.0/8\": expected a list, found a string",
+            ),
+            (
+                "[access]\ndeny = [\"::1\", 5]\n",
+                "item 2 is an integer, not a string",
+            ),
+            (
+                "[access]\nrequire_token = true\n",
+                "access.require_token = true: needs files.token_file",
+            ),
+            (
+                "[access]\nmax_per_ip = 0\n",
+                "access.max_per_ip = 0: out of range",
+            ),
+        ];
+        for (src, want) in cases {
+            let msg = err(src);
+            assert!(msg.contains(want), "{msg}");
+        }
+    }
+
+    #[test]
+    fn origin_prefers_flag_then_env() {
+        let flag = Origin::choose(Some("a.toml".into()), Some("b.toml".into()));
+        assert_eq!(flag, Origin::Flag("a.toml".into()));
+        let env = Origin::choose(None, Some("b.toml".into()));
+        assert_eq!(env, Origin::Env("b.toml".into()));
+    }
+}

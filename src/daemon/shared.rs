@@ -1,0 +1,158 @@
+//! What the accept thread, the workers, the UDP thread and the control paths share: the settings
+//! in force as one snapshot (config, store and key, swapped together by a reload), the counters,
+//! the registry of open connections, the chat room and the per-address counts.
+
+use std::net::{IpAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::auth::Key;
+use crate::config::Config;
+use crate::daemon::access::{PerIp, Slot};
+use crate::daemon::chat::Room;
+use crate::daemon::refusals::{Refusals, Why};
+use crate::daemon::registry::Registry;
+use crate::daemon::stats::Stats;
+use crate::daemon::store::Store;
+use crate::daemon::streamhash::HashPool;
+use crate::peer::Peer;
+
+/// Smallest worker stack in a debug build, in KiB.
+const DEBUG_MIN_STACK_KIB: usize = 64;
+
+/// The settings in force, taken whole: a connection takes one snapshot when it starts and keeps
+/// it to the end, so it never sees a new key with an old `require_token`, or a new store with an
+/// old `max_file_size`.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    /// The upload key, when `files.token_file` is set.
+    pub key: Option<Arc<Key>>,
+}
+
+/// State shared by the accept thread, the workers and the control paths.
+#[derive(Debug)]
+pub struct Shared {
+    snapshot: RwLock<Arc<Snapshot>>,
+    pub stats: Stats,
+    pub conns: Registry,
+    /// Chat mode's members.
+    pub room: Room,
+    /// Connections open per address.
+    pub per_ip: Arc<PerIp>,
+    /// Workers waiting for a connection right now.
+    pub idle_workers: AtomicUsize,
+    hash_pool: Option<HashPool>,
+    stopping: AtomicBool,
+    /// Refused connections, counted and logged within a budget per reason.
+    refusals: Mutex<Refusals>,
+}
+
+impl Shared {
+    pub fn new(snapshot: Snapshot, hash_pool: Option<HashPool>) -> Shared {
+        let refusal_summary = snapshot.config.log.refusal_summary;
+        Shared {
+            snapshot: RwLock::new(Arc::new(snapshot)),
+            stats: Stats::default(),
+            conns: Registry::default(),
+            room: Room::default(),
+            per_ip: Arc::new(PerIp::default()),
+            idle_workers: AtomicUsize::new(0),
+            hash_pool,
+            stopping: AtomicBool::new(false),
+            refusals: Mutex::new(Refusals::new(refusal_summary, Instant::now())),
+        }
+    }
+
+    /// The settings in force now, whole.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.snapshot.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The configuration in force now (a reload may replace it; holders keep their snapshot).
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.snapshot().config)
+    }
+
+    /// Puts a new snapshot in force: one swap, so no reader ever sees half of a reload.
+    pub fn replace(&self, snapshot: Snapshot) {
+        *self
+            .snapshot
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(snapshot);
+    }
+
+    /// The threads that hash large uploads, if they could be started.
+    pub fn hash_pool(&self) -> Option<&HashPool> {
+        self.hash_pool.as_ref()
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Counts a refused connection and logs `line()` as a warning if the reason's line budget
+    /// allows; otherwise the refusal shows in the reason's next summary.
+    pub fn refused(&self, why: Why, ip: Option<IpAddr>, line: impl FnOnce() -> String) {
+        let log_it = self
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .note(why, ip, Instant::now());
+        if log_it {
+            log::warn!("{}", line());
+        }
+    }
+
+    /// Logs the refusal summaries that are due, one per `interval`.
+    pub fn summarise_refusals(&self, interval: Duration) {
+        let lines = {
+            let mut r = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+            r.set_interval(interval);
+            r.due(Instant::now())
+        };
+        for line in lines {
+            log::warn!("{line}");
+        }
+    }
+
+    /// Marks the daemon as stopping; false if it already was.
+    pub fn begin_stop(&self) -> bool {
+        !self.stopping.swap(true, Ordering::SeqCst)
+    }
+
+    /// The live counts, for `STATUS=` and the logs.
+    pub fn status(&self) -> String {
+        let s = &self.stats;
+        format!(
+            "{} open, {} queued, {} refused busy, {} files stored, {} accepted",
+            Stats::get(&s.open),
+            Stats::get(&s.queued),
+            Stats::get(&s.refused_busy),
+            Stats::get(&s.files_stored),
+            Stats::get(&s.accepted)
+        )
+    }
+}
+
+/// An accepted connection waiting for a worker.
+pub struct Job {
+    pub stream: TcpStream,
+    pub peer: Peer,
+    /// This connection's place in its address's count (`access.max_per_ip`).
+    pub slot: Slot,
+}
+
+/// The stack size of worker threads (and chat writer threads), from `server.thread_stack_kib`.
+pub fn worker_stack_bytes(cfg: &Config) -> usize {
+    // Unoptimised code has much larger stack frames; a debug build must not overflow where a
+    // release build does not.
+    let kib = if cfg!(debug_assertions) {
+        cfg.server.thread_stack_kib.max(DEBUG_MIN_STACK_KIB)
+    } else {
+        cfg.server.thread_stack_kib
+    };
+    kib * 1024
+}

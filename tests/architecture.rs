@@ -1,0 +1,159 @@
+//! The dependency rules of ARCHITECTURE.md, checked on the source: every `crate::` path in
+//! `src/` is read (in `use` lines and in code), mapped to the file it names, and the rules below
+//! are asserted, plus: no import circle anywhere.
+//!
+//! - `src/proto/` imports nothing from the crate outside `proto`;
+//! - the shared leaves (files directly under `src/`, but `main`, `lib` and `cli`, which glue the
+//!   command line to both sides) import neither `daemon` nor `client`;
+//! - `client` does not import `daemon`, and `daemon` does not import `client`;
+//! - nothing under `src/daemon/` imports `daemon::server` (the server imports them).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::Path;
+
+/// Module path (`daemon::conn`) → the module paths it names.
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    collect(&src, &mut files);
+    let modules: BTreeSet<String> = files.iter().map(|f| module_of(&src, f)).collect();
+    let mut graph = BTreeMap::new();
+    for file in &files {
+        let me = module_of(&src, file);
+        let text = fs::read_to_string(file).expect("read a source file");
+        // Unit tests may reach anywhere; the rules are about the code.
+        let code = text.split("#[cfg(test)]").next().unwrap_or("");
+        // Comments are not imports.
+        let code: String = code
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut deps = BTreeSet::new();
+        for (i, _) in code.match_indices("crate::") {
+            let path: String = code[i + "crate::".len()..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+                .collect();
+            // The longest prefix of the path that is a module.
+            let parts: Vec<&str> = path.split("::").filter(|p| !p.is_empty()).collect();
+            let target = (1..=parts.len())
+                .rev()
+                .map(|n| parts[..n].join("::"))
+                .find(|m| modules.contains(m));
+            if let Some(t) = target.filter(|t| *t != me) {
+                deps.insert(t);
+            }
+        }
+        graph.insert(me, deps);
+    }
+    graph
+}
+
+fn collect(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in fs::read_dir(dir).expect("read src") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            collect(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// `src/daemon/conn.rs` → `daemon::conn`; `src/proto/mod.rs` → `proto`; `src/lib.rs` → `lib`.
+fn module_of(src: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(src).expect("under src");
+    let mut parts: Vec<String> = rel
+        .iter()
+        .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
+        .collect();
+    if parts.last().is_some_and(|p| p == "mod") {
+        parts.pop();
+    }
+    parts.join("::")
+}
+
+fn top(m: &str) -> &str {
+    m.split("::").next().unwrap_or(m)
+}
+
+#[test]
+fn the_dependency_rules_hold() {
+    let graph = graph();
+    assert!(graph.contains_key("daemon::conn") && graph.contains_key("proto::wire"));
+    let mut broken = Vec::new();
+    for (m, deps) in &graph {
+        for d in deps {
+            let (mt, dt) = (top(m), top(d));
+            // `cli`, like `main`, is the command line that dispatches to both sides.
+            let leaf = !m.contains("::")
+                && !["daemon", "client", "proto", "lib", "main", "cli"].contains(&m.as_str());
+            let rule = if mt == "proto" && dt != "proto" {
+                Some("proto imports nothing from the crate")
+            } else if leaf && (dt == "daemon" || dt == "client") {
+                Some("a shared leaf imports neither daemon nor client")
+            } else if (mt == "client" && dt == "daemon") || (mt == "daemon" && dt == "client") {
+                Some("client and daemon do not import each other")
+            } else if mt == "daemon" && m != "daemon" && d == "daemon::server" {
+                Some("nothing below the server imports the server")
+            } else {
+                None
+            };
+            if let Some(rule) = rule {
+                broken.push(format!("{m} -> {d}: {rule}"));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "{}", broken.join("\n"));
+}
+
+#[test]
+fn there_is_no_import_circle() {
+    let graph = graph();
+    // Depth-first search with colours; a grey node met again closes a circle.
+    fn visit<'a>(
+        m: &'a str,
+        graph: &'a BTreeMap<String, BTreeSet<String>>,
+        state: &mut BTreeMap<&'a str, u8>,
+        stack: &mut Vec<&'a str>,
+    ) -> Option<Vec<String>> {
+        state.insert(m, 1);
+        stack.push(m);
+        for d in graph.get(m).into_iter().flatten() {
+            // A module naming its own child (`daemon` → `daemon::server`) is the module tree,
+            // not an import; `lib` declares everything.
+            if m == "lib" || d.starts_with(&format!("{m}::")) {
+                continue;
+            }
+            match state.get(d.as_str()) {
+                Some(1) => {
+                    let at = stack.iter().position(|s| s == d).unwrap_or(0);
+                    let mut circle: Vec<String> =
+                        stack[at..].iter().map(|s| s.to_string()).collect();
+                    circle.push(d.clone());
+                    return Some(circle);
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(c) = visit(d, graph, state, stack) {
+                        return Some(c);
+                    }
+                }
+            }
+        }
+        stack.pop();
+        state.insert(m, 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    for m in graph.keys() {
+        if !state.contains_key(m.as_str()) {
+            let mut stack = Vec::new();
+            if let Some(circle) = visit(m, &graph, &mut state, &mut stack) {
+                panic!("import circle: {}", circle.join(" -> "));
+            }
+        }
+    }
+}
