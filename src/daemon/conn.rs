@@ -38,9 +38,6 @@ const _: () = assert!(proto::MAX_HEAD_LEN <= READ_BUF);
 /// closing, so that the peer gets the `ERR` line instead of a connection reset.
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: u64 = 8 << 20;
-/// A body is checked against `access.min_upload_bytes_per_sec` over windows this long, and a
-/// body read waits at most until the end of the window before the check runs.
-const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// Longest `AUTH` line accepted.
 const MAX_AUTH_LINE: usize = 256;
 /// A socket's read timeout is set again only when the time left differs from it by more than
@@ -597,10 +594,12 @@ impl Conn<'_> {
         let shared = self.shared;
         let peer = self.peer;
         let min_rate = self.cfg.access.min_upload_bytes_per_sec;
+        let window = self.cfg.access.upload_rate_window;
         let mut source = ConnSource {
             conn: self,
             input,
             min_rate,
+            window,
             window_start: Instant::now(),
             window_bytes: 0,
         };
@@ -701,8 +700,10 @@ impl Conn<'_> {
 struct ConnSource<'c, 'a> {
     conn: &'c mut Conn<'a>,
     input: &'c mut Input,
-    /// `access.min_upload_bytes_per_sec` (0: no check) and the current window.
+    /// `access.min_upload_bytes_per_sec` (0: no check), checked over windows of
+    /// `access.upload_rate_window_secs`; a body read waits at most until the end of the window.
     min_rate: u64,
+    window: Duration,
     window_start: Instant,
     window_bytes: u64,
 }
@@ -711,7 +712,7 @@ impl ConnSource<'_, '_> {
     /// At the end of a rate window, checks the window's rate and starts the next one.
     fn check_rate(&mut self) -> Result<(), Lost> {
         let elapsed = self.window_start.elapsed();
-        if self.min_rate == 0 || elapsed < RATE_WINDOW {
+        if self.min_rate == 0 || elapsed < self.window {
             return Ok(());
         }
         if (self.window_bytes as f64) < self.min_rate as f64 * elapsed.as_secs_f64() {
@@ -733,7 +734,7 @@ impl BodySource for ConnSource<'_, '_> {
             if self.min_rate > 0 {
                 // Wake up at the end of the window at the latest, so a stalled body is noticed.
                 let window_end = Deadline {
-                    at: self.window_start + RATE_WINDOW,
+                    at: self.window_start + self.window,
                     why: Why::RateWindow,
                 };
                 deadline = deadline.earliest(window_end);

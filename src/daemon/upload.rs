@@ -97,14 +97,16 @@ impl Outcome {
         }
     }
 
-    /// Whether the connection can carry further messages after this frame.
+    /// Whether the connection can carry further messages after this frame: after `OK`, and
+    /// after an `ERR` whose code says so (`Code::keeps_connection`).
     pub fn keeps_connection(&self) -> bool {
-        matches!(
-            self,
-            Outcome::Stored { .. }
-                | Outcome::Mismatch { .. }
-                | Outcome::Failed { in_sync: true, .. }
-        )
+        match self {
+            Outcome::Stored { .. } => true,
+            Outcome::Refused { code, .. } => code.keeps_connection(false),
+            Outcome::Mismatch { .. } => Code::Checksum.keeps_connection(true),
+            Outcome::Failed { code, in_sync, .. } => code.keeps_connection(*in_sync),
+            Outcome::Lost(_) => false,
+        }
     }
 }
 
