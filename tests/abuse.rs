@@ -8,7 +8,8 @@ mod support;
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -224,11 +225,8 @@ fn out_of_descriptors_newcomers_get_busy_and_start_up_warns() {
         "{} served, {busy} busy",
         served.len()
     );
-    assert!(
-        d.log().contains("refused: busy (out of file descriptors"),
-        "{}",
-        log_tail(&d)
-    );
+    // The line is logged just after the refusal is written.
+    d.wait_log("refused: busy (out of file descriptors", IO_TIMEOUT);
     // When the descriptors come back, everyone is served again.
     drop(served);
     let mut s = d.connect();
@@ -411,4 +409,372 @@ fn send_escapes_control_characters_in_the_servers_answer() {
         );
         assert_eq!(out.status.code(), Some(code), "{stdout:?}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Point 1: a locked chat (and echo) shows nothing to a client without the key.
+
+const KEY: &str = "ferryd-abuse-test-key-0123456789";
+
+/// The key file, mode 0600.
+fn write_key(dir: &TempDir) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.path().join("upload.key");
+    std::fs::write(&path, format!("{KEY}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+fn locked_daemon(key_path: &std::path::Path, mode: &str) -> Daemon {
+    DaemonBuilder::new()
+        .set("server", &format!("mode = \"{mode}\""))
+        .set(
+            "files",
+            &format!("token_file = {:?}", key_path.to_str().unwrap()),
+        )
+        .set("access", "require_token = true")
+        .set("access", "auth_timeout_secs = 2")
+        .start()
+}
+
+/// Reads the `NONCE <hex>` line and returns the nonce.
+fn read_nonce(d: &Daemon, s: &mut TcpStream) -> [u8; ferryd::auth::NONCE_LEN] {
+    let line = support::read_line(s);
+    let hex = line
+        .strip_prefix("NONCE ")
+        .and_then(|h| h.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("want a NONCE line, got {line:?}{}", log_tail(d)));
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    bytes.try_into().expect("32 bytes")
+}
+
+/// Connects, proves the key with an `AUTH` line and reads `OK authenticated`.
+fn member(d: &Daemon) -> TcpStream {
+    let mut s = d.connect();
+    let nonce = read_nonce(d, &mut s);
+    let tag = ferryd::auth::Key::from_bytes(KEY.as_bytes()).auth_tag(&nonce);
+    let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    s.write_all(format!("AUTH {hex}\n").as_bytes()).unwrap();
+    assert_eq!(support::read_line(&mut s), "OK authenticated\n");
+    s
+}
+
+fn peer_label(s: &TcpStream) -> String {
+    format!("[{}]", s.local_addr().unwrap())
+}
+
+#[test]
+fn a_locked_chat_shows_nothing_to_a_client_without_the_key() {
+    let keys = TempDir::new();
+    let d = locked_daemon(&write_key(&keys), "chat");
+    let mut a = member(&d);
+    let welcome = support::read_line(&mut a);
+    assert!(welcome.contains("nobody else is here"), "{welcome:?}");
+
+    // A stranger connects and stays silent; another one will talk.
+    let mut silent = d.connect();
+    read_nonce(&d, &mut silent);
+    let silent_since = Instant::now();
+    let mut talker = d.connect();
+    read_nonce(&d, &mut talker);
+
+    // A member joining sees only the other member, and the first member hears only of it.
+    let mut b = member(&d);
+    let welcome = support::read_line(&mut b);
+    assert_eq!(
+        welcome,
+        format!("* welcome {}; here: {}\n", peer_label(&b), peer_label(&a)),
+        "the strangers are in no room{}",
+        log_tail(&d)
+    );
+    assert_eq!(
+        support::read_line(&mut a),
+        format!("* {} joined\n", peer_label(&b))
+    );
+
+    a.write_all(b"secret meeting at noon\n").unwrap();
+    assert_eq!(
+        support::read_line(&mut b),
+        format!("{} secret meeting at noon\n", peer_label(&a))
+    );
+
+    // The talker's text is refused; all it ever got is its nonce and the refusal.
+    talker.write_all(b"hello, anyone?\n").unwrap();
+    let (got, err) = read_until_eof(&mut talker, IO_TIMEOUT);
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        err.is_none() && got.starts_with("ERR unauthorized ") && got.matches('\n').count() == 1,
+        "the talker got {got:?}{}",
+        log_tail(&d)
+    );
+
+    // The silent one is cut after access.auth_timeout_secs, having seen nothing.
+    let (got, err) = read_until_eof(&mut silent, IO_TIMEOUT);
+    let took = silent_since.elapsed();
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        err.is_none()
+            && got.starts_with("ERR unauthorized no AUTH line within 2 s")
+            && got.matches('\n').count() == 1,
+        "the silent stranger got {got:?}{}",
+        log_tail(&d)
+    );
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "cut after {took:?}"
+    );
+
+    // The members heard nothing of either: the next thing a gets is b's line.
+    b.write_all(b"bye\n").unwrap();
+    assert_eq!(
+        support::read_line(&mut a),
+        format!("{} bye\n", peer_label(&b))
+    );
+}
+
+#[test]
+fn locked_echo_gives_a_stranger_nothing_and_udp_still_answers() {
+    let keys = TempDir::new();
+    let d = locked_daemon(&write_key(&keys), "echo");
+    let mut silent = d.connect();
+    read_nonce(&d, &mut silent);
+    let since = Instant::now();
+    let mut m = member(&d);
+    echo_round_trip(&mut m, b"members are echoed\n");
+    let (got, err) = read_until_eof(&mut silent, IO_TIMEOUT);
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        err.is_none() && got.starts_with("ERR unauthorized no AUTH line within 2 s"),
+        "{got:?}{}",
+        log_tail(&d)
+    );
+    assert!(since.elapsed() >= Duration::from_secs(2));
+    // The UDP echo answers without a key (documented: it only answers the claimed address, at
+    // its bucket's rate, and touches no room).
+    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    sock.send_to(b"ping", (Ipv4Addr::LOCALHOST, d.port()))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"ping");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Point 2: trickling and never-reading peers cannot keep a legitimate client out.
+
+/// Attackers from `addrs` (each holding `per_addr` connections) that each send what `attack`
+/// writes, reconnecting whenever a connection ends, until `stop` is set. Returns the threads.
+fn attackers(
+    d: &Daemon,
+    addrs: &[IpAddr],
+    per_addr: usize,
+    threads: usize,
+    attack: fn(&mut TcpStream) -> io::Result<()>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<thread::JoinHandle<usize>> {
+    let slots: Vec<IpAddr> = addrs
+        .iter()
+        .flat_map(|ip| std::iter::repeat_n(*ip, per_addr))
+        .collect();
+    let to = d.addr();
+    slots
+        .chunks(slots.len().div_ceil(threads))
+        .map(|chunk| {
+            let chunk = chunk.to_vec();
+            let stop = Arc::clone(stop);
+            thread::spawn(move || {
+                let mut conns: Vec<Option<TcpStream>> = chunk.iter().map(|_| None).collect();
+                let mut connects = 0;
+                // Bounded: the test stops it well before 60 rounds.
+                for _ in 0..60 {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let round = Instant::now();
+                    for (slot, ip) in conns.iter_mut().zip(&chunk) {
+                        if slot.is_none() {
+                            if let Ok(s) = attacker_connect(*ip, to) {
+                                connects += 1;
+                                *slot = Some(s);
+                            }
+                        }
+                        if let Some(s) = slot {
+                            if attack(s).is_err() {
+                                *slot = None;
+                            }
+                        }
+                    }
+                    let left = Duration::from_secs(1).saturating_sub(round.elapsed());
+                    thread::sleep(left);
+                }
+                connects
+            })
+        })
+        .collect()
+}
+
+/// An attacker's connect: short timeouts, never blocking the attack for long.
+fn attacker_connect(from: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&to.into(), Duration::from_millis(200))?;
+    let s = TcpStream::from(socket);
+    s.set_write_timeout(Some(Duration::from_millis(200)))?;
+    s.set_read_timeout(Some(Duration::from_millis(1)))?;
+    Ok(s)
+}
+
+/// One byte a second, never a newline, never reading: a text slowloris. A connection the daemon
+/// closed shows as an error on the next write (or a read that sees the end).
+fn trickle(s: &mut TcpStream) -> io::Result<()> {
+    let mut buf = [0u8; 512];
+    match s.read(&mut buf) {
+        Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+        // It was told why (`ERR …`): gone.
+        Ok(_) => return Err(io::ErrorKind::ConnectionAborted.into()),
+        Err(_) => {}
+    }
+    s.write_all(b"x")
+}
+
+/// Sends and never reads: once the buffers are full, the daemon's echo blocks.
+fn never_read(s: &mut TcpStream) -> io::Result<()> {
+    let chunk = [b'y'; 64 * 1024];
+    for _ in 0..16 {
+        match s.write(&chunk) {
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A legitimate client from 127.0.0.250: connect, one line, its echo. Returns how long it took,
+/// or what it got instead.
+fn legitimate(d: &Daemon) -> Result<Duration, String> {
+    let started = Instant::now();
+    let mut s = try_connect_from(ip("127.0.0.250"), d.addr()).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let line = b"a legitimate client\n";
+    s.write_all(line).map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while got.len() < line.len() {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("{e} after {:?}", String::from_utf8_lossy(&got))),
+        }
+    }
+    if got != line {
+        return Err(format!("got {:?}", String::from_utf8_lossy(&got)));
+    }
+    Ok(started.elapsed())
+}
+
+/// Runs `attack` from `addrs` × `per_addr` connections on the default config, then measures a
+/// legitimate client `samples` times; asserts each was served within 2 s.
+fn legitimate_client_during(
+    what: &str,
+    addrs: &[IpAddr],
+    per_addr: usize,
+    attack: fn(&mut TcpStream) -> io::Result<()>,
+    samples: usize,
+) -> (Daemon, Vec<Duration>) {
+    // `max_per_ip = 8` is the default; written out because the test builder raises it.
+    let d = DaemonBuilder::new().set("access", "max_per_ip = 8").start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = attackers(&d, addrs, per_addr, 4, attack, &stop);
+    // The attack holds every worker once 64 connections are online.
+    let held = wait_until(Duration::from_secs(15), || {
+        d.log().matches(" online").count() >= 64
+    });
+    assert!(
+        held,
+        "{what}: the attack never held the workers{}",
+        log_tail(&d)
+    );
+    let mut took = Vec::new();
+    let mut failures = Vec::new();
+    let pace = Duration::from_millis(1500);
+    for _ in 0..samples {
+        let round = Instant::now();
+        match legitimate(&d) {
+            Ok(t) => took.push(t),
+            Err(e) => failures.push(e),
+        }
+        thread::sleep(pace.saturating_sub(round.elapsed()));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let connects: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    took.sort();
+    let median = took.get(took.len() / 2).copied().unwrap_or_default();
+    let max = took.last().copied().unwrap_or_default();
+    println!(
+        "{what}: {} connections from {} addresses ({connects} connects in all); legitimate \
+         client served {} of {samples} times, median {median:?}, max {max:?}",
+        addrs.len() * per_addr,
+        addrs.len(),
+        took.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{what}: the legitimate client was not served: {failures:?}{}",
+        log_tail(&d)
+    );
+    assert!(
+        max <= Duration::from_secs(2),
+        "{what}: the legitimate client waited {max:?}{}",
+        log_tail(&d)
+    );
+    (d, took)
+}
+
+fn addrs(n: u8) -> Vec<IpAddr> {
+    (0..n).map(|i| IpAddr::from([127, 0, 0, 10 + i])).collect()
+}
+
+#[test]
+fn a_legitimate_client_is_served_within_2s_during_a_text_slowloris() {
+    let _heavy = heavy();
+    let (d, _) = legitimate_client_during(
+        "text slowloris, 200 trickling connections",
+        &addrs(25),
+        8,
+        trickle,
+        8,
+    );
+    let log = d.log();
+    assert!(
+        log.contains("reason: evicted") || log.contains("reason: slow line"),
+        "the defences never acted{}",
+        log_tail(&d)
+    );
+}
+
+#[test]
+fn a_legitimate_client_is_served_within_2s_while_peers_never_read() {
+    let _heavy = heavy();
+    let (d, _) = legitimate_client_during(
+        "never-reading peers, 64 connections",
+        &addrs(8),
+        8,
+        never_read,
+        6,
+    );
+    assert!(
+        d.log().contains("reason: evicted"),
+        "no never-reading peer was evicted{}",
+        log_tail(&d)
+    );
 }

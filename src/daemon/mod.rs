@@ -6,6 +6,7 @@ pub mod access;
 pub mod activation;
 pub mod chat;
 pub mod conn;
+pub mod evict;
 pub mod fdlimit;
 pub mod listener;
 pub mod notify;
@@ -20,6 +21,7 @@ pub mod store;
 pub mod streamhash;
 pub mod udp;
 pub mod upload;
+pub mod waiting;
 
 use std::fmt;
 

@@ -30,14 +30,17 @@ pub enum Why {
     Descriptors,
     /// `accept` itself failed.
     AcceptError,
+    /// With `access.require_token`: no good `AUTH` line, or a frame without a good tag.
+    Unauthorized,
 }
 
-const ALL: [Why; 5] = [
+const ALL: [Why; 6] = [
     Why::Busy,
     Why::NotAllowed,
     Why::TooMany,
     Why::Descriptors,
     Why::AcceptError,
+    Why::Unauthorized,
 ];
 
 impl Why {
@@ -49,6 +52,7 @@ impl Why {
             Why::TooMany => "access.max_per_ip",
             Why::Descriptors => "out of file descriptors",
             Why::AcceptError => "accept failed",
+            Why::Unauthorized => "unauthorized",
         }
     }
 
@@ -59,6 +63,7 @@ impl Why {
             Why::TooMany => 2,
             Why::Descriptors => 3,
             Why::AcceptError => 4,
+            Why::Unauthorized => 5,
         }
     }
 }
@@ -94,7 +99,7 @@ impl Refusals {
         Refusals {
             interval,
             window_start: now,
-            tallies: [tally(), tally(), tally(), tally(), tally()],
+            tallies: [tally(), tally(), tally(), tally(), tally(), tally()],
         }
     }
 

@@ -1,11 +1,15 @@
-//! The TCP server: one accept thread, a bounded crossbeam work queue and a fixed pool of worker
-//! threads, plus the control paths that reach them: shutdown, reload and systemd notifications.
+//! The TCP server: one accept thread, a bounded work queue and a fixed pool of worker threads,
+//! plus the control paths that reach them: shutdown, reload and systemd notifications.
 //!
-//! The accept thread never blocks on the workers: it `try_send`s each connection into the queue
-//! and, when the queue is full, answers `ERR busy` itself and closes. The thread count is
-//! therefore `max_connections` workers plus a constant, whatever the load. The accept thread also
-//! wakes every `TICK` (the listener's receive timeout) to feed the systemd watchdog and refresh
-//! `STATUS=`, so a hung accept loop stops the watchdog and gets the service restarted.
+//! The accept thread never blocks on the workers: it puts each connection in the queue
+//! (`waiting::Queue`) and, when the queue is full, answers `ERR busy` itself and closes (or
+//! lets the newcomer take the place of a waiting connection from a heavier address). When
+//! connections wait and every worker is busy, it chooses served connections whose peers keep
+//! them waiting to make room (`evict::Board`); a connection that waited `queue_timeout_secs`
+//! is told `ERR busy`. The thread count is therefore `max_connections` workers plus a
+//! constant, whatever the load. The accept thread also wakes every `TICK` (the listener's
+//! receive timeout) to feed the systemd watchdog, refresh `STATUS=`, and do the above, so a
+//! hung accept loop stops the watchdog and gets the service restarted.
 
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -15,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use socket2::SockRef;
 
 use crate::auth::{Key, KeyError};
@@ -31,6 +35,7 @@ use crate::daemon::stats::Stats;
 use crate::daemon::store::{Store, StoreError};
 use crate::daemon::streamhash::HashPool;
 use crate::daemon::udp;
+use crate::daemon::waiting::Queue;
 use crate::deadline::is_timeout;
 use crate::logger;
 use crate::peer::Peer;
@@ -44,8 +49,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const TICK: Duration = Duration::from_millis(250);
 /// How often `STATUS=` is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
-/// How many times the accept thread yields to idle workers before answering `ERR busy`.
-const OFFER_YIELDS: usize = 64;
+/// A served connection is chosen to make room only once its peer has kept it waiting this long
+/// (for a line, or to take what was written), so that a conversation in progress is not cut.
+const EVICT_AFTER: Duration = Duration::from_secs(1);
 /// Errors that keep the server from starting.
 #[derive(Debug)]
 pub enum ServerError {
@@ -215,20 +221,20 @@ impl Server {
         let shared = &self.handle.shared;
         let cfg = shared.config();
         let cfg = &cfg.server;
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_depth);
+        let queue = Arc::new(Queue::default());
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
         let n_workers = cfg.max_connections;
         // Before the workers exist: every thread shares the limit.
         fdlimit::log_outcome(&fdlimit::ensure(fdlimit::needed(&shared.config())));
         let stack = worker_stack_bytes(&shared.config());
         for index in 0..n_workers {
-            let (shared, rx, done) = (Arc::clone(shared), rx.clone(), done_tx.clone());
+            let (shared, queue, done) = (Arc::clone(shared), Arc::clone(&queue), done_tx.clone());
             thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .stack_size(stack)
-                .spawn(move || worker(&shared, &rx, &done))
+                .spawn(move || worker(&shared, &queue, &done))
                 .map_err(|err| {
-                    // Workers already started end when the queue's sender is dropped below.
+                    // Workers already started end when the queue is closed (dropped) below.
                     ServerError::Spawn {
                         index: index + 1,
                         total: n_workers,
@@ -264,15 +270,13 @@ impl Server {
         );
         self.handle.notifier.ready(&shared.status());
 
-        self.accept_loop(&tx);
+        self.accept_loop(&queue);
 
         // Stopping: no new connections; tell the queued ones and let the workers finish theirs.
-        drop(tx);
-        while let Ok(job) = rx.try_recv() {
+        for job in queue.close() {
             Stats::sub(&shared.stats.queued, 1);
             refuse(&job.stream, ERR_SHUTDOWN);
         }
-        drop(rx);
         let grace = shared.config().server.shutdown_grace;
         let mut finished = wait_for(&done_rx, n_workers, Instant::now() + grace);
         if finished < n_workers {
@@ -298,7 +302,7 @@ impl Server {
         Ok(())
     }
 
-    fn accept_loop(&self, tx: &Sender<Job>) {
+    fn accept_loop(&self, queue: &Queue) {
         let shared = &self.handle.shared;
         let listener = &*self.handle.listener;
         let notifier = &self.handle.notifier;
@@ -330,6 +334,7 @@ impl Server {
             }
             let cfg = shared.config();
             shared.summarise_refusals(cfg.log.refusal_summary);
+            make_room(shared, queue, cfg.server.queue_timeout);
             let (stream, addr) = match accepted {
                 Ok(pair) => pair,
                 Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
@@ -396,24 +401,75 @@ impl Server {
                     continue;
                 }
             };
-            Stats::add(&shared.stats.queued, 1);
-            match offer(shared, tx, Job { stream, peer, slot }) {
-                Ok(()) => {}
-                Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
-                    Stats::sub(&shared.stats.queued, 1);
-                    Stats::add(&shared.stats.refused_busy, 1);
-                    refuse(&job.stream, ERR_BUSY);
-                    let cfg = &cfg.server;
-                    shared.refused(Why::Busy, Some(peer.ip()), || {
-                        format!(
-                            "{peer} refused: busy ({} connections served, the limit of server.max_connections, and {} waiting, the limit of server.queue_depth)",
-                            cfg.max_connections, cfg.queue_depth
-                        )
-                    });
+            // The queue is full (workers about to take a connection count as room): a newcomer
+            // from an address holding fewer connections than the heaviest waiting one takes that
+            // one's place; otherwise it is refused.
+            let room = cfg.server.queue_depth + shared.idle_workers.load(Ordering::SeqCst);
+            if queue.len() >= room {
+                let mine = shared.per_ip.open_from(peer.ip());
+                match queue.displace(|ip| shared.per_ip.open_from(ip), mine) {
+                    Some(w) => refuse_waiting(shared, w, "displaced by a lighter address"),
+                    None => {
+                        Stats::add(&shared.stats.refused_busy, 1);
+                        refuse(&stream, ERR_BUSY);
+                        let cfg = &cfg.server;
+                        shared.refused(Why::Busy, Some(peer.ip()), || {
+                            format!(
+                                "{peer} refused: busy ({} connections served, the limit of server.max_connections, and {} waiting, the limit of server.queue_depth)",
+                                cfg.max_connections, cfg.queue_depth
+                            )
+                        });
+                        continue;
+                    }
                 }
             }
+            Stats::add(&shared.stats.queued, 1);
+            queue.push(Job { stream, peer, slot }, Instant::now());
+            make_room(shared, queue, cfg.server.queue_timeout);
         }
     }
+}
+
+/// Tells `ERR busy` to the queued connections that waited `queue_timeout` for a worker, and, while
+/// connections wait and no worker is free, chooses served connections to make room for them
+/// (`evict::Board`): one per waiting connection, among those whose peer has kept them waiting
+/// `EVICT_AFTER` or longer.
+fn make_room(shared: &Shared, queue: &Queue, queue_timeout: Duration) {
+    for w in queue.expired(Instant::now(), queue_timeout) {
+        refuse_waiting(
+            shared,
+            w,
+            "no worker freed up within server.queue_timeout_secs",
+        );
+    }
+    let waiting = queue.len();
+    let free = shared.idle_workers.load(Ordering::SeqCst) + shared.board.evicting();
+    for _ in free..waiting {
+        // The chosen connection's `offline` line says why it ended.
+        match shared.board.evict_one(EVICT_AFTER) {
+            Some(e) => log::debug!(
+                "making room for a waiting connection: ending one from {} that {}",
+                e.ip,
+                if e.writing {
+                    "does not take what is written to it"
+                } else {
+                    "waited longest for its peer"
+                }
+            ),
+            None => break,
+        }
+    }
+}
+
+/// Tells a queued connection `ERR busy` and ends it.
+fn refuse_waiting(shared: &Shared, w: Job, why: &str) {
+    Stats::sub(&shared.stats.queued, 1);
+    Stats::add(&shared.stats.refused_busy, 1);
+    refuse(&w.stream, ERR_BUSY);
+    let peer = w.peer;
+    shared.refused(Why::Busy, Some(peer.ip()), || {
+        format!("{peer} refused: busy (waited in the queue: {why})")
+    });
 }
 
 /// The `max_per_ip` cap for `ip`: none for loopback peers under `access.exempt_loopback`.
@@ -537,24 +593,6 @@ fn refuse(stream: &TcpStream, line: &[u8]) {
     let _ = (&*stream).write_all(line);
 }
 
-/// Puts a connection in the queue. When the queue is full but some worker is idle (it has been
-/// woken and not yet run, which happens in bursts on a loaded machine), yields a few times for it
-/// to take its job instead of refusing: at most `OFFER_YIELDS` yields, so the accept thread never
-/// waits on the workers for more than a few scheduler slices.
-fn offer(shared: &Shared, tx: &Sender<Job>, job: Job) -> Result<(), TrySendError<Job>> {
-    let mut job = job;
-    for _ in 0..OFFER_YIELDS {
-        match tx.try_send(job) {
-            Err(TrySendError::Full(back)) if shared.idle_workers.load(Ordering::SeqCst) > 0 => {
-                job = back;
-                thread::yield_now();
-            }
-            other => return other,
-        }
-    }
-    tx.try_send(job)
-}
-
 fn wait_for(done: &Receiver<()>, n: usize, deadline: Instant) -> usize {
     let mut got = 0;
     while got < n && done.recv_deadline(deadline).is_ok() {
@@ -563,12 +601,12 @@ fn wait_for(done: &Receiver<()>, n: usize, deadline: Instant) -> usize {
     got
 }
 
-fn worker(shared: &Shared, rx: &Receiver<Job>, done: &Sender<()>) {
+fn worker(shared: &Shared, queue: &Queue, done: &Sender<()>) {
     loop {
         shared.idle_workers.fetch_add(1, Ordering::SeqCst);
-        let job = rx.recv();
+        let job = queue.pop();
         shared.idle_workers.fetch_sub(1, Ordering::SeqCst);
-        let Ok(job) = job else { break };
+        let Some(job) = job else { break };
         Stats::sub(&shared.stats.queued, 1);
         let peer = job.peer;
         // A bug in one connection's handling must not cost the daemon a worker.

@@ -11,6 +11,7 @@ use crate::auth::Key;
 use crate::config::Config;
 use crate::daemon::access::{PerIp, Slot};
 use crate::daemon::chat::Room;
+use crate::daemon::evict::Board;
 use crate::daemon::refusals::{Refusals, Why};
 use crate::daemon::registry::Registry;
 use crate::daemon::stats::Stats;
@@ -42,6 +43,8 @@ pub struct Shared {
     pub room: Room,
     /// Connections open per address.
     pub per_ip: Arc<PerIp>,
+    /// The served connections, for making room when every worker is busy.
+    pub board: Board,
     /// Workers waiting for a connection right now.
     pub idle_workers: AtomicUsize,
     hash_pool: Option<HashPool>,
@@ -59,6 +62,7 @@ impl Shared {
             conns: Registry::default(),
             room: Room::default(),
             per_ip: Arc::new(PerIp::default()),
+            board: Board::default(),
             idle_workers: AtomicUsize::new(0),
             hash_pool,
             stopping: AtomicBool::new(false),
