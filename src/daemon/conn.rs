@@ -356,6 +356,11 @@ impl Conn<'_> {
                 if let Err(reason) = self.fill_more(input, deadline) {
                     return reason;
                 }
+                // Chosen to make room while the peer's bytes were still arriving (shutting the
+                // read side lets queued bytes through first): end now.
+                if self.place.is_evicted() {
+                    return self.evicted();
+                }
             }
             let data = input.data();
             let n = proto::text_len(data, at_message_start);
@@ -394,7 +399,9 @@ impl Conn<'_> {
                 self.chat_text(text);
             } else {
                 // A peer that does not take the echo may be chosen to make room meanwhile.
-                self.place.writing();
+                if !self.place.writing() {
+                    return self.evicted();
+                }
                 if let Err(e) = self.write_all(text) {
                     if self.place.is_evicted() {
                         return Reason::Evicted;
@@ -428,6 +435,9 @@ impl Conn<'_> {
                 input.start = 0;
                 input.end = 0;
                 self.fill_more(input, deadline)?;
+                if self.place.is_evicted() {
+                    return Err(self.evicted());
+                }
             }
             let data = input.data();
             let n = proto::text_len(data, self.auth_line.is_empty());
@@ -597,9 +607,17 @@ impl Conn<'_> {
         }
     }
 
-    /// This connection was chosen to make room: tell the peer why.
+    /// This connection was chosen to make room: tell the peer why. Without waiting: a peer that
+    /// does not read is not told (in chat mode the line goes through the writer's queue).
     fn evicted(&mut self) -> Reason {
-        self.say(ERR_EVICTED);
+        if self.chat.is_some() {
+            self.say(ERR_EVICTED);
+        } else if self.stream.set_nonblocking(true).is_ok() {
+            if self.write_all(ERR_EVICTED).is_err() {
+                log::debug!("{} could not be told why it was ended", self.peer);
+            }
+            let _ = self.stream.set_nonblocking(false);
+        }
         Reason::Evicted
     }
 
@@ -794,9 +812,12 @@ impl Conn<'_> {
             Some(chat) => {
                 let _ = chat.seat.tx.try_send(Arc::from(line));
             }
-            None => {
+            // A peer that does not read may be chosen to make room while this blocks (and one
+            // chosen already is told by `evicted`, not here).
+            None if self.place.writing() => {
                 let _ = self.write_all(line);
             }
+            None => {}
         }
     }
 }

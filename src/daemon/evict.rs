@@ -171,9 +171,9 @@ impl Place<'_> {
     }
 
     /// The worker is about to write to the peer: if the peer does not take it, the connection
-    /// may be chosen (its wait counts from now).
-    pub fn writing(&self) {
-        self.set((self.board.since(Instant::now()) << 1) | WRITING);
+    /// may be chosen (its wait counts from now). False if it was chosen already: it must end.
+    pub fn writing(&self) -> bool {
+        self.set((self.board.since(Instant::now()) << 1) | WRITING)
     }
 
     /// The worker is in the middle of something that must not be cut (a file frame). False if

@@ -11,7 +11,7 @@
 //! receive timeout) to feed the systemd watchdog, refresh `STATUS=`, and do the above, so a
 //! hung accept loop stops the watchdog and gets the service restarted.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
@@ -52,6 +52,8 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// A served connection is chosen to make room only once its peer has kept it waiting this long
 /// (for a line, or to take what was written), so that a conversation in progress is not cut.
 const EVICT_AFTER: Duration = Duration::from_secs(1);
+/// At most this many reads of 4 KiB drop what a refused peer already sent (without waiting).
+const REFUSE_DRAIN_READS: usize = 16;
 /// Errors that keep the server from starting.
 #[derive(Debug)]
 pub enum ServerError {
@@ -585,12 +587,22 @@ fn load_key(cfg: &Config) -> Result<Option<Arc<Key>>, KeyError> {
     Ok(Some(Arc::new(key)))
 }
 
-/// Writes a one-line refusal without ever blocking the caller, then closes the connection.
+/// Writes a one-line refusal without ever blocking the caller, then ends the sending side and
+/// drops what the peer already sent, so that the close that follows is a clean end of stream
+/// rather than a reset that could destroy the line.
 fn refuse(stream: &TcpStream, line: &[u8]) {
     // A fresh socket's send buffer is empty, so a non-blocking write of a short line succeeds; if
     // it does not, the peer is gone and there is nobody to tell.
     let _ = stream.set_nonblocking(true);
     let _ = (&*stream).write_all(line);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut scratch = [0u8; 4096];
+    for _ in 0..REFUSE_DRAIN_READS {
+        match (&*stream).read(&mut scratch) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
 }
 
 fn wait_for(done: &Receiver<()>, n: usize, deadline: Instant) -> usize {
