@@ -12,7 +12,9 @@ ferryd — a small TCP daemon that echoes text and stores uploaded files
 
 Usage:
   ferryd [--config PATH]                 run the daemon
-  ferryd check-config [--config PATH]    validate a config and print the effective settings
+  ferryd check-config [--quiet] [--config PATH]
+                                         validate a config (and the key file, upload directory
+                                         and addresses it names) and print the effective settings
   ferryd send --to HOST:PORT [--timeout SECS] [--key-file PATH] FILE...
                                          upload files over one connection, one answer per file
   ferryd pack FILE...                    write the same frames to stdout, for netcat:
@@ -22,6 +24,7 @@ Usage:
 Options:
   -c, --config PATH   config file; without it: $FERRYD_CONFIG, else /etc/ferryd/config.toml
                       if it exists, else the built-in defaults (127.0.0.1:7878, echo)
+  -q, --quiet         (check-config) print nothing when the config is valid
       --to HOST:PORT  (send) the server to upload to
       --timeout SECS  (send) connect timeout, and how long a stalled write may block; default 5
       --key-file PATH (send) the shared upload key, for servers with files.token_file
@@ -40,9 +43,10 @@ pub enum Command {
     Run {
         config: Option<PathBuf>,
     },
-    /// Validate the configuration and print it.
+    /// Validate the configuration and print it (unless `quiet`).
     CheckConfig {
         config: Option<PathBuf>,
+        quiet: bool,
     },
     /// Upload files to a server.
     Send(SendOptions),
@@ -68,11 +72,13 @@ where
     let mut to = None;
     let mut timeout = None;
     let mut key_file = None;
+    let mut quiet = false;
     let mut files = Vec::new();
     while let Some(arg) = parser.next()? {
         match arg {
             Short('c') | Long("config") => config = Some(PathBuf::from(parser.value()?)),
-            Long("to") => to = Some(parser.value()?.string()?),
+            Long("to") => to = Some(parse_to(&parser.value()?.string()?)?),
+            Short('q') | Long("quiet") => quiet = true,
             Long("timeout") => timeout = Some(parse_timeout(&parser.value()?.string()?)?),
             Long("key-file") => key_file = Some(PathBuf::from(parser.value()?)),
             Short('h') | Long("help") => return Ok(Command::Help),
@@ -105,6 +111,7 @@ where
         ("--to", to.is_some(), sub == "send"),
         ("--timeout", timeout.is_some(), sub == "send"),
         ("--key-file", key_file.is_some(), sub == "send"),
+        ("--quiet", quiet, sub == "check-config"),
     ];
     if let Some((flag, ..)) = misplaced
         .iter()
@@ -113,7 +120,7 @@ where
         return Err(format!("{flag} does not apply to '{sub}'").into());
     }
     Ok(match sub {
-        "check-config" => Command::CheckConfig { config },
+        "check-config" => Command::CheckConfig { config, quiet },
         "send" => {
             let to = to.ok_or("send needs --to HOST:PORT")?;
             if files.is_empty() {
@@ -133,6 +140,19 @@ where
     })
 }
 
+/// `HOST:PORT` or `[IPv6]:PORT` with a port in 1–65535; the name is resolved when connecting.
+fn parse_to(s: &str) -> Result<String, lexopt::Error> {
+    let bad = || -> lexopt::Error {
+        format!("--to {s}: expected HOST:PORT, e.g. 127.0.0.1:7878 or [::1]:7878").into()
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let bare_v6 = host.contains(':') && !(host.starts_with('[') && host.ends_with(']'));
+    if host.is_empty() || bare_v6 || !matches!(port.parse::<u16>(), Ok(p) if p > 0) {
+        return Err(bad());
+    }
+    Ok(s.to_string())
+}
+
 fn parse_timeout(s: &str) -> Result<Duration, lexopt::Error> {
     match s.parse::<f64>() {
         Ok(secs) if secs > 0.0 && secs <= 3600.0 => Ok(Duration::from_secs_f64(secs)),
@@ -150,7 +170,7 @@ mod tests {
 
     #[test]
     fn commands() {
-        let cases: [(&[&str], Command); 6] = [
+        let cases: [(&[&str], Command); 7] = [
             (&[], Command::Run { config: None }),
             (
                 &["--config", "a.toml"],
@@ -162,6 +182,14 @@ mod tests {
                 &["check-config", "-c", "b.toml"],
                 Command::CheckConfig {
                     config: Some("b.toml".into()),
+                    quiet: false,
+                },
+            ),
+            (
+                &["check-config", "--quiet"],
+                Command::CheckConfig {
+                    config: None,
+                    quiet: true,
                 },
             ),
             (
@@ -206,7 +234,7 @@ mod tests {
 
     #[test]
     fn errors() {
-        let cases: [&[&str]; 13] = [
+        let cases: [&[&str]; 20] = [
             &["--nope"],
             &["frobnicate"],
             &["--config"],
@@ -220,6 +248,13 @@ mod tests {
             &["send", "--config", "c", "--to", "h:1", "a"],
             &["--to", "h:1"],
             &["check-config", "x"],
+            &["--quiet"],
+            &["send", "--to", "127.0.0.1", "a"],
+            &["send", "--to", "127.0.0.1:", "a"],
+            &["send", "--to", ":7878", "a"],
+            &["send", "--to", "::1", "a"],
+            &["send", "--to", "h:0", "a"],
+            &["send", "--to", "h:65536", "a"],
         ];
         for args in cases {
             assert!(parse(args.iter().copied()).is_err(), "{args:?}");

@@ -3,6 +3,8 @@
 
 #![forbid(unsafe_code)]
 
+use std::fmt::Display;
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -17,20 +19,14 @@ fn main() -> ExitCode {
     let command = match ferryd::parse_args(std::env::args_os().skip(1)) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("ferryd: {e}\nTry 'ferryd --help'.");
+            say(format_args!("{e}\nTry 'ferryd --help'."));
             return ExitCode::from(EXIT_USAGE);
         }
     };
     match command {
-        Command::Help => {
-            print!("{}", ferryd::HELP);
-            ExitCode::SUCCESS
-        }
-        Command::Version => {
-            println!("ferryd {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        Command::CheckConfig { config } => check_config(config),
+        Command::Help => print_out(ferryd::HELP),
+        Command::Version => print_out(&format!("ferryd {}\n", env!("CARGO_PKG_VERSION"))),
+        Command::CheckConfig { config, quiet } => check_config(config, quiet),
         Command::Send(opts) => send(&opts),
         Command::Pack { files } => pack(&files),
         Command::Run { config } => run(config),
@@ -44,21 +40,47 @@ fn load(flag: Option<PathBuf>) -> Result<(Origin, Config), ConfigError> {
     Ok((origin, config))
 }
 
-fn check_config(flag: Option<PathBuf>) -> ExitCode {
-    match load(flag) {
-        Ok((origin, config)) => {
-            println!(
-                "# ferryd {}: effective configuration from {origin}",
-                env!("CARGO_PKG_VERSION")
-            );
-            print!("{config}");
-            ExitCode::SUCCESS
-        }
+/// Writes `text` to stderr as `ferryd: text`. A closed or broken stderr loses the line, nothing
+/// else (`eprintln!` would panic).
+fn say(text: impl Display) {
+    let _ = writeln!(io::stderr().lock(), "ferryd: {text}");
+}
+
+/// Writes `text` to stdout. A reader that stopped reading (`ferryd check-config | head -1`) is
+/// not a failure: what it wanted it got. Any other write error is (exit 1).
+fn print_out(text: &str) -> ExitCode {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferryd: config error: {e}");
-            ExitCode::from(EXIT_CONFIG)
+            say(format_args!("cannot write to stdout: {e}"));
+            ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// Parses the file and runs the daemon's own start-up checks on what it names (key file, upload
+/// directory, addresses): what passes here passes at start, and what fails exits 78 in both.
+fn check_config(flag: Option<PathBuf>, quiet: bool) -> ExitCode {
+    let (origin, config) = match load(flag) {
+        Ok(pair) => pair,
+        Err(e) => {
+            say(format_args!("config error: {e}"));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = ferryd::preflight(&config) {
+        say(format_args!("config error: {origin}: {e}"));
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if quiet {
+        return ExitCode::SUCCESS;
+    }
+    print_out(&format!(
+        "# ferryd {}: effective configuration from {origin}\n{config}",
+        env!("CARGO_PKG_VERSION")
+    ))
 }
 
 fn send(opts: &SendOptions) -> ExitCode {
@@ -66,11 +88,14 @@ fn send(opts: &SendOptions) -> ExitCode {
         Ok(stored) if stored.iter().all(|&ok| ok) => ExitCode::SUCCESS,
         Ok(stored) => {
             let failed = stored.iter().filter(|&&ok| !ok).count();
-            eprintln!("ferryd: {failed} of {} file(s) not stored", stored.len());
+            say(format_args!(
+                "{failed} of {} file(s) not stored",
+                stored.len()
+            ));
             ExitCode::from(EXIT_FAILURE)
         }
         Err(e) => {
-            eprintln!("ferryd: {e}");
+            say(e);
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -80,7 +105,7 @@ fn pack(files: &[PathBuf]) -> ExitCode {
     match ferryd::pack(files, &mut std::io::stdout().lock()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferryd: {e}");
+            say(e);
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -88,13 +113,13 @@ fn pack(files: &[PathBuf]) -> ExitCode {
 
 fn run(flag: Option<PathBuf>) -> ExitCode {
     if let Err(e) = ferryd::block_reload_signal() {
-        eprintln!("ferryd: {e}");
+        say(e);
         return ExitCode::from(EXIT_FAILURE);
     }
     let (origin, config) = match load(flag) {
         Ok(pair) => pair,
         Err(e) => {
-            eprintln!("ferryd: config error: {e}");
+            say(format_args!("config error: {e}"));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -107,7 +132,11 @@ fn run(flag: Option<PathBuf>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(if e.is_config() {
+                EXIT_CONFIG
+            } else {
+                EXIT_FAILURE
+            })
         }
     }
 }

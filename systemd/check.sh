@@ -55,7 +55,7 @@ fi
 for u in "${UNITS[@]}"; do
     src=$here/$u
     [[ -f $src ]] || die "missing $src"
-    sed "s|^ExecStart=$INSTALLED_BIN |ExecStart=$bin |" "$src" >"$tmp/$u"
+    sed -E "s|^(Exec[A-Za-z]+=)$INSTALLED_BIN |\1$bin |" "$src" >"$tmp/$u"
     if [[ $u == *.service ]] && ! grep -q "^ExecStart=$bin " "$tmp/$u"; then
         echo "FAIL $u: no 'ExecStart=$INSTALLED_BIN ' line to rewrite" >&2
         fail=1

@@ -11,6 +11,8 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 /// A listening socket that could not be made, naming the address.
 #[derive(Debug)]
 pub struct BindError {
+    /// "tcp" or "udp".
+    pub proto: &'static str,
     pub addr: SocketAddr,
     pub err: io::Error,
 }
@@ -19,7 +21,7 @@ impl fmt::Display for BindError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let hint = match self.err.kind() {
             io::ErrorKind::AddrInUse => {
-                " (another process is listening there; pick another server.port or stop it)"
+                " (another process, perhaps another ferryd, has that port; pick another port or stop it)"
             }
             io::ErrorKind::PermissionDenied => " (ports below 1024 need CAP_NET_BIND_SERVICE)",
             io::ErrorKind::AddrNotAvailable => {
@@ -27,7 +29,11 @@ impl fmt::Display for BindError {
             }
             _ => "",
         };
-        write!(f, "cannot listen on {}: {}{hint}", self.addr, self.err)
+        write!(
+            f,
+            "cannot listen on {} {}: {}{hint}",
+            self.proto, self.addr, self.err
+        )
     }
 }
 
@@ -37,6 +43,8 @@ impl std::error::Error for BindError {}
 pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> Result<TcpListener, BindError> {
     let make = || -> io::Result<TcpListener> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        // SO_REUSEADDR on a TCP listener only lets it bind past connections in TIME_WAIT; Linux
+        // never lets a second socket listen on the same port with it (that takes SO_REUSEPORT).
         socket.set_reuse_address(true)?;
         if addr.is_ipv6() && addr.ip().is_unspecified() {
             socket.set_only_v6(false)?;
@@ -45,7 +53,11 @@ pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> Result<TcpListener, BindError
         socket.listen(backlog.min(i32::MAX as u32) as i32)?;
         Ok(socket.into())
     };
-    make().map_err(|err| BindError { addr, err })
+    make().map_err(|err| BindError {
+        proto: "tcp",
+        addr,
+        err,
+    })
 }
 
 /// Sets the options every accepted connection gets: no Nagle delay (echo and replies go out at

@@ -10,6 +10,7 @@ pub mod evict;
 pub mod fdlimit;
 pub mod listener;
 pub mod notify;
+pub mod preflight;
 pub mod ratelimit;
 pub mod refusals;
 pub mod registry;
@@ -27,6 +28,7 @@ use std::fmt;
 
 use crate::config::{Config, Origin};
 use notify::Notifier;
+use preflight::PreflightError;
 use server::{Server, ServerError};
 
 /// Why the daemon could not start, or stopped with an error.
@@ -36,6 +38,8 @@ pub enum DaemonError {
     Signals(String),
     /// The sockets systemd passed cannot be used.
     Activation(activation::ActivationError),
+    /// The configuration names a key, a directory or an address that cannot be used.
+    Config(PreflightError),
     /// Binding, the upload directory, the key or a thread.
     Server(ServerError),
 }
@@ -45,12 +49,26 @@ impl fmt::Display for DaemonError {
         match self {
             DaemonError::Signals(e) => f.write_str(e),
             DaemonError::Activation(e) => write!(f, "socket activation: {e}"),
+            DaemonError::Config(e) => write!(f, "config error: {e}"),
             DaemonError::Server(e) => write!(f, "{e}"),
         }
     }
 }
 
 impl std::error::Error for DaemonError {}
+
+impl DaemonError {
+    /// Whether the configuration is at fault (exit code 78), not the running system.
+    pub fn is_config(&self) -> bool {
+        matches!(self, DaemonError::Config(_))
+    }
+}
+
+/// The checks the daemon makes on a configuration before it serves (`check-config` runs them):
+/// the key file, the upload directory, the listening addresses.
+pub fn preflight(config: &Config) -> Result<(), PreflightError> {
+    preflight::check(config, true)
+}
 
 /// Blocks SIGHUP in the calling thread. Call before any other thread exists (the config is read
 /// after it), so that every thread inherits the mask and only the reload thread takes SIGHUP.
@@ -62,6 +80,7 @@ pub fn block_reload_signal() -> Result<(), DaemonError> {
 /// its own), opens the store, installs the signal handlers and serves.
 pub fn serve(config: Config, origin: Origin) -> Result<(), DaemonError> {
     let activated = activation::from_env().map_err(DaemonError::Activation)?;
+    preflight::check(&config, activated.is_none()).map_err(DaemonError::Config)?;
     let server = Server::bind(config, origin, activated, Notifier::from_env())
         .map_err(DaemonError::Server)?;
     let (stop, reload) = (server.handle(), server.handle());

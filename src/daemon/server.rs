@@ -131,6 +131,12 @@ impl Server {
                 config.files.dir.display()
             );
         }
+        for (name, why) in &opened.stale_kept {
+            log::warn!(
+                "cannot remove stale entry {}/{name}: {why}; left it in place (remove it by hand)",
+                config.files.dir.display()
+            );
+        }
         log::info!(
             "storing uploads in {} (on_conflict {}, max {} B per file)",
             opened.store.dir().display(),
@@ -534,8 +540,9 @@ impl Handle {
         let store = if plan.effective.files == old.files {
             self.shared.snapshot().store.clone()
         } else {
-            // In-flight uploads keep the store they started with.
-            match Store::open(&plan.effective.files, false) {
+            // In-flight uploads keep the store they started with; the new store goes on counting
+            // the space they reserved.
+            match self.shared.snapshot().store.reopen(&plan.effective.files) {
                 Ok(opened) => Arc::new(opened.store),
                 Err(e) => {
                     log::error!(

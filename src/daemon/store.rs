@@ -4,17 +4,22 @@
 //! Invariant: a file under a final name is complete and verified. Until `Pending::commit`, the
 //! bytes live in `.ferryd-<random>.part`, which no upload can name and which is removed on any
 //! failure (and at start-up, if a crash left one behind).
+//!
+//! Every file operation goes through one open handle on the directory (`*at` calls), so a temp
+//! file and its rename always meet in the same directory. Before each upload the handle is
+//! checked against the path: a directory that was removed or replaced is reopened (created
+//! again if missing, as at start-up) before a byte of body is read.
 
 use std::ffi::OsStr;
 use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::fs::{self, DirBuilder, File, Permissions};
 use std::io::{self, Write};
 use std::num::NonZeroU64;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use rustix::fs::{Advice, RenameFlags};
+use rustix::fs::{Advice, AtFlags, Mode, OFlags, RenameFlags};
 
 use crate::config::{FilesConfig, OnConflict};
 use crate::proto::name::RESERVED_PREFIX;
@@ -81,11 +86,13 @@ fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
-    /// An open handle on the directory: the anchor for `*at` calls and for fsync.
-    dir_handle: File,
+    /// An open handle on the directory: the anchor for `*at` calls and for fsync. Replaced when
+    /// the directory at `dir` is no longer the one it names.
+    dir_handle: RwLock<Arc<File>>,
     cfg: FilesConfig,
-    /// Bytes promised to uploads in progress and not yet written.
-    reserved: Mutex<u64>,
+    /// Bytes promised to uploads in progress and not yet written; shared with the store a reload
+    /// replaces this one with, so uploads in flight stay counted.
+    reserved: Arc<Mutex<u64>>,
 }
 
 /// What `Store::open` found.
@@ -94,48 +101,113 @@ pub struct Opened {
     pub store: Store,
     /// Stale `.part` files (left by a crash) that were removed.
     pub stale_removed: Vec<String>,
+    /// Entries with a temp file's name that were left in place, each with the reason.
+    pub stale_kept: Vec<(String, String)>,
 }
 
 impl Store {
     /// Creates the directory if missing, removes stale temp files if `clean_stale` (at start-up;
     /// not on a reload, when uploads may be in flight) and checks that a file can be created.
+    /// A stale entry that cannot be removed (a directory, an undeletable file) is reported in
+    /// `stale_kept`, never an error.
     pub fn open(cfg: &FilesConfig, clean_stale: bool) -> Result<Opened, StoreError> {
+        Store::open_counting(cfg, clean_stale, Arc::new(Mutex::new(0)))
+    }
+
+    /// `open` for a reload: the new store keeps counting the space reserved by uploads that
+    /// started under `self`.
+    pub fn reopen(&self, cfg: &FilesConfig) -> Result<Opened, StoreError> {
+        Store::open_counting(cfg, false, Arc::clone(&self.reserved))
+    }
+
+    fn open_counting(
+        cfg: &FilesConfig,
+        clean_stale: bool,
+        reserved: Arc<Mutex<u64>>,
+    ) -> Result<Opened, StoreError> {
         let dir = cfg.dir.clone();
-        let existed = dir.is_dir();
-        DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(&dir)
-            .map_err(io_err("create the upload directory"))?;
-        if !existed {
-            // The umask may have narrowed the mode; a directory we create gets exactly 0750.
-            fs::set_permissions(&dir, Permissions::from_mode(DIR_MODE))
-                .map_err(io_err("set the upload directory's mode"))?;
-        }
-        let dir_handle = File::open(&dir).map_err(io_err("open the upload directory"))?;
+        let dir_handle = open_dir(&dir)?;
         let mut stale_removed = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io_err("list the upload directory"))? {
-            let entry = entry.map_err(io_err("list the upload directory"))?;
-            let name = entry.file_name();
-            if clean_stale && is_temp_name(&name) {
-                fs::remove_file(entry.path()).map_err(io_err("remove a stale .part file"))?;
-                stale_removed.push(name.to_string_lossy().into_owned());
+        let mut stale_kept = Vec::new();
+        if clean_stale {
+            for entry in fs::read_dir(&dir).map_err(io_err("list the upload directory"))? {
+                let entry = entry.map_err(io_err("list the upload directory"))?;
+                let name = entry.file_name();
+                if !is_temp_name(&name) {
+                    continue;
+                }
+                let shown = name.to_string_lossy().into_owned();
+                match entry.file_type() {
+                    Ok(t) if t.is_file() || t.is_symlink() => {}
+                    Ok(_) => {
+                        stale_kept.push((shown, "not a regular file".to_string()));
+                        continue;
+                    }
+                    Err(e) => {
+                        stale_kept.push((shown, e.to_string()));
+                        continue;
+                    }
+                }
+                match rustix::fs::unlinkat(&dir_handle, &name, AtFlags::empty()) {
+                    Ok(()) => stale_removed.push(shown),
+                    Err(e) => stale_kept.push((shown, io::Error::from(e).to_string())),
+                }
             }
         }
         let store = Store {
             dir,
-            dir_handle,
+            dir_handle: RwLock::new(Arc::new(dir_handle)),
             cfg: cfg.clone(),
-            reserved: Mutex::new(0),
+            reserved,
         };
         // Fail at start-up, not on the first upload, if the directory is not writable.
-        let (probe, path) = store.create_temp()?;
+        let handle = store.handle();
+        let (probe, temp_name) = create_temp(&handle, store.cfg.file_mode)?;
         drop(probe);
-        fs::remove_file(&path).map_err(io_err("remove the probe file"))?;
+        rustix::fs::unlinkat(&*handle, temp_name.as_str(), AtFlags::empty()).map_err(|e| {
+            StoreError::Io {
+                op: "remove the probe file",
+                err: e.into(),
+            }
+        })?;
         Ok(Opened {
             store,
             stale_removed,
+            stale_kept,
         })
+    }
+
+    fn handle(&self) -> Arc<File> {
+        Arc::clone(
+            &self
+                .dir_handle
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// The handle on the directory now at `dir`: the open one if it still is that directory,
+    /// else a new one (the directory created again if it is gone).
+    fn current_handle(&self) -> Result<Arc<File>, StoreError> {
+        let handle = self.handle();
+        if same_dir(&handle, &self.dir) {
+            return Ok(handle);
+        }
+        let mut slot = self
+            .dir_handle
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if same_dir(&slot, &self.dir) {
+            // Another upload reopened it meanwhile.
+            return Ok(Arc::clone(&slot));
+        }
+        let fresh = Arc::new(open_dir(&self.dir)?);
+        log::warn!(
+            "upload directory {} was removed or replaced while running; using the directory now at that path",
+            self.dir.display()
+        );
+        *slot = Arc::clone(&fresh);
+        Ok(fresh)
     }
 
     pub fn dir(&self) -> &Path {
@@ -151,20 +223,28 @@ impl Store {
                 max: self.cfg.max_file_size,
             });
         }
-        if self.cfg.on_conflict == OnConflict::Reject
-            && self.dir.join(name).symlink_metadata().is_ok()
-        {
-            // An early answer saves the transfer; `commit` still refuses atomically if the name
-            // appears meanwhile.
-            return Err(StoreError::Exists(name.to_string()));
+        let dir = self.current_handle()?;
+        // Early answers save the transfer; `commit` still refuses atomically if a name is taken
+        // meanwhile.
+        match self.cfg.on_conflict {
+            OnConflict::Reject if exists_at(&dir, name) => {
+                return Err(StoreError::Exists(name.to_string()));
+            }
+            OnConflict::Rename
+                if (0..=MAX_RENAMES).all(|n| exists_at(&dir, &numbered(name, n))) =>
+            {
+                return Err(StoreError::NoFreeName(name.to_string()));
+            }
+            _ => {}
         }
-        let reservation = self.reserve(size)?;
+        let reservation = self.reserve(&dir, size)?;
         // On an error the reservation's drop gives the space back.
-        let (file, temp_path) = self.create_temp()?;
+        let (file, temp_name) = create_temp(&dir, self.cfg.file_mode)?;
         Ok(Pending {
             reservation,
+            dir,
             file,
-            temp_path,
+            temp_name,
             name: name.to_string(),
             size,
             written: 0,
@@ -174,8 +254,8 @@ impl Store {
     }
 
     /// Reserves `size` bytes of free space, or says how much is usable.
-    fn reserve(&self, size: u64) -> Result<Reservation<'_>, StoreError> {
-        let vfs = rustix::fs::fstatvfs(&self.dir_handle).map_err(|e| StoreError::Io {
+    fn reserve(&self, dir: &File, size: u64) -> Result<Reservation<'_>, StoreError> {
+        let vfs = rustix::fs::fstatvfs(dir).map_err(|e| StoreError::Io {
             op: "read the free space of the upload directory",
             err: e.into(),
         })?;
@@ -199,50 +279,17 @@ impl Store {
         *reserved = reserved.saturating_sub(n);
     }
 
-    /// Creates `.ferryd-<random>.part` exclusively (O_EXCL), retrying on the rare collision.
-    fn create_temp(&self) -> Result<(File, PathBuf), StoreError> {
-        let mut last = None;
-        for _ in 0..8 {
-            let path = self.dir.join(format!(
-                "{RESERVED_PREFIX}{:016x}{PART_SUFFIX}",
-                random_u64()
-            ));
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(self.cfg.file_mode)
-                .open(&path)
-            {
-                Ok(file) => return Ok((file, path)),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
-                Err(e) => {
-                    return Err(StoreError::Io {
-                        op: "create a temporary file",
-                        err: e,
-                    });
-                }
-            }
-        }
-        Err(StoreError::Io {
-            op: "create a temporary file",
-            err: last.unwrap_or_else(|| io::Error::other("no free temporary name")),
-        })
-    }
-
-    /// Moves `temp` to `name` under the conflict policy; returns the name it got.
-    fn place(&self, temp: &Path, name: &str) -> Result<String, StoreError> {
-        let temp_name = temp.file_name().unwrap_or_default();
+    /// Moves `temp_name` to `name` in `dir` under the conflict policy; returns the name it got.
+    fn place(&self, dir: &File, temp_name: &str, name: &str) -> Result<String, StoreError> {
         match self.cfg.on_conflict {
             OnConflict::Overwrite => {
-                rustix::fs::renameat(&self.dir_handle, temp_name, &self.dir_handle, name).map_err(
-                    |e| StoreError::Io {
-                        op: "rename the file into place",
-                        err: e.into(),
-                    },
-                )?;
+                rustix::fs::renameat(dir, temp_name, dir, name).map_err(|e| StoreError::Io {
+                    op: "rename the file into place",
+                    err: e.into(),
+                })?;
                 Ok(name.to_string())
             }
-            OnConflict::Reject => match self.place_new(temp_name, name) {
+            OnConflict::Reject => match place_new(dir, temp_name, name) {
                 Ok(()) => Ok(name.to_string()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     Err(StoreError::Exists(name.to_string()))
@@ -255,7 +302,7 @@ impl Store {
             OnConflict::Rename => {
                 for n in 0..=MAX_RENAMES {
                     let candidate = numbered(name, n);
-                    match self.place_new(temp_name, &candidate) {
+                    match place_new(dir, temp_name, &candidate) {
                         Ok(()) => return Ok(candidate),
                         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                         Err(e) => {
@@ -270,21 +317,90 @@ impl Store {
             }
         }
     }
+}
 
-    /// Gives `temp_name` the name `name` only if `name` does not exist, atomically: renameat2
-    /// with RENAME_NOREPLACE, or on a file system without it, link(2) then unlink(2) (link never
-    /// replaces an existing name either).
-    fn place_new(&self, temp_name: &OsStr, name: &str) -> io::Result<()> {
-        let d = &self.dir_handle;
-        match rustix::fs::renameat_with(d, temp_name, d, name, RenameFlags::NOREPLACE) {
-            Ok(()) => return Ok(()),
-            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {}
-            Err(e) => return Err(e.into()),
-        }
-        rustix::fs::linkat(d, temp_name, d, name, rustix::fs::AtFlags::empty())?;
-        rustix::fs::unlinkat(d, temp_name, rustix::fs::AtFlags::empty())?;
-        Ok(())
+/// Gives `temp_name` the name `name` in `d` only if `name` does not exist, atomically: renameat2
+/// with RENAME_NOREPLACE, or on a file system without it, link(2) then unlink(2) (link never
+/// replaces an existing name either).
+fn place_new(d: &File, temp_name: &str, name: &str) -> io::Result<()> {
+    match rustix::fs::renameat_with(d, temp_name, d, name, RenameFlags::NOREPLACE) {
+        Ok(()) => return Ok(()),
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {}
+        Err(e) => return Err(e.into()),
     }
+    rustix::fs::linkat(d, temp_name, d, name, AtFlags::empty())?;
+    rustix::fs::unlinkat(d, temp_name, AtFlags::empty())?;
+    Ok(())
+}
+
+/// Creates the directory if missing (mode 0750) and opens it.
+fn open_dir(dir: &Path) -> Result<File, StoreError> {
+    let existed = dir.is_dir();
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(|err| {
+            if err.kind() == io::ErrorKind::AlreadyExists {
+                // create_dir_all reports "File exists" for a non-directory in the way.
+                StoreError::Io {
+                    op: "use the upload directory",
+                    err: io::Error::other(format!("{} is not a directory", dir.display())),
+                }
+            } else {
+                StoreError::Io {
+                    op: "create the upload directory",
+                    err,
+                }
+            }
+        })?;
+    if !existed {
+        // The umask may have narrowed the mode; a directory we create gets exactly 0750.
+        fs::set_permissions(dir, Permissions::from_mode(DIR_MODE))
+            .map_err(io_err("set the upload directory's mode"))?;
+    }
+    File::open(dir).map_err(io_err("open the upload directory"))
+}
+
+/// Whether `handle` is the directory now at `path` (same device and inode).
+fn same_dir(handle: &File, path: &Path) -> bool {
+    match (handle.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => b.is_dir() && a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Whether `name` exists in `dir` (a dangling symlink counts).
+fn exists_at(dir: &File, name: &str) -> bool {
+    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
+}
+
+/// Creates `.ferryd-<random>.part` in `dir` exclusively (O_EXCL, not following a symlink),
+/// retrying on the rare collision; returns the file and its name.
+fn create_temp(dir: &File, mode: u32) -> Result<(File, String), StoreError> {
+    let mut last = None;
+    for _ in 0..8 {
+        let name = format!("{RESERVED_PREFIX}{:016x}{PART_SUFFIX}", random_u64());
+        match rustix::fs::openat(
+            dir,
+            name.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        ) {
+            Ok(fd) => return Ok((File::from(fd), name)),
+            Err(rustix::io::Errno::EXIST) => last = Some(io::Error::from(rustix::io::Errno::EXIST)),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    op: "create a temporary file",
+                    err: e.into(),
+                });
+            }
+        }
+    }
+    Err(StoreError::Io {
+        op: "create a temporary file",
+        err: last.unwrap_or_else(|| io::Error::other("no free temporary name")),
+    })
 }
 
 /// Free space set aside for one upload and not yet written. Written bytes are given back as they
@@ -313,8 +429,10 @@ impl Drop for Reservation<'_> {
 /// reservation gives back the space not written).
 pub struct Pending<'a> {
     reservation: Reservation<'a>,
+    /// The directory the temp file is in, where it is renamed and which is fsynced.
+    dir: Arc<File>,
     file: File,
-    temp_path: PathBuf,
+    temp_name: String,
     name: String,
     size: u64,
     written: u64,
@@ -373,11 +491,12 @@ impl Pending<'_> {
             .set_permissions(mode)
             .map_err(io_err("set the file mode"))?;
         self.file.sync_all().map_err(io_err("sync the file"))?;
-        let stored = self.reservation.store.place(&self.temp_path, &self.name)?;
-        self.done = true;
-        self.reservation
+        let stored = self
+            .reservation
             .store
-            .dir_handle
+            .place(&self.dir, &self.temp_name, &self.name)?;
+        self.done = true;
+        self.dir
             .sync_all()
             .map_err(io_err("sync the upload directory"))?;
         Ok(stored)
@@ -387,7 +506,7 @@ impl Pending<'_> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let _ = fs::remove_file(&self.temp_path);
+            let _ = rustix::fs::unlinkat(&*self.dir, self.temp_name.as_str(), AtFlags::empty());
         }
     }
 }

@@ -32,18 +32,23 @@ const LOG_WIDTH: usize = 60;
 /// script's burst of a few hundred would overflow it.
 const RCVBUF: usize = 4 << 20;
 
-/// Binds the UDP socket (dual-stack for `::`, like the TCP listener).
+/// Binds the UDP socket (dual-stack for `::`, like the TCP listener). Without SO_REUSEADDR (and
+/// SO_REUSEPORT): on UDP that option would let another process bind the same port and take
+/// datagrams meant for ferryd; without it, such a bind fails, and a second ferryd fails at start.
 pub fn bind(addr: SocketAddr) -> Result<UdpSocket, BindError> {
     let make = || -> io::Result<UdpSocket> {
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        socket.set_reuse_address(true)?;
         if addr.is_ipv6() && addr.ip().is_unspecified() {
             socket.set_only_v6(false)?;
         }
         socket.bind(&addr.into())?;
         Ok(socket.into())
     };
-    make().map_err(|err| BindError { addr, err })
+    make().map_err(|err| BindError {
+        proto: "udp",
+        addr,
+        err,
+    })
 }
 
 /// Starts the echo thread; it ends once the daemon is stopping.

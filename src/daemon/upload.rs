@@ -138,8 +138,8 @@ pub fn receive(
             let code = match e {
                 StoreError::TooLarge { .. } => Code::TooLarge,
                 StoreError::NoSpace { .. } => Code::NoSpace,
-                StoreError::Exists(_) => Code::Exists,
-                StoreError::NoFreeName(_) | StoreError::Io { .. } => Code::Io,
+                StoreError::Exists(_) | StoreError::NoFreeName(_) => Code::Exists,
+                StoreError::Io { .. } => Code::Io,
             };
             log::warn!("{peer} file \"{shown}\" ({size} B) refused: {code}: {e}");
             return Outcome::Refused {
@@ -218,7 +218,7 @@ pub fn receive(
         }
         Err(e) => {
             let code = match e {
-                StoreError::Exists(_) => Code::Exists,
+                StoreError::Exists(_) | StoreError::NoFreeName(_) => Code::Exists,
                 _ => Code::Io,
             };
             log::error!("{peer} file \"{shown}\" not stored: {code}: {e}");

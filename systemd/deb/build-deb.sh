@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Builds ferryd's Debian package from a built binary, with dpkg-deb only (no cargo-deb to
+# compile, so CI and the real-systemd test build exactly this package in a second).
+#
+#   systemd/deb/build-deb.sh [PATH_TO_FERRYD [OUT_DIR]]
+#       defaults: target/release/ferryd, target/debian; prints the path of the .deb
+#
+# Contents: /usr/bin/ferryd (stripped), the three units in /usr/lib/systemd/system with their
+# Exec lines pointing at /usr/bin, /etc/ferryd/config.toml (a conffile), the documented full
+# config and the README in /usr/share/doc/ferryd, and the maintainer scripts next to this file
+# (postinst, prerm, postrm; each says its policy). Needs dpkg-deb, and strip and objdump from
+# binutils (installed wherever Rust links: apt-get install -y binutils).
+set -euo pipefail
+
+here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd -- "$here/../.." && pwd)
+die() { echo "build-deb.sh: $*" >&2; exit 2; }
+
+[[ $# -le 2 ]] || die "usage: $0 [PATH_TO_FERRYD [OUT_DIR]]"
+bin=${1:-$repo/target/release/ferryd}
+out=${2:-$repo/target/debian}
+[[ -f $bin && -x $bin ]] || die "no executable at '$bin' (cargo build --release first, or pass a path)"
+for tool in dpkg-deb dpkg strip objdump; do
+    command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y dpkg binutils)"
+done
+
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$repo/Cargo.toml" | head -1)
+[[ -n $version ]] || die "no version in $repo/Cargo.toml"
+arch=$(dpkg --print-architecture)
+
+pkg=$(mktemp -d -t ferryd-deb.XXXXXXXX)
+trap 'rm -rf -- "$pkg"' EXIT
+chmod 0755 "$pkg"
+install -d -m 0755 "$pkg/DEBIAN" "$pkg/usr/bin" "$pkg/usr/lib/systemd/system" \
+    "$pkg/etc/ferryd" "$pkg/usr/share/doc/ferryd"
+
+# Stripped: the release profile keeps line tables for profiling (11 MB); the package does not.
+strip --strip-all -o "$pkg/usr/bin/ferryd" "$bin"
+chmod 0755 "$pkg/usr/bin/ferryd"
+
+for unit in ferryd.service ferryd-activated.service ferryd-activated.socket; do
+    sed 's|/usr/local/bin/ferryd |/usr/bin/ferryd |g' "$repo/systemd/$unit" \
+        >"$pkg/usr/lib/systemd/system/$unit"
+    chmod 0644 "$pkg/usr/lib/systemd/system/$unit"
+    if grep -q '^[^#]*/usr/local/bin/ferryd' "$pkg/usr/lib/systemd/system/$unit"; then
+        die "$unit: a /usr/local/bin/ferryd path was not rewritten"
+    fi
+done
+install -m 0644 "$repo/systemd/config.toml" "$pkg/etc/ferryd/config.toml"
+install -m 0644 "$repo/config/config.toml" "$pkg/usr/share/doc/ferryd/config.toml.example"
+install -m 0644 "$repo/README.md" "$pkg/usr/share/doc/ferryd/README.md"
+cat >"$pkg/usr/share/doc/ferryd/copyright" <<'COPYRIGHT'
+Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: ferryd
+
+Files: *
+Copyright: ferryd developers
+License: MIT or Apache-2.0
+COPYRIGHT
+chmod 0644 "$pkg/usr/share/doc/ferryd/copyright"
+
+for script in postinst prerm postrm; do
+    install -m 0755 "$here/$script" "$pkg/DEBIAN/$script"
+done
+echo /etc/ferryd/config.toml >"$pkg/DEBIAN/conffiles"
+
+# The newest glibc symbol version the binary uses, as dpkg-shlibdeps would find it.
+glibc=$(objdump -T "$pkg/usr/bin/ferryd" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -Vu | tail -1)
+[[ -n $glibc ]] || die "no GLIBC_ symbol versions in the binary"
+size=$(du -sk --exclude=DEBIAN "$pkg" | cut -f1)
+cat >"$pkg/DEBIAN/control" <<CONTROL
+Package: ferryd
+Version: $version
+Architecture: $arch
+Maintainer: ferryd developers <dev@ferryd.invalid>
+Section: net
+Priority: optional
+Installed-Size: $size
+Depends: libc6 (>= $glibc), libgcc-s1
+Description: small synchronous TCP/UDP daemon: echo, chat and verified uploads
+ A small synchronous TCP/UDP daemon you can talk to with netcat: echo or chat
+ over TCP, a UDP echo, and verified file uploads (fixed binary header, BLAKE3,
+ atomic no-clobber commit). Ships hardened systemd units (plain and
+ socket-activated); none is enabled on install: enable one with systemctl.
+CONTROL
+
+mkdir -p "$out"
+deb="$out/ferryd_${version}_${arch}.deb"
+dpkg-deb --root-owner-group -Zxz --build "$pkg" "$deb" >/dev/null
+echo "$deb"
