@@ -623,7 +623,7 @@ fn wait_for(done: &Receiver<()>, n: usize, deadline: Instant) -> usize {
 fn worker(shared: &Shared, queue: &Queue, done: &Sender<()>) {
     loop {
         shared.idle_workers.fetch_add(1, Ordering::SeqCst);
-        let job = queue.pop();
+        let job = queue.pop(|ip| shared.per_ip.open_from(ip));
         shared.idle_workers.fetch_sub(1, Ordering::SeqCst);
         let Some(job) = job else { break };
         Stats::sub(&shared.stats.queued, 1);

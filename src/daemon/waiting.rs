@@ -1,8 +1,10 @@
-//! The work queue: accepted connections waiting for a worker, oldest first. The accept thread
-//! puts connections in and may take waiting ones back out to tell them `ERR busy`: those that
-//! waited longer than `server.queue_timeout_secs` (never silence), and, when the queue is full,
-//! one from the address holding the most connections if the newcomer's address holds fewer, so
-//! that a few addresses cannot keep everyone else out of the queue. Workers take from the front.
+//! The work queue: accepted connections waiting for a worker. The accept thread puts connections
+//! in and may take waiting ones back out to tell them `ERR busy`: those that waited longer than
+//! `server.queue_timeout_secs` (never silence), and, when the queue is full, one from the address
+//! holding the most connections if the newcomer's address holds fewer, so that a few addresses
+//! cannot keep everyone else out of the queue. A worker takes the connection whose address holds
+//! the fewest connections, the oldest among equals: a client from a quiet address does not wait
+//! behind a crowd from a busy one.
 //!
 //! A mutex and a condition variable rather than a channel, because a channel cannot give back a
 //! connection from its middle. Every critical section is a push, a pop or a short scan: nobody
@@ -29,14 +31,21 @@ struct State {
 }
 
 impl Queue {
-    /// A worker's wait for the next connection; `None` once the queue is closed.
-    pub fn pop(&self) -> Option<Job> {
+    /// A worker's wait for the next connection: the one whose address holds the fewest
+    /// connections (`held`), the oldest among equals. `None` once the queue is closed.
+    pub fn pop(&self, held: impl Fn(IpAddr) -> u32) -> Option<Job> {
         let mut state = self.lock();
         loop {
             if state.closed {
                 return None;
             }
-            if let Some((_, job)) = state.jobs.pop_front() {
+            let lightest = state
+                .jobs
+                .iter()
+                .enumerate()
+                .min_by_key(|&(i, (_, job))| (held(job.peer.ip()), i))
+                .map(|(i, _)| i);
+            if let Some((_, job)) = lightest.and_then(|i| state.jobs.remove(i)) {
                 return Some(job);
             }
             state = self
@@ -136,22 +145,24 @@ mod tests {
             };
             q.push(job, t0 + Duration::from_secs(i as u64));
         }
-        // A worker takes the first.
-        assert_eq!(q.pop().unwrap().peer.ip().to_string(), "10.0.0.1");
-        assert_eq!(q.len(), 4);
-        // 10.0.0.1 holds 4 (one served), 10.0.0.2 one: a newcomer holding one displaces
-        // 10.0.0.1's newest (port 1004).
+        // A worker takes the lightest address's: 10.0.0.2 holds one, 10.0.0.1 four.
         let held = |ip: IpAddr| per_ip.open_from(ip);
+        assert_eq!(q.pop(held).unwrap().peer.to_string(), "[10.0.0.2:1002]");
+        // Among equals, the oldest.
+        assert_eq!(q.pop(|_| 1).unwrap().peer.to_string(), "[10.0.0.1:1000]");
+        assert_eq!(q.len(), 3);
+        // 10.0.0.1 now holds 3 (the popped jobs are gone), 10.0.0.2 none: a newcomer holding
+        // one displaces 10.0.0.1's newest waiting (port 1004).
         let gone = q.displace(held, 1).unwrap();
         assert_eq!(gone.peer.to_string(), "[10.0.0.1:1004]");
         // A newcomer holding as much as the heaviest displaces nobody.
         assert!(q.displace(held, 4).is_none());
-        // Those that waited 2 s or more by t0 + 3 s: the ones queued at t0 + 1 (not t0 + 2).
+        // Those that waited 2 s or more by t0 + 3 s: the one queued at t0 + 1 (not t0 + 3).
         let expired = q.expired(t0 + Duration::from_secs(3), Duration::from_secs(2));
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].peer.to_string(), "[10.0.0.1:1001]");
         let left = q.close();
-        assert_eq!(left.len(), 2);
-        assert!(q.pop().is_none(), "closed");
+        assert_eq!(left.len(), 1);
+        assert!(q.pop(held).is_none(), "closed");
     }
 }
