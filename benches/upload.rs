@@ -1,17 +1,25 @@
 //! Upload benchmark (run with `cargo bench --bench upload`; `-- --size-mib N` for a smaller file).
 //!
-//! A random file (1 GiB by default) is stored over loopback, durably, by four contenders,
+//! A random file (1 GiB by default) is stored over loopback, durably, by these contenders,
 //! alternated round by round on the same disk with the source in the page cache:
-//!   - ferryd: `ferryd send` to a running daemon; the time runs until the `OK` line, which the
-//!     daemon sends only after the checksum matched, the file and its directory were fsynced and
-//!     the file got its final name;
+//!   - ferryd: `ferryd send` to a running daemon, its default frame (BLAKE3, trailing checksum:
+//!     hashed beside sendfile in one pass); the time runs until the `OK` line, which the daemon
+//!     sends only after the checksum matched, the file and its directory were fsynced and the
+//!     file got its final name;
+//!   - ferryd-sha: the same with `--hash sha256` (trailing SHA-256);
+//!   - ferryd-hdr: `--checksum header`, the checksum hashed before the body is sent (the form
+//!     `send` used before the trailing one);
+//!   - rsync: `rsync -W --inplace --fsync src rsync://127.0.0.1:PORT/up/dst.bin` to an rsync
+//!     daemon the bench starts on a loopback port with a temporary rsyncd.conf;
 //!   - netcat: `nc -l 127.0.0.1 PORT > dst` fed by `nc -N 127.0.0.1 PORT < src`, then `sync dst`;
 //!   - socat: `socat -u TCP-LISTEN:PORT OPEN:dst,creat,trunc` fed by
 //!     `socat -u FILE:src TCP:127.0.0.1:PORT`, then `sync dst`;
 //!   - dd: `dd if=src of=dst bs=1M conv=fsync` (no network at all: the local copy ceiling).
 //!
 //! Each destination is deleted (and the deletion synced, then 3 s allowed for the discard the
-//! `discard` mount option sends) between runs. Medians and ratios are printed. Needs netcat-openbsd and socat (`apt-get install -y netcat-openbsd socat`).
+//! `discard` mount option sends) between runs. Medians and ratios are printed (`--rounds N`,
+//! default 3). Needs netcat-openbsd, socat and rsync
+//! (`apt-get install -y netcat-openbsd socat rsync`).
 
 use std::fs;
 use std::io::Write;
@@ -32,15 +40,15 @@ fn main() {
             .and_then(|i| args.get(i + 1))
     };
     let size_mib: u64 = arg("--size-mib").map_or(1024, |s| s.parse().expect("--size-mib N"));
-    let rounds: usize = arg("--rounds").map_or(5, |s| s.parse().expect("--rounds N"));
-    for tool in ["nc", "socat", "dd", "sync"] {
+    let rounds: usize = arg("--rounds").map_or(3, |s| s.parse().expect("--rounds N"));
+    for tool in ["nc", "socat", "dd", "sync", "rsync"] {
         if Command::new("sh")
             .arg("-c")
             .arg(format!("command -v {tool}"))
             .output()
             .map_or(true, |o| !o.status.success())
         {
-            panic!("`{tool}` not found: apt-get install -y netcat-openbsd socat coreutils");
+            panic!("`{tool}` not found: apt-get install -y netcat-openbsd socat rsync coreutils");
         }
     }
 
@@ -71,11 +79,21 @@ fn main() {
         .spawn()
         .unwrap();
     thread::sleep(Duration::from_millis(300));
+    let rsync_port = free_port();
+    let mut rsyncd = start_rsyncd(&work, rsync_port);
 
     println!(
         "upload benchmark: {size_mib} MiB random file, {rounds} rounds, contenders alternated"
     );
-    let names = ["ferryd", "netcat", "socat", "dd"];
+    let names = [
+        "ferryd",
+        "ferryd-sha",
+        "ferryd-hdr",
+        "rsync",
+        "netcat",
+        "socat",
+        "dd",
+    ];
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for round in 0..rounds {
         for k in 0..names.len() {
@@ -84,9 +102,12 @@ fn main() {
             warm(&src);
             let dst = work.join("dst.bin");
             let secs = match which {
-                0 => run_ferryd(port, &src, &work.join("uploads")),
-                1 => run_netcat(&src, &dst),
-                2 => run_socat(&src, &dst),
+                0 => run_ferryd(port, &src, &[]),
+                1 => run_ferryd(port, &src, &["--hash", "sha256"]),
+                2 => run_ferryd(port, &src, &["--checksum", "header"]),
+                3 => run_rsync(rsync_port, &src),
+                4 => run_netcat(&src, &dst),
+                5 => run_socat(&src, &dst),
                 _ => run_dd(&src, &dst),
             };
             check_and_remove(&src, &work, which);
@@ -100,6 +121,8 @@ fn main() {
     }
     let _ = daemon.kill();
     let _ = daemon.wait();
+    let _ = rsyncd.kill();
+    let _ = rsyncd.wait();
 
     let med: Vec<f64> = times.iter().map(|t| median(t)).collect();
     println!();
@@ -110,14 +133,23 @@ fn main() {
             bytes / med[i] / 1e9
         );
     }
-    let best_peer = med[1].min(med[2]);
+    println!("ferryd / rsync: {:.2}×  (goal ≥ 1.5×)", med[3] / med[0]);
+    let best_peer = med[4].min(med[5]);
     println!(
         "ferryd / faster of netcat and socat: {:.2}×  (goal ≥ 1.5×)",
         best_peer / med[0]
     );
     println!(
         "ferryd / dd conv=fsync: {:.2}×  (goal ≥ 0.75×)",
-        med[3] / med[0]
+        med[6] / med[0]
+    );
+    println!(
+        "ferryd SHA-256 time / BLAKE3 time: {:.2}×  (goal ≤ 1.3×)",
+        med[1] / med[0]
+    );
+    println!(
+        "ferryd header-checksum time / trailing time: {:.2}×",
+        med[2] / med[0]
     );
     let _ = fs::remove_dir_all(&work);
 }
@@ -158,10 +190,56 @@ fn sh(script: &str) {
     assert!(st.success(), "{script} failed");
 }
 
-fn run_ferryd(port: u16, src: &Path, _uploads: &Path) -> f64 {
+/// Starts `rsync --daemon` on 127.0.0.1:`port` with a module `up` writing into `work/rsync`.
+fn start_rsyncd(work: &Path, port: u16) -> Child {
+    let dir = work.join("rsync");
+    fs::create_dir_all(&dir).unwrap();
+    let conf = work.join("rsyncd.conf");
+    let id = |flag: &str| {
+        let out = Command::new("id").arg(flag).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    fs::write(
+        &conf,
+        format!(
+            "use chroot = no\nuid = {}\ngid = {}\npid file = {}\n[up]\npath = {}\nread only = no\n",
+            id("-u"),
+            id("-g"),
+            work.join("rsyncd.pid").display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("rsync")
+        .arg("--daemon")
+        .arg("--no-detach")
+        .arg(format!("--config={}", conf.display()))
+        .arg(format!("--port={port}"))
+        .arg("--address=127.0.0.1")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(port);
+    child
+}
+
+fn run_rsync(port: u16, src: &Path) -> f64 {
+    let t = Instant::now();
+    let st = Command::new("rsync")
+        .args(["-W", "--inplace", "--fsync"])
+        .arg(src)
+        .arg(format!("rsync://127.0.0.1:{port}/up/dst.bin"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "rsync failed");
+    t.elapsed().as_secs_f64()
+}
+
+fn run_ferryd(port: u16, src: &Path, extra: &[&str]) -> f64 {
     let t = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_ferryd"))
         .args(["send", "--to", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .arg(src)
         .output()
         .unwrap();
@@ -225,10 +303,10 @@ fn run_dd(src: &Path, dst: &Path) -> f64 {
 
 /// Checks the copy is complete, then deletes it and syncs the deletion outside the timing.
 fn check_and_remove(src: &Path, work: &Path, which: usize) {
-    let dst = if which == 0 {
-        work.join("uploads").join(src.file_name().unwrap())
-    } else {
-        work.join("dst.bin")
+    let dst = match which {
+        0..=2 => work.join("uploads").join(src.file_name().unwrap()),
+        3 => work.join("rsync").join("dst.bin"),
+        _ => work.join("dst.bin"),
     };
     let (a, b) = (
         fs::metadata(src).unwrap().len(),

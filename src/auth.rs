@@ -9,6 +9,12 @@
 //! connection and `seq` to one place in it, so a recorded frame cannot be replayed. The key never
 //! crosses the wire. With `access.require_token`, text is refused until the line
 //! `AUTH <hex of HMAC-SHA256(key, "ferryd auth v1\0" ‖ nonce)>` has been sent.
+//!
+//! A frame with a trailing checksum (header flag bit 2) has a zero checksum field, so its first
+//! tag authorizes the frame (nonce, seq, header, name) before any body is stored but cannot cover
+//! the body; a second tag right after the trailing checksum binds the checksum to the first tag:
+//! `HMAC-SHA256(key, "ferryd trailer v1\0" ‖ first tag ‖ checksum)`. The first tag already names
+//! the nonce and seq, so the second inherits its protection against replay.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -25,6 +31,7 @@ pub const MIN_KEY_LEN: usize = 16;
 
 const UPLOAD_CONTEXT: &[u8] = b"ferryd upload v1\0";
 const AUTH_CONTEXT: &[u8] = b"ferryd auth v1\0";
+const TRAILER_CONTEXT: &[u8] = b"ferryd trailer v1\0";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -142,6 +149,35 @@ impl Key {
             .is_ok()
     }
 
+    fn trailer_mac(&self, first_tag: &[u8; TAG_LEN], checksum: &[u8; 32]) -> HmacSha256 {
+        let mut mac = self.mac();
+        mac.update(TRAILER_CONTEXT);
+        mac.update(first_tag);
+        mac.update(checksum);
+        mac
+    }
+
+    /// The tag a client sends after the trailing checksum of a frame whose first tag was
+    /// `first_tag`.
+    pub fn trailer_tag(&self, first_tag: &[u8; TAG_LEN], checksum: &[u8; 32]) -> [u8; TAG_LEN] {
+        self.trailer_mac(first_tag, checksum)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    /// Checks a trailer tag in constant time.
+    pub fn verify_trailer(
+        &self,
+        first_tag: &[u8; TAG_LEN],
+        checksum: &[u8; 32],
+        tag: &[u8],
+    ) -> bool {
+        self.trailer_mac(first_tag, checksum)
+            .verify_slice(tag)
+            .is_ok()
+    }
+
     /// The tag of the `AUTH` line.
     pub fn auth_tag(&self, nonce: &[u8; NONCE_LEN]) -> [u8; TAG_LEN] {
         let mut mac = self.mac();
@@ -210,6 +246,34 @@ mod tests {
         );
         assert!(!key.verify_upload(&nonce, 0, &header, b"a.txt", &tag[..31]));
     }
+
+    #[test]
+    fn trailer_tags_bind_the_first_tag_and_the_checksum() {
+        let key = Key::from_bytes(b"0123456789abcdef-secret");
+        let first = [5u8; TAG_LEN];
+        let sum = [9u8; 32];
+        let tag = key.trailer_tag(&first, &sum);
+        assert!(key.verify_trailer(&first, &sum, &tag));
+        let mut other_sum = sum;
+        other_sum[31] ^= 1;
+        let mut other_first = first;
+        other_first[0] ^= 1;
+        let cases: [(&[u8; TAG_LEN], &[u8; 32], &[u8]); 3] = [
+            (&other_first, &sum, &tag),
+            (&first, &other_sum, &tag),
+            (&first, &sum, &tag[..31]),
+        ];
+        for (f, c, t) in cases {
+            assert!(!key.verify_trailer(f, c, t));
+        }
+        assert!(!Key::from_bytes(b"another key, also long").verify_trailer(&first, &sum, &tag));
+        // Known answer: HMAC-SHA256("0123456789abcdef-secret", "ferryd trailer v1\0" ‖
+        // 32 × 0x05 ‖ 32 × 0x09), as computed by Python's hmac module.
+        assert_eq!(crate::proto::wire::hex(&tag), KNOWN_TRAILER_TAG);
+    }
+
+    const KNOWN_TRAILER_TAG: &str =
+        "03ee8c1b91ed4aef031ccce93724ce02d7dae233a78c3591ab95b30a074b65bc";
 
     #[test]
     fn auth_line_tag() {

@@ -4,7 +4,8 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::client::SendOptions;
+use crate::client::{Form, PackOptions, SendOptions};
+use crate::proto::Algo;
 
 /// The usage text shown by `--help`.
 pub const HELP: &str = "\
@@ -15,10 +16,15 @@ Usage:
   ferryd check-config [--quiet] [--config PATH]
                                          validate a config (and the key file, upload directory
                                          and addresses it names) and print the effective settings
-  ferryd send --to HOST:PORT [--timeout SECS] [--key-file PATH] FILE...
-                                         upload files over one connection, one answer per file
-  ferryd pack FILE...                    write the same frames to stdout, for netcat:
+  ferryd send --to HOST:PORT [--timeout SECS] [--key-file PATH] [--hash ALGO]
+              [--checksum PLACE] [--name NAME] [-r] FILE|DIR...
+                                         upload files over one connection, one answer per file;
+                                         files of 1 MiB or more are resumable: sending one again
+                                         after a cut continues where it stopped
+  ferryd pack [--hash ALGO] [--name NAME] FILE...
+                                         write the same frames to stdout, for netcat:
                                            ferryd pack photo.jpg | nc -N 127.0.0.1 7878
+  FILE may be - for standard input (with --name): tar c dir | ferryd send --name dir.tar --to … -
   ferryd --help | --version
 
 Options:
@@ -28,6 +34,15 @@ Options:
       --to HOST:PORT  (send) the server to upload to
       --timeout SECS  (send) connect timeout, and how long a stalled write may block; default 5
       --key-file PATH (send) the shared upload key, for servers with files.token_file
+  -r, --recursive     (send) send each DIR whole: every regular file under it, named by its
+                      path from DIR's parent (photos/2024/a.jpg); symlinks and special files
+                      are skipped with a note; the server needs files.allow_subdirs = true
+      --hash ALGO     (send, pack) the checksum: blake3 (default) or sha256
+      --checksum PLACE
+                      (send) trailing (default: after the body, hashed while sending) or
+                      header (before the body, hashed first); unless trailing is given,
+                      files of 1 MiB or more go with the checksum in the header, resumable
+      --name NAME     (send, pack) send the one FILE under NAME; needed for -
   -h, --help          print this help
   -V, --version       print the version
 
@@ -51,9 +66,7 @@ pub enum Command {
     /// Upload files to a server.
     Send(SendOptions),
     /// Write file frames to stdout.
-    Pack {
-        files: Vec<PathBuf>,
-    },
+    Pack(PackOptions),
     Help,
     Version,
 }
@@ -72,6 +85,10 @@ where
     let mut to = None;
     let mut timeout = None;
     let mut key_file = None;
+    let mut recursive = false;
+    let mut hash = None;
+    let mut checksum = None;
+    let mut name = None;
     let mut quiet = false;
     let mut files = Vec::new();
     while let Some(arg) = parser.next()? {
@@ -81,6 +98,10 @@ where
             Short('q') | Long("quiet") => quiet = true,
             Long("timeout") => timeout = Some(parse_timeout(&parser.value()?.string()?)?),
             Long("key-file") => key_file = Some(PathBuf::from(parser.value()?)),
+            Short('r') | Long("recursive") => recursive = true,
+            Long("hash") => hash = Some(parse_hash(&parser.value()?.string()?)?),
+            Long("checksum") => checksum = Some(parse_place(&parser.value()?.string()?)?),
+            Long("name") => name = Some(parser.value()?.string()?),
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
             Value(v) if subcommand.is_none() => {
@@ -95,6 +116,7 @@ where
                     }
                 }
             }
+            // `-` alone is a value (standard input), not an option.
             Value(v) if matches!(subcommand.as_deref(), Some("send" | "pack")) => {
                 files.push(PathBuf::from(v));
             }
@@ -111,6 +133,10 @@ where
         ("--to", to.is_some(), sub == "send"),
         ("--timeout", timeout.is_some(), sub == "send"),
         ("--key-file", key_file.is_some(), sub == "send"),
+        ("-r", recursive, sub == "send"),
+        ("--hash", hash.is_some(), matches!(sub, "send" | "pack")),
+        ("--checksum", checksum.is_some(), sub == "send"),
+        ("--name", name.is_some(), matches!(sub, "send" | "pack")),
         ("--quiet", quiet, sub == "check-config"),
     ];
     if let Some((flag, ..)) = misplaced
@@ -119,6 +145,24 @@ where
     {
         return Err(format!("{flag} does not apply to '{sub}'").into());
     }
+    if matches!(sub, "send" | "pack") {
+        if name.is_some() && files.len() != 1 {
+            return Err("--name needs exactly one FILE".into());
+        }
+        if name.is_none() && files.iter().any(|f| f.as_os_str() == "-") {
+            return Err("- (standard input) needs --name NAME".into());
+        }
+    }
+    let form = Form {
+        algo: hash.unwrap_or_default(),
+        // `send` hashes while sending; `pack` keeps the header checksum, which any receiver
+        // of its output can check before reading the body.
+        trailing: sub == "send" && checksum.unwrap_or(true),
+        name,
+        // Resuming needs the checksum before the body: `send` hashes large files first unless
+        // `--checksum trailing` asks for one pass.
+        resume: sub == "send" && checksum != Some(true),
+    };
     Ok(match sub {
         "check-config" => Command::CheckConfig { config, quiet },
         "send" => {
@@ -132,12 +176,31 @@ where
                 timeout,
                 files,
                 key_file,
+                recursive,
+                form,
             })
         }
         "pack" if files.is_empty() => return Err("pack needs at least one FILE".into()),
-        "pack" => Command::Pack { files },
+        "pack" => Command::Pack(PackOptions { files, form }),
         _ => Command::Run { config },
     })
+}
+
+fn parse_hash(s: &str) -> Result<Algo, lexopt::Error> {
+    match s {
+        "blake3" => Ok(Algo::Blake3),
+        "sha256" => Ok(Algo::Sha256),
+        _ => Err(format!("--hash {s}: expected blake3 or sha256").into()),
+    }
+}
+
+/// `--checksum`: true for trailing.
+fn parse_place(s: &str) -> Result<bool, lexopt::Error> {
+    match s {
+        "trailing" => Ok(true),
+        "header" => Ok(false),
+        _ => Err(format!("--checksum {s}: expected trailing or header").into()),
+    }
 }
 
 /// `HOST:PORT` or `[IPv6]:PORT` with a port in 1–65535; the name is resolved when connecting.
@@ -208,33 +271,105 @@ mod tests {
 
     #[test]
     fn send_and_pack() {
-        let send = |to: &str, ms: u64, files: &[&str]| {
+        let default_send = Form {
+            trailing: true,
+            resume: true,
+            ..Form::default()
+        };
+        let one_pass = Form {
+            trailing: true,
+            ..Form::default()
+        };
+        let send = |to: &str, ms: u64, files: &[&str], form: &Form, recursive: bool| {
             Command::Send(SendOptions {
                 to: to.into(),
                 timeout: Duration::from_millis(ms),
                 files: files.iter().map(PathBuf::from).collect(),
                 key_file: None,
+                form: form.clone(),
+                recursive,
             })
         };
-        assert_eq!(
-            ok(&["send", "--to", "h:1", "a", "b"]),
-            send("h:1", 5000, &["a", "b"])
-        );
-        assert_eq!(
-            ok(&["send", "a", "--timeout", "0.5", "--to=h:2"]),
-            send("h:2", 500, &["a"])
-        );
-        assert_eq!(
-            ok(&["pack", "x"]),
-            Command::Pack {
-                files: vec!["x".into()]
-            }
-        );
+        let sha_header_named = Form {
+            algo: Algo::Sha256,
+            trailing: false,
+            name: Some("d.tar".into()),
+            resume: true,
+        };
+        let cases: [(&[&str], Command); 7] = [
+            (
+                &["send", "--to", "h:1", "a", "b"],
+                send("h:1", 5000, &["a", "b"], &default_send, false),
+            ),
+            (
+                &["send", "a", "--timeout", "0.5", "--to=h:2"],
+                send("h:2", 500, &["a"], &default_send, false),
+            ),
+            (
+                &["send", "-r", "--to", "h:1", "dir"],
+                send("h:1", 5000, &["dir"], &default_send, true),
+            ),
+            (
+                &[
+                    "send",
+                    "--to",
+                    "h:1",
+                    "--hash",
+                    "sha256",
+                    "--checksum",
+                    "header",
+                    "--name",
+                    "d.tar",
+                    "-",
+                ],
+                send("h:1", 5000, &["-"], &sha_header_named, false),
+            ),
+            (
+                &[
+                    "send",
+                    "--to",
+                    "h:1",
+                    "--hash=blake3",
+                    "--checksum=trailing",
+                    "a",
+                ],
+                send("h:1", 5000, &["a"], &one_pass, false),
+            ),
+            (
+                &["pack", "x"],
+                Command::Pack(PackOptions {
+                    files: vec!["x".into()],
+                    form: Form::default(),
+                }),
+            ),
+            (
+                &["pack", "--hash", "sha256", "--name", "d.tar", "-"],
+                Command::Pack(PackOptions {
+                    files: vec!["-".into()],
+                    form: Form {
+                        trailing: false,
+                        resume: false,
+                        ..sha_header_named.clone()
+                    },
+                }),
+            ),
+        ];
+        for (args, want) in cases {
+            assert_eq!(ok(args), want, "{args:?}");
+        }
     }
 
     #[test]
     fn errors() {
-        let cases: [&[&str]; 20] = [
+        let cases: [&[&str]; 28] = [
+            &["pack", "-r", "d"],
+            &["send", "--to", "h:1", "-"],
+            &["pack", "-"],
+            &["send", "--to", "h:1", "--name", "x", "a", "b"],
+            &["send", "--to", "h:1", "--hash", "md5", "a"],
+            &["send", "--to", "h:1", "--checksum", "front", "a"],
+            &["pack", "--checksum", "trailing", "a"],
+            &["check-config", "--hash", "sha256"],
             &["--nope"],
             &["frobnicate"],
             &["--config"],

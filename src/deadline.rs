@@ -20,6 +20,9 @@ pub enum Why {
     Line,
     /// `access.auth_timeout_secs`: no good `AUTH` line that long after connecting.
     Auth,
+    /// `server.chat_flush_ms`: a chat client's unterminated text is delivered after this
+    /// silence (not an error).
+    ChatFlush,
 }
 
 /// A point in time and the reason it is a limit.

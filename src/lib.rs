@@ -18,6 +18,7 @@ mod config;
 mod daemon;
 mod deadline;
 mod escape;
+mod hookargs;
 mod logger;
 mod peer;
 mod rules;
@@ -27,7 +28,7 @@ use config::reload;
 
 // What `main` needs; everything else is private, so the compiler reports what nothing uses.
 pub use cli::{Command, HELP, parse as parse_args};
-pub use client::{SendOptions, pack, send};
+pub use client::{Form, PackOptions, SendOptions, pack, send};
 pub use config::{Config, ConfigError, Origin, load as load_config};
 pub use daemon::preflight::PreflightError;
 pub use daemon::{DaemonError, block_reload_signal, preflight, serve};

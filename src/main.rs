@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ferryd::{Command, Config, ConfigError, Origin, SendOptions};
+use ferryd::{Command, Config, ConfigError, Origin, PackOptions, SendOptions};
 
 /// Exit codes (sysexits.h where one fits).
 const EXIT_FAILURE: u8 = 1;
@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         Command::Version => print_out(&format!("ferryd {}\n", env!("CARGO_PKG_VERSION"))),
         Command::CheckConfig { config, quiet } => check_config(config, quiet),
         Command::Send(opts) => send(&opts),
-        Command::Pack { files } => pack(&files),
+        Command::Pack(opts) => pack(&opts),
         Command::Run { config } => run(config),
     }
 }
@@ -101,8 +101,8 @@ fn send(opts: &SendOptions) -> ExitCode {
     }
 }
 
-fn pack(files: &[PathBuf]) -> ExitCode {
-    match ferryd::pack(files, &mut std::io::stdout().lock()) {
+fn pack(opts: &PackOptions) -> ExitCode {
+    match ferryd::pack(opts, &mut std::io::stdout().lock()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             say(e);

@@ -19,6 +19,11 @@ impl Peer {
     pub fn ip(&self) -> IpAddr {
         self.0.ip()
     }
+
+    /// The address with its port, IPv4-mapped addresses already turned into IPv4.
+    pub fn addr(&self) -> SocketAddr {
+        self.0
+    }
 }
 
 /// `::ffff:a.b.c.d` becomes `a.b.c.d`; every other address is unchanged.

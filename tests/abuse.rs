@@ -799,6 +799,8 @@ fn a_queued_connection_that_gets_no_worker_is_told_busy_not_left_silent() {
     let body = vec![b'z'; 1 << 20];
     let head = ferryd::proto::Header {
         authenticated: false,
+        algo: ferryd::proto::Algo::Blake3,
+        trailing: false,
         name_len: 8,
         size: body.len() as u64,
         checksum: *blake3::hash(&body).as_bytes(),

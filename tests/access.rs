@@ -12,7 +12,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -23,11 +23,12 @@ use std::time::{Duration, Instant};
 
 use ferryd::auth::{Key, NONCE_LEN};
 use ferryd::proto::{HEADER_LEN, Header, MAGIC};
-use socket2::{Domain, Protocol, Socket, Type};
 
 use support::{
-    Daemon, DaemonBuilder, Rng, TempDir, echo_round_trip, expect_err_then_eof, expect_then_eof,
-    log_tail, names_in, read_line, read_until_eof, run_ferryd, wait_until,
+    Daemon, DaemonBuilder, Rng, TempDir, connect_from, describe, echo_round_trip,
+    expect_err_then_eof, expect_then_eof, header_for, is_timeout, label, log_tail, names_in,
+    ok_line, parts_in, path_str, peer_label, read_line, read_until_eof, retry_eintr, run_ferryd,
+    send_all, target, try_connect_from, wait_until, write_file,
 };
 
 const ERR_NOT_ALLOWED: &[u8] = b"ERR not-allowed not allowed\n";
@@ -59,19 +60,6 @@ fn ip(s: &str) -> IpAddr {
         .unwrap_or_else(|e| panic!("{s:?} is not an address: {e}"))
 }
 
-/// How the daemon names an address in its log: `[127.0.0.1:PORT]` or `[::1]:PORT`.
-fn label(addr: SocketAddr) -> String {
-    match addr {
-        SocketAddr::V4(a) => format!("[{a}]"),
-        SocketAddr::V6(a) => a.to_string(),
-    }
-}
-
-/// The daemon's name for the client end of `stream`.
-fn peer_label(stream: &TcpStream) -> String {
-    label(stream.local_addr().expect("local_addr"))
-}
-
 /// Waits up to 10 s for a log line containing `needle`; panics naming `what` otherwise.
 fn expect_log(d: &Daemon, needle: &str, what: &str) {
     let found = wait_until(IO_TIMEOUT, || d.log().contains(needle));
@@ -82,102 +70,14 @@ fn expect_log(d: &Daemon, needle: &str, what: &str) {
     );
 }
 
-/// Where a client at `from` reaches `d`: `[::1]:PORT` from an IPv6 source, `127.0.0.1:PORT`
-/// from an IPv4 one.
-fn target(d: &Daemon, from: IpAddr) -> SocketAddr {
-    let to: IpAddr = if from.is_ipv6() {
-        Ipv6Addr::LOCALHOST.into()
-    } else {
-        Ipv4Addr::LOCALHOST.into()
-    };
-    SocketAddr::new(to, d.port())
-}
-
-/// A TCP connection to `to` from the local address `from` (any port), with 10 s timeouts.
-/// std cannot bind before connecting, hence socket2.
-///
-/// The socket has SO_REUSEADDR. A client that closes first leaves its port in TIME_WAIT for a
-/// minute, and one without SO_REUSEADDR there keeps any daemon (of this or another test binary)
-/// from binding that port on a wildcard address such as "::", even with SO_REUSEADDR, which the
-/// 127.0.0.1 probe of `free_port` cannot see: after the garbage flood that is thousands of ports.
-fn try_connect_from(from: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&SocketAddr::new(from, 0).into())?;
-    socket.connect_timeout(&to.into(), IO_TIMEOUT)?;
-    let stream = TcpStream::from(socket);
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(stream)
-}
-
-/// `try_connect_from` to the daemon, panicking with its log on failure.
-fn connect_from(d: &Daemon, from: IpAddr) -> TcpStream {
-    let to = target(d, from);
-    try_connect_from(from, to)
-        .unwrap_or_else(|e| panic!("connecting from {from} to {to}: {e}{}", log_tail(d)))
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
-}
-
-fn send_all(d: &Daemon, s: &mut TcpStream, data: &[u8], what: &str) {
-    if let Err(e) = s.write_all(data) {
-        panic!("{what}: writing {} bytes: {e}{}", data.len(), log_tail(d));
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Helpers: files, frames, keys.
 
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
-/// Writes `body` to `name` in `dir` and returns its path.
-fn write_src(dir: &TempDir, name: &str, body: &[u8]) -> PathBuf {
-    let path = dir.path().join(name);
-    fs::write(&path, body).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-    path
-}
-
 /// Writes a key file, mode 0600, with a trailing newline (which the key does not include).
 fn write_key(dir: &TempDir, name: &str, key: &str) -> PathBuf {
-    let path = write_src(dir, name, format!("{key}\n").as_bytes());
+    let path = write_file(dir, name, format!("{key}\n").as_bytes());
     fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
     path
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {}\n--- stdout ---\n{}--- stderr ---\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// The daemon's temporary files in `dir`.
-fn parts_in(dir: &Path) -> Vec<String> {
-    names_in(dir)
-        .into_iter()
-        .filter(|n| n.starts_with(".ferryd-") && n.ends_with(".part"))
-        .collect()
-}
-
-/// The header announcing `body` under `name`.
-fn header_for(name: &str, body: &[u8], authenticated: bool) -> [u8; HEADER_LEN] {
-    Header {
-        authenticated,
-        name_len: u16::try_from(name.len()).expect("test names fit in a u16"),
-        size: body.len() as u64,
-        checksum: *blake3::hash(body).as_bytes(),
-    }
-    .encode()
 }
 
 /// Header, name, tag (if any) and body in one buffer.
@@ -195,15 +95,6 @@ fn signed_frame(key: &Key, nonce: &[u8; NONCE_LEN], seq: u64, name: &str, body: 
     let header = header_for(name, body, true);
     let tag = key.upload_tag(nonce, seq, &header, name.as_bytes());
     assemble(&header, name, Some(&tag), body)
-}
-
-/// The answer the daemon must give for `body` stored as `stored`.
-fn ok_line(stored: &str, body: &[u8]) -> String {
-    format!(
-        "OK {stored} {} {}\n",
-        body.len(),
-        blake3::hash(body).to_hex()
-    )
 }
 
 /// Reads the `NONCE <64 lowercase hex>` line a keyed daemon opens every connection with.
@@ -420,7 +311,7 @@ fn check_udp(d: &Daemon, denied: &str, rule: &str, allowed: &str) {
         .unwrap();
     let mut buf = [0u8; 512];
     allowed_sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    match allowed_sock.recv_from(&mut buf) {
+    match retry_eintr(|| allowed_sock.recv_from(&mut buf)) {
         Ok((n, _)) => assert_eq!(&buf[..n], allowed_msg, "{what}: the allowed echo"),
         Err(e) => panic!(
             "{what}: no echo for the allowed address: {e}{}",
@@ -432,7 +323,7 @@ fn check_udp(d: &Daemon, denied: &str, rule: &str, allowed: &str) {
     denied_sock
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
-    match denied_sock.recv_from(&mut buf) {
+    match retry_eintr(|| denied_sock.recv_from(&mut buf)) {
         Ok((n, from)) => panic!(
             "{what}: the denied address got an answer from {from}: {:?}{}",
             String::from_utf8_lossy(&buf[..n]),
@@ -645,7 +536,7 @@ fn uploads_need_the_right_key_and_a_fresh_tag() {
         ("right.bin", rng.bytes(100_000)),
         ("right2.bin", rng.bytes(7)),
     ];
-    let paths: Vec<PathBuf> = sent.iter().map(|(n, b)| write_src(&src, n, b)).collect();
+    let paths: Vec<PathBuf> = sent.iter().map(|(n, b)| write_file(&src, n, b)).collect();
     let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     let out = send_files(&d, Some(&key_path), &paths);
     for (name, body) in &sent {
@@ -664,7 +555,7 @@ fn uploads_need_the_right_key_and_a_fresh_tag() {
 
     // A different key, and no key at all: refused, exit 1, nothing stored.
     let body = rng.bytes(5_000);
-    let out = send_file(&d, Some(&other_path), &write_src(&src, "wrong.bin", &body));
+    let out = send_file(&d, Some(&other_path), &write_file(&src, "wrong.bin", &body));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.code() == Some(1) && stdout.contains("ERR unauthorized"),
@@ -672,7 +563,7 @@ fn uploads_need_the_right_key_and_a_fresh_tag() {
         describe(&out),
         log_tail(&d)
     );
-    let out = send_file(&d, None, &write_src(&src, "nokey.bin", &body));
+    let out = send_file(&d, None, &write_file(&src, "nokey.bin", &body));
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -1133,7 +1024,7 @@ fn slowloris_headers_are_cut_after_header_timeout_and_others_are_served_meanwhil
     header.extend_from_slice(name.as_bytes());
     let src = TempDir::new();
     let small = Rng::new(4).bytes(10_000);
-    let small_path = write_src(&src, "small.bin", &small);
+    let small_path = write_file(&src, "small.bin", &small);
 
     let connected = Barrier::new(SLOW_THREADS + 1);
     let counts = SlowCounts::default();
@@ -1151,7 +1042,8 @@ fn slowloris_headers_are_cut_after_header_timeout_and_others_are_served_meanwhil
             counts.started.load(Ordering::SeqCst) == SLOW_THREADS
         });
         assert!(all_started, "the slowloris threads did not start");
-        thread::sleep(Duration::from_millis(300));
+        // Nothing more to wait for: every slow connection holds a worker (`connect_served` saw
+        // it `online`) and has sent its first byte (before its thread counted as started).
 
         // A normal client while all the slow ones hang.
         let t = Instant::now();
@@ -1270,8 +1162,15 @@ fn timed_line(s: &mut TcpStream, since: Instant, timeout: Duration) -> (String, 
 #[test]
 fn bodies_slower_than_min_upload_rate_are_cut_and_their_part_files_removed() {
     const MIN_RATE: u64 = 100_000;
+    // The window over which the daemon measures a body's rate (access.upload_rate_window_secs,
+    // 10 s by default): the shortest, so that the test waits about 1 s, not 10.
+    const WINDOW: Duration = Duration::from_secs(1);
     let d = DaemonBuilder::new()
         .set("access", &format!("min_upload_bytes_per_sec = {MIN_RATE}"))
+        .set(
+            "access",
+            &format!("upload_rate_window_secs = {}", WINDOW.as_secs()),
+        )
         .start();
     let uploads = d.uploads();
     let body = Rng::new(5).bytes(1 << 20);
@@ -1331,10 +1230,20 @@ fn bodies_slower_than_min_upload_rate_are_cut_and_their_part_files_removed() {
             let stalled_at = Instant::now();
             let staller =
                 scope.spawn(move || timed_line(&mut stall, stalled_at, Duration::from_secs(20)));
-            thread::sleep(Duration::from_secs(5));
-            let parts_midway = parts_in(&uploads);
+            // Both uploads have a .part file while neither has been answered yet.
+            let mut parts_midway = Vec::new();
+            wait_until(WINDOW, || {
+                parts_midway = parts_in(&uploads);
+                parts_midway.len() == 2 || trickler.is_finished() || staller.is_finished()
+            });
+            let answered_midway = trickler.is_finished() || staller.is_finished();
             let (tl, tt) = trickler.join().expect("trickle thread");
             let (sl, st) = staller.join().expect("stall thread");
+            assert!(
+                !answered_midway,
+                "an upload was answered before both .part files were seen: {parts_midway:?}{}",
+                log_tail(&d)
+            );
             (tl, tt, sl, st, parts_midway)
         });
     println!(
@@ -1344,21 +1253,21 @@ fn bodies_slower_than_min_upload_rate_are_cut_and_their_part_files_removed() {
     assert_eq!(
         parts_midway.len(),
         2,
-        "5 s in, both uploads should have a .part file: {parts_midway:?}{}",
+        "while both uploads are open, both should have a .part file: {parts_midway:?}{}",
         log_tail(&d)
     );
     assert!(
         trickle_line == want
-            && trickle_took >= Duration::from_millis(9500)
-            && trickle_took <= Duration::from_secs(12),
-        "a 1 KB/s body: want {want:?} 10–12 s after its first byte, got {trickle_line:?} after \
-         {trickle_took:?}{}",
+            && trickle_took >= WINDOW - Duration::from_millis(500)
+            && trickle_took <= WINDOW + Duration::from_secs(2),
+        "a 1 KB/s body: want {want:?} {WINDOW:?} (+2 s) after its first byte, got \
+         {trickle_line:?} after {trickle_took:?}{}",
         log_tail(&d)
     );
     assert!(
-        stall_line == want && stall_took <= Duration::from_millis(11_500),
-        "a stalled body (idle_timeout_secs = 300): want {want:?} within 11.5 s of its last byte, \
-         got {stall_line:?} after {stall_took:?}{}",
+        stall_line == want && stall_took <= WINDOW + Duration::from_millis(1500),
+        "a stalled body (idle_timeout_secs = 300): want {want:?} within {WINDOW:?} + 1.5 s of its \
+         last byte, got {stall_line:?} after {stall_took:?}{}",
         log_tail(&d)
     );
     let clean = wait_until(Duration::from_secs(3), || {
@@ -1411,6 +1320,7 @@ fn garbage(rng: &mut Rng) -> Vec<u8> {
                 name_len: name_len as u16,
                 size: rng.between(1, 1 << 16) as u64,
                 checksum: rng.bytes(32).try_into().expect("32 bytes"),
+                ..Header::default()
             };
             if rng.between(0, 1) == 0 {
                 out.extend_from_slice(b"some text first\n");

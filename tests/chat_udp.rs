@@ -10,7 +10,6 @@ mod support;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
-use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, mpsc};
@@ -20,8 +19,8 @@ use std::time::{Duration, Instant};
 use ferryd::proto::Header;
 
 use support::{
-    Daemon, DaemonBuilder, TempDir, constant_threads, log_tail, read_until_eof, require_tool,
-    run_ferryd, run_for, wait_until,
+    Daemon, DaemonBuilder, TempDir, constant_threads, is_timeout, label, log_tail, median,
+    path_str, read_until_eof, require_tool, retry_eintr, run_ferryd, run_for, wait_until,
 };
 
 const NC_HINT: &str = "apt-get install -y netcat-openbsd";
@@ -34,31 +33,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-/// How the daemon names an address in logs and chat lines: `[127.0.0.1:PORT]`.
-fn label(addr: SocketAddr) -> String {
-    match addr {
-        SocketAddr::V4(a) => format!("[{a}]"),
-        SocketAddr::V6(a) => a.to_string(),
-    }
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
-fn median(samples: &[Duration]) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    sorted[sorted.len() / 2]
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
-}
 
 /// Stops the daemon with SIGTERM and waits for it to exit 0; its log is then complete (the UDP
 /// thread logs its last counts as it ends).
@@ -399,10 +373,7 @@ fn welcomed_label(line: &str) -> String {
 fn udp_echoes_each_peer_exactly_its_own_datagrams() {
     let d = DaemonBuilder::new().start();
     let to = d.addr();
-    d.wait_log(
-        &format!("udp echo on 127.0.0.1:{}", d.port()),
-        Duration::from_secs(5),
-    );
+    d.wait_log(&d.udp_echo_line(), Duration::from_secs(5));
     let barrier = Arc::new(Barrier::new(3));
     let peers: Vec<_> = (0..3)
         .map(|p| {
@@ -481,7 +452,7 @@ fn udp_disabled_opens_no_udp_socket() {
     s.send(b"anyone there?\n").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut buf = [0u8; 64];
-    let got = s.recv(&mut buf);
+    let got = retry_eintr(|| s.recv(&mut buf));
     assert!(
         matches!(&got, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused),
         "expected ECONNREFUSED (no UDP socket on port {}), got {got:?}{}",
@@ -800,6 +771,9 @@ fn chat_relays_every_line_to_everyone_else_in_order() {
     a.send(&[b"x".repeat(101), b"\n".to_vec()].concat());
     a.expect(err);
     a.send(&b"z".repeat(60));
+    // A pause, so that the second half usually comes in a read of its own. (Waiting until
+    // ferryd has read the first half, from /proc/net/tcp, made ferryd miss this refusal after the
+    // merge of main at b701cd7, while the same split by hand is refused: left for the report.)
     thread::sleep(Duration::from_millis(50));
     a.send(&[b"z".repeat(60), b"\n".to_vec()].concat());
     a.expect(err);
@@ -845,13 +819,15 @@ fn bulk_line(name: &str, i: usize) -> String {
     format!("bulk {i:05} from {name} ....................\n")
 }
 
-/// Receives `n` bulk lines from `from` (named `from_name`), in order; returns the notices seen
-/// meanwhile, or what went wrong.
+/// Receives `n` bulk lines from `from` (named `from_name`), in order, telling `received` the
+/// count after every `BATCH` lines (and the last); returns the notices seen meanwhile, or what
+/// went wrong.
 fn receive_bulk(
     client: &mut Client,
     from: &str,
     from_name: &str,
     n: usize,
+    received: &mpsc::Sender<usize>,
 ) -> Result<Vec<String>, String> {
     let mut notices = Vec::new();
     for i in 0..n {
@@ -871,14 +847,56 @@ fn receive_bulk(
                 client.name
             ));
         }
+        if (i + 1) % BATCH == 0 || i + 1 == n {
+            // The writer may have stopped waiting (it failed): nothing to tell then.
+            let _ = received.send(i + 1);
+        }
     }
     Ok(notices)
 }
 
+/// Bulk lines a writer sends per write.
+const BATCH: usize = 32;
+/// Bulk lines a writer may have sent that its reader has not yet received: well under the
+/// chat_queue_depth of 128, so a reader that keeps up never has a full queue, however the
+/// scheduler treats the test's threads.
+const IN_FLIGHT: usize = 2 * BATCH;
+
+/// Writes `EACH` bulk lines as `name` in batches of `BATCH`, never more than `IN_FLIGHT` ahead
+/// of what the other reader says it has received.
+fn write_bulk(
+    mut w: TcpStream,
+    name: &str,
+    each: usize,
+    received: &mpsc::Receiver<usize>,
+) -> Result<(), String> {
+    let mut batch = String::new();
+    let mut acked = 0;
+    for first in (0..each).step_by(BATCH) {
+        let end = (first + BATCH).min(each);
+        while end - acked > IN_FLIGHT {
+            acked = received.recv_timeout(IO_TIMEOUT).map_err(|e| {
+                format!("{name}: the reader received only {acked} of {first} lines sent: {e}")
+            })?;
+        }
+        batch.clear();
+        for i in first..end {
+            batch.push_str(&bulk_line(name, i));
+        }
+        w.write_all(batch.as_bytes())
+            .map_err(|e| format!("{name} writing lines {first}..: {e}"))?;
+    }
+    Ok(())
+}
+
 #[test]
 fn a_client_that_never_reads_is_dropped_and_the_others_keep_up() {
+    // The daemon drops a client whose queue is full, whatever the reason: a reader merely
+    // slower than an unthrottled writer (its thread descheduled on a loaded machine) would be
+    // dropped too, which is not what this test is about. So the readers here keep up by
+    // construction: each writer stays at most IN_FLIGHT lines ahead of the other reader, while
+    // the silent client falls behind without bound and must be dropped.
     const EACH: usize = 50_000;
-    const BATCH: usize = 250;
     const DEPTH: usize = 128;
     let mut d = chat_daemon()
         .set("server", &format!("chat_queue_depth = {DEPTH}"))
@@ -898,33 +916,28 @@ fn a_client_that_never_reads_is_dropped_and_the_others_keep_up() {
 
     let (la, lb) = (a.label.clone(), b.label.clone());
     let started = Instant::now();
-    let writer = |client: &Client, name: &'static str| {
-        let mut w = client.writer.try_clone().unwrap();
-        thread::spawn(move || -> Result<(), String> {
-            let mut batch = String::new();
-            for first in (0..EACH).step_by(BATCH) {
-                batch.clear();
-                for i in first..(first + BATCH).min(EACH) {
-                    batch.push_str(&bulk_line(name, i));
-                }
-                w.write_all(batch.as_bytes())
-                    .map_err(|e| format!("{name} writing lines {first}..: {e}"))?;
-            }
-            Ok(())
-        })
+    // A's reader tells B's writer how far it got, and B's reader A's writer.
+    let (a_received, b_writer_acks) = mpsc::channel();
+    let (b_received, a_writer_acks) = mpsc::channel();
+    let writer = |client: &Client, name: &'static str, acks: mpsc::Receiver<usize>| {
+        let w = client.writer.try_clone().unwrap();
+        thread::spawn(move || write_bulk(w, name, EACH, &acks))
     };
-    let writers = [writer(&a, "A"), writer(&b, "B")];
+    let writers = [
+        writer(&a, "A", a_writer_acks),
+        writer(&b, "B", b_writer_acks),
+    ];
     let reader_a = {
         let lb = lb.clone();
         thread::spawn(move || {
-            let got = receive_bulk(&mut a, &lb, "B", EACH);
+            let got = receive_bulk(&mut a, &lb, "B", EACH, &a_received);
             (a, got)
         })
     };
     let reader_b = {
         let la = la.clone();
         thread::spawn(move || {
-            let got = receive_bulk(&mut b, &la, "A", EACH);
+            let got = receive_bulk(&mut b, &la, "A", EACH, &b_received);
             (b, got)
         })
     };
@@ -1004,7 +1017,6 @@ fn a_client_that_never_reads_is_dropped_and_the_others_keep_up() {
         b.send(format!("probe {k} sent at {t0:?}\n").as_bytes());
         a.expect(&format!("{lb} probe {k} sent at {t0:?}\n"));
         lat_ba.push(t0.elapsed());
-        thread::sleep(Duration::from_millis(20));
     }
     let rss_after = d.rss_kib();
     println!(
@@ -1174,6 +1186,7 @@ fn upload_of_a_raw_frame_in_chat_mode_is_announced_and_the_chat_goes_on() {
         name_len: name.len() as u16,
         size: body.len() as u64,
         checksum: *blake3::hash(body).as_bytes(),
+        ..Header::default()
     };
     let frame = [&header.encode()[..], name, body].concat();
     c.send(&frame);
@@ -1216,11 +1229,18 @@ fn chat_threads_stay_bounded_and_return_to_idle() {
             c
         })
         .collect();
+    // Each welcomed client has its writer thread: sample until all of them are there.
     let mut observed = 0;
-    for _ in 0..10 {
+    let all_there = wait_until(WAIT, || {
         observed = observed.max(d.thread_count());
-        thread::sleep(Duration::from_millis(20));
-    }
+        observed >= idle + MAX
+    });
+    assert!(
+        all_there,
+        "{observed} threads with {MAX} chat clients, {idle} before{}",
+        log_tail(&d)
+    );
+    observed = observed.max(d.thread_count());
     println!(
         "threads: {idle} idle, at most {observed} with {MAX} chat clients (bound 2 x {MAX} + {})",
         constant_threads()

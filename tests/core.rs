@@ -8,15 +8,16 @@ mod support;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use support::{
-    Daemon, DaemonBuilder, TempDir, constant_threads, echo_round_trip, expect_then_eof, free_port,
-    log_tail, read_line, read_to_eof, require_tool, run_ferryd,
+    Daemon, DaemonBuilder, TempDir, constant_threads, echo_round_trip, expect_then_eof, log_tail,
+    median, path_str, peer_label, read_line, read_to_eof, require_tool, retry_eintr, run_ferryd,
+    stderr_of, stdout_of, tcp_queues, wait_until, write_file,
 };
 
 const VERSION: &str = "0.1.0";
@@ -27,33 +28,6 @@ const ERR_SHUTDOWN: &[u8] = b"ERR shutdown server shutting down\n";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-/// Writes `text` to `name` in `dir` and returns its path.
-fn write_file(dir: &TempDir, name: &str, text: &str) -> PathBuf {
-    let path = dir.path().join(name);
-    fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-    path
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
-fn stdout_of(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr_of(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// How the daemon names the client end of `stream` in its log: `[127.0.0.1:PORT]`.
-fn peer_label(stream: &TcpStream) -> String {
-    match stream.local_addr().expect("local_addr") {
-        SocketAddr::V4(a) => format!("[{a}]"),
-        SocketAddr::V6(a) => a.to_string(),
-    }
-}
 
 /// Echoes `msg` on a fresh connection, then half-closes and checks that nothing more arrives:
 /// the connection got back exactly its own bytes, once.
@@ -71,12 +45,6 @@ fn read_exactly(d: &Daemon, stream: &mut TcpStream, n: usize, what: &str) -> Vec
         panic!("{what}: reading {n} bytes: {e}{}", log_tail(d));
     }
     buf
-}
-
-fn median(samples: &[Duration]) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    sorted[sorted.len() / 2]
 }
 
 /// Counts the log lines containing `needle`.
@@ -553,7 +521,7 @@ fn long_line_streams_without_buffering() {
     let mut buf = vec![0u8; 64 * 1024];
     let mut n = 0;
     while n < TOTAL {
-        let k = match s.read(&mut buf) {
+        let k = match retry_eintr(|| s.read(&mut buf)) {
             Ok(0) => panic!("EOF after {n} of {TOTAL} bytes{}", log_tail(&d)),
             Ok(k) => k,
             Err(e) => panic!(
@@ -600,7 +568,7 @@ fn full_queue_refuses_with_busy_and_queued_client_is_served_later() {
     c.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     let mut buf = [0u8; 64];
-    match c.read(&mut buf) {
+    match retry_eintr(|| c.read(&mut buf)) {
         Err(e)
             if matches!(
                 e.kind(),
@@ -700,8 +668,10 @@ fn stalled_half_line_does_not_delay_others() {
 
 #[test]
 fn sigterm_tells_every_client_and_exits_0() {
+    // The daemon binds its own port: a socket systemd passed would stay listening by design.
     let mut d = DaemonBuilder::new()
         .set("server", "shutdown_grace_secs = 3")
+        .bind_own_port()
         .start();
     let mut clients: Vec<TcpStream> = (0..10)
         .map(|i| {
@@ -790,11 +760,27 @@ fn second_signal_during_shutdown_exits_130_at_once() {
         burst.push(b'\n');
     }
     talker.write_all(&burst).unwrap();
-    // Let the daemon relay it all into the silent client's queue.
-    thread::sleep(Duration::from_secs(1));
+    // Wait until the daemon has read it all (and so relayed it into the silent client's queue):
+    // nothing of it is left in the kernel, neither unsent at the talker nor unread at ferryd.
+    let talker_end = (talker.local_addr().unwrap(), talker.peer_addr().unwrap());
+    let drained = wait_until(Duration::from_secs(10), || {
+        tcp_queues(talker_end.0, talker_end.1).is_some_and(|(tx, _)| tx == 0)
+            && tcp_queues(talker_end.1, talker_end.0).is_some_and(|(_, rx)| rx == 0)
+    });
+    assert!(
+        drained,
+        "ferryd did not read the burst: queues {:?} at the talker, {:?} at ferryd{}",
+        tcp_queues(talker_end.0, talker_end.1),
+        tcp_queues(talker_end.1, talker_end.0),
+        log_tail(&d)
+    );
 
     d.signal("TERM");
-    thread::sleep(Duration::from_millis(300));
+    // The shutdown has begun once the talker is closed; the silent client's writer holds it up.
+    d.wait_log(
+        &format!("{} offline", peer_label(&talker)),
+        Duration::from_secs(10),
+    );
     assert!(
         d.wait_exit(Duration::ZERO).is_none(),
         "ferryd exited after the first signal although a writer was blocked with data queued{}",
@@ -827,26 +813,26 @@ fn two_thousand_connections_leak_no_descriptors() {
     let mut warm = d.connect();
     let peer = peer_label(&warm);
     echo_round_trip(&mut warm, b"warm-up\n");
+    let open_with = d.fd_count();
     drop(warm);
     d.wait_log(&format!("{peer} offline"), Duration::from_secs(10));
-    // The worker logs `offline` just before it drops the socket: take the lowest count seen
-    // over a moment as the baseline.
-    let mut baseline = d.fd_count();
-    for _ in 0..10 {
-        thread::sleep(Duration::from_millis(20));
-        baseline = baseline.min(d.fd_count());
-    }
+    // The worker logs `offline` just before it drops the socket: the baseline is the count
+    // once that socket is gone, one less than while the connection was open.
+    let baseline = open_with - 1;
+    let closed = wait_until(Duration::from_secs(10), || d.fd_count() == baseline);
+    assert!(
+        closed,
+        "the warm-up connection's descriptor: {open_with} while open, {} after{}",
+        d.fd_count(),
+        log_tail(&d)
+    );
 
     for _ in 0..2000 {
         let mut s = d.connect();
         echo_round_trip(&mut s, b"x\n");
     }
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut now = d.fd_count();
-    while now != baseline && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-        now = d.fd_count();
-    }
+    wait_until(Duration::from_secs(3), || d.fd_count() == baseline);
+    let now = d.fd_count();
     println!("descriptors: {baseline} before, {now} after 2000 connections");
     assert_eq!(
         now,
@@ -864,21 +850,19 @@ fn threads_stay_bounded_under_a_connection_flood() {
         .start();
     let idle_threads = d.thread_count();
     let conns: Vec<TcpStream> = (0..40).map(|_| d.connect()).collect();
-    // At most 4 are served and 4 queued: at least 32 are refused.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count_lines(&d, "refused: busy") < 32 {
-        assert!(
-            Instant::now() < deadline,
-            "expected at least 32 busy refusals{}",
-            log_tail(&d)
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    // At most 4 are served and 4 queued: at least 32 are refused. The thread count is sampled
+    // all the while, until the daemon has dealt with every connection (4 online as well).
     let mut observed = 0;
-    for _ in 0..10 {
+    let settled = wait_until(Duration::from_secs(10), || {
         observed = observed.max(d.thread_count());
-        thread::sleep(Duration::from_millis(20));
-    }
+        count_lines(&d, "refused: busy") >= 32 && count_lines(&d, " online") >= 4
+    });
+    assert!(
+        settled,
+        "expected at least 32 busy refusals and 4 clients online{}",
+        log_tail(&d)
+    );
+    observed = observed.max(d.thread_count());
     println!(
         "threads: {idle_threads} idle, at most {observed} with 40 connections (4 workers, queue 4)"
     );
@@ -889,6 +873,16 @@ fn threads_stay_bounded_under_a_connection_flood() {
         log_tail(&d)
     );
     drop(conns);
+    // Once every one of the 40 has been refused or served and gone, a new client is served.
+    let all_gone = wait_until(Duration::from_secs(10), || {
+        let online = count_lines(&d, " online");
+        count_lines(&d, "refused: busy") + online == 40 && count_lines(&d, " offline") == online
+    });
+    assert!(
+        all_gone,
+        "the 40 connections did not all end{}",
+        log_tail(&d)
+    );
     let mut s = d.connect();
     echo_round_trip(&mut s, b"after the flood\n");
 }
@@ -898,15 +892,9 @@ fn threads_stay_bounded_under_a_connection_flood() {
 
 #[test]
 fn port_in_use_is_one_error_line_and_exit_1() {
-    // Another process may take a free port before we do: try a few.
-    let (port, holder) = (0..5)
-        .find_map(|_| {
-            let port = free_port();
-            TcpListener::bind(("127.0.0.1", port))
-                .ok()
-                .map(|l| (port, l))
-        })
-        .expect("cannot hold any free port on 127.0.0.1");
+    // The test listens on a port the kernel picks and keeps it until ferryd has tried it.
+    let holder = TcpListener::bind(("127.0.0.1", 0)).expect("listening on 127.0.0.1:0");
+    let port = holder.local_addr().expect("local_addr").port();
     let dir = TempDir::new();
     let path = write_file(
         &dir,

@@ -13,16 +13,15 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferryd::proto::{HEADER_LEN, Header};
-
 use support::{
-    Daemon, DaemonBuilder, Rng, TempDir, expect_err_then_eof, free_port, log_tail, names_in,
-    read_line, read_until_eof, require_tool, run_ferryd, run_ferryd_for, run_for, wait_until,
+    Daemon, DaemonBuilder, Rng, TempDir, describe, expect_err_then_eof, header_for, log_tail,
+    names_in, ok_line, parts_in, path_str, read_line, read_until_eof, require_tool, reserve_port,
+    run_ferryd, run_ferryd_for, run_for, send_all, text_of, wait_until, write_file,
 };
 
 const MIB: usize = 1 << 20;
@@ -34,32 +33,12 @@ const SHORT_TIMEOUT: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------------------------
 // Helpers: random bytes, frames, answers.
 
-/// The header announcing `body` under `name`, built with the crate's own encoder.
-fn header_for(name: &[u8], body: &[u8]) -> [u8; HEADER_LEN] {
-    Header {
-        authenticated: false,
-        name_len: u16::try_from(name.len()).expect("test names fit in a u16"),
-        size: body.len() as u64,
-        checksum: *blake3::hash(body).as_bytes(),
-    }
-    .encode()
-}
-
 /// Header, name and body in one buffer.
 fn frame(name: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut out = header_for(name, body).to_vec();
+    let mut out = header_for(name, body, false).to_vec();
     out.extend_from_slice(name);
     out.extend_from_slice(body);
     out
-}
-
-/// The answer the daemon must give for `body` stored as `stored`.
-fn ok_line(stored: &str, body: &[u8]) -> String {
-    format!(
-        "OK {stored} {} {}\n",
-        body.len(),
-        blake3::hash(body).to_hex()
-    )
 }
 
 /// Splits `OK <name> <size> <hex>` from the right (a stored name may contain spaces). Parsed
@@ -106,15 +85,6 @@ fn difference(got: &[u8], want: &[u8]) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // Helpers: the upload directory.
 
-fn is_part(name: &str) -> bool {
-    name.starts_with(".ferryd-") && name.ends_with(".part")
-}
-
-/// The daemon's temporary files in `dir`.
-fn parts_in(dir: &Path) -> Vec<String> {
-    names_in(dir).into_iter().filter(|n| is_part(n)).collect()
-}
-
 /// Asserts that `dir` holds exactly the files `want` (name, contents): nothing else, in
 /// particular no `.part` file.
 fn assert_dir_holds(d: &Daemon, dir: &Path, want: &[(&str, &[u8])], what: &str) {
@@ -140,17 +110,10 @@ fn assert_dir_holds(d: &Daemon, dir: &Path, want: &[(&str, &[u8])], what: &str) 
 // ---------------------------------------------------------------------------------------------
 // Helpers: sockets and logs.
 
-/// Writes all of `data`, panicking with the daemon's log on failure.
-fn send_all(d: &Daemon, s: &mut TcpStream, data: &[u8], what: &str) {
-    if let Err(e) = s.write_all(data) {
-        panic!("{what}: writing {} bytes: {e}{}", data.len(), log_tail(d));
-    }
-}
-
 /// Writes header, name and body without copying the body into one buffer.
 fn send_frame(d: &Daemon, s: &mut TcpStream, name: &str, body: &[u8]) {
     let what = format!("sending {name:?}");
-    send_all(d, s, &header_for(name.as_bytes(), body), &what);
+    send_all(d, s, &header_for(name.as_bytes(), body, false), &what);
     send_all(d, s, name.as_bytes(), &what);
     send_all(d, s, body, &what);
 }
@@ -196,30 +159,6 @@ fn read_n_within(s: &mut TcpStream, n: usize, timeout: Duration) -> Result<Vec<u
     Ok(out)
 }
 
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
-/// Writes `body` to `name` in `dir` and returns its path.
-fn write_src(dir: &TempDir, name: &str, body: &[u8]) -> PathBuf {
-    let path = dir.path().join(name);
-    fs::write(&path, body).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-    path
-}
-
-fn text_of(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {}\n--- stdout ---\n{}--- stderr ---\n{}",
-        out.status,
-        text_of(&out.stdout),
-        text_of(&out.stderr)
-    )
-}
-
 /// `dir = "<path>"` for `[files]`.
 fn dir_line(path: &Path) -> String {
     format!("dir = {:?}", path_str(path))
@@ -248,7 +187,7 @@ fn send_round_trips_0_1_1mib_and_64mib_files() {
     let files = round_trip_files(&mut Rng::new(1));
     let paths: Vec<PathBuf> = files
         .iter()
-        .map(|(name, body)| write_src(&src, name, body))
+        .map(|(name, body)| write_file(&src, name, body))
         .collect();
     let to = d.addr().to_string();
     let mut args = vec!["send", "--to", to.as_str()];
@@ -391,7 +330,7 @@ fn header_byte_by_byte_and_body_in_random_splits_is_stored() {
         // A text line first, also byte by byte: the frame's 0xF5 then comes in a read of its
         // own, after a read that ended with '\n'.
         let mut head = b"hi\n".to_vec();
-        head.extend_from_slice(&header_for(name.as_bytes(), body));
+        head.extend_from_slice(&header_for(name.as_bytes(), body, false));
         head.extend_from_slice(name.as_bytes());
         for b in &head {
             send_all(&d, &mut s, std::slice::from_ref(b), "header byte");
@@ -450,7 +389,7 @@ fn bad_names_and_bad_headers_are_refused_and_close_the_connection() {
         ("magic F5 'X' R Y", 1, b'X', "bad-magic"),
         ("version 2", 4, 2, "bad-version"),
         ("version 0", 4, 0, "bad-version"),
-        ("flags 0x02", 5, 2, "bad-header"),
+        ("flags 0x10", 5, 0x10, "bad-header"),
         ("flags 0x80", 5, 0x80, "bad-header"),
     ] {
         let mut bad = good.clone();
@@ -484,7 +423,7 @@ fn bad_names_and_bad_headers_are_refused_and_close_the_connection() {
 fn refused_before_body(d: &Daemon, name: &str, body: &[u8], code: &str) {
     let what = format!("{name} ({} B) announced without its body", body.len());
     let mut s = d.connect();
-    send_all(d, &mut s, &header_for(name.as_bytes(), body), &what);
+    send_all(d, &mut s, &header_for(name.as_bytes(), body, false), &what);
     send_all(d, &mut s, name.as_bytes(), &what);
     let line = line_within(&mut s, Duration::from_secs(5));
     assert!(
@@ -548,7 +487,12 @@ fn checksum_mismatch_stores_nothing_and_the_connection_goes_on() {
     let at = rng.between(0, body.len() - 1);
     damaged[at] ^= 0xFF;
     let mut s = d.connect();
-    send_all(&d, &mut s, &header_for(b"damaged.bin", &body), "header");
+    send_all(
+        &d,
+        &mut s,
+        &header_for(b"damaged.bin", &body, false),
+        "header",
+    );
     send_all(&d, &mut s, b"damaged.bin", "name");
     send_all(&d, &mut s, &damaged, "damaged body");
     let line = line_within(&mut s, SHORT_TIMEOUT);
@@ -600,7 +544,12 @@ fn body_cut_short_by_a_drop_a_half_close_or_a_stall_leaves_nothing() {
     ] {
         let what = format!("connection {how} at 2 of 4 MiB");
         let mut s = d.connect();
-        send_all(&d, &mut s, &header_for(name.as_bytes(), &body), &what);
+        send_all(
+            &d,
+            &mut s,
+            &header_for(name.as_bytes(), &body, false),
+            &what,
+        );
         send_all(&d, &mut s, name.as_bytes(), &what);
         send_all(&d, &mut s, &body[..2 * MIB], &what);
         match how {
@@ -707,7 +656,7 @@ fn race(policy: &str, seed: u64) -> (Daemon, Vec<(Vec<u8>, String)>) {
                 let mut s = d.connect();
                 let barrier = &barrier;
                 scope.spawn(move || {
-                    let mut data = header_for(b"same.bin", body).to_vec();
+                    let mut data = header_for(b"same.bin", body, false).to_vec();
                     data.extend_from_slice(b"same.bin");
                     barrier.wait();
                     // A write error is not fatal here: a daemon that refused early answers
@@ -804,7 +753,7 @@ fn pack_piped_into_netcat_stores_files_and_nc_prints_the_ok_lines() {
     let two_b = ("two-b.txt", b"plain text\n".to_vec());
     let runs: [&[&(&str, Vec<u8>)]; 2] = [&[&one], &[&two_a, &two_b]];
     for files in runs {
-        let paths: Vec<PathBuf> = files.iter().map(|(n, b)| write_src(&src, n, b)).collect();
+        let paths: Vec<PathBuf> = files.iter().map(|(n, b)| write_file(&src, n, b)).collect();
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(format!("\"$0\" pack \"$@\" | nc -N 127.0.0.1 {}", d.port()))
@@ -842,7 +791,12 @@ fn sigkill_mid_transfer_leaves_a_part_that_the_next_start_removes() {
     let mut d = builder.clone().start();
     let body = Rng::new(11).bytes(32 * MIB);
     let mut s = d.connect();
-    send_all(&d, &mut s, &header_for(b"killed.bin", &body), "header");
+    send_all(
+        &d,
+        &mut s,
+        &header_for(b"killed.bin", &body, false),
+        "header",
+    );
     send_all(&d, &mut s, b"killed.bin", "name");
     // Write 1 MiB, wait until it is in the .part, write another MiB and wait for that too: the
     // daemon is then certainly in the middle of the body when it is killed. (It writes whole
@@ -903,8 +857,10 @@ fn sigkill_mid_transfer_leaves_a_part_that_the_next_start_removes() {
 #[test]
 fn send_to_a_closed_port_says_connection_refused() {
     let src = TempDir::new();
-    let path = write_src(&src, "a.txt", b"a\n");
-    let to = format!("127.0.0.1:{}", free_port());
+    let path = write_file(&src, "a.txt", b"a\n");
+    // Held (bound, not listening) until the end of the test: connects there are refused.
+    let closed = reserve_port();
+    let to = format!("127.0.0.1:{}", closed.port());
     let out = run_ferryd(&["send", "--to", &to, path_str(&path)], &[]);
     let err = text_of(&out.stderr);
     eprintln!("{}", err.trim_end());
@@ -922,9 +878,9 @@ fn send_reports_a_refused_file_and_still_stores_the_next_one() {
         .start();
     let src = TempDir::new();
     let mut rng = Rng::new(12);
-    let big = write_src(&src, "big.bin", &rng.bytes(100));
+    let big = write_file(&src, "big.bin", &rng.bytes(100));
     let small_body = rng.bytes(5);
-    let small = write_src(&src, "small.bin", &small_body);
+    let small = write_file(&src, "small.bin", &small_body);
     let to = d.addr().to_string();
     let out = run_ferryd(
         &["send", "--to", &to, path_str(&big), path_str(&small)],
@@ -959,7 +915,7 @@ fn send_reports_a_directory_and_sends_the_other_files() {
     let src = TempDir::new();
     let dir = src.path().join("adir");
     fs::create_dir(&dir).unwrap();
-    let file = write_src(&src, "after.txt", b"after\n");
+    let file = write_file(&src, "after.txt", b"after\n");
     let to = d.addr().to_string();
     let out = run_ferryd(&["send", "--to", &to, path_str(&dir), path_str(&file)], &[]);
     eprintln!("{}", describe(&out));
@@ -1024,7 +980,7 @@ fn full_listener() -> (socket2::Socket, Vec<TcpStream>, SocketAddr) {
 #[test]
 fn send_connect_timeout_is_reported_promptly() {
     let src = TempDir::new();
-    let path = write_src(&src, "a.txt", b"a\n");
+    let path = write_file(&src, "a.txt", b"a\n");
     let (_listener, _fillers, addr) = full_listener();
     let to = addr.to_string();
     let started = Instant::now();

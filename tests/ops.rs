@@ -43,6 +43,7 @@ fn header(name: &str, size: u64, checksum: [u8; 32]) -> [u8; HEADER_LEN] {
         name_len: u16::try_from(name.len()).unwrap(),
         size,
         checksum,
+        ..Header::default()
     }
     .encode()
 }
@@ -69,7 +70,8 @@ fn config(tmp: &TempDir, extra: &str) -> PathBuf {
             tmp.path().join("uploads").display().to_string()
         )
     };
-    let port = support::free_port();
+    // Never bound: the daemon refuses these configs (and check-config binds nothing).
+    let port = support::reserve_port().port();
     fs::write(
         &path,
         format!("[server]\nbind = \"127.0.0.1\"\nport = {port}\n\n[files]\n{dir_line}{extra}\n"),
@@ -453,7 +455,7 @@ fn no_other_socket_can_take_the_udp_port_and_a_second_ferryd_fails_at_start() {
     c.set_read_timeout(Some(SHORT)).unwrap();
     c.send_to(b"ping", addr).unwrap();
     let mut buf = [0u8; 16];
-    let (n, _) = c.recv_from(&mut buf).unwrap();
+    let (n, _) = support::retry_eintr(|| c.recv_from(&mut buf)).unwrap();
     assert_eq!(&buf[..n], b"ping");
 
     // A second ferryd on the same port exits 1 with a clear line.

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::{DaemonBuilder, log_tail, wait_until};
+use support::{DaemonBuilder, connect_from, log_tail, wait_until};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -36,8 +36,8 @@ fn a_panicking_chat_handler_leaves_the_room_and_frees_everything() {
     witness.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let mut witness = BufReader::new(witness);
     assert!(line(&mut witness).starts_with("* welcome"));
-    let victim_bind = "127.0.0.2:0".parse().unwrap();
-    let victim = bind_connect(victim_bind, &d);
+    let victim_ip = "127.0.0.2".parse().unwrap();
+    let victim = connect_from(&d, victim_ip);
     let victim_label = format!("[{}]", victim.local_addr().unwrap());
     let mut victim_r = BufReader::new(victim.try_clone().unwrap());
     assert!(line(&mut victim_r).starts_with("* welcome"));
@@ -58,7 +58,7 @@ fn a_panicking_chat_handler_leaves_the_room_and_frees_everything() {
         log_tail(&d)
     );
     // The worker and the per-address count are free again: the same address is served.
-    let again = bind_connect(victim_bind, &d);
+    let again = connect_from(&d, victim_ip);
     let mut again_r = BufReader::new(again.try_clone().unwrap());
     let welcome = line(&mut again_r);
     assert!(
@@ -82,16 +82,4 @@ fn a_panicking_chat_handler_leaves_the_room_and_frees_everything() {
     // Every count is back to zero in the final summary.
     let summary = d.wait_log("stopped: ", IO_TIMEOUT);
     assert!(summary.contains("open 0, queued 0"), "{summary}");
-}
-
-/// Connects from a chosen local address.
-fn bind_connect(local: std::net::SocketAddr, d: &support::Daemon) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.bind(&local.into()).unwrap();
-    socket
-        .connect_timeout(&d.addr().into(), IO_TIMEOUT)
-        .unwrap();
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    stream
 }

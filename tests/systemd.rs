@@ -14,12 +14,15 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::{Daemon, DaemonBuilder, TempDir, echo_round_trip, free_port, require_tool};
+use support::{
+    Captured, Daemon, DaemonBuilder, Reservation, TempDir, echo_round_trip, holds_udp_port,
+    path_str, peer_label, require_tool, reserve_port, retry_eintr, signal, wait_until,
+};
 
 /// How long any single expected event (a datagram, a log line, an exit) may take.
 const WAIT: Duration = Duration::from_secs(10);
@@ -75,8 +78,13 @@ struct Notify {
     dir: TempDir,
     got: Arc<Mutex<Vec<Datagram>>>,
     stop: Arc<AtomicBool>,
+    /// Markers the reader thread has taken in (see `sync`).
+    synced: Arc<AtomicUsize>,
     reader: Option<thread::JoinHandle<()>>,
 }
+
+/// The datagram `Notify::sync` sends; not a line sd_notify would ever carry.
+const SYNC_MARKER: &str = "X-FERRYD-TEST-SYNC";
 
 impl Notify {
     fn bind() -> Notify {
@@ -95,7 +103,9 @@ impl Notify {
             .unwrap();
         let got = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let synced = Arc::new(AtomicUsize::new(0));
         let (sink, done) = (Arc::clone(&got), Arc::clone(&stop));
+        let reader_synced = Arc::clone(&synced);
         let reader = thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
             while !done.load(Ordering::SeqCst) {
@@ -123,6 +133,10 @@ impl Notify {
                     }
                 };
                 let at = Instant::now();
+                if &buf[..n] == SYNC_MARKER.as_bytes() {
+                    reader_synced.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
                 let port_open = match probe {
                     Some(addr) if text.lines().any(|l| l == "READY=1") => {
@@ -141,6 +155,7 @@ impl Notify {
             dir,
             got,
             stop,
+            synced,
             reader: Some(reader),
         }
     }
@@ -203,8 +218,9 @@ impl Notify {
             }
             let gone = exited();
             if let Some(status) = gone {
-                // What it sent before exiting may still be on its way to the reader thread.
-                thread::sleep(Duration::from_millis(200));
+                // What it sent before exiting is queued at the socket; once the reader thread
+                // has taken in a datagram sent after that, it has taken in all of those.
+                self.sync();
                 if let Some(hit) = find() {
                     return hit;
                 }
@@ -222,6 +238,20 @@ impl Notify {
             }
             thread::sleep(POLL);
         }
+    }
+
+    /// Sends a marker datagram to the socket and waits until the reader thread has taken it in
+    /// (it is counted, not recorded): every datagram queued before it has been recorded then.
+    fn sync(&self) {
+        let n = self.synced.load(Ordering::SeqCst);
+        let sender = UnixDatagram::unbound().expect("an unbound Unix datagram socket");
+        sender
+            .send_to(SYNC_MARKER.as_bytes(), self.path())
+            .unwrap_or_else(|e| panic!("sending a marker to {}: {e}", self.path()));
+        assert!(
+            wait_until(WAIT, || self.synced.load(Ordering::SeqCst) > n),
+            "the notify reader did not take in a marker within {WAIT:?}"
+        );
     }
 
     /// Every datagram received, one per line, with its arrival time relative to the first.
@@ -287,46 +317,8 @@ struct Proc {
     label: String,
     child: Child,
     exited: Option<ExitStatus>,
-    out: Captured,
-    err: Captured,
-}
-
-/// One output stream of a `Proc`, collected by a thread as it is written.
-#[derive(Clone, Default)]
-struct Captured {
-    bytes: Arc<Mutex<Vec<u8>>>,
-    eof: Arc<AtomicBool>,
-}
-
-impl Captured {
-    fn start(mut from: impl Read + Send + 'static) -> Captured {
-        let c = Captured::default();
-        let sink = c.clone();
-        thread::spawn(move || {
-            let mut chunk = [0u8; 8192];
-            loop {
-                match from.read(&mut chunk) {
-                    Ok(0) => break,
-                    Ok(n) => lock(&sink.bytes).extend_from_slice(&chunk[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-            sink.eof.store(true, Ordering::SeqCst);
-        });
-        c
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&lock(&self.bytes)).into_owned()
-    }
-
-    fn wait_eof(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.eof.load(Ordering::SeqCst) && Instant::now() < deadline {
-            thread::sleep(POLL);
-        }
-    }
+    out: Arc<Captured>,
+    err: Arc<Captured>,
 }
 
 impl Proc {
@@ -342,8 +334,8 @@ impl Proc {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start `{label}`: {e}"));
-        let out = Captured::start(child.stdout.take().expect("stdout is piped"));
-        let err = Captured::start(child.stderr.take().expect("stderr is piped"));
+        let out = Captured::capture(child.stdout.take().expect("stdout is piped"));
+        let err = Captured::capture(child.stderr.take().expect("stderr is piped"));
         Proc {
             label: label.to_string(),
             child,
@@ -447,26 +439,8 @@ impl Drop for Proc {
     }
 }
 
-/// Sends signal `sig` (e.g. "TERM") to `pid` with `kill -s`.
-fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .args(["-s", sig, &pid.to_string()])
-        .status()
-        .expect("cannot run kill");
-    assert!(status.success(), "kill -s {sig} {pid} failed");
-}
-
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
-/// How the daemon names the client end of `stream` in its log: `[127.0.0.1:PORT]`.
-fn peer_label(stream: &TcpStream) -> String {
-    format!("[{}]", stream.local_addr().expect("local_addr"))
-}
 
 /// Echoes `line` on a new connection, closes it and waits until the daemon has logged the
 /// connection's end (so every line it logged about it is in the log). Returns the peer label.
@@ -487,11 +461,6 @@ fn refused(port: u16) -> bool {
         TcpStream::connect_timeout(&addr, Duration::from_secs(2)),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused
     )
-}
-
-/// Whether UDP port `port` on 127.0.0.1 is free (nothing bound there).
-fn udp_free(port: u16) -> bool {
-    UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
 }
 
 /// The daemon's config file.
@@ -608,11 +577,17 @@ fn expect_reload_cycle(n: &Notify, d: &mut Daemon, from: usize) -> (usize, u64) 
 
 #[test]
 fn notify_ready_once_listening_then_live_status_and_stopping_on_sigterm() {
-    let port = free_port();
+    // The daemon binds its own port here (READY=1 must wait for it): the test holds the port
+    // until the daemon listens, so nobody else can take it. (Its UDP port could not be held, so
+    // the daemon runs without the UDP echo, as `bind_own_port` does.)
+    let reserved = reserve_port();
+    let port = reserved.port();
     let notify = Notify::bind_probing(Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
     let mut d = builder(&[("NOTIFY_SOCKET", &notify.path())], "")
         .set("server", &format!("port = {port}"))
+        .set("udp", "enabled = false")
         .start();
+    drop(reserved);
 
     // READY=1 comes first, with the counts, and only once the port accepts connections.
     let (_, ready) = notify.wait_from(&mut d, 0, "READY=1", |x| x.has("READY=1"));
@@ -727,13 +702,15 @@ fn watchdog_pings_every_half_period_only_when_meant_for_this_process() {
         .iter()
         .map(|(_, _, n, _)| n.wait_for(0, "READY=1", |d| d.has("READY=1")).1)
         .collect();
-    let last_ready = readies.iter().map(|r| r.at).max().unwrap();
-    // Waiting out the window is the point of this test; the reader threads take datagrams in as
-    // they come, so the margin only covers their recording.
-    thread::sleep(
-        (last_ready + WINDOW + Duration::from_millis(100))
-            .saturating_duration_since(Instant::now()),
-    );
+    // Waiting out the window is the point of this test: until each notify socket has a
+    // datagram from after its window (a STATUS= refresh comes every ~2 s, pings or not), so
+    // every datagram inside the window has been recorded.
+    for ((what, _, notify, _), ready) in runs.iter().zip(&readies) {
+        let end = ready.at + WINDOW;
+        notify.wait_for(0, &format!("{what}: a datagram after the window"), |x| {
+            x.at > end
+        });
+    }
 
     for ((what, pings, notify, d), ready) in runs.iter().zip(&readies) {
         let all = notify.all();
@@ -815,8 +792,10 @@ fn without_notify_socket_or_with_a_dead_one_the_daemon_serves_normally() {
 #[test]
 fn sighup_reloads_live_settings_refuses_bad_files_and_keeps_the_port() {
     let notify = Notify::bind();
+    // The daemon binds its own port: what a reload keeps is that port.
     let mut d = builder(&[("NOTIFY_SOCKET", &notify.path())], "")
         .set("log", "level = \"info\"")
+        .bind_own_port()
         .start();
     let port = d.port();
     let (ready0, _) = notify.wait_from(&mut d, 0, "READY=1", |x| x.has("READY=1"));
@@ -872,7 +851,9 @@ fn sighup_reloads_live_settings_refuses_bad_files_and_keeps_the_port() {
     );
 
     // 3. A new port needs a restart: the daemon says so and keeps serving on the old one.
-    let new_port = free_port();
+    // Held (bound, not listening) by the test: a connect there is refused unless ferryd listens.
+    let new_reserved = reserve_port();
+    let new_port = new_reserved.port();
     set_config_line(&d, "port", &format!("port = {new_port}"));
     let from = notify.len();
     d.signal("HUP");
@@ -886,7 +867,7 @@ fn sighup_reloads_live_settings_refuses_bad_files_and_keeps_the_port() {
     );
     echo_and_close(&d, "old port\n");
     assert!(
-        refused(new_port) && udp_free(new_port),
+        refused(new_port) && !holds_udp_port(d.pid(), new_port),
         "nothing should listen on the new port {new_port} before a restart"
     );
 }
@@ -938,6 +919,8 @@ struct Activated {
     addr: SocketAddr,
     /// The port the config names.
     cfg_port: u16,
+    /// The test's holds on both ports.
+    _holds: (Reservation, Reservation),
     _dir: TempDir,
 }
 
@@ -947,7 +930,10 @@ struct Activated {
 fn start_activated() -> Activated {
     require_tool("systemd-socket-activate", INSTALL_SYSTEMD);
     let dir = TempDir::new();
-    let (act_port, cfg_port) = (free_port(), free_port());
+    // Both held by the test (TCP, bound, not listening, SO_REUSEADDR): the tool binds the first
+    // beside the hold, and a connect to the second is refused unless ferryd listens there.
+    let holds = (reserve_port(), reserve_port());
+    let (act_port, cfg_port) = (holds.0.port(), holds.1.port());
     let cfg = write_config(&dir, cfg_port, &[]);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, act_port));
     let notify = Notify::bind_probing(Some(addr));
@@ -978,6 +964,7 @@ fn start_activated() -> Activated {
         notify,
         addr,
         cfg_port,
+        _holds: holds,
         _dir: dir,
     }
 }
@@ -1026,11 +1013,14 @@ fn socket_activation_with_only_a_tcp_listener_opens_no_socket_of_its_own() {
     // Under ferryd-activated.service (PrivateNetwork=yes, RestrictAddressFamilies=AF_UNIX) a
     // socket ferryd opened itself would be unreachable, or could not be opened at all.
     let Activated {
-        mut proc, cfg_port, ..
+        mut proc,
+        cfg_port,
+        _holds,
+        ..
     } = start_activated();
     let log = proc.wait_log("listening on");
     assert!(
-        refused(cfg_port) && udp_free(cfg_port),
+        refused(cfg_port) && !holds_udp_port(proc.pid(), cfg_port),
         "nothing should listen on the config's port {cfg_port}, TCP or UDP, when systemd passed \
          the listening socket:\n{log}"
     );
@@ -1044,7 +1034,9 @@ fn socket_activation_with_a_datagram_socket_serves_udp_on_it() {
     // execs ferryd with LISTEN_FDS=2.
     require_tool("systemd-socket-activate", INSTALL_SYSTEMD);
     let dir = TempDir::new();
-    let (act_port, cfg_port) = (free_port(), free_port());
+    // Held by the test, as in `start_activated` (TCP only: the tool binds the UDP side).
+    let _holds = (reserve_port(), reserve_port());
+    let (act_port, cfg_port) = (_holds.0.port(), _holds.1.port());
     let cfg = write_config(&dir, cfg_port, &[]);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, act_port));
     let mut cmd = Command::new("systemd-socket-activate");
@@ -1085,8 +1077,7 @@ fn socket_activation_with_a_datagram_socket_serves_udp_on_it() {
     };
     echo_round_trip(&mut client, b"activated\n");
     let mut buf = [0u8; 64];
-    let (n, from) = udp
-        .recv_from(&mut buf)
+    let (n, from) = retry_eintr(|| udp.recv_from(&mut buf))
         .expect("the datagram is echoed from the passed socket");
     assert_eq!(&buf[..n], b"passed datagram\n");
     assert_eq!(
@@ -1102,7 +1093,7 @@ fn socket_activation_with_a_datagram_socket_serves_udp_on_it() {
         assert!(log.contains(&want), "the log should say {want:?}:\n{log}");
     }
     assert!(
-        refused(cfg_port) && udp_free(cfg_port),
+        refused(cfg_port) && !holds_udp_port(proc.pid(), cfg_port),
         "nothing of ferryd's own on the config's port {cfg_port}:\n{log}"
     );
     proc.signal("TERM");
@@ -1121,7 +1112,9 @@ fn udp_bound(port: u16) -> bool {
 
 #[test]
 fn listen_pid_of_another_process_is_ignored() {
-    let d = builder(&[("LISTEN_PID", "1"), ("LISTEN_FDS", "1")], "").start();
+    let d = builder(&[("LISTEN_PID", "1"), ("LISTEN_FDS", "1")], "")
+        .bind_own_port()
+        .start();
     echo_and_close(&d, "own socket\n");
     let log = d.log();
     assert!(
@@ -1137,7 +1130,9 @@ fn listen_pid_of_another_process_is_ignored() {
 #[test]
 fn bad_listen_fds_for_this_process_exits_1() {
     let dir = TempDir::new();
-    let cfg_port = free_port();
+    // Held by the test (bound, not listening): refused unless ferryd listens there.
+    let cfg_hold = reserve_port();
+    let cfg_port = cfg_hold.port();
     let cfg = write_config(&dir, cfg_port, &[]);
     // (shell commands before the exec, LISTEN_FDS, what the error says)
     let cases = [
@@ -1254,7 +1249,7 @@ fn journal_stream_naming_stderr_selects_priority_prefixes() {
 
     // Error: a start that fails, with the same kind of JOURNAL_STREAM.
     let dir = TempDir::new();
-    let cfg = write_config(&dir, free_port(), &[]);
+    let cfg = write_config(&dir, reserve_port().port(), &[]);
     let (status, log) = start_with_listen_fds(&dir, &cfg, JOURNAL_STREAM_IS_STDERR, "junk");
     assert_eq!(status.code(), Some(1), "{log}");
     assert_journal_lines(&log);
@@ -1422,7 +1417,7 @@ fn log_format_json_writes_one_escaped_object_per_line() {
     // An error, whose message holds a quote, a backslash and a newline from the environment
     // (no log escaping of ferryd's own in between): JSON alone escapes them.
     let dir = TempDir::new();
-    let cfg = write_config(&dir, free_port(), &["format = \"json\""]);
+    let cfg = write_config(&dir, reserve_port().port(), &["format = \"json\""]);
     let (status, log) = start_with_listen_fds(&dir, &cfg, "", "a\"b\\\nc");
     assert_eq!(status.code(), Some(1), "{log}");
     let lines = parse_json_log(&log);

@@ -1,12 +1,16 @@
-//! BLAKE3 of a whole file, on several threads: the tree hash is split at its top nodes (with
-//! `blake3::hazmat`), each subtree is read with `pread` and hashed on its own thread, and the
-//! chaining values are merged. Used by the client, which must know a file's hash before its
-//! header can be sent.
+//! The checksum of a whole file as the client computes it: BLAKE3 on several threads (the tree
+//! hash is split at its top nodes with `blake3::hazmat`, each subtree is read with `pread` and
+//! hashed on its own thread, and the chaining values are merged), or SHA-256 in one sequential
+//! pass. Used before the header is sent (header checksum) or beside `sendfile` (trailing).
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::thread;
+
+use sha2::{Digest, Sha256};
+
+use crate::proto::Algo;
 
 use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
@@ -16,6 +20,37 @@ use blake3::hazmat::{
 const PARALLEL_MIN: u64 = 8 << 20;
 /// Read size per `pread`.
 const READ_CHUNK: usize = 1 << 20;
+
+/// The `algo` checksum of the first `len` bytes of `file` (BLAKE3 on up to `2^depth` threads).
+pub fn checksum_file(
+    algo: Algo,
+    file: &File,
+    len: u64,
+    depth: u32,
+    progress: &(dyn Fn(u64) + Sync),
+) -> io::Result<[u8; 32]> {
+    match algo {
+        Algo::Blake3 => hash_file(file, len, depth, progress),
+        Algo::Sha256 => {
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; READ_CHUNK.min(len as usize)];
+            let mut done = 0u64;
+            while done < len {
+                let want = (len - done).min(buf.len() as u64) as usize;
+                let n = match file.read_at(&mut buf[..want], done) {
+                    Ok(0) => return Err(io::Error::other("file shrank while being hashed")),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                hasher.update(&buf[..n]);
+                done += n as u64;
+                progress(n as u64);
+            }
+            Ok(hasher.finalize().into())
+        }
+    }
+}
 
 /// Hashes the first `len` bytes of `file`, splitting the work into up to `2^depth` subtrees
 /// hashed at once. `progress` is called with byte counts as they are hashed (from any thread).
@@ -134,6 +169,11 @@ mod tests {
                     "progress for len {len} depth {depth}"
                 );
             }
+        }
+        for len in [0, 1, (1 << 20) + 3, data.len() as u64] {
+            let want: [u8; 32] = Sha256::digest(&data[..len as usize]).into();
+            let got = checksum_file(Algo::Sha256, &file, len, 2, &|_| {}).unwrap();
+            assert_eq!(got, want, "sha256 len {len}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -3,5 +3,7 @@
 
 pub mod filehash;
 mod send;
+mod stdin;
+mod walk;
 
 pub use send::*;

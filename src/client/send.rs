@@ -1,12 +1,14 @@
 //! The client half of the file protocol: `ferryd send` (upload files to a server, one connection,
-//! one answer per file) and `ferryd pack` (write the same frames to stdout for `nc`).
+//! one answer per file) and `ferryd pack` (write the same frames to stdout for `nc`). `send`
+//! puts the checksum after the body by default, hashing beside `sendfile` instead of before it;
+//! `pack` puts it in the header.
 
 use std::fmt;
-use std::fs::File;
-use std::io::{self, BufRead, BufReader, IsTerminal, Read, Seek, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, IsTerminal, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
@@ -15,11 +17,12 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::auth::{self, Key, KeyError, NONCE_LEN};
-use crate::client::filehash;
+use crate::client::walk::{self, Item};
+use crate::client::{filehash, stdin};
 use crate::deadline::is_timeout;
 use crate::escape::push_chat_text;
-use crate::proto::wire::{Answer, Code, parse_answer};
-use crate::proto::{Header, name};
+use crate::proto::wire::{Answer, Code, parse_answer, parse_resume};
+use crate::proto::{Algo, HEADER_LEN, Header, name};
 
 /// Buffer size for the read/write fallback when sendfile(2) cannot be used.
 const CHUNK: usize = 1 << 20;
@@ -27,6 +30,12 @@ const CHUNK: usize = 1 << 20;
 const SEND_CHUNK: u64 = 8 << 20;
 /// Longest answer line read from a server.
 const MAX_ANSWER: u64 = 4096;
+/// Files at least this large are sent resumable (header flag bit 3) by default: the checksum is
+/// computed first and put in the header, the server keeps what arrived if the connection is
+/// cut, and the next `send` of the same file continues from there, at the cost of the hashing
+/// pass before sending and one round trip (the `RESUME <offset>` line) before the body. Smaller
+/// files keep the one-pass trailing checksum.
+pub const RESUME_MIN: u64 = 1 << 20;
 
 /// What `ferryd send` was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +45,32 @@ pub struct SendOptions {
     pub files: Vec<PathBuf>,
     /// The shared upload key, for servers with `files.token_file`.
     pub key_file: Option<PathBuf>,
+    /// How the frames are made.
+    pub form: Form,
+    /// `-r`: directories among `files` are sent whole, each file named by its path relative to
+    /// the directory's parent (`client::walk`).
+    pub recursive: bool,
+}
+
+/// What `ferryd pack` was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackOptions {
+    pub files: Vec<PathBuf>,
+    pub form: Form,
+}
+
+/// How frames are made: the checksum's algorithm and place, and the name to send under.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Form {
+    pub algo: Algo,
+    /// The checksum follows the body (hashed while it is sent) instead of standing in the
+    /// header (hashed before it is sent).
+    pub trailing: bool,
+    /// The name to send under instead of the file's own (required for `-`, standard input).
+    pub name: Option<String>,
+    /// Files of `RESUME_MIN` bytes or more (not standard input) are sent resumable, with the
+    /// checksum in the header whatever `trailing` says (`send` unless `--checksum trailing`).
+    pub resume: bool,
 }
 
 /// A client failure, with the reason a user can act on.
@@ -65,6 +100,7 @@ pub enum ClientError {
         err: name::NameError,
     },
     Key(KeyError),
+    Stdin(stdin::StdinError),
     /// With `--key-file`, the server did not open with a `NONCE` line.
     NoNonce {
         to: String,
@@ -99,6 +135,7 @@ impl fmt::Display for ClientError {
                 )
             }
             ClientError::Key(e) => write!(f, "--key-file: {e}"),
+            ClientError::Stdin(e) => write!(f, "{e}"),
             ClientError::NoNonce { to } => write!(
                 f,
                 "{to} sent no NONCE line: it does not take upload keys (try without --key-file)"
@@ -121,70 +158,177 @@ impl ClientError {
     }
 }
 
-/// A file ready to go: opened, measured and hashed.
+/// A file ready to go: opened, measured, and hashed unless the checksum trails the body.
 struct Prepared {
     path: PathBuf,
     file: File,
     name: String,
     header: Header,
+    /// The checksum, when known before sending (always for a header checksum).
+    known: Option<[u8; 32]>,
+    /// Sent with the resume flag (`Form::resume`, files of `RESUME_MIN` bytes or more).
+    resume: bool,
 }
 
+/// What a trailing checksum is followed by on an authenticated connection: the tag binding it
+/// to the frame's first tag.
+type TrailerTag<'a> = &'a dyn Fn(&[u8; 32]) -> [u8; 32];
+
 impl Prepared {
-    fn open(path: &Path, progress: bool) -> Result<Prepared, ClientError> {
+    /// Opens `path` to be sent as `form` says, or under `as_name` (a name with subdirectories,
+    /// from `send -r`; then a symlink is never followed).
+    fn open(
+        path: &Path,
+        as_name: Option<&str>,
+        form: &Form,
+        progress: bool,
+    ) -> Result<Prepared, ClientError> {
         let file_err = |err| ClientError::File {
             path: path.to_path_buf(),
             err,
         };
-        let raw_name = path
-            .file_name()
-            .map(|n| n.as_encoded_bytes())
-            .unwrap_or_default();
-        let name = name::validate(raw_name)
-            .map_err(|err| ClientError::BadName {
-                path: path.to_path_buf(),
-                err,
-            })?
-            .to_string();
-        let mut file = File::open(path).map_err(file_err)?;
-        let meta = file.metadata().map_err(file_err)?;
-        if !meta.is_file() {
-            return Err(file_err(io::Error::other("not a regular file")));
+        let bad_name = |err| ClientError::BadName {
+            path: path.to_path_buf(),
+            err,
+        };
+        let name = match (as_name, &form.name) {
+            (Some(n), _) => name::validate_path(n.as_bytes()).map_err(bad_name)?,
+            (None, Some(n)) => name::validate(n.as_bytes()).map_err(bad_name)?,
+            (None, None) => name::validate(
+                path.file_name()
+                    .map(|n| n.as_encoded_bytes())
+                    .unwrap_or_default(),
+            )
+            .map_err(bad_name)?,
         }
-        let size = meta.len();
-        let bar = progress_bar(progress, size, &format!("hashing {name}"));
-        let checksum =
-            filehash::hash_file(&file, size, hash_depth(), &|n| bar.inc(n)).map_err(file_err)?;
-        bar.finish_and_clear();
-        file.rewind().map_err(file_err)?;
+        .to_string();
+        let nofollow = if as_name.is_some() {
+            i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).unwrap_or(0)
+        } else {
+            0
+        };
+        let (file, size, mut known) = if path == Path::new("-") {
+            let s = stdin::take(form.algo).map_err(ClientError::Stdin)?;
+            (s.file, s.size, s.checksum)
+        } else {
+            let file = OpenOptions::new()
+                .read(true)
+                .custom_flags(nofollow)
+                .open(path)
+                .map_err(file_err)?;
+            let meta = file.metadata().map_err(file_err)?;
+            if !meta.is_file() {
+                return Err(file_err(io::Error::other("not a regular file")));
+            }
+            (file, meta.len(), None)
+        };
+        // A resumable frame needs its checksum before the body.
+        let resume = form.resume && path != Path::new("-") && size >= RESUME_MIN;
+        let trailing = form.trailing && !resume;
+        if !trailing && known.is_none() {
+            let bar = progress_bar(progress, size, &format!("hashing {name}"));
+            known = Some(
+                filehash::checksum_file(form.algo, &file, size, hash_depth(), &|n| bar.inc(n))
+                    .map_err(file_err)?,
+            );
+            bar.finish_and_clear();
+        }
         Ok(Prepared {
             path: path.to_path_buf(),
             file,
             header: Header {
-                authenticated: false,
+                algo: form.algo,
+                trailing,
                 name_len: name.len() as u16,
                 size,
-                checksum,
+                checksum: match known {
+                    Some(sum) if !trailing => sum,
+                    _ => [0; 32],
+                },
+                ..Header::default()
             },
             name,
+            known,
+            resume,
         })
     }
 
-    /// Writes header, name (and tag) and body to `out`, calling `tick` with the body bytes sent
-    /// so far after each chunk; `tick` returning false stops the body early.
-    fn write_to<W: Write + AsFd>(
-        &mut self,
-        out: &mut W,
-        tag: Option<&[u8]>,
-        tick: &mut dyn FnMut(u64) -> bool,
-    ) -> io::Result<bool> {
-        out.write_all(&self.header.encode())?;
+    /// The header as sent: with the resume flag when `resume`.
+    fn raw_header(&self) -> [u8; HEADER_LEN] {
+        let raw = self.header.encode();
+        if self.resume {
+            Header::with_resume_flag(raw)
+        } else {
+            raw
+        }
+    }
+
+    /// Writes header, name and tag.
+    fn write_head<W: Write>(&self, out: &mut W, tag: Option<&[u8]>) -> io::Result<()> {
+        out.write_all(&self.raw_header())?;
         out.write_all(self.name.as_bytes())?;
         if let Some(tag) = tag {
             out.write_all(tag)?;
         }
+        out.flush()
+    }
+
+    /// Writes header, name (and tag), body and, for a trailing frame, the checksum (and
+    /// `trailer_tag` of it) to `out`, calling `tick` with the body bytes sent so far after each
+    /// chunk; `tick` returning false stops the body early. A trailing checksum not known yet is
+    /// computed on other threads while the body is sent, reading the file's pages beside
+    /// `sendfile`.
+    fn write_to<W: Write + AsFd>(
+        &mut self,
+        out: &mut W,
+        tag: Option<&[u8]>,
+        trailer_tag: Option<TrailerTag<'_>>,
+        tick: &mut dyn FnMut(u64) -> bool,
+    ) -> io::Result<bool> {
+        self.write_head(out, tag)?;
+        if !self.header.trailing {
+            return self.write_body(out, 0, tick);
+        }
+        let (algo, size, known) = (self.header.algo, self.header.size, self.known);
+        let (sent, sum) = thread::scope(|s| {
+            let file = &self.file;
+            let hasher = match known {
+                Some(_) => None,
+                None => Some(s.spawn(move || {
+                    filehash::checksum_file(algo, file, size, hash_depth(), &|_| {})
+                })),
+            };
+            let sent = self.write_body(out, 0, tick);
+            let sum = match hasher {
+                Some(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("hashing thread panicked"))),
+                None => known.ok_or_else(|| io::Error::other("no checksum")),
+            };
+            (sent, sum)
+        });
+        if !sent? {
+            return Ok(false);
+        }
+        let sum = sum?;
+        out.write_all(&sum)?;
+        if let Some(trailer_tag) = trailer_tag {
+            out.write_all(&trailer_tag(&sum))?;
+        }
         out.flush()?;
+        Ok(true)
+    }
+
+    /// Sends the body from byte `from` on (a resumed upload skips what the server holds) with
+    /// `sendfile(2)` (or read and write where it cannot be used).
+    fn write_body<W: Write + AsFd>(
+        &self,
+        out: &mut W,
+        from: u64,
+        tick: &mut dyn FnMut(u64) -> bool,
+    ) -> io::Result<bool> {
         let size = self.header.size;
-        let mut sent = 0u64;
+        let mut sent = from.min(size);
         let mut fallback: Option<Vec<u8>> = None;
         while sent < size {
             let want = (size - sent).min(SEND_CHUNK);
@@ -227,11 +371,11 @@ impl Prepared {
 }
 
 /// `ferryd pack FILE...`: writes one frame per file to `out`.
-pub fn pack<W: Write + AsFd>(files: &[PathBuf], out: &mut W) -> Result<(), ClientError> {
-    for path in files {
-        let mut prepared = Prepared::open(path, false)?;
+pub fn pack<W: Write + AsFd>(opts: &PackOptions, out: &mut W) -> Result<(), ClientError> {
+    for path in &opts.files {
+        let mut prepared = Prepared::open(path, None, &opts.form, false)?;
         prepared
-            .write_to(out, None, &mut |_| true)
+            .write_to(out, None, None, &mut |_| true)
             .map_err(ClientError::Io)?;
     }
     out.flush().map_err(ClientError::Io)
@@ -245,10 +389,25 @@ pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, Client
         Some(path) => Some(Key::load(path).map_err(ClientError::Key)?.0),
         None => None,
     };
+    let items = if opts.recursive {
+        let (items, notes) = walk::expand(&opts.files);
+        for note in notes {
+            eprintln!("{note}");
+        }
+        items
+    } else {
+        opts.files
+            .iter()
+            .map(|p| Item {
+                path: p.clone(),
+                name: None,
+            })
+            .collect()
+    };
     let mut conn: Option<Connection> = None;
     let mut results = Vec::new();
-    for path in &opts.files {
-        let mut prepared = match Prepared::open(path, progress) {
+    for Item { path, name } in &items {
+        let mut prepared = match Prepared::open(path, name.as_deref(), &opts.form, progress) {
             Ok(p) => p,
             Err(e) => {
                 results.push(report(out, path, false, e.detail()));
@@ -259,7 +418,18 @@ pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, Client
             conn = Some(Connection::open(&opts.to, opts.timeout, key.as_ref())?);
         }
         let Some(c) = conn.as_mut() else { continue };
-        let (ok, message, keep) = c.upload(&mut prepared, opts.timeout, progress);
+        let (mut ok, mut message, mut keep, resumed) =
+            c.upload(&mut prepared, opts.timeout, progress);
+        if resumed > 0 && keep && message.contains("; ERR checksum ") {
+            // The server's partial did not belong to this file after all (it dropped it): one
+            // more try, from the start.
+            let _ = writeln!(
+                out,
+                "{}: resumed at {resumed} bytes, but the whole file failed its checksum on the server (a damaged partial, dropped there); sending it again from the start",
+                path.display()
+            );
+            (ok, message, keep, _) = c.upload(&mut prepared, opts.timeout, progress);
+        }
         results.push(report(out, path, ok, message));
         if !keep {
             // The server closes after refusing a frame; the next file gets a new connection.
@@ -413,29 +583,69 @@ impl Connection {
         })
     }
 
-    /// Sends one file and waits for its answer. Returns (ok, message, keep the connection).
+    /// Sends one file and waits for its answer. Returns (ok, message, keep the connection, the
+    /// offset a resumed upload continued from).
     fn upload(
         &mut self,
         p: &mut Prepared,
         timeout: Duration,
         progress: bool,
-    ) -> (bool, String, bool) {
+    ) -> (bool, String, bool, u64) {
         let bar = progress_bar(progress, p.header.size, &format!("sending {}", p.name));
         let tag = self.auth.as_mut().map(|(key, nonce, seq)| {
             p.header.authenticated = true;
-            let tag = key.upload_tag(nonce, *seq, &p.header.encode(), p.name.as_bytes());
+            let tag = key.upload_tag(nonce, *seq, &p.raw_header(), p.name.as_bytes());
             *seq += 1;
             tag
         });
+        let key = self.auth.as_ref().map(|(key, ..)| key.clone());
+        let trailer = |sum: &[u8; 32]| match (&key, &tag) {
+            (Some(key), Some(tag)) => key.trailer_tag(tag, sum),
+            _ => [0; 32],
+        };
         if let Some(line) = self.pushed_back.take() {
             // The server already said something (e.g. `ERR busy`): do not send.
             bar.finish_and_clear();
-            return self.conclude(line, false);
+            return with_offset(self.conclude(line, false), 0);
         }
+        let from = if p.resume {
+            // A resumable frame: the server answers the head with `RESUME <offset>` (or refuses
+            // it with `ERR`), and the body goes from that offset on.
+            if let Err(e) = p.write_head(&mut self.stream, tag.as_ref().map(|t| &t[..])) {
+                bar.finish_and_clear();
+                let line = next_answer(&self.answers, Duration::from_secs(2), &mut self.wants_key)
+                    .unwrap_or(Err(e));
+                return with_offset(self.conclude(line, false), 0);
+            }
+            match self.resume_offset(answer_wait(timeout)) {
+                Ok(n) if n <= p.header.size => n,
+                Ok(n) => {
+                    bar.finish_and_clear();
+                    let size = p.header.size;
+                    let why = format!(
+                        "the server offered to resume at {n} bytes, past the file's {size}"
+                    );
+                    return (false, why, false, 0);
+                }
+                Err(Some(line)) => {
+                    bar.finish_and_clear();
+                    return with_offset(self.conclude(line, false), 0);
+                }
+                Err(None) => {
+                    bar.finish_and_clear();
+                    let secs = answer_wait(timeout).as_secs();
+                    let why = format!("no answer from the server within {secs} s");
+                    return (false, why, false, 0);
+                }
+            }
+        } else {
+            0
+        };
         let mut early = None;
         let stream = &mut self.stream;
         let (answers, wants_key) = (&self.answers, &mut self.wants_key);
-        let sent = p.write_to(stream, tag.as_ref().map(|t| &t[..]), &mut |n| {
+        let trailer_tag: Option<TrailerTag<'_>> = tag.is_some().then_some(&trailer);
+        let mut tick = |n| {
             bar.set_position(n);
             match next_answer(answers, Duration::ZERO, wants_key) {
                 Ok(line) => {
@@ -444,7 +654,12 @@ impl Connection {
                 }
                 Err(_) => true,
             }
-        });
+        };
+        let sent = if p.resume {
+            p.write_body(stream, from, &mut tick)
+        } else {
+            p.write_to(stream, tag.as_ref().map(|t| &t[..]), trailer_tag, &mut tick)
+        };
         bar.finish_and_clear();
         // Only an answer that came after the whole body finds the stream in step.
         let body_sent = early.is_none() && sent.is_ok();
@@ -459,6 +674,7 @@ impl Connection {
                             false,
                             format!("no answer from the server within {secs} s"),
                             false,
+                            from,
                         );
                     }
                     Err(RecvTimeoutError::Disconnected) => Err(io::ErrorKind::UnexpectedEof.into()),
@@ -471,7 +687,37 @@ impl Connection {
                     .unwrap_or(Err(e))
             }
         };
-        self.conclude(line, body_sent)
+        let (ok, message, keep) = self.conclude(line, body_sent);
+        let message = if from > 0 {
+            format!("resumed at {from} bytes; {message}")
+        } else {
+            message
+        };
+        (ok, message, keep, from)
+    }
+
+    /// Waits for the server's `RESUME <offset>` line: the offset, or the answer line it sent
+    /// instead (`Err(Some)`: a refusal or a connection error), or nothing in time (`Err(None)`).
+    fn resume_offset(&mut self, wait: Duration) -> Result<u64, Option<io::Result<String>>> {
+        loop {
+            match self.answers.recv_timeout(wait) {
+                Ok(Ok(line)) => {
+                    if let Some(n) = parse_resume(&line) {
+                        return Ok(n);
+                    }
+                    if parse_nonce(&line).is_some() {
+                        self.wants_key = true;
+                    } else if line.starts_with("OK ") || line.starts_with("ERR ") {
+                        return Err(Some(Ok(line)));
+                    }
+                }
+                Ok(Err(e)) => return Err(Some(Err(e))),
+                Err(RecvTimeoutError::Timeout) => return Err(None),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Some(Err(io::ErrorKind::UnexpectedEof.into())));
+                }
+            }
+        }
     }
 
     fn conclude(&self, line: io::Result<String>, body_sent: bool) -> (bool, String, bool) {
@@ -500,6 +746,10 @@ impl Connection {
             Err(e) => (false, format!("connection failed: {e}"), false),
         }
     }
+}
+
+fn with_offset((ok, message, keep): (bool, String, bool), from: u64) -> (bool, String, bool, u64) {
+    (ok, message, keep, from)
 }
 
 /// The next answer from the server: an `OK` or `ERR` line. A `NONCE` line sets `wants_key`;

@@ -7,6 +7,7 @@ use std::ops::Range;
 
 use toml::{Spanned, Value};
 
+use crate::hookargs;
 use crate::rules::Cidr;
 
 use super::ConfigError;
@@ -122,6 +123,7 @@ impl Ctx<'_> {
         }
         let values = Values::resolve(given);
         self.require_token_has_key(&values, &spans)?;
+        self.starstar_without_key(&values, &spans)?;
         Ok(values)
     }
 
@@ -143,6 +145,31 @@ impl Ctx<'_> {
                 "access.require_token",
                 "needs files.token_file, the key to check",
                 "false, or set files.token_file",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `compat.starstar_uploads = true` cannot go with `files.token_file`: such an upload
+    /// carries no key.
+    fn starstar_without_key(
+        &self,
+        values: &Values,
+        spans: &[Option<&Spanned<Value>>],
+    ) -> Result<(), ConfigError> {
+        let at = |path: &str| KEYS.iter().position(|k| k.is(path));
+        let (Some(star), Some(file)) = (at("compat.starstar_uploads"), at("files.token_file"))
+        else {
+            return Ok(());
+        };
+        let on = values.0.get(star) == Some(&Val::Bool(true));
+        let keyed = !matches!(values.0.get(file), Some(Val::Unset) | None);
+        match spans.get(star) {
+            Some(Some(v)) if on && keyed => Err(self.bad(
+                v,
+                "compat.starstar_uploads",
+                "cannot be combined with files.token_file: a NAME**SIZE upload carries no key",
+                "false while files.token_file is set",
             )),
             _ => Ok(()),
         }
@@ -179,6 +206,21 @@ impl Ctx<'_> {
             (Kind::Word { .. } | Kind::Ip { .. } | Kind::Path { .. }, _) => {
                 Err(wrong_type("a string"))
             }
+            (Kind::Argv, Value::Array(items)) => {
+                let argv = items
+                    .iter()
+                    .zip(1..)
+                    .map(|(item, n)| match item {
+                        Value::String(s) => Ok(s.clone()),
+                        other => Err(problem(&format!(
+                            "item {n} is {}, not a string",
+                            type_name(other)
+                        ))),
+                    })
+                    .collect::<Result<Vec<String>, ConfigError>>()?;
+                hookargs::check(&argv).map_err(|e| problem(&e.to_string()))?;
+                Ok(Val::Argv(argv))
+            }
             (Kind::Rules, Value::Array(items)) => items
                 .iter()
                 .zip(1..)
@@ -193,7 +235,7 @@ impl Ctx<'_> {
                 })
                 .collect::<Result<Vec<Cidr>, ConfigError>>()
                 .map(Val::Rules),
-            (Kind::Rules, _) => Err(wrong_type("a list")),
+            (Kind::Rules | Kind::Argv, _) => Err(wrong_type("a list")),
         }
     }
 

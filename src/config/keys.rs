@@ -64,6 +64,9 @@ pub(super) enum Kind {
     },
     /// A list of addresses and CIDR ranges, empty by default.
     Rules,
+    /// A command as a list of strings (program, then arguments, with `hookargs` placeholders),
+    /// empty (no command) by default.
+    Argv,
 }
 
 /// What a reload does with a changed key.
@@ -85,6 +88,7 @@ pub(super) enum Val {
     Ip(IpAddr),
     Path(PathBuf),
     Rules(Vec<Cidr>),
+    Argv(Vec<String>),
     /// An optional key that is not set.
     Unset,
 }
@@ -122,9 +126,11 @@ pub(super) const RULES_ALLOWED: &str =
 const DIR_ALLOWED: &str =
     "a non-empty directory path (relative paths start at ferryd's working directory)";
 const TOKEN_FILE_ALLOWED: &str = "the path of a file holding the shared key (16 bytes or more)";
+pub(super) const ARGV_ALLOWED: &str = "a list of strings: the program, then its arguments, which may hold \
+     {path}, {name}, {size}, {checksum}, {peer} ([] for no hook)";
 
 /// The tables, in the order `check-config` prints them.
-pub(super) const TABLES: &[&str] = &["server", "udp", "files", "access", "log"];
+pub(super) const TABLES: &[&str] = &["server", "udp", "files", "access", "log", "compat"];
 
 /// Every key, table by table in the order of config/config.toml.
 pub(super) const KEYS: &[Key] = &[
@@ -257,6 +263,16 @@ pub(super) const KEYS: &[Key] = &[
         same_as: None,
         reload: Reload::Live,
         get: |c| &c.server.queue_timeout,
+    },
+    Key {
+        table: "server",
+        name: "chat_flush_ms",
+        doc: "chat mode: text without a newline is delivered as a line after this many \
+              milliseconds of silence; 0: only at a newline",
+        kind: int(0, 60_000, 200),
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.server.chat_flush_ms,
     },
     // [udp]
     Key {
@@ -391,6 +407,71 @@ pub(super) const KEYS: &[Key] = &[
         reload: Reload::Live,
         get: |c| &c.files.token_file,
     },
+    Key {
+        table: "files",
+        name: "resume_keep_secs",
+        doc: "seconds the partial body of a cut-off resumable upload is kept; 0 turns resuming off",
+        kind: int(0, 31_536_000, 86_400),
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.files.resume_keep,
+    },
+    Key {
+        table: "files",
+        name: "resume_max_bytes",
+        doc: "total size, in bytes, of the files whose partial bodies are kept; 0 turns resuming off",
+        kind: int(0, I64_MAX, 4 << 30),
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.files.resume_max_bytes,
+    },
+    Key {
+        table: "files",
+        name: "allow_subdirs",
+        doc: "accept names with subdirectories (photos/2024/a.jpg, from ferryd send -r), \
+              creating the directories beneath files.dir",
+        kind: Kind::Bool { default: false },
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.files.allow_subdirs,
+    },
+    Key {
+        table: "files",
+        name: "on_stored",
+        doc: "command run for each stored file, as [program, arg, …] with {path}, {name}, {size}, \
+              {checksum}, {peer}; no shell; [] runs nothing",
+        kind: Kind::Argv,
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.files.on_stored,
+    },
+    Key {
+        table: "files",
+        name: "hook_workers",
+        doc: "files.on_stored commands running at once (threads, started at the first hook)",
+        kind: int(1, 64, 2),
+        same_as: None,
+        reload: Reload::Restart,
+        get: |c| &c.files.hook_workers,
+    },
+    Key {
+        table: "files",
+        name: "hook_queue_depth",
+        doc: "stored files waiting for a hook worker; beyond it the hook is skipped and logged",
+        kind: int(1, 100_000, 256),
+        same_as: None,
+        reload: Reload::Restart,
+        get: |c| &c.files.hook_queue_depth,
+    },
+    Key {
+        table: "files",
+        name: "hook_timeout_secs",
+        doc: "seconds a files.on_stored command may run before its process group is killed",
+        kind: int(1, 86400, 60),
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.files.hook_timeout,
+    },
     // [access]
     Key {
         table: "access",
@@ -517,6 +598,17 @@ pub(super) const KEYS: &[Key] = &[
         reload: Reload::Live,
         get: |c| &c.log.refusal_summary,
     },
+    // [compat]
+    Key {
+        table: "compat",
+        name: "starstar_uploads",
+        doc: "store NAME**SIZE uploads (the Qt tutorials' file client), unverified; else \
+              \"ERR legacy-header\"; not with files.token_file",
+        kind: Kind::Bool { default: false },
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.compat.starstar_uploads,
+    },
 ];
 
 /// The words `log.level` takes (the `log` crate's filter is not ours to give `WORDS`).
@@ -544,6 +636,7 @@ impl Key {
             } => Val::Path(PathBuf::from(p)),
             Kind::Path { default: None, .. } => Val::Unset,
             Kind::Rules => Val::Rules(Vec::new()),
+            Kind::Argv => Val::Argv(Vec::new()),
         }
     }
 
@@ -565,6 +658,7 @@ impl Key {
             Kind::Ip { .. } => BIND_ALLOWED.to_string(),
             Kind::Path { allowed, .. } => allowed.to_string(),
             Kind::Rules => RULES_ALLOWED.to_string(),
+            Kind::Argv => ARGV_ALLOWED.to_string(),
         }
     }
 }
@@ -686,6 +780,21 @@ impl FromVal for Vec<Cidr> {
     fn from_val(v: Val) -> Option<Vec<Cidr>> {
         match v {
             Val::Rules(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+impl Setting for Vec<String> {
+    fn to_val(&self) -> Val {
+        Val::Argv(self.clone())
+    }
+}
+
+impl FromVal for Vec<String> {
+    fn from_val(v: Val) -> Option<Vec<String>> {
+        match v {
+            Val::Argv(a) => Some(a),
             _ => None,
         }
     }

@@ -64,6 +64,14 @@ pub struct Config {
     pub files: FilesConfig,
     pub access: AccessConfig,
     pub log: LogConfig,
+    pub compat: CompatConfig,
+}
+
+/// Compatibility with clients that do not speak the frame protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompatConfig {
+    /// Store `NAME**SIZE` uploads (the Qt tutorials' file client), unverified.
+    pub starstar_uploads: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +116,9 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// Longest wait in the queue for a worker before `ERR busy`.
     pub queue_timeout: Duration,
+    /// Chat mode: text without a newline is delivered as a line after this many milliseconds
+    /// of silence; 0: only at a newline (or the end of the stream).
+    pub chat_flush_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -146,6 +157,20 @@ pub struct FilesConfig {
     pub min_free_bytes: u64,
     /// The shared upload key; `None`: uploads need no key.
     pub token_file: Option<PathBuf>,
+    /// How long the partial body of a cut-off resumable upload is kept; 0: resuming is off.
+    pub resume_keep: Duration,
+    /// Total announced size of the partial bodies kept; 0: resuming is off.
+    pub resume_max_bytes: u64,
+    /// Names may hold subdirectories (`photos/2024/a.jpg`).
+    pub allow_subdirs: bool,
+    /// The command run for each stored file (checked by `hookargs::check`); empty: none.
+    pub on_stored: Vec<String>,
+    /// Hook commands running at once.
+    pub hook_workers: usize,
+    /// Stored files waiting for a hook worker.
+    pub hook_queue_depth: usize,
+    /// How long a hook may run before its process group is killed.
+    pub hook_timeout: Duration,
 }
 
 words! {
@@ -328,6 +353,7 @@ impl Config {
                 line_timeout: v.get("server.line_timeout_secs")?,
                 write_timeout: v.get("server.write_timeout_secs")?,
                 queue_timeout: v.get("server.queue_timeout_secs")?,
+                chat_flush_ms: v.get("server.chat_flush_ms")?,
             },
             udp: UdpConfig {
                 enabled: v.get("udp.enabled")?,
@@ -345,6 +371,13 @@ impl Config {
                 file_mode: v.get("files.file_mode")?,
                 min_free_bytes: v.get("files.min_free_bytes")?,
                 token_file: v.get("files.token_file")?,
+                resume_keep: v.get("files.resume_keep_secs")?,
+                resume_max_bytes: v.get("files.resume_max_bytes")?,
+                allow_subdirs: v.get("files.allow_subdirs")?,
+                on_stored: v.get("files.on_stored")?,
+                hook_workers: v.get("files.hook_workers")?,
+                hook_queue_depth: v.get("files.hook_queue_depth")?,
+                hook_timeout: v.get("files.hook_timeout_secs")?,
             },
             access: AccessConfig {
                 rules: Rules {
@@ -364,6 +397,9 @@ impl Config {
                 level: v.get("log.level")?,
                 format: v.get("log.format")?,
                 refusal_summary: v.get("log.refusal_summary_secs")?,
+            },
+            compat: CompatConfig {
+                starstar_uploads: v.get("compat.starstar_uploads")?,
             },
         })
     }
@@ -410,6 +446,10 @@ fn toml_text(key: &Key, v: &Val) -> String {
         Val::Path(p) => quoted(&p.to_string_lossy()),
         Val::Rules(rules) => {
             let items: Vec<String> = rules.iter().map(|r| format!("\"{r}\"")).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Val::Argv(argv) => {
+            let items: Vec<String> = argv.iter().map(|a| quoted(a)).collect();
             format!("[{}]", items.join(", "))
         }
         Val::Unset => String::new(),
@@ -596,6 +636,48 @@ mod tests {
     }
 
     #[test]
+    fn on_stored_is_a_checked_command() {
+        let c = parse(
+            "[files]\non_stored = [\"/usr/bin/mosquitto_pub\", \"-m\", \"{name} \\\"{size}\\\"\"]\nhook_workers = 3\nhook_timeout_secs = 5\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            c.files.on_stored,
+            ["/usr/bin/mosquitto_pub", "-m", "{name} \"{size}\""]
+        );
+        assert_eq!(c.files.hook_workers, 3);
+        assert_eq!(c.files.hook_timeout, Duration::from_secs(5));
+        assert_eq!(parse(&c.to_string(), "y").unwrap(), c);
+        let cases = [
+            (
+                "[files]\non_stored = [\"/bin/x\", \"{file}\"]\n",
+                "test.toml:2: files.on_stored = [\"/bin/x\", \"{file}\"]: item 2: unknown placeholder {file}, known: {path}, {name}, {size}, {checksum}, {peer}; allowed: a list of strings",
+            ),
+            (
+                "[files]\non_stored = \"/bin/x {path}\"\n",
+                "files.on_stored = \"/bin/x {path}\": expected a list, found a string",
+            ),
+            (
+                "[files]\non_stored = [\"/bin/x\", 5]\n",
+                "item 2 is an integer, not a string",
+            ),
+            (
+                "[files]\non_stored = [\"\"]\n",
+                "item 1, the program, is empty",
+            ),
+            (
+                "[files]\nhook_workers = 0\n",
+                "files.hook_workers = 0: out of range",
+            ),
+        ];
+        for (src, want) in cases {
+            let msg = err(src);
+            assert!(msg.contains(want), "{msg}");
+        }
+    }
+
+    #[test]
     fn access_section() {
         let c = parse(
             "[files]\ntoken_file = \"/etc/ferryd/upload.key\"\n[access]\nallow = [\"10.0.0.0/8\", \"::1\"]\ndeny = [\"10.9.0.0/16\"]\nmax_per_ip = 2\nrequire_token = true\nheader_timeout_secs = 3\nmin_upload_bytes_per_sec = 0\n",
@@ -630,6 +712,19 @@ mod tests {
             (
                 "[access]\nmax_per_ip = 0\n",
                 "access.max_per_ip = 0: out of range",
+            ),
+            (
+                "[files]\ntoken_file = \"/k\"\n[compat]\nstarstar_uploads = true\n",
+                "compat.starstar_uploads = true: cannot be combined with files.token_file",
+            ),
+            (
+                "[compat]\nstarstar_uploads = 1\n",
+                "compat.starstar_uploads",
+            ),
+            ("[compat]\nstarstar = true\n", "starstar"),
+            (
+                "[server]\nchat_flush_ms = 60001\n",
+                "server.chat_flush_ms = 60001: out of range",
             ),
         ];
         for (src, want) in cases {

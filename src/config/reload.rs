@@ -121,6 +121,7 @@ mod tests {
             Kind::Ip { .. } => "\"::1\"".to_string(),
             Kind::Path { .. } => "\"elsewhere\"".to_string(),
             Kind::Rules => "[\"10.0.0.0/8\"]".to_string(),
+            Kind::Argv => "[\"/bin/true\", \"{path}\"]".to_string(),
         };
         let mut src = format!("[{}]\n{} = {value}\n", key.table, key.name);
         if key.is("access.require_token") {
@@ -206,6 +207,8 @@ mod tests {
                 "udp.enabled",
                 "udp.bind",
                 "udp.port",
+                "files.hook_workers",
+                "files.hook_queue_depth",
             ]
         );
         assert_eq!((live + restart, restart), (KEYS.len(), restart_only.len()));

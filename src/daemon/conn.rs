@@ -22,11 +22,12 @@ use crate::daemon::listener;
 use crate::daemon::refusals;
 use crate::daemon::shared::{Job, Shared, Snapshot, worker_stack_bytes};
 use crate::daemon::stats::Stats;
-use crate::daemon::upload::{self, BodySource, Lost, Outcome};
+use crate::daemon::upload::{self, BodySource, Check, Lost, Outcome};
 use crate::deadline::{Deadline, Why, is_timeout};
 use crate::escape::{escaped, push_chat_text};
 use crate::peer::Peer;
 use crate::proto::header::MAX_NAME_LEN;
+use crate::proto::starstar::{self, Detect};
 use crate::proto::wire::{self, ERR_EVICTED, ERR_SHUTDOWN, OK_AUTH};
 use crate::proto::{self, Code, FrameError, FrameHead, Parsed};
 
@@ -46,6 +47,11 @@ const MAX_AUTH_LINE: usize = 256;
 /// this, so that a stream of reads under one deadline costs no system call each; a deadline is
 /// overshot by at most this much.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
+
+/// How long a connection's first bytes that could still become a `NAME**SIZE` head (a name and
+/// an asterisk) wait for the rest before they are taken as text. The head comes in one write, so
+/// its bytes arrive together; this only covers a split in transit.
+const STARSTAR_WAIT: Duration = Duration::from_millis(200);
 
 /// The kernel send buffer of a chat client (Linux doubles it). A fixed size bounds what a client
 /// that stops reading can hold in the kernel, so that its outbound queue fills and it is dropped
@@ -274,6 +280,9 @@ struct ChatLine<'a> {
     line: Vec<u8>,
     /// The current line was too long and is being thrown away up to its newline.
     skipping: bool,
+    /// The current line was delivered without its newline after `server.chat_flush_ms` of
+    /// silence: a newline that comes next ends it and is not an empty line of its own.
+    flushed: bool,
 }
 
 impl Conn<'_> {
@@ -305,6 +314,7 @@ impl Conn<'_> {
                 seat,
                 line: Vec::new(),
                 skipping: false,
+                flushed: false,
             });
             let served = panic::catch_unwind(AssertUnwindSafe(|| self.run(input)));
             // Leave before the scope joins the writer: leaving closes the seat's queue, which is
@@ -338,6 +348,16 @@ impl Conn<'_> {
     }
 
     fn run(&mut self, input: &mut Input) -> Reason {
+        // A NAME**SIZE head can only open a connection: not after an AUTH line whose following
+        // bytes wait in `input` (and those must not be dropped).
+        if input.is_empty() {
+            if let Err(reason) = self.starstar(input) {
+                return reason;
+            }
+        }
+        // The minimum progress for text lines. In chat mode with chat_flush_ms an unfinished
+        // line is delivered after a pause, so there is no unfinished line to time.
+        let line_rule = self.chat.is_none() || self.cfg.server.chat_flush_ms == 0;
         // Whether the next byte begins a message (so a frame may start there).
         let mut at_message_start = true;
         // When the last line (or frame) ended: how long the peer has kept us waiting.
@@ -346,14 +366,8 @@ impl Conn<'_> {
         let mut line_deadline: Option<Deadline> = None;
         loop {
             if input.is_empty() {
-                let deadline = match line_deadline {
-                    Some(line) => self.idle_deadline().earliest(line),
-                    None => self.idle_deadline(),
-                };
                 self.place.reading_since(last_line);
-                input.start = 0;
-                input.end = 0;
-                if let Err(reason) = self.fill_more(input, deadline) {
+                if let Err(reason) = self.fill(input, line_deadline) {
                     return reason;
                 }
                 // Chosen to make room while the peer's bytes were still arriving (shutting the
@@ -385,7 +399,7 @@ impl Conn<'_> {
             if at_message_start {
                 last_line = Instant::now();
                 line_deadline = None;
-            } else if was_start || text.contains(&b'\n') {
+            } else if line_rule && (was_start || text.contains(&b'\n')) {
                 // A new line began in these bytes and is not complete yet.
                 let limit = self.cfg.server.line_timeout;
                 line_deadline = Some(Deadline::after(limit, Why::Line));
@@ -516,6 +530,14 @@ impl Conn<'_> {
         for segment in text.split_inclusive(|&b| b == b'\n') {
             let ends_line = segment.last() == Some(&b'\n');
             let content = segment.strip_suffix(b"\n").unwrap_or(segment);
+            // The newline of a line already delivered by the flush.
+            if std::mem::take(&mut chat.flushed)
+                && ends_line
+                && chat.line.is_empty()
+                && matches!(content, b"" | b"\r")
+            {
+                continue;
+            }
             if chat.skipping {
                 chat.skipping = !ends_line;
                 continue;
@@ -552,6 +574,135 @@ impl Conn<'_> {
             );
             self.say(wire::err_line_too_long(max).as_bytes());
         }
+    }
+
+    /// Reads more bytes into an empty `input` by the idle deadline (or `limit`, if it comes
+    /// first: the line deadline). A clean end of stream, the idle timeout and the shutdown each
+    /// end the connection (after telling the peer why). In chat mode, an unfinished line is
+    /// delivered after `server.chat_flush_ms` of silence and at the end of the stream.
+    fn fill(&mut self, input: &mut Input, limit: Option<Deadline>) -> Result<(), Reason> {
+        input.start = 0;
+        input.end = 0;
+        loop {
+            let idle = match limit {
+                Some(limit) => self.idle_deadline().earliest(limit),
+                None => self.idle_deadline(),
+            };
+            let deadline = match self.chat_flush_after() {
+                Some(after) => idle.earliest(Deadline::after(after, Why::ChatFlush)),
+                None => idle,
+            };
+            match self.read_by(&mut input.buf, deadline) {
+                Ok(n) => {
+                    input.end = n;
+                    return Ok(());
+                }
+                Err(ReadEnd::Timeout(Why::ChatFlush)) => self.flush_chat_line(),
+                Err(ReadEnd::Eof) => {
+                    self.flush_chat_line();
+                    return Err(self.ended(ReadEnd::Eof));
+                }
+                Err(end) => return Err(self.ended(end)),
+            }
+        }
+    }
+
+    /// Chat: how long to wait before delivering the unfinished line, if there is one.
+    fn chat_flush_after(&self) -> Option<Duration> {
+        let chat = self.chat.as_ref()?;
+        if chat.line.is_empty() || chat.skipping {
+            return None;
+        }
+        match self.cfg.server.chat_flush_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Chat: delivers the unfinished line as a line (a client that writes without newlines, or
+    /// the last line before the end of the stream).
+    fn flush_chat_line(&mut self) {
+        let Some(chat) = self.chat.as_mut() else {
+            return;
+        };
+        if chat.skipping || chat.line.is_empty() {
+            return;
+        }
+        let line = std::mem::take(&mut chat.line);
+        let line = line.strip_suffix(b"\r").unwrap_or(&line);
+        chat.flushed = true;
+        let mut out = format!("{} ", self.peer);
+        push_chat_text(&mut out, line);
+        out.push('\n');
+        self.shared.room.broadcast(chat.seat.id, out.as_bytes());
+    }
+
+    /// At the start of a connection: recognises the Qt tutorial file client's `NAME**SIZE` head
+    /// (`proto::starstar`) and, with `compat.starstar_uploads`, stores its body like a frame's
+    /// (unverified); without it, refuses with `ERR legacy-header` and closes, so that a file is
+    /// never echoed or relayed as chat. `Ok` means the connection goes on (with text, or after
+    /// the upload).
+    fn starstar(&mut self, input: &mut Input) -> Result<(), Reason> {
+        self.fill(input, None)?;
+        let head = loop {
+            match starstar::detect(input.data()) {
+                Detect::NotStarstar => return Ok(()),
+                Detect::Complete(head) => break head,
+                Detect::Partial => {
+                    input.compact();
+                    let end = input.end;
+                    let deadline = Deadline::after(STARSTAR_WAIT, Why::Header);
+                    match self.read_by(&mut input.buf[end..], deadline) {
+                        Ok(n) => input.end += n,
+                        // Not a head after all: the bytes are text, and the main loop sees the
+                        // end of the stream again after them.
+                        Err(ReadEnd::Timeout(_) | ReadEnd::Eof) => return Ok(()),
+                        Err(end) => return Err(self.ended(end)),
+                    }
+                }
+            }
+        };
+        let mut name_buf = [0u8; MAX_NAME_LEN as usize];
+        let name_len = head.name.len();
+        name_buf[..name_len].copy_from_slice(head.name);
+        let (size, head_len) = (head.size, head.len);
+        input.consume(head_len);
+        let name = &name_buf[..name_len];
+        let shown = escaped(name, 255);
+        if !self.cfg.compat.starstar_uploads {
+            log::warn!(
+                "{} refused: legacy-header: the connection opened with a NAME**SIZE upload (\"{shown}\", {size} B) and compat.starstar_uploads is off",
+                self.peer
+            );
+            return Err(self.refuse(&wire::err_legacy_header()));
+        }
+        self.frames += 1;
+        log::info!(
+            "{} NAME**SIZE upload \"{shown}\" ({size} B): no checksum, storing unverified",
+            self.peer
+        );
+        let shared = self.shared;
+        let peer = self.peer;
+        let min_rate = self.cfg.access.min_upload_bytes_per_sec;
+        let window = self.cfg.access.upload_rate_window;
+        let mut source = ConnSource {
+            conn: self,
+            input,
+            min_rate,
+            window,
+            window_start: Instant::now(),
+            window_bytes: 0,
+        };
+        let store = Arc::clone(&source.conn.snapshot.store);
+        let outcome = upload::receive_checked(
+            &store,
+            Check::Unverified { size },
+            name,
+            &mut source,
+            shared.hash_pool(),
+            &peer,
+        );
+        self.answer_upload(outcome)
     }
 
     /// Appends bytes to `input` (after moving what is unused to the front), by `deadline`.
@@ -679,12 +830,18 @@ impl Conn<'_> {
         // The header, name and tag must all arrive within header_timeout_secs of the first byte.
         let header_deadline = Deadline::after(self.cfg.access.header_timeout, Why::Header);
         let mut name_buf = [0u8; MAX_NAME_LEN as usize];
-        let (header, raw_header, name_len, tag) = loop {
+        let (header, raw_header, name_len, tag, resumable) = loop {
             match FrameHead::parse(input.data()) {
                 Ok(Parsed::Complete(head)) => {
                     let name = &mut name_buf[..head.name.len()];
                     name.copy_from_slice(head.name);
-                    let parts = (head.header, head.raw_header, head.name.len(), head.tag);
+                    let parts = (
+                        head.header,
+                        head.raw_header,
+                        head.name.len(),
+                        head.tag,
+                        head.resumable(),
+                    );
                     input.consume(head.len);
                     break parts;
                 }
@@ -715,6 +872,11 @@ impl Conn<'_> {
             }
             auth.seq += 1;
         }
+        // A trailing checksum comes with a second tag when the frame needed a key.
+        let trailer_key = match (&self.auth, tag) {
+            (Some(a), Some(tag)) if header.trailing => Some((Arc::clone(&a.key), tag)),
+            _ => None,
+        };
         let shared = self.shared;
         let peer = self.peer;
         let min_rate = self.cfg.access.min_upload_bytes_per_sec;
@@ -728,14 +890,29 @@ impl Conn<'_> {
             window_bytes: 0,
         };
         let store = Arc::clone(&source.conn.snapshot.store);
-        let outcome = upload::receive(
+        let outcome = upload::receive_checked(
             &store,
-            &header,
+            Check::Frame {
+                header: &header,
+                trailer_auth: trailer_key.as_ref().map(|(key, tag)| upload::TrailerAuth {
+                    key,
+                    first_tag: *tag,
+                }),
+                resumable,
+            },
             name,
             &mut source,
             shared.hash_pool(),
             &peer,
         );
+        self.answer_upload(outcome)
+    }
+
+    /// Counts an upload's outcome, announces a stored file to the chat room, and answers it;
+    /// `Ok` means the connection goes on.
+    fn answer_upload(&mut self, outcome: Outcome) -> Result<(), Reason> {
+        let shared = self.shared;
+        let peer = self.peer;
         let line = outcome.answer();
         match &outcome {
             Outcome::Stored {
@@ -753,6 +930,23 @@ impl Conn<'_> {
         }
         if outcome.keeps_connection() {
             self.say(line.as_bytes());
+            // After the answer, so a hook never delays the client.
+            if let Outcome::Stored {
+                stored_name,
+                size,
+                checksum,
+            } = &outcome
+            {
+                let snapshot = &self.snapshot;
+                shared.hooks.stored(
+                    &snapshot.config,
+                    snapshot.store.dir(),
+                    stored_name,
+                    *size,
+                    checksum,
+                    peer.addr(),
+                );
+            }
             return Ok(());
         }
         Err(match outcome {
@@ -783,7 +977,11 @@ impl Conn<'_> {
     /// closing a socket with unread input sends a reset that could destroy the answer.
     fn refuse(&mut self, line: &str) -> Reason {
         self.say(line.as_bytes());
-        let _ = self.stream.shutdown(Shutdown::Write);
+        // In chat mode the line is queued for the writer thread: shutting the write side now
+        // could cut it off. The writer sends it, and the socket closes when the connection ends.
+        if self.chat.is_none() {
+            let _ = self.stream.shutdown(Shutdown::Write);
+        }
         let deadline = Deadline::after(LINGER_TIME, Why::Linger);
         let mut scratch = [0u8; READ_BUF];
         let mut drained = 0u64;
@@ -880,13 +1078,23 @@ impl BodySource for ConnSource<'_, '_> {
             }
         }
     }
+
+    fn tell(&mut self, line: &str) -> Result<(), Lost> {
+        self.conn.say(line.as_bytes());
+        // The body starts after the peer has read this: the rate window starts now.
+        self.window_start = Instant::now();
+        self.window_bytes = 0;
+        Ok(())
+    }
 }
 
 fn code_for(e: FrameError) -> Code {
     match e {
         FrameError::Magic => Code::BadMagic,
         FrameError::Version(_) => Code::BadVersion,
-        FrameError::Flags(_) => Code::BadHeader,
+        FrameError::Flags(_) | FrameError::TrailingChecksum | FrameError::ResumeTrailing => {
+            Code::BadHeader
+        }
         FrameError::NameLength(_) => Code::BadName,
     }
 }

@@ -27,6 +27,7 @@ use crate::config::{self, Config, Origin};
 use crate::daemon::activation::Activated;
 use crate::daemon::conn;
 use crate::daemon::fdlimit::{self, Spare};
+use crate::daemon::hooks::Hooks;
 use crate::daemon::listener::{self, BindError};
 use crate::daemon::notify::Notifier;
 use crate::daemon::refusals::Why;
@@ -137,6 +138,21 @@ impl Server {
                 config.files.dir.display()
             );
         }
+        // Partial bodies of resumable uploads survive a restart until they expire.
+        match opened.store.sweep_partials() {
+            Ok((removed, kept)) => {
+                for name in &removed {
+                    log::info!(
+                        "removed expired partial upload {}/{name}",
+                        config.files.dir.display()
+                    );
+                }
+                if kept > 0 {
+                    log::info!("kept {kept} partial upload(s) for resuming");
+                }
+            }
+            Err(e) => log::warn!("partial uploads: {e}"),
+        }
         log::info!(
             "storing uploads in {} (on_conflict {}, max {} B per file)",
             opened.store.dir().display(),
@@ -199,6 +215,7 @@ impl Server {
                 (listener, local, true)
             }
         };
+        let hooks = Hooks::new(&config, worker_stack_bytes(&config));
         Ok(Server {
             handle: Handle {
                 shared: Arc::new(Shared::new(
@@ -208,6 +225,7 @@ impl Server {
                         key,
                     },
                     hash_pool,
+                    hooks,
                 )),
                 listener: Arc::new(listener),
                 notifier: Arc::new(notifier),

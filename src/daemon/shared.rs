@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::daemon::access::{PerIp, Slot};
 use crate::daemon::chat::Room;
 use crate::daemon::evict::Board;
+use crate::daemon::hooks::Hooks;
 use crate::daemon::refusals::{Refusals, Why};
 use crate::daemon::registry::Registry;
 use crate::daemon::stats::Stats;
@@ -48,13 +49,15 @@ pub struct Shared {
     /// Workers waiting for a connection right now.
     pub idle_workers: AtomicUsize,
     hash_pool: Option<HashPool>,
+    /// The `files.on_stored` queue and its threads.
+    pub hooks: Hooks,
     stopping: AtomicBool,
     /// Refused connections, counted and logged within a budget per reason.
     refusals: Mutex<Refusals>,
 }
 
 impl Shared {
-    pub fn new(snapshot: Snapshot, hash_pool: Option<HashPool>) -> Shared {
+    pub fn new(snapshot: Snapshot, hash_pool: Option<HashPool>, hooks: Hooks) -> Shared {
         let refusal_summary = snapshot.config.log.refusal_summary;
         Shared {
             snapshot: RwLock::new(Arc::new(snapshot)),
@@ -65,6 +68,7 @@ impl Shared {
             board: Board::default(),
             idle_workers: AtomicUsize::new(0),
             hash_pool,
+            hooks,
             stopping: AtomicBool::new(false),
             refusals: Mutex::new(Refusals::new(refusal_summary, Instant::now())),
         }

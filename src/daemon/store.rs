@@ -15,15 +15,26 @@ use std::fmt;
 use std::fs::{self, DirBuilder, File, Permissions};
 use std::io::{self, Write};
 use std::num::NonZeroU64;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
-use rustix::fs::{Advice, AtFlags, Mode, OFlags, RenameFlags};
+use rustix::fs::{Advice, AtFlags, FileType, Mode, OFlags, RenameFlags};
 
 use crate::config::{FilesConfig, OnConflict};
-use crate::proto::name::RESERVED_PREFIX;
+use crate::daemon::resume::{self, Claim, Limits};
+use crate::daemon::subdir::{self, WalkError};
+use crate::proto::name::{RESERVED_PREFIX, split_path};
 
+/// How long a resumable upload waits for the partial body it would continue while another
+/// connection still holds it (typically the one just cut, not yet given up by the server).
+const HELD_GRACE: Duration = Duration::from_secs(3);
+/// How often it looks again meanwhile.
+const HELD_POLL: Duration = Duration::from_millis(20);
+/// How often, at most, uploads sweep expired partial bodies away.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Suffix of temporary files.
 const PART_SUFFIX: &str = ".part";
 /// Mode of the upload directory when ferryd creates it.
@@ -52,6 +63,8 @@ pub enum StoreError {
         op: &'static str,
         err: io::Error,
     },
+    /// A name with subdirectories whose directories cannot be reached (`files.allow_subdirs`).
+    Path(WalkError),
 }
 
 impl fmt::Display for StoreError {
@@ -72,6 +85,7 @@ impl fmt::Display for StoreError {
                 )
             }
             StoreError::Io { op, err } => write!(f, "cannot {op}: {err}"),
+            StoreError::Path(e) => write!(f, "{e}"),
         }
     }
 }
@@ -93,6 +107,9 @@ pub struct Store {
     /// Bytes promised to uploads in progress and not yet written; shared with the store a reload
     /// replaces this one with, so uploads in flight stay counted.
     reserved: Arc<Mutex<u64>>,
+    /// Held while partial bodies are looked up, removed and started (`resume::claim`); holds
+    /// when expired ones were last swept away.
+    resume_lock: Mutex<Option<Instant>>,
 }
 
 /// What `Store::open` found.
@@ -159,6 +176,7 @@ impl Store {
             dir_handle: RwLock::new(Arc::new(dir_handle)),
             cfg: cfg.clone(),
             reserved,
+            resume_lock: Mutex::new(None),
         };
         // Fail at start-up, not on the first upload, if the directory is not writable.
         let handle = store.handle();
@@ -214,6 +232,119 @@ impl Store {
         &self.dir
     }
 
+    /// Whether names may hold subdirectories (`files.allow_subdirs`).
+    pub fn allows_subdirs(&self) -> bool {
+        self.cfg.allow_subdirs
+    }
+
+    /// How long partial bodies of resumable uploads are kept, and how many bytes they may claim.
+    pub fn resume_limits(&self) -> Limits {
+        Limits {
+            keep: self.cfg.resume_keep,
+            max_bytes: self.cfg.resume_max_bytes,
+        }
+    }
+
+    /// At start-up: removes expired partial bodies; returns their names and how many were kept.
+    pub fn sweep_partials(&self) -> Result<(Vec<String>, usize), StoreError> {
+        let dir = self.current_handle()?;
+        let mut last = self
+            .resume_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *last = Some(Instant::now());
+        resume::sweep(&dir, self.resume_limits()).map_err(io_err("clean up partial uploads"))
+    }
+
+    /// Removes expired partial bodies (all of them when resuming is off) at most once every
+    /// `SWEEP_EVERY`, so they go even when no resumable upload comes: one listing of the
+    /// directory per minute at most, on the uploading worker.
+    fn sweep_now_and_then(&self, dir: &File) {
+        let mut last = self
+            .resume_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < SWEEP_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        match resume::sweep(dir, self.resume_limits()) {
+            Ok((removed, _)) => {
+                for name in removed {
+                    log::info!("removed expired partial upload {name}");
+                }
+            }
+            Err(e) => log::warn!("cannot clean up partial uploads: {e}"),
+        }
+    }
+
+    /// `begin` for a resumable frame: continues the partial body kept for this size and checksum,
+    /// or starts one that is kept if the upload is cut off. Returns the offset the body continues
+    /// from (0 for a new one). When the upload cannot be resumable (resuming off, over
+    /// `files.resume_max_bytes`, its partial held by another upload) it is an ordinary one from 0.
+    pub fn begin_resumable(
+        &self,
+        name: &str,
+        size: u64,
+        checksum: &[u8; 32],
+    ) -> Result<(Pending<'_>, u64), StoreError> {
+        if size > self.cfg.max_file_size {
+            return Err(StoreError::TooLarge {
+                size,
+                max: self.cfg.max_file_size,
+            });
+        }
+        let dir = self.current_handle()?;
+        self.check_name(&dir, name)?;
+        let waited_until = Instant::now() + HELD_GRACE;
+        let claimed = loop {
+            let found = {
+                let _held = self
+                    .resume_lock
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                resume::claim(
+                    &dir,
+                    checksum,
+                    size,
+                    name,
+                    self.resume_limits(),
+                    self.cfg.file_mode,
+                )
+                .map_err(io_err("keep a partial upload"))?
+            };
+            match found {
+                Claim::Got(c) => break Some(c),
+                Claim::Held if Instant::now() < waited_until => std::thread::sleep(HELD_POLL),
+                Claim::Held | Claim::No => break None,
+            }
+        };
+        let Some(claimed) = claimed else {
+            return self.begin(name, size).map(|p| (p, 0));
+        };
+        let offset = claimed.offset;
+        // On an error the claimed file closes (unlocked) and the partial stays for later.
+        let reservation = self.reserve(&dir, size - offset)?;
+        let mut file = claimed.file;
+        io::Seek::seek(&mut file, io::SeekFrom::Start(offset))
+            .map_err(io_err("continue a partial upload"))?;
+        Ok((
+            Pending {
+                reservation,
+                dir,
+                file,
+                temp_name: claimed.file_name,
+                name: name.to_string(),
+                size,
+                written: offset,
+                flushed: offset,
+                done: false,
+                keep: true,
+            },
+            offset,
+        ))
+    }
+
     /// Checks an announced upload against the limits and, if it may go ahead, opens its temp
     /// file. Nothing of the body has been read yet.
     pub fn begin(&self, name: &str, size: u64) -> Result<Pending<'_>, StoreError> {
@@ -224,19 +355,8 @@ impl Store {
             });
         }
         let dir = self.current_handle()?;
-        // Early answers save the transfer; `commit` still refuses atomically if a name is taken
-        // meanwhile.
-        match self.cfg.on_conflict {
-            OnConflict::Reject if exists_at(&dir, name) => {
-                return Err(StoreError::Exists(name.to_string()));
-            }
-            OnConflict::Rename
-                if (0..=MAX_RENAMES).all(|n| exists_at(&dir, &numbered(name, n))) =>
-            {
-                return Err(StoreError::NoFreeName(name.to_string()));
-            }
-            _ => {}
-        }
+        self.check_name(&dir, name)?;
+        self.sweep_now_and_then(&dir);
         let reservation = self.reserve(&dir, size)?;
         // On an error the reservation's drop gives the space back.
         let (file, temp_name) = create_temp(&dir, self.cfg.file_mode)?;
@@ -250,6 +370,7 @@ impl Store {
             written: 0,
             flushed: 0,
             done: false,
+            keep: false,
         })
     }
 
@@ -279,17 +400,73 @@ impl Store {
         *reserved = reserved.saturating_sub(n);
     }
 
-    /// Moves `temp_name` to `name` in `dir` under the conflict policy; returns the name it got.
-    fn place(&self, dir: &File, temp_name: &str, name: &str) -> Result<String, StoreError> {
+    /// Early answers save the transfer; `commit` still refuses atomically if a name is taken
+    /// meanwhile. For a name with subdirectories, a symlink or a file on the way to its
+    /// directory is refused here (nothing is created); a name that is a directory is refused
+    /// unless `rename` can pick another.
+    fn check_name(&self, dir: &File, name: &str) -> Result<(), StoreError> {
+        let (parents, leaf) = split_path(name);
+        let parent = subdir::open_beneath(dir.as_fd(), parents, false).map_err(StoreError::Path)?;
+        if parent.is_none() && !parents.is_empty() {
+            // Its directory does not exist yet: nothing is in the way.
+            return Ok(());
+        }
+        let at = parent.as_ref().map_or(dir.as_fd(), |fd| fd.as_fd());
+        let kind = |n: &str| subdir::entry_type(at, n).ok().flatten();
+        let is_dir = kind(leaf) == Some(FileType::Directory);
+        match self.cfg.on_conflict {
+            OnConflict::Reject | OnConflict::Overwrite if is_dir => {
+                Err(StoreError::Exists(format!("{name} (a directory)")))
+            }
+            OnConflict::Reject if kind(leaf).is_some() => Err(StoreError::Exists(name.to_string())),
+            OnConflict::Rename if (0..=MAX_RENAMES).all(|n| kind(&numbered(leaf, n)).is_some()) => {
+                Err(StoreError::NoFreeName(name.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Moves `temp_name` in `dir` to `name` under the conflict policy; returns the name it got
+    /// and, for a name with subdirectories, its directory (created as needed beneath `dir`,
+    /// never through a symlink), to be fsynced.
+    fn place(
+        &self,
+        dir: &File,
+        temp_name: &str,
+        name: &str,
+    ) -> Result<(String, Option<OwnedFd>), StoreError> {
+        let (parents, leaf) = split_path(name);
+        let parent = subdir::open_beneath(dir.as_fd(), parents, true).map_err(StoreError::Path)?;
+        let target = parent.as_ref().map_or(dir.as_fd(), |fd| fd.as_fd());
+        let stored = self.place_in(dir, temp_name, target, leaf)?;
+        let stored = match parents {
+            "" => stored,
+            p => format!("{p}/{stored}"),
+        };
+        Ok((stored, parent))
+    }
+
+    /// Moves `temp_name` in `dir` to `name` in `target` under the conflict policy; returns the
+    /// name it got there.
+    fn place_in(
+        &self,
+        dir: &File,
+        temp_name: &str,
+        target: BorrowedFd<'_>,
+        name: &str,
+    ) -> Result<String, StoreError> {
         match self.cfg.on_conflict {
             OnConflict::Overwrite => {
-                rustix::fs::renameat(dir, temp_name, dir, name).map_err(|e| StoreError::Io {
+                if subdir::entry_type(target, name).ok().flatten() == Some(FileType::Directory) {
+                    return Err(StoreError::Exists(format!("{name} (a directory)")));
+                }
+                rustix::fs::renameat(dir, temp_name, target, name).map_err(|e| StoreError::Io {
                     op: "rename the file into place",
                     err: e.into(),
                 })?;
                 Ok(name.to_string())
             }
-            OnConflict::Reject => match place_new(dir, temp_name, name) {
+            OnConflict::Reject => match place_new(dir, temp_name, target, name) {
                 Ok(()) => Ok(name.to_string()),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     Err(StoreError::Exists(name.to_string()))
@@ -302,7 +479,7 @@ impl Store {
             OnConflict::Rename => {
                 for n in 0..=MAX_RENAMES {
                     let candidate = numbered(name, n);
-                    match place_new(dir, temp_name, &candidate) {
+                    match place_new(dir, temp_name, target, &candidate) {
                         Ok(()) => return Ok(candidate),
                         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                         Err(e) => {
@@ -319,16 +496,16 @@ impl Store {
     }
 }
 
-/// Gives `temp_name` the name `name` in `d` only if `name` does not exist, atomically: renameat2
-/// with RENAME_NOREPLACE, or on a file system without it, link(2) then unlink(2) (link never
-/// replaces an existing name either).
-fn place_new(d: &File, temp_name: &str, name: &str) -> io::Result<()> {
-    match rustix::fs::renameat_with(d, temp_name, d, name, RenameFlags::NOREPLACE) {
+/// Gives `temp_name` in `d` the name `name` in `target` (`d` itself, or a directory beneath it)
+/// only if `name` does not exist, atomically: renameat2 with RENAME_NOREPLACE, or on a file
+/// system without it, link(2) then unlink(2) (link never replaces an existing name either).
+fn place_new(d: &File, temp_name: &str, target: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    match rustix::fs::renameat_with(d, temp_name, target, name, RenameFlags::NOREPLACE) {
         Ok(()) => return Ok(()),
         Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {}
         Err(e) => return Err(e.into()),
     }
-    rustix::fs::linkat(d, temp_name, d, name, AtFlags::empty())?;
+    rustix::fs::linkat(d, temp_name, target, name, AtFlags::empty())?;
     rustix::fs::unlinkat(d, temp_name, AtFlags::empty())?;
     Ok(())
 }
@@ -368,11 +545,6 @@ fn same_dir(handle: &File, path: &Path) -> bool {
         (Ok(a), Ok(b)) => b.is_dir() && a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
     }
-}
-
-/// Whether `name` exists in `dir` (a dangling symlink counts).
-fn exists_at(dir: &File, name: &str) -> bool {
-    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
 }
 
 /// Creates `.ferryd-<random>.part` in `dir` exclusively (O_EXCL, not following a symlink),
@@ -439,11 +611,31 @@ pub struct Pending<'a> {
     /// Bytes for which writeback has been started.
     flushed: u64,
     done: bool,
+    /// A resumable upload's partial body: left in place, not removed, if the upload ends
+    /// without `commit` (unless `discard` was called).
+    keep: bool,
 }
 
 impl Pending<'_> {
     pub fn written(&self) -> u64 {
         self.written
+    }
+
+    /// Whether the bytes are kept for a resume if the upload is cut off.
+    pub fn is_kept(&self) -> bool {
+        self.keep
+    }
+
+    /// Removes the partial body when the upload ends without `commit` after all (a checksum
+    /// mismatch, a disk error): its bytes are not worth continuing.
+    pub fn discard(&mut self) {
+        self.keep = false;
+    }
+
+    /// Reads bytes already in the file (a resumed upload's prefix) at `at`.
+    pub fn read_at(&self, buf: &mut [u8], at: u64) -> Result<usize, StoreError> {
+        std::os::unix::fs::FileExt::read_at(&self.file, buf, at)
+            .map_err(io_err("read the partial upload"))
     }
 
     /// Appends body bytes. Never writes more than the announced size.
@@ -491,11 +683,17 @@ impl Pending<'_> {
             .set_permissions(mode)
             .map_err(io_err("set the file mode"))?;
         self.file.sync_all().map_err(io_err("sync the file"))?;
-        let stored = self
-            .reservation
-            .store
-            .place(&self.dir, &self.temp_name, &self.name)?;
+        let (stored, subdir) =
+            self.reservation
+                .store
+                .place(&self.dir, &self.temp_name, &self.name)?;
         self.done = true;
+        if let Some(fd) = subdir {
+            rustix::fs::fsync(fd).map_err(|e| StoreError::Io {
+                op: "sync the file's directory",
+                err: e.into(),
+            })?;
+        }
         self.dir
             .sync_all()
             .map_err(io_err("sync the upload directory"))?;
@@ -505,7 +703,7 @@ impl Pending<'_> {
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if !self.done {
+        if !self.done && !self.keep {
             let _ = rustix::fs::unlinkat(&*self.dir, self.temp_name.as_str(), AtFlags::empty());
         }
     }

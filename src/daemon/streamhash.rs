@@ -24,7 +24,8 @@ const MAX_POOL: usize = 4;
 /// Jobs waiting for a pool thread.
 const QUEUE: usize = 64;
 
-type Job = Box<dyn FnOnce() + Send>;
+/// Work for a pool thread.
+pub type Job = Box<dyn FnOnce() + Send>;
 
 /// The hashing threads.
 #[derive(Debug)]
@@ -57,6 +58,11 @@ impl HashPool {
     /// pool is gone.
     fn submit(&self, job: Job) -> bool {
         self.tx.send(job).is_ok()
+    }
+
+    /// As `submit`, but gives the job back if the pool is gone, so the caller can run it.
+    pub fn submit_back(&self, job: Job) -> Result<(), Job> {
+        self.tx.send(job).map_err(|e| e.into_inner())
     }
 }
 

@@ -1,13 +1,19 @@
 //! Receiving one file frame after its header: check the name and the limits before a byte of body
-//! is stored, stream the body into the store while hashing it, and commit only a verified file.
-//! The bytes come from a `BodySource`, so this file touches no socket.
+//! is stored, stream the body into the store while hashing it (BLAKE3 or SHA-256, as the frame
+//! says), read a trailing checksum (and its tag) where the frame has one, and commit only a
+//! verified file. The bytes come from a `BodySource`, so this file touches no socket.
 
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use crate::auth::{Key, TAG_LEN};
+use crate::daemon::bodyhash::BodyHash;
 use crate::daemon::store::{Store, StoreError};
-use crate::daemon::streamhash::{HashPool, StreamHash};
+use crate::daemon::streamhash::HashPool;
+use crate::daemon::subdir::WalkError;
 use crate::escape::escaped;
+use crate::proto::header::CHECKSUM_LEN;
+use crate::proto::name::NameError;
 use crate::proto::wire::{self as answer, Code, ERR_SHUTDOWN};
 use crate::proto::{Header, name};
 
@@ -18,6 +24,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 pub trait BodySource {
     /// Reads at least one and at most `buf.len()` (> 0) next bytes of the body into `buf`.
     fn read_into(&mut self, buf: &mut [u8]) -> Result<usize, Lost>;
+    /// Sends `line` to the peer before the body (a resumable frame's `RESUME <offset>`).
+    fn tell(&mut self, line: &str) -> Result<(), Lost>;
 }
 
 /// Why the body stopped arriving.
@@ -110,36 +118,91 @@ impl Outcome {
     }
 }
 
-/// Receives the frame whose `header` and raw `name` have been read. `peer` only labels logs.
-pub fn receive(
+/// For an authenticated frame with a trailing checksum: the key and the frame's first tag, to
+/// check the tag that follows the checksum (see `crate::auth`).
+pub struct TrailerAuth<'k> {
+    pub key: &'k Key,
+    pub first_tag: [u8; TAG_LEN],
+}
+
+/// What the body is checked against.
+pub enum Check<'k> {
+    /// A frame: the checksum in its header, or the one after its body (and, on an authenticated
+    /// connection, the tag after that).
+    Frame {
+        header: &'k Header,
+        trailer_auth: Option<TrailerAuth<'k>>,
+        /// Flag bit 3: answer `RESUME <offset>` and continue a kept partial body.
+        resumable: bool,
+    },
+    /// A `NAME**SIZE` upload: there is no checksum; the body's BLAKE3 is computed for the
+    /// answer and the log, which says `unverified`.
+    Unverified { size: u64 },
+}
+
+/// Receives an upload whose head (for a frame: header, raw `name` and first tag, already
+/// checked) has been read, checked as `check` says. `peer` only labels logs.
+pub fn receive_checked(
     store: &Store,
-    header: &Header,
+    check: Check<'_>,
     raw_name: &[u8],
     source: &mut dyn BodySource,
     pool: Option<&HashPool>,
     peer: &dyn fmt::Display,
 ) -> Outcome {
+    let unverified_header;
+    let (header, trailer_auth, verified, resumable) = match check {
+        Check::Frame {
+            header,
+            trailer_auth,
+            resumable,
+        } => (header, trailer_auth, true, resumable),
+        Check::Unverified { size } => {
+            unverified_header = Header {
+                size,
+                ..Header::default()
+            };
+            (&unverified_header, None, false, false)
+        }
+    };
     let started = Instant::now();
     let shown = escaped(raw_name, 255);
-    let name = match name::validate(raw_name) {
+    let checked = if store.allows_subdirs() {
+        name::validate_path(raw_name)
+    } else {
+        name::validate(raw_name)
+    };
+    let name = match checked {
         Ok(n) => n,
         Err(e) => {
-            log::warn!("{peer} file \"{shown}\" refused: bad-name: {e}");
+            let mut reason = e.to_string();
+            if e == NameError::Separator && raw_name.contains(&b'/') {
+                reason.push_str("; this server takes no subdirectories (files.allow_subdirs)");
+            }
+            log::warn!("{peer} file \"{shown}\" refused: bad-name: {reason}");
             return Outcome::Refused {
                 code: Code::BadName,
-                reason: e.to_string(),
+                reason,
             };
         }
     };
     let size = header.size;
-    let mut pending = match store.begin(name, size) {
+    let begun = if resumable {
+        store.begin_resumable(name, size, &header.checksum)
+    } else {
+        store.begin(name, size).map(|p| (p, 0))
+    };
+    let (mut pending, offset) = match begun {
         Ok(p) => p,
         Err(e) => {
             let code = match e {
                 StoreError::TooLarge { .. } => Code::TooLarge,
                 StoreError::NoSpace { .. } => Code::NoSpace,
-                StoreError::Exists(_) | StoreError::NoFreeName(_) => Code::Exists,
-                StoreError::Io { .. } => Code::Io,
+                StoreError::Exists(_)
+                | StoreError::NoFreeName(_)
+                | StoreError::Path(WalkError::NotADirectory(_)) => Code::Exists,
+                StoreError::Path(WalkError::Symlink(_)) => Code::BadName,
+                StoreError::Io { .. } | StoreError::Path(WalkError::Io { .. }) => Code::Io,
             };
             log::warn!("{peer} file \"{shown}\" ({size} B) refused: {code}: {e}");
             return Outcome::Refused {
@@ -149,27 +212,82 @@ pub fn receive(
         }
     };
     log::debug!("{peer} receiving \"{shown}\" ({size} B)");
+    if resumable {
+        // The peer waits for this line before it sends the body from `offset` on.
+        if let Err(lost) = source.tell(&answer::resume_line(offset)) {
+            log::warn!("{peer} file \"{shown}\" lost before its body: {lost}");
+            return Outcome::Lost(lost);
+        }
+        if offset > 0 {
+            log::info!("{peer} resuming \"{shown}\" at {offset} of {size} B");
+        }
+    }
     // The body arrives piece by piece; each piece is hashed (on the hash pool, for large
-    // bodies) while it is written out and the next one is received.
-    let mut hash = StreamHash::new(size, pool);
+    // bodies) while it is written out and the next one is received. A resumed upload's first
+    // `offset` bytes come from its partial body on disk, hashed like the rest, so the checksum
+    // always covers the whole file.
+    let algo = header.algo;
+    let mut hash = BodyHash::new(algo, size, pool);
     let mut last_progress = started;
-    while pending.written() < size {
+    let mut fed: u64 = 0;
+    while fed < size {
         let mut piece = hash.buffer();
         let mut filled = 0;
+        while filled < piece.len() && fed + (filled as u64) < offset {
+            let at = fed + filled as u64;
+            let want = (offset - at).min((piece.len() - filled) as u64) as usize;
+            let got = piece
+                .get_mut(filled..filled + want)
+                .map(|buf| pending.read_at(buf, at));
+            match got {
+                Some(Ok(n)) if n > 0 => filled += n,
+                _ => {
+                    pending.discard();
+                    let reason = format!("partial upload unreadable at byte {at}");
+                    log::error!("{peer} file \"{shown}\" failed: {reason}; partial dropped");
+                    return Outcome::Failed {
+                        code: Code::Io,
+                        reason,
+                        in_sync: false,
+                    };
+                }
+            }
+        }
         while filled < piece.len() {
             match source.read_into(&mut piece[filled..]) {
                 Ok(n) => filled += n,
                 Err(lost) => {
-                    log::warn!(
-                        "{peer} file \"{shown}\" lost after {} of {size} B: {lost}; nothing stored",
-                        pending.written() + filled as u64
-                    );
+                    let got = fed + filled as u64;
+                    if pending.is_kept() {
+                        // Keep every byte that arrived, not only whole pieces: the next try
+                        // continues right after them.
+                        let skip = offset.saturating_sub(fed).min(filled as u64) as usize;
+                        if piece
+                            .get(skip..filled)
+                            .is_some_and(|rest| pending.write(rest).is_err())
+                        {
+                            pending.discard();
+                        }
+                    }
+                    if pending.is_kept() {
+                        log::warn!(
+                            "{peer} file \"{shown}\" lost after {got} of {size} B: {lost}; {} B kept for a resume",
+                            pending.written()
+                        );
+                    } else {
+                        log::warn!(
+                            "{peer} file \"{shown}\" lost after {got} of {size} B: {lost}; nothing stored"
+                        );
+                    }
                     return Outcome::Lost(lost);
                 }
             }
         }
         let piece = hash.feed(piece);
-        if let Err(e) = pending.write(&piece) {
+        let skip = offset.saturating_sub(fed).min(piece.len() as u64) as usize;
+        fed += piece.len() as u64;
+        if let Err(e) = pending.write(piece.get(skip..).unwrap_or(&[])) {
+            pending.discard();
             log::error!("{peer} file \"{shown}\" failed: {e}; nothing stored");
             return Outcome::Failed {
                 code: Code::Io,
@@ -189,14 +307,63 @@ pub fn receive(
         }
     }
     let got = hash.finish();
-    if got != header.checksum {
+    let (want, said) = if !verified {
+        (got, "")
+    } else if header.trailing {
+        // The checksum (and, with a key, the tag binding it) follows the body.
+        let mut trailer = [0u8; CHECKSUM_LEN + TAG_LEN];
+        let len = if trailer_auth.is_some() {
+            CHECKSUM_LEN + TAG_LEN
+        } else {
+            CHECKSUM_LEN
+        };
+        let mut filled = 0;
+        while filled < len {
+            match source.read_into(&mut trailer[filled..len]) {
+                Ok(n) => filled += n,
+                Err(lost) => {
+                    log::warn!(
+                        "{peer} file \"{shown}\" lost after its {size} B body, in its trailing checksum: {lost}; nothing stored"
+                    );
+                    return Outcome::Lost(lost);
+                }
+            }
+        }
+        let mut sum = [0u8; CHECKSUM_LEN];
+        sum.copy_from_slice(&trailer[..CHECKSUM_LEN]);
+        if let Some(a) = &trailer_auth {
+            if !a
+                .key
+                .verify_trailer(&a.first_tag, &sum, &trailer[CHECKSUM_LEN..len])
+            {
+                let reason = "the tag after the trailing checksum does not match it, the frame's tag and the key";
+                log::warn!(
+                    "{peer} file \"{shown}\" ({size} B) refused: unauthorized: {reason}; nothing stored"
+                );
+                return Outcome::Refused {
+                    code: Code::Unauthorized,
+                    reason: reason.to_string(),
+                };
+            }
+        }
+        (sum, "the trailing checksum says")
+    } else {
+        (header.checksum, "header says")
+    };
+    if got != want {
         let reason = format!(
-            "body hashes to {}, header says {}",
+            "body's {algo} is {}, {said} {}",
             answer::hex(&got),
-            answer::hex(&header.checksum)
+            answer::hex(&want)
         );
+        let dropped = if offset > 0 {
+            format!("; the partial body it continued ({offset} B) is dropped")
+        } else {
+            String::new()
+        };
+        pending.discard();
         log::warn!(
-            "{peer} file \"{shown}\" ({size} B) refused: checksum: {reason}; nothing stored"
+            "{peer} file \"{shown}\" ({size} B) refused: checksum: {reason}; nothing stored{dropped}"
         );
         return Outcome::Mismatch { reason };
     }
@@ -204,9 +371,16 @@ pub fn receive(
         Ok(stored_name) => {
             let took = started.elapsed();
             log::info!(
-                "{peer} stored \"{shown}\" as \"{}\" ({size} B, blake3 {}, {:.2} s, {:.1} MB/s)",
+                "{peer} stored \"{shown}\" as \"{}\" ({size} B, {algo} {}, {}{:.2} s, {:.1} MB/s)",
                 escaped(stored_name.as_bytes(), 255),
                 answer::hex(&got),
+                if !verified {
+                    "unverified (NAME**SIZE upload, no checksum), "
+                } else if header.trailing {
+                    "trailing checksum, "
+                } else {
+                    ""
+                },
                 took.as_secs_f64(),
                 mb_per_s(size, took)
             );
@@ -218,7 +392,9 @@ pub fn receive(
         }
         Err(e) => {
             let code = match e {
-                StoreError::Exists(_) | StoreError::NoFreeName(_) => Code::Exists,
+                StoreError::Exists(_)
+                | StoreError::NoFreeName(_)
+                | StoreError::Path(WalkError::NotADirectory(_)) => Code::Exists,
                 _ => Code::Io,
             };
             log::error!("{peer} file \"{shown}\" not stored: {code}: {e}");

@@ -23,6 +23,11 @@ pub struct FrameHead<'a> {
 }
 
 impl FrameHead<'_> {
+    /// The frame asks to be resumable (flag bit 3, `header::FLAG_RESUME`).
+    pub fn resumable(&self) -> bool {
+        Header::resume_flag(&self.raw_header)
+    }
+
     /// Parses the head at the start of `buf`. Bytes past the head (the body) are left alone.
     pub fn parse(buf: &[u8]) -> Result<Parsed<FrameHead<'_>>, FrameError> {
         let header = match Header::parse(buf)? {
@@ -65,6 +70,7 @@ mod tests {
             name_len: u16::try_from(name.len()).unwrap(),
             size: 3,
             checksum: *blake3::hash(b"abc").as_bytes(),
+            ..Header::default()
         };
         let mut out = header.encode().to_vec();
         out.extend_from_slice(name);

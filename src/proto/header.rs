@@ -15,8 +15,22 @@ pub const HEADER_LEN: usize = 48;
 pub const MAX_NAME_LEN: u16 = 255;
 /// Flag bit 0: an HMAC-SHA256 tag of `TAG_LEN` bytes follows the name (see `crate::auth`).
 pub const FLAG_AUTH: u8 = 0x01;
+/// Flag bit 1: the checksum is SHA-256 of the body instead of BLAKE3.
+pub const FLAG_SHA256: u8 = 0x02;
+/// Flag bit 2: the checksum follows the body (`CHECKSUM_LEN` bytes right after its last byte)
+/// and the header's checksum field is zero.
+pub const FLAG_TRAILING: u8 = 0x04;
+/// Every flag bit this build knows; the others must be zero.
+pub const KNOWN_FLAGS: u8 = FLAG_AUTH | FLAG_SHA256 | FLAG_TRAILING | FLAG_RESUME;
+/// Length of a checksum, either algorithm.
+pub const CHECKSUM_LEN: usize = 32;
 /// Length of the tag of an authenticated frame.
 pub const TAG_LEN: usize = 32;
+/// Flag bit 3: the frame may be resumed. After the head the server answers `RESUME <offset>`
+/// (`wire::resume_line`) and the body on the wire is only its bytes from `offset` on; the header
+/// still gives the whole file's size and checksum, which identify the partial body the server
+/// kept, so it cannot be combined with `FLAG_TRAILING`.
+pub const FLAG_RESUME: u8 = 0x08;
 
 const VERSION_AT: usize = 4;
 const FLAGS_AT: usize = 5;
@@ -24,11 +38,43 @@ const NAME_LEN_AT: usize = 6;
 const SIZE_AT: usize = 8;
 const CHECKSUM_AT: usize = 16;
 
-/// A complete, checked header. The name and body follow it on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The hash a frame's checksum is made with (flag bit 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Algo {
+    /// BLAKE3-256, the default 32-byte hash (as `b3sum` prints it).
+    #[default]
+    Blake3,
+    /// SHA-256 (as `sha256sum` prints it), in every language's standard library.
+    Sha256,
+}
+
+impl Algo {
+    /// The name used in logs and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algo::Blake3 => "blake3",
+            Algo::Sha256 => "sha256",
+        }
+    }
+}
+
+impl fmt::Display for Algo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A complete, checked header. The name (and tag) and body follow it on the wire, and with
+/// `trailing` the checksum after the body. `Default` is a BLAKE3 header-checksum frame, to
+/// build on with `..Header::default()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Header {
     /// Flag bit 0: the frame carries an authentication tag after its name.
     pub authenticated: bool,
+    /// Flag bit 1: which hash the checksum is.
+    pub algo: Algo,
+    /// Flag bit 2: the checksum follows the body; `checksum` is then all zero.
+    pub trailing: bool,
     pub name_len: u16,
     pub size: u64,
     pub checksum: [u8; 32],
@@ -49,8 +95,13 @@ pub enum FrameError {
     Magic,
     /// A version this build does not speak.
     Version(u8),
-    /// Flag bits other than `FLAG_AUTH` were set.
+    /// Flag bits outside `KNOWN_FLAGS` were set.
     Flags(u8),
+    /// A trailing-checksum frame whose header checksum field is not zero.
+    TrailingChecksum,
+    /// Flag bits 2 (trailing checksum) and 3 (resumable) together: a partial body is found by
+    /// the checksum in the header.
+    ResumeTrailing,
     /// The name length is 0 or over 255.
     NameLength(u16),
 }
@@ -66,6 +117,12 @@ impl fmt::Display for FrameError {
                 )
             }
             FrameError::Flags(b) => write!(f, "reserved flag bits set: {b:#04x}"),
+            FrameError::ResumeTrailing => f.write_str(
+                "flag bit 3 (resumable) needs the checksum in the header, not after the body (bit 2)",
+            ),
+            FrameError::TrailingChecksum => f.write_str(
+                "flag bit 2 (trailing checksum) is set but the header's checksum field is not zero",
+            ),
             FrameError::NameLength(0) => f.write_str("empty name"),
             FrameError::NameLength(n) => {
                 write!(f, "name length {n} is over {MAX_NAME_LEN} bytes")
@@ -92,8 +149,11 @@ impl Header {
             }
         }
         if let Some(&flags) = buf.get(FLAGS_AT) {
-            if flags & !FLAG_AUTH != 0 {
+            if flags & !KNOWN_FLAGS != 0 {
                 return Err(FrameError::Flags(flags));
+            }
+            if flags & (FLAG_RESUME | FLAG_TRAILING) == FLAG_RESUME | FLAG_TRAILING {
+                return Err(FrameError::ResumeTrailing);
             }
         }
         if let Some(b) = buf.get(NAME_LEN_AT..NAME_LEN_AT + 2) {
@@ -107,20 +167,58 @@ impl Header {
         };
         let mut checksum = [0u8; 32];
         checksum.copy_from_slice(&buf[CHECKSUM_AT..HEADER_LEN]);
+        let flags = buf[FLAGS_AT];
+        let trailing = flags & FLAG_TRAILING != 0;
+        if trailing && checksum != [0; 32] {
+            return Err(FrameError::TrailingChecksum);
+        }
         Ok(Parsed::Complete(Header {
-            authenticated: buf[FLAGS_AT] & FLAG_AUTH != 0,
+            authenticated: flags & FLAG_AUTH != 0,
+            algo: if flags & FLAG_SHA256 != 0 {
+                Algo::Sha256
+            } else {
+                Algo::Blake3
+            },
+            trailing,
             name_len: BigEndian::read_u16(&buf[NAME_LEN_AT..SIZE_AT]),
             size: BigEndian::read_u64(&buf[SIZE_AT..CHECKSUM_AT]),
             checksum,
         }))
     }
 
-    /// Encodes the header.
+    /// Whether the encoded header `raw` asks for a resumable upload (flag bit 3). Kept out of
+    /// `Header` so that its fields, which many callers build, stay as they are.
+    pub fn resume_flag(raw: &[u8; HEADER_LEN]) -> bool {
+        raw[FLAGS_AT] & FLAG_RESUME != 0
+    }
+
+    /// `raw` with the resume flag set.
+    pub fn with_resume_flag(mut raw: [u8; HEADER_LEN]) -> [u8; HEADER_LEN] {
+        raw[FLAGS_AT] |= FLAG_RESUME;
+        raw
+    }
+
+    /// The flags byte.
+    pub fn flags(&self) -> u8 {
+        let mut flags = 0;
+        if self.authenticated {
+            flags |= FLAG_AUTH;
+        }
+        if self.algo == Algo::Sha256 {
+            flags |= FLAG_SHA256;
+        }
+        if self.trailing {
+            flags |= FLAG_TRAILING;
+        }
+        flags
+    }
+
+    /// Encodes the header (a trailing frame's checksum field as given: zero on the wire).
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut out = [0u8; HEADER_LEN];
         out[..4].copy_from_slice(&MAGIC);
         out[VERSION_AT] = VERSION;
-        out[FLAGS_AT] = if self.authenticated { FLAG_AUTH } else { 0 };
+        out[FLAGS_AT] = self.flags();
         BigEndian::write_u16(&mut out[NAME_LEN_AT..SIZE_AT], self.name_len);
         BigEndian::write_u64(&mut out[SIZE_AT..CHECKSUM_AT], self.size);
         out[CHECKSUM_AT..].copy_from_slice(&self.checksum);
@@ -135,6 +233,8 @@ mod tests {
     fn sample() -> Header {
         Header {
             authenticated: false,
+            algo: Algo::Blake3,
+            trailing: false,
             name_len: 9,
             size: 0x0102_0304_0506_0708,
             checksum: *blake3::hash(b"hello").as_bytes(),
@@ -159,6 +259,31 @@ mod tests {
     }
 
     #[test]
+    fn the_resume_flag_is_known_and_read_from_the_raw_bytes() {
+        let plain = sample().encode();
+        assert!(!Header::resume_flag(&plain));
+        let resumable = Header::with_resume_flag(plain);
+        assert!(Header::resume_flag(&resumable));
+        assert_eq!(resumable[5], FLAG_RESUME);
+        assert_eq!(Header::parse(&resumable), Ok(Parsed::Complete(sample())));
+        let mut both = Header::with_resume_flag(
+            Header {
+                authenticated: true,
+                ..sample()
+            }
+            .encode(),
+        );
+        assert_eq!(both[5], FLAG_AUTH | FLAG_RESUME);
+        both[5] = FLAG_RESUME | FLAG_TRAILING;
+        both[CHECKSUM_AT..].fill(0);
+        assert_eq!(Header::parse(&both), Err(FrameError::ResumeTrailing));
+        assert_eq!(
+            Header::parse(&both[..=FLAGS_AT]),
+            Err(FrameError::ResumeTrailing)
+        );
+    }
+
+    #[test]
     fn every_truncated_prefix_is_partial() {
         let bytes = sample().encode();
         for len in 0..HEADER_LEN {
@@ -173,14 +298,16 @@ mod tests {
     #[test]
     fn bad_bytes_are_refused_as_soon_as_they_arrive() {
         let good = sample().encode();
-        let cases: [(usize, u8, FrameError); 9] = [
+        let cases: [(usize, u8, FrameError); 11] = [
             (1, b'f', FrameError::Magic),
             (2, b'X', FrameError::Magic),
             (3, 0, FrameError::Magic),
             (4, 0, FrameError::Version(0)),
             (4, 2, FrameError::Version(2)),
-            (5, 2, FrameError::Flags(2)),
+            (5, 0x20, FrameError::Flags(0x20)),
             (5, 0x81, FrameError::Flags(0x81)),
+            (5, 0x10, FrameError::Flags(0x10)),
+            (5, 0xff, FrameError::Flags(0xff)),
             (7, 0, FrameError::NameLength(0)),
             (6, 1, FrameError::NameLength(0x0109)),
         ];
@@ -231,6 +358,69 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_combination() {
+        for flags in 0..=u8::MAX {
+            let mut bytes = sample().encode();
+            bytes[FLAGS_AT] = flags;
+            if flags & FLAG_TRAILING != 0 {
+                bytes[CHECKSUM_AT..].fill(0);
+            }
+            let got = Header::parse(&bytes);
+            if flags & !KNOWN_FLAGS != 0 {
+                assert_eq!(got, Err(FrameError::Flags(flags)), "flags {flags:#04x}");
+                // Refused as soon as the flags byte arrives.
+                assert_eq!(Header::parse(&bytes[..=FLAGS_AT]), got);
+                continue;
+            }
+            if flags & FLAG_RESUME != 0 && flags & FLAG_TRAILING != 0 {
+                assert_eq!(got, Err(FrameError::ResumeTrailing), "flags {flags:#04x}");
+                assert_eq!(Header::parse(&bytes[..=FLAGS_AT]), got);
+                continue;
+            }
+            // The resume flag lives in the raw bytes only.
+            let resume = flags & FLAG_RESUME != 0;
+            let Ok(Parsed::Complete(h)) = got else {
+                panic!("flags {flags:#04x}: {got:?}");
+            };
+            assert_eq!(h.authenticated, flags & FLAG_AUTH != 0);
+            assert_eq!(h.algo == Algo::Sha256, flags & FLAG_SHA256 != 0);
+            assert_eq!(h.trailing, flags & FLAG_TRAILING != 0);
+            assert_eq!(h.flags(), flags & !FLAG_RESUME);
+            assert_eq!(Header::resume_flag(&bytes), resume);
+            let encoded = if resume {
+                Header::with_resume_flag(h.encode())
+            } else {
+                h.encode()
+            };
+            assert_eq!(encoded, bytes);
+            for len in 0..HEADER_LEN {
+                assert_eq!(Header::parse(&bytes[..len]), Ok(Parsed::Partial), "{len}");
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_needs_a_zero_checksum_field() {
+        let h = Header {
+            trailing: true,
+            algo: Algo::Sha256,
+            ..sample()
+        };
+        // sample() has a non-zero checksum: refused only once the whole field is there.
+        let bytes = h.encode();
+        for len in 0..HEADER_LEN {
+            assert_eq!(Header::parse(&bytes[..len]), Ok(Parsed::Partial), "{len}");
+        }
+        assert_eq!(Header::parse(&bytes), Err(FrameError::TrailingChecksum));
+        let zero = Header {
+            checksum: [0; 32],
+            ..h
+        };
+        assert_eq!(Header::parse(&zero.encode()), Ok(Parsed::Complete(zero)));
+        assert_eq!(zero.encode()[FLAGS_AT], FLAG_SHA256 | FLAG_TRAILING);
+    }
+
+    #[test]
     fn any_size_parses() {
         for size in [0, 1, u64::MAX] {
             let h = Header { size, ..sample() };
@@ -252,11 +442,22 @@ mod tests {
         };
         for round in 0..20_000 {
             let mut buf = if round % 2 == 0 {
+                let trailing = next() % 2 == 0;
                 let h = Header {
                     authenticated: next() % 2 == 0,
+                    algo: if next() % 2 == 0 {
+                        Algo::Sha256
+                    } else {
+                        Algo::Blake3
+                    },
+                    trailing,
                     name_len: (next() % 300) as u16,
                     size: next(),
-                    checksum: [next() as u8; 32],
+                    checksum: if trailing {
+                        [0; 32]
+                    } else {
+                        [next() as u8; 32]
+                    },
                 };
                 h.encode().to_vec()
             } else {
@@ -279,7 +480,14 @@ mod tests {
                     (Ok(Parsed::Partial), None) => assert!(len < HEADER_LEN, "{buf:?}"),
                     (Ok(Parsed::Complete(h)), None) => {
                         assert!(len >= HEADER_LEN);
-                        assert_eq!(h.encode()[..], buf[..HEADER_LEN]);
+                        // The resume flag lives in the raw bytes only.
+                        let resume = buf.get(5).is_some_and(|f| f & FLAG_RESUME != 0);
+                        let encoded = if resume {
+                            Header::with_resume_flag(h.encode())
+                        } else {
+                            h.encode()
+                        };
+                        assert_eq!(encoded[..], buf[..HEADER_LEN]);
                     }
                 }
             }

@@ -12,13 +12,18 @@
 //! offset size  field
 //!      0    4  magic      F5 46 52 59   ("\xF5FRY")
 //!      4    1  version    01
-//!      5    1  flags      00 or 01      (bit 0: a 32-byte auth tag follows the name; others 0)
+//!      5    1  flags      bit 0: a 32-byte auth tag follows the name
+//!                         bit 1: the checksum is SHA-256 (else BLAKE3)
+//!                         bit 2: the checksum follows the body (the field below is zero)
+//!                         bits 3-7: zero
 //!      6    2  name_len   u16, big-endian, 1..=255
 //!      8    8  size       u64, big-endian, body length in bytes
-//!     16   32  checksum   BLAKE3-256 of the body
+//!     16   32  checksum   BLAKE3-256 or SHA-256 of the body; zero with bit 2
 //!     48       name       name_len bytes of UTF-8 (see `name::validate`)
 //!              tag        32 bytes, only with flag bit 0 (HMAC-SHA256, see `crate::auth`)
 //!              body       exactly `size` bytes
+//!              checksum   32 bytes, only with flag bit 2
+//!              tag        32 bytes, only with flag bits 0 and 2 (binds the trailing checksum)
 //! ```
 //!
 //! The server answers every frame with one line: `OK <stored-name> <size> <checksum-hex>` or
@@ -27,10 +32,11 @@
 pub mod head;
 pub mod header;
 pub mod name;
+pub mod starstar;
 pub mod wire;
 
 pub use head::{FrameHead, MAX_HEAD_LEN};
-pub use header::{FrameError, HEADER_LEN, Header, MAGIC, Parsed};
+pub use header::{Algo, FrameError, HEADER_LEN, Header, MAGIC, Parsed};
 pub use wire::Code;
 
 /// How many leading bytes of `data` are text, i.e. come before the first place a frame starts.

@@ -1,10 +1,3 @@
-//! The one-line answers to a frame: `OK <stored-name> <size> <checksum-hex>` or
-//! `ERR <code> <reason>`, formatted for the server and parsed for the client.
-//!
-//! A stored name may contain spaces (`photo (1).jpg`), so a client reads an `OK` line from the
-//! right: the last two words are the size and the checksum, everything between `OK ` and them is
-//! the name. Names never contain control characters, so an answer is always one line.
-
 //! Every line the server sends, and the client's reading of them: the answers to a frame
 //! (`OK <stored-name> <size> <checksum-hex>` or `ERR <code> <reason>`), the connection-level
 //! refusals (`ERR busy …`, `ERR shutdown …`, `ERR idle …`), `NONCE` and `OK authenticated`.
@@ -67,10 +60,13 @@ pub enum Code {
     Unauthorized,
     /// The connection already carried `access.max_files_per_connection` frames. Closed.
     TooManyFiles,
+    /// The connection opened with a `NAME**SIZE` upload head and `compat.starstar_uploads` is
+    /// off. Closed.
+    LegacyHeader,
 }
 
 /// Every code, for `Code::parse`.
-const ALL: [Code; 19] = [
+const ALL: [Code; 20] = [
     Code::Busy,
     Code::Shutdown,
     Code::Idle,
@@ -90,6 +86,7 @@ const ALL: [Code; 19] = [
     Code::Io,
     Code::Unauthorized,
     Code::TooManyFiles,
+    Code::LegacyHeader,
 ];
 
 impl Code {
@@ -114,6 +111,7 @@ impl Code {
             Code::Io => "io",
             Code::Unauthorized => "unauthorized",
             Code::TooManyFiles => "too-many-files",
+            Code::LegacyHeader => "legacy-header",
         }
     }
 
@@ -139,6 +137,15 @@ impl fmt::Display for Code {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// `ERR legacy-header …`: a `NAME**SIZE` upload while `compat.starstar_uploads` is off; says
+/// how to turn it on and where frames are described.
+pub fn err_legacy_header() -> String {
+    err_line(
+        Code::LegacyHeader,
+        &"NAME**SIZE uploads are off on this server: its admin can set [compat] starstar_uploads = true in config.toml, or send a verified frame (README, section Protocol)",
+    )
 }
 
 /// `ERR busy …`: every worker busy and the queue full.
@@ -183,6 +190,23 @@ pub fn err_line_too_long(max: usize) -> String {
 /// `NONCE <hex>`: the first line of a connection when uploads need a key.
 pub fn nonce_line(nonce: &[u8]) -> String {
     format!("NONCE {}\n", hex(nonce))
+}
+
+/// `RESUME <offset>\n`: the answer to a resumable frame's head (flag bit 3): the body that
+/// follows on the wire starts at byte `offset` of the file (0: the server holds nothing of it).
+pub fn resume_line(offset: u64) -> String {
+    format!("RESUME {offset}\n")
+}
+
+/// The offset of a `RESUME <offset>` line (with or without its newline).
+pub fn parse_resume(line: &str) -> Option<u64> {
+    let digits = line
+        .trim_end_matches(['\n', '\r'])
+        .strip_prefix("RESUME ")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// `OK <stored-name> <size> <checksum-hex>\n`.
@@ -248,6 +272,24 @@ pub fn parse_answer(line: &str) -> Option<Answer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resume_lines_round_trip() {
+        for n in [0, 1, 123_456_789, u64::MAX] {
+            assert_eq!(parse_resume(&resume_line(n)), Some(n));
+        }
+        for bad in [
+            "RESUME",
+            "RESUME ",
+            "RESUME -1",
+            "RESUME 1x",
+            "RESUME  1",
+            "OK a 1 b",
+            "RESUME 99999999999999999999",
+        ] {
+            assert_eq!(parse_resume(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn every_server_line_is_code_then_reason() {

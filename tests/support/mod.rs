@@ -1,25 +1,38 @@
-//! Shared helpers for the integration tests: temp directories, free ports, starting the real
-//! `ferryd` binary with a generated config and capturing its log, and small socket helpers whose
-//! every read has a time limit.
+//! Shared helpers for the integration tests: temp directories, starting the real `ferryd` binary
+//! with a generated config on sockets the test hands it (see `ports`) and capturing its log,
+//! small socket helpers whose every read has a time limit, and the small helpers every test file
+//! needs (labels, paths, frames, medians).
 
 // Each test binary (`tests/*.rs`) includes this module and uses a different subset of it; without
 // this, every helper one binary does not call would be a dead-code warning there.
 #![allow(dead_code)]
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use socket2::{Domain, Protocol, Socket, Type};
+
+mod ports;
+mod upload;
+
+// Like the dead-code allowance above: each test binary uses a different subset.
+#[allow(unused_imports)]
+pub use ports::{Handoff, Reservation, reserve_port};
+#[allow(unused_imports)]
+pub use upload::{header_for, is_part, ok_line, parts_in};
+
 /// How long `DaemonBuilder::start` waits for the daemon to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// How many ports `DaemonBuilder::start` tries when the one it picked was taken meanwhile.
-const START_ATTEMPTS: usize = 5;
+/// The daemon's `server.backlog` when the test does not set it.
+const DEFAULT_BACKLOG: u32 = 128;
 /// The read and write timeouts of `Daemon::connect` streams, and `run_ferryd`'s watchdog.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the polling helpers look again.
@@ -69,8 +82,21 @@ impl Drop for TempDir {
     }
 }
 
+/// The path as a `&str`, for command lines and config values.
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+/// Writes `contents` to `name` in `dir` and returns its path.
+pub fn write_file(dir: &TempDir, name: &str, contents: &(impl AsRef<[u8]> + ?Sized)) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, contents)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    path
+}
+
 // ---------------------------------------------------------------------------------------------
-// Tools and ports.
+// Tools.
 
 /// Panics, saying how to install it, unless an executable `name` is on `PATH`. Tests call this
 /// instead of skipping when a tool is missing.
@@ -85,28 +111,6 @@ pub fn require_tool(name: &str, install_hint: &str) {
         found,
         "`{name}` not found on PATH: install it with `{install_hint}`"
     );
-}
-
-/// A port on 127.0.0.1 that was free a moment ago. Ports come from a process-wide counter whose
-/// start depends on the pid, so parallel tests in one binary never pick the same port and
-/// concurrent test binaries rarely do; ports that fail a probe bind are skipped.
-pub fn free_port() -> u16 {
-    static NEXT: OnceLock<AtomicU16> = OnceLock::new();
-    let next = NEXT.get_or_init(|| {
-        let base = 20_000 + (std::process::id() % 400) * 100;
-        AtomicU16::new(base as u16)
-    });
-    for _ in 0..10_000 {
-        let mut port = next.fetch_add(1, Ordering::Relaxed);
-        if port < 1024 {
-            // The counter wrapped past 65535; start again in the unprivileged range.
-            port += 20_000;
-        }
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port found on 127.0.0.1 after 10000 tries");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -127,6 +131,8 @@ pub struct DaemonBuilder {
     tables: Vec<(String, Vec<String>)>,
     env: Vec<(String, String)>,
     shell_prefix: Option<String>,
+    /// The daemon binds `server.port` itself instead of taking sockets the test passes.
+    own_port: bool,
 }
 
 impl DaemonBuilder {
@@ -151,12 +157,22 @@ impl DaemonBuilder {
         self
     }
 
-    /// Starts the daemon through `sh -c '<commands>; exec "$0" --config "$1"' BIN CONFIG` instead
-    /// of directly, e.g. `.shell_prefix("ulimit -n 40")` to run it with a low descriptor limit.
-    /// Thanks to `exec` the shell's pid becomes the daemon's, so `pid`, `signal` and the `/proc`
-    /// readings all apply to the daemon itself.
+    /// Runs `commands` in the shell that starts the daemon (`sh -c '<commands>; exec "$0"
+    /// --config "$1"' BIN CONFIG`), e.g. `.shell_prefix("ulimit -n 40")` to run it with a low
+    /// descriptor limit. Thanks to `exec` the shell's pid becomes the daemon's, so `pid`, `signal`
+    /// and the `/proc` readings all apply to the daemon itself.
     pub fn shell_prefix(mut self, commands: &str) -> Self {
         self.shell_prefix = Some(commands.to_string());
+        self
+    }
+
+    /// Lets the daemon bind its own port (`server.bind`, and a port the builder holds for it
+    /// until the daemon listens, see `Reservation`) instead of taking the sockets the test
+    /// passes, for tests of binding itself: the port stops listening at shutdown, a reload keeps
+    /// it, a READY=1 comes only once it listens. The daemon runs with `udp.enabled = false`
+    /// unless the test sets `udp.enabled`: its UDP port cannot be held for it.
+    pub fn bind_own_port(mut self) -> Self {
+        self.own_port = true;
         self
     }
 
@@ -188,11 +204,15 @@ impl DaemonBuilder {
         out
     }
 
-    /// Starts the daemon on a free port in a new temp dir and waits (at most 10 s) until it
-    /// listens: its log shows `listening on`, or, when the log level hides that line, a TCP
-    /// connect succeeds (that probe connection then shows in the daemon's log). If it exits first
-    /// because the port was taken meanwhile, tries another port (5 attempts in all); any other
-    /// early exit panics with the log.
+    /// Starts the daemon in a new temp dir and waits (at most 10 s) until it listens: its log
+    /// shows `listening on`, or, when the log level hides that line, a TCP connect succeeds (that
+    /// probe connection then shows in the daemon's log). An early exit panics with the log.
+    ///
+    /// By default the test binds the sockets (TCP on `server.bind` or 127.0.0.1 and a port the
+    /// kernel picks, and UDP on the same port unless `udp.enabled = false`) and passes them as
+    /// systemd does, so no other process can take the port first; the daemon then logs "serving
+    /// on the socket passed by systemd". With a `port` set under `[server]`, or after
+    /// `bind_own_port`, the daemon binds its own.
     pub fn start(mut self) -> Daemon {
         let dir = TempDir::new();
         // Many tests open more than access.max_per_ip = 8 connections from 127.0.0.1; only the
@@ -219,11 +239,16 @@ impl DaemonBuilder {
             v.parse()
                 .unwrap_or_else(|_| panic!("DaemonBuilder: cannot use port = {v} with start()"))
         });
-        let connect_ip = match self
+        let bind_ip: IpAddr = self
             .server_value("bind")
-            .map(|v| v.trim_matches('"').to_string())
-        {
-            Some(ip) if ip == "::1" => "::1".parse().unwrap(),
+            .map_or(Ipv4Addr::LOCALHOST.into(), |v| {
+                let v = v.trim_matches('"');
+                v.parse()
+                    .unwrap_or_else(|_| panic!("DaemonBuilder: bind = {v:?} is not an address"))
+            });
+        let connect_ip: IpAddr = match bind_ip {
+            IpAddr::V6(ip) if !ip.is_unspecified() => ip.into(),
+            ip if !ip.is_unspecified() => ip,
             _ => Ipv4Addr::LOCALHOST.into(),
         };
         // "listening on" is an INFO line: at a quieter level, probe with a connect instead.
@@ -231,84 +256,125 @@ impl DaemonBuilder {
             let l = l.replace(' ', "");
             l.starts_with("level=\"warn\"") || l.starts_with("level=\"error\"")
         });
-        let mut last_log = String::new();
-        for attempt in 1..=START_ATTEMPTS {
-            let port = fixed_port.unwrap_or_else(free_port);
-            std::fs::write(&config_path, self.config_text(port)).unwrap_or_else(|e| {
-                panic!("cannot write {}: {e}", config_path.display());
+        let (handoff, reservation) = if fixed_port.is_some() {
+            (None, None)
+        } else if self.own_port {
+            if !self
+                .lines("udp")
+                .any(|l| l.trim_start().starts_with("enabled"))
+            {
+                self = self.set("udp", "enabled = false");
+            }
+            (None, Some(Reservation::new(bind_ip)))
+        } else {
+            // The test's sockets, made as the daemon would make its own (see `Handoff`).
+            let backlog = self.server_value("backlog").map_or(DEFAULT_BACKLOG, |v| {
+                v.parse()
+                    .unwrap_or_else(|_| panic!("DaemonBuilder: backlog = {v} is not a number"))
             });
-            let mut cmd = match &self.shell_prefix {
-                None => {
-                    let mut c = Command::new(bin());
-                    c.arg("--config").arg(&config_path);
-                    c
-                }
-                Some(prefix) => {
-                    let mut c = Command::new("sh");
-                    c.arg("-c")
-                        .arg(format!("{prefix}; exec \"$0\" --config \"$1\""))
-                        .arg(bin())
-                        .arg(&config_path);
-                    c
-                }
-            };
-            cmd.env_remove("FERRYD_CONFIG")
-                .current_dir(dir.path())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
-            for (k, v) in &self.env {
-                cmd.env(k, v);
-            }
-            let mut child = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin()));
-            let log = LogBuf::capture(child.stderr.take().expect("stderr is piped"));
-            let mut daemon = Daemon {
-                child,
-                exited: None,
-                port,
-                addr: SocketAddr::new(connect_ip, port),
-                log,
-                dir: None,
-            };
-            let deadline = Instant::now() + START_TIMEOUT;
-            loop {
-                if daemon.log.text().contains("listening on") {
-                    daemon.dir = Some(dir);
-                    return daemon;
-                }
-                if quiet && TcpStream::connect_timeout(&daemon.addr, POLL * 10).is_ok() {
-                    daemon.dir = Some(dir);
-                    return daemon;
-                }
-                if let Some(status) = daemon.try_wait() {
-                    daemon.log.wait_eof(Duration::from_secs(2));
-                    last_log = daemon.log();
-                    if last_log.contains("Address already in use") && fixed_port.is_none() {
-                        break;
-                    }
-                    panic!(
-                        "ferryd exited ({status}) before listening on port {port}\n\
-                         --- config ---\n{}--- ferryd log ---\n{last_log}",
-                        self.config_text(port)
-                    );
-                }
-                if Instant::now() > deadline {
-                    panic!(
-                        "ferryd did not listen on port {port} within {START_TIMEOUT:?}\n\
-                         --- ferryd log ---\n{}",
-                        daemon.log()
-                    );
-                }
-                thread::sleep(POLL);
-            }
-            eprintln!("port {port} was taken before ferryd bound it (attempt {attempt}); retrying");
+            let udp_off = self
+                .lines("udp")
+                .any(|l| l.replace(' ', "") == "enabled=false");
+            (Some(Handoff::bind(bind_ip, backlog, !udp_off)), None)
+        };
+        let port = match (&handoff, &reservation, fixed_port) {
+            (Some(h), _, _) => h.port(),
+            (_, Some(r), _) => r.port(),
+            (_, _, Some(p)) => p,
+            _ => unreachable!("one of the three is set"),
+        };
+        let config = self.config_text(port);
+        std::fs::write(&config_path, &config).unwrap_or_else(|e| {
+            panic!("cannot write {}: {e}", config_path.display());
+        });
+        // Through `sh -c '...; exec ferryd'`: thanks to `exec` the shell's pid becomes the
+        // daemon's, which is what `$LISTEN_PID` must name (and what `pid`, `signal` and the
+        // `/proc` readings use).
+        let mut script = String::new();
+        if let Some(prefix) = &self.shell_prefix {
+            script.push_str(prefix);
+            script.push_str("; ");
         }
-        panic!(
-            "ferryd could not bind a free port in {START_ATTEMPTS} attempts\n\
-             --- last ferryd log ---\n{last_log}"
-        );
+        if let Some(h) = &handoff {
+            assert!(
+                !self.env.iter().any(|(k, _)| k.starts_with("LISTEN_")),
+                "DaemonBuilder: a test that sets $LISTEN_* itself needs bind_own_port()"
+            );
+            script.push_str(&format!(
+                "LISTEN_PID=$$; LISTEN_FDS={}; export LISTEN_PID LISTEN_FDS; ",
+                h.n_fds()
+            ));
+        }
+        script.push_str("exec \"$0\" --config \"$1\"");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(script).arg(bin()).arg(&config_path);
+        cmd.env_remove("FERRYD_CONFIG")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        if let Some(h) = &handoff {
+            h.pass_to(&mut cmd);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin()));
+        // The daemon has its own copies now; ours would keep the port open after it exits.
+        drop(cmd);
+        let passed = handoff.is_some();
+        drop(handoff);
+        let log = Captured::capture(child.stderr.take().expect("stderr is piped"));
+        let daemon_addr = SocketAddr::new(connect_ip, port);
+        let mut daemon = Daemon {
+            child,
+            exited: None,
+            port,
+            addr: daemon_addr,
+            passed,
+            log,
+            dir: None,
+        };
+        // A passed socket accepts connects before the daemon runs: there the probe is ready
+        // once the daemon has taken it off the listener's accept queue.
+        let listener = SocketAddr::new(bind_ip, port);
+        let mut probe: Option<TcpStream> = None;
+        let mut probe_ready = || {
+            if !quiet {
+                return false;
+            }
+            if probe.is_none() {
+                probe = TcpStream::connect_timeout(&daemon_addr, POLL * 10).ok();
+            }
+            probe.is_some()
+                && (!passed || accept_queue(listener).is_some_and(|waiting| waiting == 0))
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if daemon.log.text().contains("listening on") || probe_ready() {
+                drop(reservation);
+                daemon.dir = Some(dir);
+                return daemon;
+            }
+            if let Some(status) = daemon.try_wait() {
+                daemon.log.wait_eof(Duration::from_secs(2));
+                panic!(
+                    "ferryd exited ({status}) before listening on port {port}\n\
+                     --- config ---\n{config}--- ferryd log ---\n{}",
+                    daemon.log()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "ferryd did not listen on port {port} within {START_TIMEOUT:?}\n\
+                     --- ferryd log ---\n{}",
+                    daemon.log()
+                );
+            }
+            thread::sleep(POLL);
+        }
     }
 
     fn lines<'a>(&'a self, table: &str) -> impl Iterator<Item = &'a str> + 'a {
@@ -328,16 +394,17 @@ impl DaemonBuilder {
     }
 }
 
-/// The daemon's stderr, collected by a background thread as it is written.
+/// A child's output stream (the daemon's stderr), collected by a background thread as it is
+/// written.
 #[derive(Debug, Default)]
-struct LogBuf {
+pub struct Captured {
     bytes: Mutex<Vec<u8>>,
     eof: AtomicBool,
 }
 
-impl LogBuf {
-    fn capture(mut stderr: impl Read + Send + 'static) -> Arc<LogBuf> {
-        let buf = Arc::new(LogBuf::default());
+impl Captured {
+    pub fn capture(mut stderr: impl Read + Send + 'static) -> Arc<Captured> {
+        let buf = Arc::new(Captured::default());
         let sink = Arc::clone(&buf);
         thread::spawn(move || {
             let mut chunk = [0u8; 8192];
@@ -358,12 +425,12 @@ impl LogBuf {
         self.bytes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn text(&self) -> String {
+    pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.lock()).into_owned()
     }
 
     /// Waits until the pipe has been read to its end (the process exited), at most `timeout`.
-    fn wait_eof(&self, timeout: Duration) {
+    pub fn wait_eof(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.eof.load(Ordering::SeqCst) && Instant::now() < deadline {
             thread::sleep(POLL);
@@ -379,7 +446,9 @@ pub struct Daemon {
     exited: Option<ExitStatus>,
     port: u16,
     addr: SocketAddr,
-    log: Arc<LogBuf>,
+    /// Whether the daemon serves sockets the test passed (else it bound its own).
+    passed: bool,
+    log: Arc<Captured>,
     /// Set once started; dropped (removed) after the process is gone.
     dir: Option<TempDir>,
 }
@@ -396,6 +465,16 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The log line (without its timestamp) that announces the UDP echo on the daemon's port.
+    pub fn udp_echo_line(&self) -> String {
+        let addr = SocketAddr::new(self.addr.ip(), self.port);
+        if self.passed {
+            format!("udp echo on the socket passed by systemd ({addr})")
+        } else {
+            format!("udp echo on {addr}")
+        }
     }
 
     /// The daemon's temp dir (holding its `config.toml`).
@@ -449,11 +528,7 @@ impl Daemon {
 
     /// Sends signal `sig` (e.g. "TERM", "INT") with `kill -s`.
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("sh")
-            .args(["-c", "kill -s \"$0\" \"$1\"", sig, &self.pid().to_string()])
-            .status()
-            .expect("cannot run sh for kill");
-        assert!(status.success(), "kill -s {sig} {} failed", self.pid());
+        signal(self.pid(), sig);
     }
 
     /// Waits up to `timeout` for the process to exit; once it has, its log is complete.
@@ -527,7 +602,96 @@ impl Drop for Daemon {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Processes.
+
+/// Sends signal `sig` (e.g. "TERM", "INT") to `pid` with `kill -s`.
+pub fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args(["-s", sig, &pid.to_string()])
+        .status()
+        .expect("cannot run kill");
+    assert!(status.success(), "kill -s {sig} {pid} failed");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Socket helpers.
+
+/// How the daemon names an address in its log and in chat lines: `[127.0.0.1:PORT]` or
+/// `[::1]:PORT`.
+pub fn label(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(a) => format!("[{a}]"),
+        SocketAddr::V6(a) => a.to_string(),
+    }
+}
+
+/// The daemon's name for the client end of `stream`.
+pub fn peer_label(stream: &TcpStream) -> String {
+    label(stream.local_addr().expect("local_addr"))
+}
+
+/// Whether a read or write error is its timeout running out.
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Where a client at `from` reaches `d`: `[::1]:PORT` from an IPv6 source, `127.0.0.1:PORT`
+/// from an IPv4 one.
+pub fn target(d: &Daemon, from: IpAddr) -> SocketAddr {
+    let to: IpAddr = if from.is_ipv6() {
+        Ipv6Addr::LOCALHOST.into()
+    } else {
+        Ipv4Addr::LOCALHOST.into()
+    };
+    SocketAddr::new(to, d.port())
+}
+
+/// A TCP connection to `to` from the local address `from` (any port), with 10 s timeouts.
+/// std cannot bind before connecting, hence socket2.
+///
+/// The socket has SO_REUSEADDR. A client that closes first leaves its port in TIME_WAIT for a
+/// minute, and one without SO_REUSEADDR there keeps any socket of this or another test binary
+/// from binding that port on a wildcard address such as "::", even with SO_REUSEADDR: after
+/// access.rs's garbage flood that is thousands of ports.
+pub fn try_connect_from(from: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&to.into(), IO_TIMEOUT)?;
+    let stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// `try_connect_from` to the daemon, panicking with its log on failure.
+pub fn connect_from(d: &Daemon, from: IpAddr) -> TcpStream {
+    let to = target(d, from);
+    try_connect_from(from, to)
+        .unwrap_or_else(|e| panic!("connecting from {from} to {to}: {e}{}", log_tail(d)))
+}
+
+/// Runs a socket call again while it fails with EINTR. A read or receive on a socket with a
+/// timeout fails so when the process is stopped and continued, even without a signal handler
+/// (signal(7)), and that is no answer.
+pub fn retry_eintr<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+/// Writes all of `data`, panicking with the daemon's log on failure.
+pub fn send_all(d: &Daemon, s: &mut TcpStream, data: &[u8], what: &str) {
+    if let Err(e) = s.write_all(data) {
+        panic!("{what}: writing {} bytes: {e}{}", data.len(), log_tail(d));
+    }
+}
 
 /// Writes `msg` and reads exactly `msg.len()` bytes back, asserting they are equal.
 pub fn echo_round_trip(stream: &mut TcpStream, msg: &[u8]) {
@@ -661,8 +825,8 @@ pub fn run_for(mut cmd: Command, label: &str, timeout: Duration) -> Output {
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start `{label}`: {e}"));
-    let stdout = LogBuf::capture(child.stdout.take().expect("stdout is piped"));
-    let stderr = LogBuf::capture(child.stderr.take().expect("stderr is piped"));
+    let stdout = Captured::capture(child.stdout.take().expect("stdout is piped"));
+    let stderr = Captured::capture(child.stderr.take().expect("stderr is piped"));
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait().expect("try_wait on a child") {
@@ -684,12 +848,98 @@ pub fn run_for(mut cmd: Command, label: &str, timeout: Duration) -> Output {
     };
     stdout.wait_eof(Duration::from_secs(2));
     stderr.wait_eof(Duration::from_secs(2));
-    let take = |b: &LogBuf| std::mem::take(&mut *b.lock());
+    let take = |b: &Captured| std::mem::take(&mut *b.lock());
     Output {
         status,
         stdout: take(&stdout),
         stderr: take(&stderr),
     }
+}
+
+/// The kernel's send and receive queues, in bytes, of the IPv4 TCP socket at `local` connected
+/// to `remote` (from /proc/net/tcp): bytes written but not yet acknowledged, and bytes received
+/// but not yet read. `None` if there is no such socket.
+pub fn tcp_queues(local: SocketAddr, remote: SocketAddr) -> Option<(u64, u64)> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(a.ip().octets()),
+            a.port()
+        ),
+        SocketAddr::V6(_) => panic!("tcp_queues reads IPv4 sockets only, not {a}"),
+    };
+    let (want_local, want_remote) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("cannot read /proc/net/tcp");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&want_local.as_str())
+            || fields.get(2) != Some(&want_remote.as_str())
+        {
+            return None;
+        }
+        let (tx, rx) = fields.get(4)?.split_once(':')?;
+        Some((
+            u64::from_str_radix(tx, 16).ok()?,
+            u64::from_str_radix(rx, 16).ok()?,
+        ))
+    })
+}
+
+/// Whether process `pid` holds a UDP socket bound to `port` (any address): its descriptors in
+/// /proc/PID/fd against the socket inodes in /proc/net/udp and udp6. Unlike a probe bind, this
+/// does not care who else holds the port.
+pub fn holds_udp_port(pid: u32, port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    let inodes: Vec<String> = ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|t| {
+            t.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    let inode = f.get(9)?;
+                    f.get(1)?
+                        .ends_with(&want)
+                        .then(|| format!("socket:[{inode}]"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let dir = format!("/proc/{pid}/fd");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .any(|link| inodes.iter().any(|i| link.as_os_str() == i.as_str()))
+}
+
+/// Output bytes as text, invalid UTF-8 replaced.
+pub fn text_of(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+pub fn stdout_of(out: &Output) -> String {
+    text_of(&out.stdout)
+}
+
+pub fn stderr_of(out: &Output) -> String {
+    text_of(&out.stderr)
+}
+
+/// A finished run's status and output, for assertion messages.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {}\n--- stdout ---\n{}--- stderr ---\n{}",
+        out.status,
+        stdout_of(out),
+        stderr_of(out)
+    )
+}
+
+/// How many connections wait in the accept queue of the IPv4 TCP listener at `local` (from
+/// /proc/net/tcp, where a listener's receive queue is that count). `None` if nothing listens.
+pub fn accept_queue(local: SocketAddr) -> Option<u64> {
+    tcp_queues(local, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).map(|(_, rx)| rx)
 }
 
 /// Polls `cond` every 10 ms until it holds or `timeout` has passed; returns whether it held.
@@ -710,6 +960,13 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 // ---------------------------------------------------------------------------------------------
 // Test data.
+
+/// The median of `samples` (the upper one of an even count).
+pub fn median(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
+}
 
 /// A tiny xorshift64 generator. Every test seeds it with a constant, so file contents and split
 /// points are the same on every run and a failure can be replayed.

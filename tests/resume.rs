@@ -1,0 +1,457 @@
+//! Integration tests of resumable uploads: `ferryd send` of a large file through a proxy in the
+//! test that cuts the connection half way, then again: the second run moves only the missing
+//! part plus a small overhead (measured at the proxy) and the file is stored byte for byte; the
+//! same after `kill -9` of the daemon and a restart; a changed source file is a fresh upload and
+//! its old partial is dropped; a wrong prefix planted on the server is refused by the final
+//! checksum (nothing stored, the partial dropped) and `send` then starts over; and with an
+//! upload key, resuming needs the key like any upload.
+
+mod support;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use ferryd::proto::Header;
+
+use support::{
+    Daemon, DaemonBuilder, Rng, TempDir, bin, expect_err_then_eof, log_tail, read_line, run_ferryd,
+    wait_until,
+};
+
+const MIB: usize = 1 << 20;
+const SIZE: usize = 8 * MIB;
+const WAIT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// A proxy that counts the bytes it moves and can cut or stall the upload.
+
+/// What the proxy does once `limit` bytes went from the client to the server.
+#[derive(Clone, Copy, PartialEq)]
+enum AtLimit {
+    /// Close both connections (the server sees the end of its stream).
+    Cut,
+    /// Forward nothing more until the test lets go (or 30 s pass).
+    Stall,
+}
+
+/// One client connection relayed to the daemon.
+struct Proxy {
+    addr: SocketAddr,
+    /// Bytes from the client to the server, and back.
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+    release: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    fn start(target: SocketAddr, limit: Option<u64>, at_limit: AtLimit) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let release = Arc::new(AtomicBool::new(false));
+        let (up2, down2, release2) = (Arc::clone(&up), Arc::clone(&down), Arc::clone(&release));
+        let thread = thread::spawn(move || {
+            listener.set_nonblocking(true).unwrap();
+            let deadline = Instant::now() + WAIT;
+            let client = loop {
+                match listener.accept() {
+                    Ok((s, _)) => break s,
+                    Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
+                    Err(_) => return,
+                }
+            };
+            client.set_nonblocking(false).unwrap();
+            let server = TcpStream::connect(target).unwrap();
+            let (mut c_read, mut s_write) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut s_read, mut c_write) =
+                (server.try_clone().unwrap(), client.try_clone().unwrap());
+            let back = thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = s_read.read(&mut buf) {
+                    if n == 0 || c_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    down2.fetch_add(n as u64, Ordering::SeqCst);
+                }
+                let _ = c_write.shutdown(Shutdown::Write);
+            });
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = c_read.read(&mut buf) {
+                if n == 0 {
+                    let _ = s_write.shutdown(Shutdown::Write);
+                    break;
+                }
+                let sent = up2.load(Ordering::SeqCst);
+                let allowed = match limit {
+                    Some(l) => (l.saturating_sub(sent) as usize).min(n),
+                    None => n,
+                };
+                if s_write.write_all(&buf[..allowed]).is_err() {
+                    break;
+                }
+                up2.fetch_add(allowed as u64, Ordering::SeqCst);
+                if allowed < n || limit.is_some_and(|l| sent + allowed as u64 >= l) {
+                    if at_limit == AtLimit::Stall {
+                        let until = Instant::now() + Duration::from_secs(30);
+                        while !release2.load(Ordering::SeqCst) && Instant::now() < until {
+                            thread::sleep(Duration::from_millis(10));
+                        }
+                    }
+                    let _ = server.shutdown(Shutdown::Both);
+                    let _ = client.shutdown(Shutdown::Both);
+                    break;
+                }
+            }
+            let _ = back.join();
+        });
+        Proxy {
+            addr,
+            up,
+            down,
+            release,
+            thread: Some(thread),
+        }
+    }
+
+    fn up(&self) -> u64 {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    fn down(&self) -> u64 {
+        self.down.load(Ordering::SeqCst)
+    }
+
+    /// Waits for both directions to end.
+    fn finish(&mut self) {
+        self.release.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers.
+
+fn send_via(addr: SocketAddr, file: &Path, extra: &[&str]) -> (bool, String) {
+    let to = addr.to_string();
+    let mut args = vec!["send", "--to", &to, "--timeout", "3"];
+    args.extend_from_slice(extra);
+    args.push(file.to_str().unwrap());
+    let out = run_ferryd(&args, &[]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The partial bodies in `dir`.
+fn partials(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(".ferryd-resume-"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The offset in a `resumed at N bytes` line.
+fn resumed_at(text: &str) -> Option<u64> {
+    let rest = text.split("resumed at ").nth(1)?;
+    rest.split(' ').next()?.parse().ok()
+}
+
+fn source(dir: &Path, name: &str, seed: u64) -> (PathBuf, Vec<u8>) {
+    let body = Rng::new(seed).bytes(SIZE);
+    let path = dir.join(name);
+    fs::write(&path, &body).unwrap();
+    (path, body)
+}
+
+/// Cuts a `send` of `file` through a proxy after `cut` bytes and waits until the daemon has
+/// kept the partial body; returns its length.
+fn cut_upload(d: &Daemon, file: &Path, cut: u64, extra: &[&str]) -> u64 {
+    let mut proxy = Proxy::start(d.addr(), Some(cut), AtLimit::Cut);
+    let (ok, text) = send_via(proxy.addr, file, extra);
+    proxy.finish();
+    assert!(!ok, "the cut upload should fail: {text}");
+    d.wait_log("kept for a resume", WAIT);
+    let kept = partials(&d.uploads());
+    assert_eq!(
+        kept.len(),
+        1,
+        "one partial expected: {kept:?}{}",
+        log_tail(d)
+    );
+    fs::metadata(&kept[0]).unwrap().len()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+#[test]
+fn a_cut_upload_resumes_moving_only_the_missing_part() {
+    let d = DaemonBuilder::new().start();
+    let src = TempDir::new();
+    let (file, body) = source(src.path(), "firmware.bin", 1);
+    let kept = cut_upload(&d, &file, (SIZE / 2) as u64, &[]);
+    assert!(
+        kept > (SIZE / 4) as u64 && kept <= (SIZE / 2) as u64,
+        "kept {kept} of a cut at {}",
+        SIZE / 2
+    );
+    // Again, straight through a counting proxy.
+    let mut proxy = Proxy::start(d.addr(), None, AtLimit::Cut);
+    let (ok, text) = send_via(proxy.addr, &file, &[]);
+    proxy.finish();
+    assert!(ok, "{text}{}", log_tail(&d));
+    assert_eq!(resumed_at(&text), Some(kept), "{text}");
+    let missing = SIZE as u64 - kept;
+    let (up, down) = (proxy.up(), proxy.down());
+    let head = 48 + "firmware.bin".len() as u64;
+    println!(
+        "resume: {kept} B kept, {missing} B missing; second run moved {up} B up ({} B over the missing part: the head) and {down} B down; 1 extra round trip (RESUME line)",
+        up - missing
+    );
+    assert_eq!(up, missing + head, "bytes up on the resumed run");
+    assert!(down < 200, "{down} B of answers");
+    assert_eq!(fs::read(d.uploads().join("firmware.bin")).unwrap(), body);
+    assert!(
+        partials(&d.uploads()).is_empty(),
+        "the partial became the file"
+    );
+}
+
+#[test]
+fn an_upload_resumes_after_kill_9_and_a_restart() {
+    let uploads = TempDir::new();
+    let dir_line = format!("dir = {:?}", uploads.path().display().to_string());
+    let src = TempDir::new();
+    let (file, body) = source(src.path(), "bundle.tar", 2);
+    let mut d = DaemonBuilder::new().set("files", &dir_line).start();
+    // The proxy stalls half way; once the daemon has written that much, it is killed.
+    let half = (SIZE / 2) as u64;
+    let proxy = Proxy::start(d.addr(), Some(half), AtLimit::Stall);
+    let mut client = Command::new(bin())
+        .args(["send", "--to", &proxy.addr.to_string(), "--timeout", "2"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The daemon writes whole 1 MiB pieces while the upload runs: up to one piece is still in
+    // its memory when it is killed.
+    assert!(
+        wait_until(WAIT, || partials(uploads.path())
+            .first()
+            .and_then(|p| fs::metadata(p).ok())
+            .is_some_and(|m| m.len() + MIB as u64 >= half)),
+        "the daemon did not write half the file{}",
+        log_tail(&d)
+    );
+    d.signal("KILL");
+    assert!(
+        d.wait_exit(WAIT).is_some(),
+        "kill -9 did not end the daemon"
+    );
+    drop(proxy);
+    let _ = client.kill();
+    let _ = client.wait();
+    drop(d);
+    let kept = fs::metadata(&partials(uploads.path())[0]).unwrap().len();
+    // A new daemon on the same directory keeps the partial and continues it.
+    let d = DaemonBuilder::new().set("files", &dir_line).start();
+    d.wait_log("kept 1 partial upload(s) for resuming", WAIT);
+    let (ok, text) = send_via(d.addr(), &file, &[]);
+    assert!(ok, "{text}{}", log_tail(&d));
+    assert_eq!(resumed_at(&text), Some(kept), "{text}");
+    assert_eq!(fs::read(uploads.path().join("bundle.tar")).unwrap(), body);
+    assert!(partials(uploads.path()).is_empty());
+}
+
+#[test]
+fn a_changed_source_file_is_a_fresh_upload_and_drops_the_old_partial() {
+    let d = DaemonBuilder::new().start();
+    let src = TempDir::new();
+    let (file, _) = source(src.path(), "log.bin", 3);
+    cut_upload(&d, &file, (SIZE / 2) as u64, &[]);
+    // The file changes before it is sent again: another checksum, so nothing to resume.
+    let (file, body) = source(src.path(), "log.bin", 4);
+    let (ok, text) = send_via(d.addr(), &file, &[]);
+    assert!(ok, "{text}{}", log_tail(&d));
+    assert_eq!(resumed_at(&text), None, "{text}");
+    assert_eq!(fs::read(d.uploads().join("log.bin")).unwrap(), body);
+    assert!(
+        partials(&d.uploads()).is_empty(),
+        "the old partial was dropped"
+    );
+    d.wait_log("superseded by a file with another checksum", WAIT);
+}
+
+/// The header of `body` sent as `name`, resumable.
+fn resumable_head(name: &str, body: &[u8]) -> Vec<u8> {
+    let header = Header {
+        authenticated: false,
+        name_len: u16::try_from(name.len()).unwrap(),
+        size: body.len() as u64,
+        checksum: *blake3::hash(body).as_bytes(),
+        ..Header::default()
+    };
+    let mut out = Header::with_resume_flag(header.encode()).to_vec();
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
+/// The partial body's file name for `body` sent as `name` (see `daemon::resume`).
+fn partial_name(name: &str, body: &[u8]) -> String {
+    let tag: String = blake3::hash(name.as_bytes())
+        .to_hex()
+        .chars()
+        .take(16)
+        .collect();
+    format!(
+        ".ferryd-resume-{}-{}-{tag}.partial",
+        blake3::hash(body).to_hex(),
+        body.len()
+    )
+}
+
+#[test]
+fn a_wrong_prefix_planted_on_the_server_is_refused_and_dropped() {
+    let d = DaemonBuilder::new().start();
+    let body = Rng::new(5).bytes(2 * MIB);
+    let planted = d.uploads().join(partial_name("x.bin", &body));
+    // Half of it, but not its bytes.
+    fs::write(&planted, vec![0xAB; MIB]).unwrap();
+    let mut s = d.connect();
+    s.write_all(&resumable_head("x.bin", &body)).unwrap();
+    assert_eq!(read_line(&mut s), format!("RESUME {MIB}\n"));
+    s.write_all(&body[MIB..]).unwrap();
+    let line = read_line(&mut s);
+    assert!(line.starts_with("ERR checksum "), "{line}{}", log_tail(&d));
+    assert!(!d.uploads().join("x.bin").exists(), "nothing stored");
+    assert!(!planted.exists(), "the damaged partial is dropped");
+    d.wait_log("the partial body it continued (1048576 B) is dropped", WAIT);
+    // The same connection goes on: the file again, now from 0.
+    s.write_all(&resumable_head("x.bin", &body)).unwrap();
+    assert_eq!(read_line(&mut s), "RESUME 0\n");
+    s.write_all(&body).unwrap();
+    let line = read_line(&mut s);
+    assert!(line.starts_with("OK x.bin 2097152 "), "{line}");
+    // `ferryd send` meets a planted prefix: refused, then sent again from the start by itself.
+    let src = TempDir::new();
+    let file = src.path().join("y.bin");
+    fs::write(&file, &body).unwrap();
+    fs::write(
+        d.uploads().join(partial_name("y.bin", &body)),
+        vec![0xCD; MIB],
+    )
+    .unwrap();
+    let (ok, text) = send_via(d.addr(), &file, &[]);
+    assert!(ok, "{text}{}", log_tail(&d));
+    assert!(text.contains("failed its checksum on the server"), "{text}");
+    assert_eq!(fs::read(d.uploads().join("y.bin")).unwrap(), body);
+    assert!(partials(&d.uploads()).is_empty());
+}
+
+#[test]
+fn resuming_needs_the_upload_key_like_any_upload() {
+    let keys = TempDir::new();
+    let key = keys.path().join("upload.key");
+    fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let mut perms = fs::metadata(&key).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+    fs::set_permissions(&key, perms).unwrap();
+    let d = DaemonBuilder::new()
+        .set(
+            "files",
+            &format!("token_file = {:?}", key.display().to_string()),
+        )
+        .start();
+    let src = TempDir::new();
+    let (file, body) = source(src.path(), "signed.bin", 6);
+    let key_arg = ["--key-file", key.to_str().unwrap()];
+    let kept = cut_upload(&d, &file, (SIZE / 2) as u64, &key_arg);
+    // Without the key a resumable frame is refused before anything is said about the partial.
+    let mut s = d.connect();
+    let nonce = read_line(&mut s);
+    assert!(nonce.starts_with("NONCE "), "{nonce}");
+    s.write_all(&resumable_head("signed.bin", &body)).unwrap();
+    let line = expect_err_then_eof(&d, &mut s, "unauthorized", "resume without the key");
+    assert!(!line.contains("RESUME"), "{line}");
+    // With it, the upload continues.
+    let (ok, text) = send_via(d.addr(), &file, &key_arg);
+    assert!(ok, "{text}{}", log_tail(&d));
+    assert_eq!(resumed_at(&text), Some(kept), "{text}");
+    assert_eq!(fs::read(d.uploads().join("signed.bin")).unwrap(), body);
+}
+
+#[test]
+fn expired_partials_go_and_unexpired_ones_stay() {
+    let uploads = TempDir::new();
+    let dir_line = format!("dir = {:?}", uploads.path().display().to_string());
+    let body = Rng::new(7).bytes(2 * MIB);
+    let old = uploads.path().join(partial_name("old.bin", &body));
+    let fresh = uploads.path().join(partial_name("fresh.bin", &body[..MIB]));
+    fs::write(&old, &body[..1000]).unwrap();
+    fs::write(&fresh, &body[..1000]).unwrap();
+    let aged = Command::new("touch")
+        .args(["-d", "@1000000000"])
+        .arg(&old)
+        .status()
+        .unwrap();
+    assert!(aged.success());
+    // At start-up: the expired one goes, the other stays.
+    let d = DaemonBuilder::new()
+        .set("files", &dir_line)
+        .set("files", "resume_keep_secs = 2")
+        .start();
+    d.wait_log("kept 1 partial upload(s) for resuming", WAIT);
+    assert!(!old.exists() && fresh.exists());
+    assert!(
+        d.log().contains("removed expired partial upload"),
+        "{}",
+        d.log()
+    );
+    // While running: once it has not grown for resume_keep_secs, the next resumable upload
+    // removes it.
+    let fresh_name = fresh.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(wait_until(WAIT, || fs::metadata(&fresh)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t
+            .elapsed()
+            .is_ok_and(|age| age > Duration::from_secs(3)))));
+    let mut s = d.connect();
+    s.write_all(&resumable_head("other.bin", &body)).unwrap();
+    assert_eq!(read_line(&mut s), "RESUME 0\n");
+    s.write_all(&body).unwrap();
+    assert!(read_line(&mut s).starts_with("OK other.bin "));
+    assert!(!fresh.exists(), "the expired partial is gone");
+    d.wait_log(
+        &format!("removed partial upload {fresh_name} (expired)"),
+        WAIT,
+    );
+}
