@@ -351,6 +351,8 @@ impl Conn<'_> {
         // A NAME**SIZE head can only open a connection: not after an AUTH line whose following
         // bytes wait in `input` (and those must not be dropped).
         if input.is_empty() {
+            // Waiting for the first bytes: a silent peer may be chosen to make room.
+            self.place.reading_since(Instant::now());
             if let Err(reason) = self.starstar(input) {
                 return reason;
             }
