@@ -837,3 +837,26 @@ fn a_queued_connection_that_gets_no_worker_is_told_busy_not_left_silent() {
         log_tail(&d)
     );
 }
+
+#[test]
+fn a_silent_connection_makes_room_for_a_newcomer() {
+    let d = DaemonBuilder::new()
+        .set("server", "max_connections = 1")
+        .start();
+    // Connects and never sends a byte, holding the only worker.
+    let mut silent = d.connect();
+    let label = peer_label(&silent);
+    d.wait_log(&format!("{label} online"), IO_TIMEOUT);
+    let started = Instant::now();
+    let mut newcomer = d.connect();
+    echo_round_trip(&mut newcomer, b"room for me\n");
+    let took = started.elapsed();
+    let (got, _) = read_until_eof(&mut silent, IO_TIMEOUT);
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "ERR busy server full: this connection waited longest and makes room for another\n",
+        "{}",
+        log_tail(&d)
+    );
+    assert!(took < Duration::from_secs(5), "served after {took:?}");
+}
