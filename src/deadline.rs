@@ -16,6 +16,10 @@ pub enum Why {
     RateWindow,
     /// The short drain after a refusal, so the `ERR` line is not destroyed by a reset.
     Linger,
+    /// `server.line_timeout_secs`: a text line was not complete that long after its first byte.
+    Line,
+    /// `access.auth_timeout_secs`: no good `AUTH` line that long after connecting.
+    Auth,
     /// `server.chat_flush_ms`: a chat client's unterminated text is delivered after this
     /// silence (not an error).
     ChatFlush,

@@ -400,7 +400,11 @@ fn try_served(d: &Daemon, from: IpAddr, what: &str) -> Result<TcpStream, String>
 
 #[test]
 fn max_per_ip_refuses_the_ninth_connection_from_one_address_only() {
-    let d = DaemonBuilder::new().set("access", "max_per_ip = 8").start();
+    // Loopback peers are exempt by default; this test's peers stand in for remote ones.
+    let d = DaemonBuilder::new()
+        .set("access", "max_per_ip = 8")
+        .set("access", "exempt_loopback = false")
+        .start();
     let one = ip("127.0.0.1");
     let mut open: Vec<TcpStream> = (0..8)
         .map(|i| {

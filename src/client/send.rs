@@ -20,6 +20,7 @@ use crate::auth::{self, Key, KeyError, NONCE_LEN};
 use crate::client::walk::{self, Item};
 use crate::client::{filehash, stdin};
 use crate::deadline::is_timeout;
+use crate::escape::push_chat_text;
 use crate::proto::wire::{Answer, Code, parse_answer, parse_resume};
 use crate::proto::{Algo, HEADER_LEN, Header, name};
 
@@ -438,8 +439,14 @@ pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, Client
     Ok(results)
 }
 
+/// Prints one result line. The message may quote the server, so its control characters are
+/// escaped: a hostile server (or a man in the middle) cannot drive the user's terminal.
 fn report(out: &mut dyn Write, path: &Path, ok: bool, message: String) -> bool {
-    let _ = writeln!(out, "{}: {message}", path.display());
+    let mut shown = String::with_capacity(message.len());
+    push_chat_text(&mut shown, message.as_bytes());
+    let mut name = String::new();
+    push_chat_text(&mut name, path.as_os_str().as_encoded_bytes());
+    let _ = writeln!(out, "{name}: {shown}");
     ok
 }
 
@@ -546,13 +553,16 @@ impl Connection {
         thread::spawn(move || {
             let mut reader = BufReader::new(reader);
             loop {
-                let mut line = String::new();
-                match (&mut reader).take(MAX_ANSWER).read_line(&mut line) {
+                let mut line = Vec::new();
+                match (&mut reader).take(MAX_ANSWER).read_until(b'\n', &mut line) {
                     Ok(0) => {
                         let _ = tx.send(Err(io::ErrorKind::UnexpectedEof.into()));
                         return;
                     }
                     Ok(_) => {
+                        // Bytes that are not UTF-8 are shown as U+FFFD; control characters are
+                        // escaped where the line is printed.
+                        let line = String::from_utf8_lossy(&line).into_owned();
                         if tx.send(Ok(line)).is_err() {
                             return;
                         }

@@ -90,6 +90,10 @@ pub struct AccessConfig {
     /// The window over which `min_upload_bytes_per_sec` is measured; a body read waits at most
     /// this long before the check runs.
     pub upload_rate_window: Duration,
+    /// With `require_token`: time from the connection's start to a good `AUTH` line.
+    pub auth_timeout: Duration,
+    /// Loopback peers (127.0.0.0/8, ::1) are not counted against `max_per_ip`.
+    pub exempt_loopback: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +112,12 @@ pub struct ServerConfig {
     pub chat_queue_bytes: usize,
     /// Chat mode: how long a member may take nothing of what waits for it before it is dropped.
     pub chat_drain_timeout: Duration,
+    /// A text line must be complete within this time of its first byte.
+    pub line_timeout: Duration,
+    /// A write to a peer that does not take it fails after this time.
+    pub write_timeout: Duration,
+    /// Longest wait in the queue for a worker before `ERR busy`.
+    pub queue_timeout: Duration,
     /// Chat mode: text without a newline is delivered as a line after this many milliseconds
     /// of silence; 0: only at a newline (or the end of the stream).
     pub chat_flush_ms: u64,
@@ -181,6 +191,8 @@ words! {
 pub struct LogConfig {
     pub level: log::LevelFilter,
     pub format: LogFormat,
+    /// Refusals beyond the per-reason line budget are summed up once per this interval.
+    pub refusal_summary: Duration,
 }
 
 words! {
@@ -341,6 +353,9 @@ impl Config {
                 mode: v.get("server.mode")?,
                 chat_queue_bytes: v.get("server.chat_queue_bytes")?,
                 chat_drain_timeout: v.get("server.chat_drain_timeout_secs")?,
+                line_timeout: v.get("server.line_timeout_secs")?,
+                write_timeout: v.get("server.write_timeout_secs")?,
+                queue_timeout: v.get("server.queue_timeout_secs")?,
                 chat_flush_ms: v.get("server.chat_flush_ms")?,
             },
             udp: UdpConfig {
@@ -378,10 +393,13 @@ impl Config {
                 header_timeout: v.get("access.header_timeout_secs")?,
                 min_upload_bytes_per_sec: v.get("access.min_upload_bytes_per_sec")?,
                 upload_rate_window: v.get("access.upload_rate_window_secs")?,
+                auth_timeout: v.get("access.auth_timeout_secs")?,
+                exempt_loopback: v.get("access.exempt_loopback")?,
             },
             log: LogConfig {
                 level: v.get("log.level")?,
                 format: v.get("log.format")?,
+                refusal_summary: v.get("log.refusal_summary_secs")?,
             },
             compat: CompatConfig {
                 starstar_uploads: v.get("compat.starstar_uploads")?,

@@ -33,8 +33,8 @@ impl PerIp {
         })
     }
 
-    #[cfg(test)]
-    fn open_from(&self, ip: IpAddr) -> u32 {
+    /// Connections open (served or queued) from `ip`.
+    pub fn open_from(&self, ip: IpAddr) -> u32 {
         self.lock().get(&ip).copied().unwrap_or(0)
     }
 

@@ -17,7 +17,9 @@ use socket2::SockRef;
 use crate::auth::{self, Key, NONCE_LEN};
 use crate::config::{Config, Mode};
 use crate::daemon::chat::{ChatLimits, Seat};
+use crate::daemon::evict::Place;
 use crate::daemon::listener;
+use crate::daemon::refusals;
 use crate::daemon::shared::{Job, Shared, Snapshot, worker_stack_bytes};
 use crate::daemon::stats::Stats;
 use crate::daemon::upload::{self, BodySource, Check, Lost, Outcome};
@@ -26,7 +28,7 @@ use crate::escape::{escaped, push_chat_text};
 use crate::peer::Peer;
 use crate::proto::header::MAX_NAME_LEN;
 use crate::proto::starstar::{self, Detect};
-use crate::proto::wire::{self, ERR_SHUTDOWN, OK_AUTH};
+use crate::proto::wire::{self, ERR_EVICTED, ERR_SHUTDOWN, OK_AUTH};
 use crate::proto::{self, Code, FrameError, FrameHead, Parsed};
 
 /// How many bytes of a request or response a debug log line shows.
@@ -73,6 +75,10 @@ pub enum Reason {
     Refused(String),
     /// Chat: the room dropped the client for not draining what waited for it (why).
     TooSlow(String),
+    /// Every worker was busy and this connection, waiting on its peer longest, made room.
+    Evicted,
+    /// A text line was not complete within `line_timeout_secs` of its first byte.
+    SlowLine,
 }
 
 impl fmt::Display for Reason {
@@ -86,6 +92,10 @@ impl fmt::Display for Reason {
             Reason::Protocol(what) => write!(f, "error: {what}"),
             Reason::Refused(line) => write!(f, "refused: {line}"),
             Reason::TooSlow(why) => write!(f, "too slow: {why}"),
+            Reason::Evicted => {
+                f.write_str("evicted: every worker busy, made room for a waiting connection")
+            }
+            Reason::SlowLine => f.write_str("slow line: not complete within line_timeout_secs"),
         }
     }
 }
@@ -103,12 +113,15 @@ pub fn serve(shared: &Shared, job: Job) {
     // The settings this connection lives by, taken whole: a reload mid-way does not mix them.
     let snapshot = shared.snapshot();
     let cfg = Arc::clone(&snapshot.config);
-    if let Err(e) = listener::prepare_stream(&stream, cfg.server.idle_timeout) {
+    let s = &cfg.server;
+    if let Err(e) = listener::prepare_stream(&stream, s.idle_timeout, s.write_timeout) {
         log::warn!("{peer} cannot set socket options: {e}; closing");
         return;
     }
     let stream = Arc::new(stream);
     let _registration = shared.conns.register(Arc::clone(&stream));
+    // On the board, this connection may be chosen to make room while it waits on its peer.
+    let place = shared.board.enter(peer.ip(), Arc::clone(&stream));
     let _open = Stats::hold(&shared.stats.open);
     let text_locked = snapshot.key.is_some() && cfg.access.require_token;
     let mut conn = Conn {
@@ -116,6 +129,7 @@ pub fn serve(shared: &Shared, job: Job) {
         cfg: Arc::clone(&cfg),
         snapshot: Arc::clone(&snapshot),
         stream: &stream,
+        place: &place,
         peer,
         bytes_in: 0,
         bytes_out: 0,
@@ -144,14 +158,21 @@ pub fn serve(shared: &Shared, job: Job) {
         let line = wire::nonce_line(&auth.nonce);
         conn.say(line.as_bytes());
     }
+    let mut input = Input {
+        buf: [0; READ_BUF],
+        start: 0,
+        end: 0,
+    };
     let reason = if shared.is_stopping() {
         // Registered after the shutdown woke everyone: end here rather than wait for a read.
         conn.say(ERR_SHUTDOWN);
         Reason::Shutdown
+    } else if let Err(reason) = conn.unlock(&mut input) {
+        reason
     } else if cfg.server.mode == Mode::Chat {
-        conn.run_chat(&stream)
+        conn.run_chat(&stream, &mut input)
     } else {
-        conn.run()
+        conn.run(&mut input)
     };
     log::info!(
         "{peer} offline (in {} B, out {} B, {:.1} s, reason: {reason})",
@@ -225,6 +246,8 @@ struct Conn<'a> {
     /// The settings in force when the connection started: config, store and key.
     snapshot: Arc<Snapshot>,
     stream: &'a TcpStream,
+    /// This connection on the board of those that may be chosen to make room.
+    place: &'a Place<'a>,
     peer: Peer,
     bytes_in: u64,
     bytes_out: u64,
@@ -274,7 +297,7 @@ impl Conn<'_> {
     /// Chat mode: joins the room, starts this client's writer thread (the only one that writes
     /// to its socket from now on), serves, leaves. The seat is the membership: dropping it leaves
     /// the room, on every path, a panic included.
-    fn run_chat(&mut self, stream: &Arc<TcpStream>) -> Reason {
+    fn run_chat(&mut self, stream: &Arc<TcpStream>, input: &mut Input) -> Reason {
         let shared = self.shared;
         // Best effort: without it the kernel buffers more for a client that does not read.
         let _ = SockRef::from(&**stream).set_send_buffer_size(CHAT_SNDBUF);
@@ -304,7 +327,7 @@ impl Conn<'_> {
                 seen_written: 0,
                 flushed: false,
             });
-            let served = panic::catch_unwind(AssertUnwindSafe(|| self.run()));
+            let served = panic::catch_unwind(AssertUnwindSafe(|| self.run(input)));
             // Leave before the scope joins the writer: leaving is what ends the writer, once it
             // has sent what is still queued for this client alone.
             let chat = self.chat.take();
@@ -335,30 +358,46 @@ impl Conn<'_> {
         reason
     }
 
-    fn run(&mut self) -> Reason {
-        let mut input = Input {
-            buf: [0; READ_BUF],
-            start: 0,
-            end: 0,
-        };
-        if let Err(reason) = self.starstar(&mut input) {
-            return reason;
+    fn run(&mut self, input: &mut Input) -> Reason {
+        // A NAME**SIZE head can only open a connection: not after an AUTH line whose following
+        // bytes wait in `input` (and those must not be dropped).
+        if input.is_empty() {
+            // Waiting for the first bytes: a silent peer may be chosen to make room.
+            self.place.reading_since(Instant::now());
+            if let Err(reason) = self.starstar(input) {
+                return reason;
+            }
         }
+        // The minimum progress for text lines. In chat mode with chat_flush_ms an unfinished
+        // line is delivered after a pause, so there is no unfinished line to time.
+        let line_rule = self.chat.is_none() || self.cfg.server.chat_flush_ms == 0;
         // Whether the next byte begins a message (so a frame may start there).
         let mut at_message_start = true;
+        // When the last line (or frame) ended: how long the peer has kept us waiting.
+        let mut last_line = Instant::now();
+        // While a text line is incomplete: when it must be complete (`line_timeout_secs`).
+        let mut line_deadline: Option<Deadline> = None;
         loop {
             if input.is_empty() {
-                if let Err(reason) = self.fill(&mut input) {
+                self.place.reading_since(last_line);
+                if let Err(reason) = self.fill(input, line_deadline) {
                     return reason;
+                }
+                // Chosen to make room while the peer's bytes were still arriving (shutting the
+                // read side lets queued bytes through first): end now.
+                if self.place.is_evicted() {
+                    return self.evicted();
                 }
             }
             let data = input.data();
             let n = proto::text_len(data, at_message_start);
             if n == 0 {
-                if let Err(reason) = self.frame(&mut input) {
+                if let Err(reason) = self.frame(input) {
                     return reason;
                 }
                 at_message_start = true;
+                last_line = Instant::now();
+                line_deadline = None;
                 continue;
             }
             // While text is locked, the AUTH line is taken on its own: what follows it is text
@@ -368,7 +407,16 @@ impl Conn<'_> {
                 _ => n,
             };
             let text = &data[..n];
+            let was_start = at_message_start;
             at_message_start = text[n - 1] == b'\n';
+            if at_message_start {
+                last_line = Instant::now();
+                line_deadline = None;
+            } else if line_rule && (was_start || text.contains(&b'\n')) {
+                // A new line began in these bytes and is not complete yet.
+                let limit = self.cfg.server.line_timeout;
+                line_deadline = Some(Deadline::after(limit, Why::Line));
+            }
             log::debug!("{} req {}", self.peer, escaped(text, LOG_WIDTH));
             if self.text_locked {
                 if let Err(reason) = self.auth_text(text) {
@@ -377,13 +425,66 @@ impl Conn<'_> {
             } else if self.chat.is_some() {
                 self.chat_text(text);
             } else {
+                // A peer that does not take the echo may be chosen to make room meanwhile.
+                if !self.place.writing() {
+                    return self.evicted();
+                }
                 if let Err(e) = self.write_all(text) {
+                    if self.place.is_evicted() {
+                        return Reason::Evicted;
+                    }
                     return Reason::Error(e);
                 }
                 log::debug!("{} resp {}", self.peer, escaped(text, LOG_WIDTH));
             }
             input.consume(n);
         }
+    }
+
+    /// `access.require_token`: before the client's text goes anywhere (echoed, or into the chat
+    /// room, where it would see the members, the notices and the messages), the client must
+    /// prove the key within `access.auth_timeout_secs`: a good `AUTH` line, or a file frame with
+    /// a good tag (`ferryd send --key-file`). Frames may come before the `AUTH` line; text other
+    /// than it ends the connection with `ERR unauthorized`. Returns once text is unlocked.
+    fn unlock(&mut self, input: &mut Input) -> Result<(), Reason> {
+        let auth_deadline = Deadline::after(self.cfg.access.auth_timeout, Why::Auth);
+        let mut proven = false;
+        let mut since = Instant::now();
+        while self.text_locked {
+            if input.is_empty() {
+                let idle = self.idle_deadline();
+                let deadline = if proven {
+                    idle
+                } else {
+                    idle.earliest(auth_deadline)
+                };
+                self.place.reading_since(since);
+                input.start = 0;
+                input.end = 0;
+                self.fill_more(input, deadline)?;
+                if self.place.is_evicted() {
+                    return Err(self.evicted());
+                }
+            }
+            let data = input.data();
+            let n = proto::text_len(data, self.auth_line.is_empty());
+            if n == 0 {
+                self.frame(input)?;
+                proven = true;
+                since = Instant::now();
+                continue;
+            }
+            // The AUTH line is taken on its own: what follows it is text for the mode.
+            let n = data[..n]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(n, |i| i + 1);
+            let text = &data[..n];
+            log::debug!("{} req {}", self.peer, escaped(text, LOG_WIDTH));
+            self.auth_text(text)?;
+            input.consume(n);
+        }
+        Ok(())
     }
 
     /// `access.require_token`: text must begin with `AUTH <hex tag>`; anything else ends the
@@ -420,7 +521,11 @@ impl Conn<'_> {
     }
 
     fn unauthorized(&mut self, why: &str) -> Reason {
-        log::warn!("{} refused: unauthorized: {why}", self.peer);
+        let peer = self.peer;
+        self.shared
+            .refused(refusals::Why::Unauthorized, Some(peer.ip()), || {
+                format!("{peer} refused: unauthorized: {why}")
+            });
         self.refuse(&wire::err_line(Code::Unauthorized, &why))
     }
 
@@ -491,17 +596,21 @@ impl Conn<'_> {
         }
     }
 
-    /// Reads more bytes into an empty `input` by the idle deadline. A clean end of stream, the
-    /// idle timeout and the shutdown each end the connection (after telling the peer why). In
-    /// chat mode, an unfinished line is delivered after `server.chat_flush_ms` of silence and at
-    /// the end of the stream, and the idle rule counts traffic both ways: a member that only
-    /// reads is not idle while the room sends it lines (it is cut once neither way carried a
-    /// byte for between one and two `idle_timeout_secs`).
-    fn fill(&mut self, input: &mut Input) -> Result<(), Reason> {
+    /// Reads more bytes into an empty `input` by the idle deadline (or `limit`, if it comes
+    /// first: the line deadline). A clean end of stream, the idle timeout and the shutdown each
+    /// end the connection (after telling the peer why). In chat mode, an unfinished line is
+    /// delivered after `server.chat_flush_ms` of silence and at the end of the stream, and the
+    /// idle rule counts traffic both ways: a member that only reads is not idle while the room
+    /// sends it lines (it is cut once neither way carried a byte for between one and two
+    /// `idle_timeout_secs`).
+    fn fill(&mut self, input: &mut Input, limit: Option<Deadline>) -> Result<(), Reason> {
         input.start = 0;
         input.end = 0;
         loop {
-            let idle = self.idle_deadline();
+            let idle = match limit {
+                Some(limit) => self.idle_deadline().earliest(limit),
+                None => self.idle_deadline(),
+            };
             let deadline = match self.chat_flush_after() {
                 Some(after) => idle.earliest(Deadline::after(after, Why::ChatFlush)),
                 None => idle,
@@ -571,7 +680,7 @@ impl Conn<'_> {
     /// never echoed or relayed as chat. `Ok` means the connection goes on (with text, or after
     /// the upload).
     fn starstar(&mut self, input: &mut Input) -> Result<(), Reason> {
-        self.fill(input)?;
+        self.fill(input, None)?;
         let head = loop {
             match starstar::detect(input.data()) {
                 Detect::NotStarstar => return Ok(()),
@@ -650,6 +759,7 @@ impl Conn<'_> {
     /// peer why where there is a why.
     fn ended(&mut self, end: ReadEnd) -> Reason {
         match end {
+            ReadEnd::Eof | ReadEnd::Error(_) if self.place.is_evicted() => self.evicted(),
             ReadEnd::Eof if self.shared.is_stopping() => {
                 self.say(ERR_SHUTDOWN);
                 Reason::Shutdown
@@ -669,9 +779,34 @@ impl Conn<'_> {
                 let why = format!("header not complete within {secs} s");
                 self.refuse(&wire::err_line(Code::Timeout, &why))
             }
+            ReadEnd::Timeout(Why::Line) => {
+                let line = wire::err_line_timeout(self.cfg.server.line_timeout.as_secs());
+                self.say(line.as_bytes());
+                Reason::SlowLine
+            }
+            ReadEnd::Timeout(Why::Auth) => {
+                let secs = self.cfg.access.auth_timeout.as_secs();
+                self.unauthorized(&format!(
+                    "no AUTH line within {secs} s (access.auth_timeout_secs)"
+                ))
+            }
             ReadEnd::Timeout(why) => Reason::Protocol(format!("timed out ({why:?})")),
             ReadEnd::Error(e) => Reason::Error(e),
         }
+    }
+
+    /// This connection was chosen to make room: tell the peer why. Without waiting: a peer that
+    /// does not read is not told (in chat mode the line goes through the writer's queue).
+    fn evicted(&mut self) -> Reason {
+        if self.chat.is_some() {
+            self.say(ERR_EVICTED);
+        } else if self.stream.set_nonblocking(true).is_ok() {
+            if self.write_all(ERR_EVICTED).is_err() {
+                log::debug!("{} could not be told why it was ended", self.peer);
+            }
+            let _ = self.stream.set_nonblocking(false);
+        }
+        Reason::Evicted
     }
 
     /// The idle limit, counted from now.
@@ -714,6 +849,10 @@ impl Conn<'_> {
     /// Handles the frame that starts at the beginning of `input`: header, name, body, answer.
     /// `Ok` means the connection goes on.
     fn frame(&mut self, input: &mut Input) -> Result<(), Reason> {
+        // From here to the answer, the connection must not be chosen to make room.
+        if !self.place.busy() {
+            return Err(self.evicted());
+        }
         self.frames += 1;
         let max_files = self.cfg.access.max_files_per_connection;
         if self.frames > max_files {
@@ -912,9 +1051,12 @@ impl Conn<'_> {
     fn say(&mut self, line: &[u8]) {
         match &self.chat {
             Some(chat) => chat.seat.tell(line),
-            None => {
+            // A peer that does not read may be chosen to make room while this blocks (and one
+            // chosen already is told by `evicted`, not here).
+            None if self.place.writing() => {
                 let _ = self.write_all(line);
             }
+            None => {}
         }
     }
 }

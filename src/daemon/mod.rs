@@ -7,11 +7,14 @@ pub mod activation;
 pub mod bodyhash;
 pub mod chat;
 pub mod conn;
+pub mod evict;
+pub mod fdlimit;
 pub mod hooks;
 pub mod listener;
 pub mod notify;
 pub mod preflight;
 pub mod ratelimit;
+pub mod refusals;
 pub mod registry;
 pub mod resume;
 pub mod server;
@@ -23,6 +26,7 @@ pub mod streamhash;
 pub mod subdir;
 pub mod udp;
 pub mod upload;
+pub mod waiting;
 
 use std::fmt;
 

@@ -1,35 +1,42 @@
-//! The TCP server: one accept thread, a bounded crossbeam work queue and a fixed pool of worker
-//! threads, plus the control paths that reach them: shutdown, reload and systemd notifications.
+//! The TCP server: one accept thread, a bounded work queue and a fixed pool of worker threads,
+//! plus the control paths that reach them: shutdown, reload and systemd notifications.
 //!
-//! The accept thread never blocks on the workers: it `try_send`s each connection into the queue
-//! and, when the queue is full, answers `ERR busy` itself and closes. The thread count is
-//! therefore `max_connections` workers plus a constant, whatever the load. The accept thread also
-//! wakes every `TICK` (the listener's receive timeout) to feed the systemd watchdog and refresh
-//! `STATUS=`, so a hung accept loop stops the watchdog and gets the service restarted.
+//! The accept thread never blocks on the workers: it puts each connection in the queue
+//! (`waiting::Queue`) and, when the queue is full, answers `ERR busy` itself and closes (or
+//! lets the newcomer take the place of a waiting connection from a heavier address). When
+//! connections wait and every worker is busy, it chooses served connections whose peers keep
+//! them waiting to make room (`evict::Board`); a connection that waited `queue_timeout_secs`
+//! is told `ERR busy`. The thread count is therefore `max_connections` workers plus a
+//! constant, whatever the load. The accept thread also wakes every `TICK` (the listener's
+//! receive timeout) to feed the systemd watchdog, refresh `STATUS=`, and do the above, so a
+//! hung accept loop stops the watchdog and gets the service restarted.
 
-use std::io::{self, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use socket2::SockRef;
 
 use crate::auth::{Key, KeyError};
 use crate::config::{self, Config, Origin};
 use crate::daemon::activation::Activated;
 use crate::daemon::conn;
+use crate::daemon::fdlimit::{self, Spare};
 use crate::daemon::hooks::Hooks;
 use crate::daemon::listener::{self, BindError};
 use crate::daemon::notify::Notifier;
+use crate::daemon::refusals::Why;
 use crate::daemon::shared::{Job, Shared, Snapshot, worker_stack_bytes};
 use crate::daemon::stats::Stats;
 use crate::daemon::store::{Store, StoreError};
 use crate::daemon::streamhash::HashPool;
 use crate::daemon::udp;
+use crate::daemon::waiting::Queue;
 use crate::deadline::is_timeout;
 use crate::logger;
 use crate::peer::Peer;
@@ -43,8 +50,11 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const TICK: Duration = Duration::from_millis(250);
 /// How often `STATUS=` is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
-/// How many times the accept thread yields to idle workers before answering `ERR busy`.
-const OFFER_YIELDS: usize = 64;
+/// A served connection is chosen to make room only once its peer has kept it waiting this long
+/// (for a line, or to take what was written), so that a conversation in progress is not cut.
+const EVICT_AFTER: Duration = Duration::from_secs(1);
+/// At most this many reads of 4 KiB drop what a refused peer already sent (without waiting).
+const REFUSE_DRAIN_READS: usize = 16;
 /// Errors that keep the server from starting.
 #[derive(Debug)]
 pub enum ServerError {
@@ -237,18 +247,20 @@ impl Server {
         let shared = &self.handle.shared;
         let cfg = shared.config();
         let cfg = &cfg.server;
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.queue_depth);
+        let queue = Arc::new(Queue::default());
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
         let n_workers = cfg.max_connections;
+        // Before the workers exist: every thread shares the limit.
+        fdlimit::log_outcome(&fdlimit::ensure(fdlimit::needed(&shared.config())));
         let stack = worker_stack_bytes(&shared.config());
         for index in 0..n_workers {
-            let (shared, rx, done) = (Arc::clone(shared), rx.clone(), done_tx.clone());
+            let (shared, queue, done) = (Arc::clone(shared), Arc::clone(&queue), done_tx.clone());
             thread::Builder::new()
                 .name(format!("worker-{index}"))
                 .stack_size(stack)
-                .spawn(move || worker(&shared, &rx, &done))
+                .spawn(move || worker(&shared, &queue, &done))
                 .map_err(|err| {
-                    // Workers already started end when the queue's sender is dropped below.
+                    // Workers already started end when the queue is closed (dropped) below.
                     ServerError::Spawn {
                         index: index + 1,
                         total: n_workers,
@@ -284,15 +296,13 @@ impl Server {
         );
         self.handle.notifier.ready(&shared.status());
 
-        self.accept_loop(&tx);
+        self.accept_loop(&queue);
 
         // Stopping: no new connections; tell the queued ones and let the workers finish theirs.
-        drop(tx);
-        while let Ok(job) = rx.try_recv() {
+        for job in queue.close() {
             Stats::sub(&shared.stats.queued, 1);
             refuse(&job.stream, ERR_SHUTDOWN);
         }
-        drop(rx);
         let grace = shared.config().server.shutdown_grace;
         let mut finished = wait_for(&done_rx, n_workers, Instant::now() + grace);
         if finished < n_workers {
@@ -318,17 +328,19 @@ impl Server {
         Ok(())
     }
 
-    fn accept_loop(&self, tx: &Sender<Job>) {
+    fn accept_loop(&self, queue: &Queue) {
         let shared = &self.handle.shared;
+        let listener = &*self.handle.listener;
         let notifier = &self.handle.notifier;
         let watchdog = notifier.watchdog_interval();
         let mut last_watchdog = Instant::now();
         let mut last_status = Instant::now();
+        let mut spare = Spare::new(listener);
         if watchdog.is_some() {
             notifier.watchdog();
         }
         loop {
-            let accepted = self.handle.listener.accept();
+            let accepted = listener.accept();
             if shared.is_stopping() {
                 if let Ok((stream, _)) = accepted {
                     refuse(&stream, ERR_SHUTDOWN);
@@ -346,58 +358,152 @@ impl Server {
                 notifier.status(&shared.status());
                 last_status = Instant::now();
             }
+            let cfg = shared.config();
+            shared.summarise_refusals(cfg.log.refusal_summary);
+            make_room(shared, queue, cfg.server.queue_timeout);
             let (stream, addr) = match accepted {
                 Ok(pair) => pair,
                 Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
                     continue;
                 }
+                Err(e) if fdlimit::is_exhaustion(&e) => {
+                    // Out of descriptors: free the spare one to take the connection and tell it
+                    // so, rather than leave it waiting in the backlog with no answer.
+                    spare.release();
+                    if let Ok((stream, addr)) = listener.accept() {
+                        Stats::add(&shared.stats.refused_busy, 1);
+                        refuse(&stream, ERR_BUSY);
+                        let peer = Peer::new(addr);
+                        shared.refused(Why::Descriptors, Some(peer.ip()), || {
+                            format!("{peer} refused: busy (out of file descriptors: {e})")
+                        });
+                    }
+                    if !spare.retake(listener) {
+                        shared.refused(Why::AcceptError, None, || {
+                            format!(
+                                "accept failed: {e}; retrying in {} ms",
+                                ACCEPT_BACKOFF.as_millis()
+                            )
+                        });
+                        thread::sleep(ACCEPT_BACKOFF);
+                    }
+                    continue;
+                }
                 Err(e) => {
-                    // Typically EMFILE/ENFILE (out of descriptors) or ECONNABORTED: the loop must
-                    // survive all of them.
-                    log::warn!(
-                        "accept failed: {e}; retrying in {} ms",
-                        ACCEPT_BACKOFF.as_millis()
-                    );
+                    // E.g. ECONNABORTED: the loop must survive all of them.
+                    shared.refused(Why::AcceptError, None, || {
+                        format!(
+                            "accept failed: {e}; retrying in {} ms",
+                            ACCEPT_BACKOFF.as_millis()
+                        )
+                    });
                     thread::sleep(ACCEPT_BACKOFF);
                     continue;
                 }
             };
             Stats::add(&shared.stats.accepted, 1);
             let peer = Peer::new(addr);
-            let cfg = shared.config();
             if let Err(refusal) = cfg.access.rules.check(peer.ip()) {
                 Stats::add(&shared.stats.refused_access, 1);
                 refuse(&stream, ERR_NOT_ALLOWED);
-                log::warn!("{peer} refused: not allowed: the address {refusal}");
+                shared.refused(Why::NotAllowed, Some(peer.ip()), || {
+                    format!("{peer} refused: not allowed: the address {refusal}")
+                });
                 continue;
             }
-            let slot = match shared.per_ip.acquire(peer.ip(), cfg.access.max_per_ip) {
+            let slot = match shared
+                .per_ip
+                .acquire(peer.ip(), per_ip_cap(&cfg, peer.ip()))
+            {
                 Ok(slot) => slot,
                 Err(open) => {
                     Stats::add(&shared.stats.refused_access, 1);
                     refuse(&stream, ERR_TOO_MANY);
-                    log::warn!(
-                        "{peer} refused: {open} connections from this address are open, the limit of access.max_per_ip"
-                    );
+                    shared.refused(Why::TooMany, Some(peer.ip()), || {
+                        format!(
+                            "{peer} refused: {open} connections from this address are open, the limit of access.max_per_ip"
+                        )
+                    });
                     continue;
                 }
             };
-            Stats::add(&shared.stats.queued, 1);
-            match offer(shared, tx, Job { stream, peer, slot }) {
-                Ok(()) => {}
-                Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
-                    Stats::sub(&shared.stats.queued, 1);
-                    Stats::add(&shared.stats.refused_busy, 1);
-                    refuse(&job.stream, ERR_BUSY);
-                    let cfg = &cfg.server;
-                    log::warn!(
-                        "{peer} refused: busy ({} connections served, the limit of server.max_connections, and {} waiting, the limit of server.queue_depth)",
-                        cfg.max_connections,
-                        cfg.queue_depth
-                    );
+            // The queue is full (workers about to take a connection count as room): a newcomer
+            // from an address holding fewer connections than the heaviest waiting one takes that
+            // one's place; otherwise it is refused.
+            let room = cfg.server.queue_depth + shared.idle_workers.load(Ordering::SeqCst);
+            if queue.len() >= room {
+                let mine = shared.per_ip.open_from(peer.ip());
+                match queue.displace(|ip| shared.per_ip.open_from(ip), mine) {
+                    Some(w) => refuse_waiting(shared, w, "displaced by a lighter address"),
+                    None => {
+                        Stats::add(&shared.stats.refused_busy, 1);
+                        refuse(&stream, ERR_BUSY);
+                        let cfg = &cfg.server;
+                        shared.refused(Why::Busy, Some(peer.ip()), || {
+                            format!(
+                                "{peer} refused: busy ({} connections served, the limit of server.max_connections, and {} waiting, the limit of server.queue_depth)",
+                                cfg.max_connections, cfg.queue_depth
+                            )
+                        });
+                        continue;
+                    }
                 }
             }
+            Stats::add(&shared.stats.queued, 1);
+            queue.push(Job { stream, peer, slot }, Instant::now());
+            make_room(shared, queue, cfg.server.queue_timeout);
         }
+    }
+}
+
+/// Tells `ERR busy` to the queued connections that waited `queue_timeout` for a worker, and, while
+/// connections wait and no worker is free, chooses served connections to make room for them
+/// (`evict::Board`): one per waiting connection, among those whose peer has kept them waiting
+/// `EVICT_AFTER` or longer.
+fn make_room(shared: &Shared, queue: &Queue, queue_timeout: Duration) {
+    for w in queue.expired(Instant::now(), queue_timeout) {
+        refuse_waiting(
+            shared,
+            w,
+            "no worker freed up within server.queue_timeout_secs",
+        );
+    }
+    let waiting = queue.len();
+    let free = shared.idle_workers.load(Ordering::SeqCst) + shared.board.evicting();
+    for _ in free..waiting {
+        // The chosen connection's `offline` line says why it ended.
+        match shared.board.evict_one(EVICT_AFTER) {
+            Some(e) => log::debug!(
+                "making room for a waiting connection: ending one from {} that {}",
+                e.ip,
+                if e.writing {
+                    "does not take what is written to it"
+                } else {
+                    "waited longest for its peer"
+                }
+            ),
+            None => break,
+        }
+    }
+}
+
+/// Tells a queued connection `ERR busy` and ends it.
+fn refuse_waiting(shared: &Shared, w: Job, why: &str) {
+    Stats::sub(&shared.stats.queued, 1);
+    Stats::add(&shared.stats.refused_busy, 1);
+    refuse(&w.stream, ERR_BUSY);
+    let peer = w.peer;
+    shared.refused(Why::Busy, Some(peer.ip()), || {
+        format!("{peer} refused: busy (waited in the queue: {why})")
+    });
+}
+
+/// The `max_per_ip` cap for `ip`: none for loopback peers under `access.exempt_loopback`.
+fn per_ip_cap(cfg: &Config, ip: IpAddr) -> u32 {
+    if cfg.access.exempt_loopback && ip.is_loopback() {
+        u32::MAX
+    } else {
+        cfg.access.max_per_ip
     }
 }
 
@@ -506,30 +612,22 @@ fn load_key(cfg: &Config) -> Result<Option<Arc<Key>>, KeyError> {
     Ok(Some(Arc::new(key)))
 }
 
-/// Writes a one-line refusal without ever blocking the caller, then closes the connection.
+/// Writes a one-line refusal without ever blocking the caller, then ends the sending side and
+/// drops what the peer already sent, so that the close that follows is a clean end of stream
+/// rather than a reset that could destroy the line.
 fn refuse(stream: &TcpStream, line: &[u8]) {
     // A fresh socket's send buffer is empty, so a non-blocking write of a short line succeeds; if
     // it does not, the peer is gone and there is nobody to tell.
     let _ = stream.set_nonblocking(true);
     let _ = (&*stream).write_all(line);
-}
-
-/// Puts a connection in the queue. When the queue is full but some worker is idle (it has been
-/// woken and not yet run, which happens in bursts on a loaded machine), yields a few times for it
-/// to take its job instead of refusing: at most `OFFER_YIELDS` yields, so the accept thread never
-/// waits on the workers for more than a few scheduler slices.
-fn offer(shared: &Shared, tx: &Sender<Job>, job: Job) -> Result<(), TrySendError<Job>> {
-    let mut job = job;
-    for _ in 0..OFFER_YIELDS {
-        match tx.try_send(job) {
-            Err(TrySendError::Full(back)) if shared.idle_workers.load(Ordering::SeqCst) > 0 => {
-                job = back;
-                thread::yield_now();
-            }
-            other => return other,
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut scratch = [0u8; 4096];
+    for _ in 0..REFUSE_DRAIN_READS {
+        match (&*stream).read(&mut scratch) {
+            Ok(n) if n > 0 => {}
+            _ => break,
         }
     }
-    tx.try_send(job)
 }
 
 fn wait_for(done: &Receiver<()>, n: usize, deadline: Instant) -> usize {
@@ -540,12 +638,12 @@ fn wait_for(done: &Receiver<()>, n: usize, deadline: Instant) -> usize {
     got
 }
 
-fn worker(shared: &Shared, rx: &Receiver<Job>, done: &Sender<()>) {
+fn worker(shared: &Shared, queue: &Queue, done: &Sender<()>) {
     loop {
         shared.idle_workers.fetch_add(1, Ordering::SeqCst);
-        let job = rx.recv();
+        let job = queue.pop(|ip| shared.per_ip.open_from(ip));
         shared.idle_workers.fetch_sub(1, Ordering::SeqCst);
-        let Ok(job) = job else { break };
+        let Some(job) = job else { break };
         Stats::sub(&shared.stats.queued, 1);
         let peer = job.peer;
         // A bug in one connection's handling must not cost the daemon a worker.

@@ -2,15 +2,18 @@
 //! in force as one snapshot (config, store and key, swapped together by a reload), the counters,
 //! the registry of open connections, the chat room and the per-address counts.
 
-use std::net::TcpStream;
+use std::net::{IpAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::auth::Key;
 use crate::config::Config;
 use crate::daemon::access::{PerIp, Slot};
 use crate::daemon::chat::Room;
+use crate::daemon::evict::Board;
 use crate::daemon::hooks::Hooks;
+use crate::daemon::refusals::{Refusals, Why};
 use crate::daemon::registry::Registry;
 use crate::daemon::stats::Stats;
 use crate::daemon::store::Store;
@@ -41,26 +44,33 @@ pub struct Shared {
     pub room: Room,
     /// Connections open per address.
     pub per_ip: Arc<PerIp>,
+    /// The served connections, for making room when every worker is busy.
+    pub board: Board,
     /// Workers waiting for a connection right now.
     pub idle_workers: AtomicUsize,
     hash_pool: Option<HashPool>,
     /// The `files.on_stored` queue and its threads.
     pub hooks: Hooks,
     stopping: AtomicBool,
+    /// Refused connections, counted and logged within a budget per reason.
+    refusals: Mutex<Refusals>,
 }
 
 impl Shared {
     pub fn new(snapshot: Snapshot, hash_pool: Option<HashPool>, hooks: Hooks) -> Shared {
+        let refusal_summary = snapshot.config.log.refusal_summary;
         Shared {
             snapshot: RwLock::new(Arc::new(snapshot)),
             stats: Stats::default(),
             conns: Registry::default(),
             room: Room::default(),
             per_ip: Arc::new(PerIp::default()),
+            board: Board::default(),
             idle_workers: AtomicUsize::new(0),
             hash_pool,
             hooks,
             stopping: AtomicBool::new(false),
+            refusals: Mutex::new(Refusals::new(refusal_summary, Instant::now())),
         }
     }
 
@@ -89,6 +99,31 @@ impl Shared {
 
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Counts a refused connection and logs `line()` as a warning if the reason's line budget
+    /// allows; otherwise the refusal shows in the reason's next summary.
+    pub fn refused(&self, why: Why, ip: Option<IpAddr>, line: impl FnOnce() -> String) {
+        let log_it = self
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .note(why, ip, Instant::now());
+        if log_it {
+            log::warn!("{}", line());
+        }
+    }
+
+    /// Logs the refusal summaries that are due, one per `interval`.
+    pub fn summarise_refusals(&self, interval: Duration) {
+        let lines = {
+            let mut r = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+            r.set_interval(interval);
+            r.due(Instant::now())
+        };
+        for line in lines {
+            log::warn!("{line}");
+        }
     }
 
     /// Marks the daemon as stopping; false if it already was.

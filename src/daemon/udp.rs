@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::daemon::listener::BindError;
 use crate::daemon::ratelimit::Limiter;
@@ -26,6 +26,11 @@ const TICK: Duration = Duration::from_millis(250);
 const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 /// How many bytes of a datagram a debug line shows.
 const LOG_WIDTH: usize = 60;
+/// The kernel receive buffer asked for (Linux caps it at `net.core.rmem_max` and doubles it for
+/// its bookkeeping). Datagrams that arrive while the thread is not scheduled wait there; each
+/// small datagram costs about 1 KiB of it, so the default 208 KiB holds only about 200, and a
+/// script's burst of a few hundred would overflow it.
+const RCVBUF: usize = 4 << 20;
 
 /// Binds the UDP socket (dual-stack for `::`, like the TCP listener). Without SO_REUSEADDR (and
 /// SO_REUSEPORT): on UDP that option would let another process bind the same port and take
@@ -49,6 +54,17 @@ pub fn bind(addr: SocketAddr) -> Result<UdpSocket, BindError> {
 /// Starts the echo thread; it ends once the daemon is stopping.
 pub fn spawn(socket: UdpSocket, shared: Arc<Shared>) -> io::Result<JoinHandle<()>> {
     socket.set_read_timeout(Some(TICK))?;
+    let sock = SockRef::from(&socket);
+    if let Err(e) = sock.set_recv_buffer_size(RCVBUF) {
+        log::warn!("udp: cannot enlarge the receive buffer: {e}; bursts may be dropped");
+    }
+    if let Ok(got) = sock.recv_buffer_size() {
+        log::info!(
+            "udp receive buffer {} KiB (asked {} KiB; the kernel caps it at net.core.rmem_max)",
+            got / 1024,
+            RCVBUF * 2 / 1024
+        );
+    }
     thread::Builder::new()
         .name("udp".into())
         .stack_size(128 * 1024)

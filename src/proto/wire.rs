@@ -157,6 +157,9 @@ pub const ERR_NOT_ALLOWED: &[u8] = b"ERR not-allowed not allowed\n";
 /// `ERR too-many-connections …`: the address has `access.max_per_ip` connections open.
 pub const ERR_TOO_MANY: &[u8] =
     b"ERR too-many-connections too many connections from your address\n";
+/// `ERR busy …` to a connection ended to make room for a newcomer when every worker was busy.
+pub const ERR_EVICTED: &[u8] =
+    b"ERR busy server full: this connection waited longest and makes room for another\n";
 /// The answer to a good `AUTH` line.
 pub const OK_AUTH: &[u8] = b"OK authenticated\n";
 
@@ -165,6 +168,14 @@ pub fn err_idle(secs: u64) -> String {
     err_line(
         Code::Idle,
         &format_args!("timeout: nothing received for {secs} s"),
+    )
+}
+
+/// `ERR idle …`: a text line not complete within `line_timeout_secs` of its first byte.
+pub fn err_line_timeout(secs: u64) -> String {
+    err_line(
+        Code::Idle,
+        &format_args!("line not complete within {secs} s of its first byte"),
     )
 }
 
