@@ -481,7 +481,10 @@ fn a_churner_at_full_speed_drops_no_reading_member() {
             .collect::<Vec<_>>(),
         log_tail(&d)
     );
-    assert!(made > 1000, "the churner made only {made} connections");
+    // Every churned connection is served (a worker, a join and a leave with 300 members: no
+    // early refusal, since loopback is exempt from max_per_ip and nobody is ended to make room
+    // in chat mode), so full speed is what the daemon serves: a few hundred a second here.
+    assert!(made > 500, "the churner made only {made} connections");
     // Notices are rate-limited: about 10 a second shown plus one summary line a second.
     let bound = 12 * (CHURN.as_secs() + 5) + MEMBERS as u64;
     assert!(

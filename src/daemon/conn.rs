@@ -363,7 +363,7 @@ impl Conn<'_> {
         // bytes wait in `input` (and those must not be dropped).
         if input.is_empty() {
             // Waiting for the first bytes: a silent peer may be chosen to make room.
-            self.place.reading_since(Instant::now());
+            self.waiting_on_peer(Instant::now());
             if let Err(reason) = self.starstar(input) {
                 return reason;
             }
@@ -379,7 +379,7 @@ impl Conn<'_> {
         let mut line_deadline: Option<Deadline> = None;
         loop {
             if input.is_empty() {
-                self.place.reading_since(last_line);
+                self.waiting_on_peer(last_line);
                 if let Err(reason) = self.fill(input, line_deadline) {
                     return reason;
                 }
@@ -797,6 +797,19 @@ impl Conn<'_> {
 
     /// This connection was chosen to make room: tell the peer why. Without waiting: a peer that
     /// does not read is not told (in chat mode the line goes through the writer's queue).
+    /// The worker waits for the peer's next line since `since`, so the connection may be chosen
+    /// to make room. Not in chat mode: a member that only reads is using the room as it is
+    /// meant to be used (the room's own drain rule ends members that stop reading), so a full
+    /// room answers newcomers `ERR busy` after `queue_timeout_secs` instead of ending members.
+    fn waiting_on_peer(&self, since: Instant) {
+        if self.chat.is_some() {
+            // Idempotent; a connection chosen before it joined sees `is_evicted` after its read.
+            let _ = self.place.busy();
+        } else {
+            self.place.reading_since(since);
+        }
+    }
+
     fn evicted(&mut self) -> Reason {
         if self.chat.is_some() {
             self.say(ERR_EVICTED);
