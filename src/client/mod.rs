@@ -1,7 +1,8 @@
 //! The client side: `ferryd send` (hash, frame, send, read the answers) and `ferryd pack`, and
-//! the multi-threaded file hashing they use.
+//! the multi-threaded file hashing and the progress line they use.
 
 pub mod filehash;
+mod progress;
 mod send;
 mod stdin;
 mod walk;

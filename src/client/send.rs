@@ -14,9 +14,9 @@ use std::thread;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::auth::{self, Key, KeyError, NONCE_LEN};
+use crate::client::progress::Progress;
 use crate::client::walk::{self, Item};
 use crate::client::{filehash, stdin};
 use crate::deadline::is_timeout;
@@ -812,16 +812,6 @@ fn answer_wait(timeout: Duration) -> Duration {
     (timeout * 12).max(Duration::from_secs(60))
 }
 
-fn progress_bar(shown: bool, len: u64, what: &str) -> ProgressBar {
-    if !shown {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg:24!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message(what.to_string());
-    bar
+fn progress_bar(shown: bool, len: u64, what: &str) -> Progress {
+    Progress::new(shown, len, what)
 }
