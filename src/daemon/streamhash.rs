@@ -3,10 +3,11 @@
 //! the BLAKE3 tree (`blake3::hazmat`), hashed on the pool while the worker receives and writes the
 //! next one, and the subtree chaining values are merged in order. The pool has
 //! `min(cores, MAX_POOL)` threads whatever the load, so the daemon's thread count stays
-//! `max_connections` plus a constant.
+//! `max_connections` plus a constant; they start with the first upload that needs them, so an
+//! idle daemon holds none of their stacks.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 
 use blake3::hazmat::{
@@ -27,37 +28,67 @@ const QUEUE: usize = 64;
 /// Work for a pool thread.
 pub type Job = Box<dyn FnOnce() + Send>;
 
-/// The hashing threads.
+/// The hashing threads, started on first use.
 #[derive(Debug)]
 pub struct HashPool {
-    tx: Sender<Job>,
+    /// Stack size of each thread.
+    stack: usize,
+    /// The threads' queue once the first job has started them; `None` in it if not even one
+    /// thread could start (jobs are then hashed by their caller).
+    tx: OnceLock<Option<Sender<Job>>>,
 }
 
 impl HashPool {
-    /// Starts `min(cores, MAX_POOL)` threads with `stack` bytes of stack each.
+    /// A pool of `min(cores, MAX_POOL)` threads with `stack` bytes of stack each, started by the
+    /// first job.
+    pub fn new(stack: usize) -> HashPool {
+        HashPool {
+            stack,
+            tx: OnceLock::new(),
+        }
+    }
+
+    /// As `new`; kept until the server calls `new` (it cannot fail any more).
     pub fn start(stack: usize) -> std::io::Result<HashPool> {
+        Ok(HashPool::new(stack))
+    }
+
+    /// Runs `job` on a pool thread, waiting for room in the queue if need be. False if the
+    /// pool is gone or could not start.
+    fn submit(&self, job: Job) -> bool {
+        match self.tx.get_or_init(|| self.spawn()) {
+            Some(tx) => tx.send(job).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Starts the threads; `None` if none could start.
+    fn spawn(&self) -> Option<Sender<Job>> {
         let threads = thread::available_parallelism()
             .map_or(1, usize::from)
             .min(MAX_POOL);
         let (tx, rx) = crossbeam_channel::bounded::<Job>(QUEUE);
+        let mut started = 0;
         for i in 0..threads {
             let rx = rx.clone();
-            thread::Builder::new()
+            let spawned = thread::Builder::new()
                 .name(format!("hash-{i}"))
-                .stack_size(stack)
+                .stack_size(self.stack)
                 .spawn(move || {
                     for job in rx.iter() {
                         job();
                     }
-                })?;
+                });
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => log::warn!("cannot start hashing thread {}: {e}", i + 1),
+            }
         }
-        Ok(HashPool { tx })
-    }
-
-    /// Runs `job` on a pool thread, waiting for room in the queue if need be. False if the
-    /// pool is gone.
-    fn submit(&self, job: Job) -> bool {
-        self.tx.send(job).is_ok()
+        if started == 0 {
+            log::warn!("no hashing thread could start; uploads are hashed by their worker");
+            return None;
+        }
+        Some(tx)
     }
 
     /// As `submit`, but gives the job back if the pool is gone, so the caller can run it.
@@ -256,7 +287,7 @@ mod tests {
 
     #[test]
     fn matches_blake3_hash() {
-        let pool = HashPool::start(256 * 1024).unwrap();
+        let pool = HashPool::new(256 * 1024);
         let big = data((9 << 20) + 321);
         let sizes = [
             0,
