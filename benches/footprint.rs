@@ -1,5 +1,6 @@
 //! Footprint benchmark (run with `cargo bench --bench footprint`; `-- --no-build` skips the timed
-//! clean build).
+//! clean build; `-- --ferryd PATH` measures that ferryd binary instead of this build's, e.g. an
+//! earlier build kept for a before/after comparison).
 //!
 //! Prints, for ferryd and, measured the same way in the same run, for `busybox nc`, `socat` and
 //! `ncat` (the anchors of README's footprint table):
@@ -67,7 +68,14 @@ fn main() {
             "{tool} is missing: apt-get install -y --no-install-recommends {package}"
         );
     }
-    let ferryd = PathBuf::from(env!("CARGO_BIN_EXE_ferryd"));
+    let ferryd = args
+        .iter()
+        .position(|a| a == "--ferryd")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_ferryd")),
+            PathBuf::from,
+        );
     println!("ferryd footprint benchmark: {ROUNDS} rounds per memory figure, servers alternated");
 
     let mut rows: Vec<Row> = Vec::new();
@@ -92,12 +100,12 @@ fn main() {
             order.reverse();
         }
         for i in order {
-            let idle = private_kib(&start(rows[i].name, 64));
+            let idle = private_kib(&start(rows[i].name, &ferryd, 64));
             rows[i].idle_kib.push(idle);
             let per_conn = match rows[i].name {
-                "ferryd" => Some(per_conn_kib(rows[i].name, FERRYD_CONNS)),
-                "ncat" => Some(per_conn_kib(rows[i].name, NCAT_CONNS)),
-                "socat" => Some(per_conn_kib(rows[i].name, SOCAT_CONNS)),
+                "ferryd" => Some(per_conn_kib(rows[i].name, &ferryd, FERRYD_CONNS)),
+                "ncat" => Some(per_conn_kib(rows[i].name, &ferryd, NCAT_CONNS)),
+                "socat" => Some(per_conn_kib(rows[i].name, &ferryd, SOCAT_CONNS)),
                 _ => None,
             };
             if let Some(k) = per_conn {
@@ -197,11 +205,49 @@ fn stripped_kib(path: &Path) -> f64 {
     len as f64 / 1024.0
 }
 
-/// Starts the server called `name` as an echo server, ferryd with `max_connections` workers at
-/// most, and lets it settle.
-fn start(name: &str, max_connections: usize) -> Server {
-    let server = match name {
-        "ferryd" => Server::ferryd(|port, uploads| shipped_config(port, uploads, max_connections)),
+/// A server under test, and the directory of its config and uploads (removed on drop).
+struct Running {
+    server: Server,
+    dir: Option<PathBuf>,
+}
+
+impl Running {
+    fn pid(&self) -> u32 {
+        self.server.pid()
+    }
+
+    fn port(&self) -> u16 {
+        self.server.port
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Starts the server called `name` as an echo server (ferryd: the binary `ferryd`, with
+/// `max_connections` workers at most), and lets it settle.
+fn start(name: &str, ferryd: &Path, max_connections: usize) -> Running {
+    let running = match name {
+        "ferryd" => {
+            let port = free_port();
+            let dir = std::env::temp_dir()
+                .join(format!("ferryd-footprint-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let config = dir.join("config.toml");
+            let text = shipped_config(port, &dir.join("uploads"), max_connections);
+            std::fs::write(&config, text).unwrap();
+            let mut cmd = Command::new(ferryd);
+            cmd.arg("--config").arg(&config).stdout(Stdio::null());
+            Running {
+                server: Server::spawn(cmd, port, true),
+                dir: Some(dir),
+            }
+        }
         other => {
             let port = free_port();
             let p = port.to_string();
@@ -233,11 +279,14 @@ fn start(name: &str, max_connections: usize) -> Server {
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
-            Server::spawn(cmd, port, true)
+            Running {
+                server: Server::spawn(cmd, port, true),
+                dir: None,
+            }
         }
     };
     thread::sleep(SETTLE);
-    server
+    running
 }
 
 fn command(program: &str, args: &[&str]) -> Command {
@@ -277,11 +326,11 @@ fn shipped_config(port: u16, uploads: &Path, max_connections: usize) -> String {
 }
 
 /// RSS per idle connection of the server `name` holding `n` connections, in KiB.
-fn per_conn_kib(name: &str, n: usize) -> f64 {
-    let server = start(name, n);
+fn per_conn_kib(name: &str, ferryd: &Path, n: usize) -> f64 {
+    let server = start(name, ferryd, n);
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.write_all(LINE).unwrap();
         if name != "ncat" {
@@ -322,7 +371,7 @@ fn rss_kib(pid: u32) -> f64 {
 }
 
 /// Private_Clean + Private_Dirty of the process, in KiB.
-fn private_kib(server: &Server) -> f64 {
+fn private_kib(server: &Running) -> f64 {
     let path = format!("/proc/{}/smaps_rollup", server.pid());
     status_field(&path, "Private_Clean:") + status_field(&path, "Private_Dirty:")
 }
@@ -336,6 +385,21 @@ fn status_field(path: &str, key: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU seconds (user + system) used by this process's waited-for children so far.
+fn children_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // cutime and cstime, fields 16 and 17 of proc(5), are the 14th and 15th after the name.
+    let ticks: f64 = [13, 14]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<f64>().ok()))
+        .sum();
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}
+
 /// Seconds of a clean release build without a C compiler, in a fresh target directory.
 fn clean_build_secs() -> f64 {
     let target =
@@ -343,6 +407,7 @@ fn clean_build_secs() -> f64 {
     let _ = std::fs::remove_dir_all(&target);
     println!("\ntiming a clean `cargo build --release` with CC=false CXX=false ...");
     let started = Instant::now();
+    let cpu_before = children_cpu_secs();
     let status = Command::new(env!("CARGO"))
         .args(["build", "--release", "--quiet", "--target-dir"])
         .arg(&target)
@@ -352,7 +417,12 @@ fn clean_build_secs() -> f64 {
         .status()
         .unwrap();
     let secs = started.elapsed().as_secs_f64();
+    let cpu = children_cpu_secs() - cpu_before;
     let _ = std::fs::remove_dir_all(&target);
     assert!(status.success(), "the clean release build failed");
+    println!(
+        "clean release build: {secs:.1} s wall, {cpu:.1} CPU-seconds (on a shared machine the \
+         wall time grows with the others' load; the CPU-seconds do not)"
+    );
     secs
 }
