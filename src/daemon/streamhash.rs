@@ -93,7 +93,10 @@ impl HashPool {
 
     /// As `submit`, but gives the job back if the pool is gone, so the caller can run it.
     pub fn submit_back(&self, job: Job) -> Result<(), Job> {
-        self.tx.send(job).map_err(|e| e.into_inner())
+        match self.tx.get_or_init(|| self.spawn()) {
+            Some(tx) => tx.send(job).map_err(|e| e.into_inner()),
+            None => Err(job),
+        }
     }
 }
 
