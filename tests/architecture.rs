@@ -157,3 +157,35 @@ fn there_is_no_import_circle() {
         }
     }
 }
+
+#[test]
+fn the_codemap_matches_the_tree() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let map = fs::read_to_string(root.join("ARCHITECTURE.md")).expect("read ARCHITECTURE.md");
+    let src = root.join("src");
+    let mut files = Vec::new();
+    collect(&src, &mut files);
+    let mut missing = Vec::new();
+    for f in &files {
+        let rel = f
+            .strip_prefix(root)
+            .expect("under the root")
+            .to_string_lossy()
+            .to_string();
+        if !map.contains(&format!("`{rel}`")) {
+            missing.push(rel);
+        }
+    }
+    // And every `src/….rs` the codemap names exists.
+    let mut stale = Vec::new();
+    for (i, _) in map.match_indices("`src/") {
+        let name: String = map[i + 1..].chars().take_while(|&c| c != '`').collect();
+        if name.ends_with(".rs") && !root.join(&name).is_file() {
+            stale.push(name);
+        }
+    }
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "ARCHITECTURE.md's codemap is out of date: no line for {missing:?}; names missing files {stale:?}"
+    );
+}

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use crate::deadline::is_timeout;
 use crate::peer::Peer;
+use crate::proto::wire;
 
 /// A message on its way to members: the bytes of one or more whole lines, shared by all writers.
 pub type Msg = Arc<[u8]>;
@@ -157,17 +158,10 @@ impl Room {
             .map(|m| m.peer.to_string())
             .collect();
         names.sort_unstable();
-        let welcome = match names.len() {
-            0 => format!("* welcome {peer}; nobody else is here\n"),
-            n if n <= WELCOME_NAMES => format!("* welcome {peer}; here: {}\n", names.join(", ")),
-            n => format!(
-                "* welcome {peer}; here: {} and {} more\n",
-                names[..WELCOME_NAMES].join(", "),
-                n - WELCOME_NAMES
-            ),
-        };
+        let shown = names.len().min(WELCOME_NAMES);
+        let welcome = wire::chat_welcome(&peer, &names[..shown], names.len() - shown);
         let now = Instant::now();
-        st.notice(now, Notice::Joined, format!("* {peer} joined\n"));
+        st.notice(now, Notice::Joined, wire::chat_joined(&peer));
         let id = st.next_id;
         st.next_id += 1;
         let cursor = st.first_seq + st.log.len() as u64;
@@ -391,7 +385,7 @@ impl Seat<'_> {
         }
         if announce {
             let reason = cut(reason, NOTICE_MAX - 80);
-            st.notice(now, Notice::Left, format!("* {peer} left ({reason})\n"));
+            st.notice(now, Notice::Left, wire::chat_left(&peer, &reason));
         }
         st.trim();
         self.room.space.notify_all();
@@ -604,7 +598,7 @@ impl State {
         self.notice(
             Instant::now(),
             Notice::Left,
-            format!("* {peer} left (too slow: not reading)\n"),
+            wire::chat_left(&peer, &"too slow: not reading"),
         );
         self.trim();
         true
@@ -697,10 +691,7 @@ impl NoticeGate {
         let secs = now
             .saturating_duration_since(self.window_start)
             .as_secs_f64();
-        let line = format!(
-            "* {} more joined and {} more left in the last {secs:.1} s (too many to list)\n",
-            self.joined, self.left
-        );
+        let line = wire::chat_summary(self.joined, self.left, secs);
         self.window_start = now;
         self.shown = 0;
         self.joined = 0;

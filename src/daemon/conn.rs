@@ -970,9 +970,9 @@ impl Conn<'_> {
             } => {
                 Stats::add(&shared.stats.files_stored, 1);
                 if let Some(chat) = &self.chat {
-                    let mut notice = format!("* {peer} uploaded ");
-                    push_chat_text(&mut notice, stored_name.as_bytes());
-                    notice.push_str(&format!(" ({size} B)\n"));
+                    let mut shown = String::new();
+                    push_chat_text(&mut shown, stored_name.as_bytes());
+                    let notice = wire::chat_uploaded(&peer, &shown, *size);
                     chat.seat
                         .broadcast(notice.as_bytes(), chat.limits, &|| shared.is_stopping());
                 }

@@ -187,6 +187,40 @@ pub fn err_line_too_long(max: usize) -> String {
     )
 }
 
+/// Chat: the newcomer's first line, naming who is there (`more` beyond those listed).
+pub fn chat_welcome(peer: &dyn fmt::Display, here: &[String], more: usize) -> String {
+    match (here.len(), more) {
+        (0, _) => format!("* welcome {peer}; nobody else is here\n"),
+        (_, 0) => format!("* welcome {peer}; here: {}\n", here.join(", ")),
+        _ => format!(
+            "* welcome {peer}; here: {} and {more} more\n",
+            here.join(", ")
+        ),
+    }
+}
+
+/// Chat: a member joined.
+pub fn chat_joined(peer: &dyn fmt::Display) -> String {
+    format!("* {peer} joined\n")
+}
+
+/// Chat: a member left, and why.
+pub fn chat_left(peer: &dyn fmt::Display, reason: &dyn fmt::Display) -> String {
+    format!("* {peer} left ({reason})\n")
+}
+
+/// Chat: the joins and leaves not shown one by one (notices are rate-limited).
+pub fn chat_summary(joined: u64, left: u64, secs: f64) -> String {
+    format!(
+        "* {joined} more joined and {left} more left in the last {secs:.1} s (too many to list)\n"
+    )
+}
+
+/// Chat: a member stored a file; `shown_name` is already escaped for the room.
+pub fn chat_uploaded(peer: &dyn fmt::Display, shown_name: &str, size: u64) -> String {
+    format!("* {peer} uploaded {shown_name} ({size} B)\n")
+}
+
 /// `NONCE <hex>`: the first line of a connection when uploads need a key.
 pub fn nonce_line(nonce: &[u8]) -> String {
     format!("NONCE {}\n", hex(nonce))
