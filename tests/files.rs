@@ -19,9 +19,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::{
-    Daemon, DaemonBuilder, Rng, TempDir, describe, expect_err_then_eof, header_for, log_tail,
-    names_in, ok_line, parts_in, path_str, read_line, read_until_eof, require_tool, reserve_port,
-    run_ferryd, run_ferryd_for, run_for, send_all, text_of, wait_until, write_file,
+    Daemon, DaemonBuilder, Rng, TempDir, describe, expect_err_then_eof, frame, header_for,
+    log_tail, names_in, ok_line, parts_in, path_str, read_line, read_until_eof, require_tool,
+    reserve_port, run_ferryd, run_ferryd_for, run_for, send_all, text_of, wait_until, write_file,
 };
 
 const MIB: usize = 1 << 20;
@@ -32,14 +32,6 @@ const SHORT_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers: random bytes, frames, answers.
-
-/// Header, name and body in one buffer.
-fn frame(name: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut out = header_for(name, body, false).to_vec();
-    out.extend_from_slice(name);
-    out.extend_from_slice(body);
-    out
-}
 
 /// Splits `OK <name> <size> <hex>` from the right (a stored name may contain spaces). Parsed
 /// here rather than with the crate's own parser, so that a bug there cannot hide one here.

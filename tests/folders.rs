@@ -15,27 +15,10 @@ use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::process::Command;
 
-use ferryd::proto::Header;
-
 use support::{
-    Daemon, DaemonBuilder, Rng, TempDir, expect_err_then_eof, log_tail, read_line, run_ferryd,
+    Daemon, DaemonBuilder, Rng, TempDir, expect_err_then_eof, frame, log_tail, read_line,
+    run_ferryd,
 };
-
-/// Header, name and body in one buffer.
-fn frame(name: &str, body: &[u8]) -> Vec<u8> {
-    let mut out = Header {
-        authenticated: false,
-        name_len: u16::try_from(name.len()).expect("test names fit in a u16"),
-        size: body.len() as u64,
-        checksum: *blake3::hash(body).as_bytes(),
-        ..Header::default()
-    }
-    .encode()
-    .to_vec();
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(body);
-    out
-}
 
 /// Sends one file on a new connection and returns the stream and the answer line.
 fn upload(d: &Daemon, name: &str, body: &[u8]) -> (TcpStream, String) {

@@ -16,10 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferryd::proto::Header;
-
 use support::{
-    DaemonBuilder, TempDir, constant_threads, log_tail, read_line, run_ferryd, wait_until,
+    DaemonBuilder, TempDir, constant_threads, frame, log_tail, read_line, run_ferryd, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -28,21 +26,6 @@ const WAIT: Duration = Duration::from_secs(15);
 // Helpers.
 
 /// Header, name and body in one buffer.
-fn frame(name: &str, body: &[u8]) -> Vec<u8> {
-    let mut out = Header {
-        authenticated: false,
-        name_len: u16::try_from(name.len()).expect("test names fit in a u16"),
-        size: body.len() as u64,
-        checksum: *blake3::hash(body).as_bytes(),
-        ..Header::default()
-    }
-    .encode()
-    .to_vec();
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
 /// Sends one file on `s` and returns the answer line.
 fn upload(s: &mut TcpStream, name: &str, body: &[u8]) -> String {
     s.write_all(&frame(name, body)).expect("write frame");

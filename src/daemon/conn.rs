@@ -720,16 +720,7 @@ impl Conn<'_> {
         );
         let shared = self.shared;
         let peer = self.peer;
-        let min_rate = self.cfg.access.min_upload_bytes_per_sec;
-        let window = self.cfg.access.upload_rate_window;
-        let mut source = ConnSource {
-            conn: self,
-            input,
-            min_rate,
-            window,
-            window_start: Instant::now(),
-            window_bytes: 0,
-        };
+        let mut source = ConnSource::new(self, input);
         let store = Arc::clone(&source.conn.snapshot.store);
         let outcome = upload::receive_checked(
             &store,
@@ -929,16 +920,7 @@ impl Conn<'_> {
         };
         let shared = self.shared;
         let peer = self.peer;
-        let min_rate = self.cfg.access.min_upload_bytes_per_sec;
-        let window = self.cfg.access.upload_rate_window;
-        let mut source = ConnSource {
-            conn: self,
-            input,
-            min_rate,
-            window,
-            window_start: Instant::now(),
-            window_bytes: 0,
-        };
+        let mut source = ConnSource::new(self, input);
         let store = Arc::clone(&source.conn.snapshot.store);
         let outcome = upload::receive_checked(
             &store,
@@ -1087,7 +1069,22 @@ struct ConnSource<'c, 'a> {
     window_bytes: u64,
 }
 
-impl ConnSource<'_, '_> {
+impl<'c, 'a> ConnSource<'c, 'a> {
+    /// The body source for a frame (or `NAME**SIZE` upload) starting now, under the snapshot's
+    /// `access.min_upload_bytes_per_sec` and `access.upload_rate_window_secs`.
+    fn new(conn: &'c mut Conn<'a>, input: &'c mut Input) -> Self {
+        let min_rate = conn.cfg.access.min_upload_bytes_per_sec;
+        let window = conn.cfg.access.upload_rate_window;
+        ConnSource {
+            conn,
+            input,
+            min_rate,
+            window,
+            window_start: Instant::now(),
+            window_bytes: 0,
+        }
+    }
+
     /// At the end of a rate window, checks the window's rate and starts the next one.
     fn check_rate(&mut self) -> Result<(), Lost> {
         let elapsed = self.window_start.elapsed();

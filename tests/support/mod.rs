@@ -27,7 +27,7 @@ mod upload;
 #[allow(unused_imports)]
 pub use ports::{Handoff, Reservation, reserve_port};
 #[allow(unused_imports)]
-pub use upload::{header_for, is_part, ok_line, parts_in};
+pub use upload::{frame, header_for, is_part, ok_line, parts_in};
 
 /// How long `DaemonBuilder::start` waits for the daemon to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(10);

@@ -19,6 +19,15 @@ pub fn header_for(name: impl AsRef<[u8]>, body: &[u8], authenticated: bool) -> [
     .encode()
 }
 
+/// Header, name and body of an unauthenticated BLAKE3 frame, in one buffer.
+pub fn frame(name: impl AsRef<[u8]>, body: &[u8]) -> Vec<u8> {
+    let name = name.as_ref();
+    let mut out = header_for(name, body, false).to_vec();
+    out.extend_from_slice(name);
+    out.extend_from_slice(body);
+    out
+}
+
 /// The answer the daemon must give for `body` stored as `stored`.
 pub fn ok_line(stored: &str, body: &[u8]) -> String {
     format!(
