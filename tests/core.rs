@@ -853,16 +853,19 @@ fn threads_stay_bounded_under_a_connection_flood() {
         .start();
     let idle_threads = d.thread_count();
     let conns: Vec<TcpStream> = (0..40).map(|_| d.connect()).collect();
-    // At most 4 are served and 4 queued: at least 32 are refused. The thread count is sampled
-    // all the while, until the daemon has dealt with every connection (4 online as well).
+    // At most 4 are served and 4 queued at a time; the rest are refused busy (and, when every
+    // worker is busy, a silent client may be ended to make room for a queued one, which is then
+    // served). The thread count is sampled all the while, until the daemon has dealt with every
+    // one of the 40: each was refused or went online.
     let mut observed = 0;
     let settled = wait_until(Duration::from_secs(10), || {
         observed = observed.max(d.thread_count());
-        count_lines(&d, "refused: busy") >= 32 && count_lines(&d, " online") >= 4
+        let (busy, online) = (count_lines(&d, "refused: busy"), count_lines(&d, " online"));
+        busy >= 24 && online >= 4 && busy + online >= 40
     });
     assert!(
         settled,
-        "expected at least 32 busy refusals and 4 clients online{}",
+        "expected each of the 40 connections refused busy or served (at least 24 refused){}",
         log_tail(&d)
     );
     observed = observed.max(d.thread_count());

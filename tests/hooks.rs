@@ -25,7 +25,6 @@ const WAIT: Duration = Duration::from_secs(15);
 // ---------------------------------------------------------------------------------------------
 // Helpers.
 
-/// Header, name and body in one buffer.
 /// Sends one file on `s` and returns the answer line.
 fn upload(s: &mut TcpStream, name: &str, body: &[u8]) -> String {
     s.write_all(&frame(name, body)).expect("write frame");
