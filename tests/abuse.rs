@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use support::{
     Daemon, DaemonBuilder, TempDir, echo_round_trip, log_tail, read_until_eof, run_ferryd,
-    wait_until,
+    try_connect_from, wait_until,
 };
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,19 +33,6 @@ fn heavy() -> MutexGuard<'static, ()> {
 fn ip(s: &str) -> IpAddr {
     s.parse()
         .unwrap_or_else(|e| panic!("{s:?} is not an address: {e}"))
-}
-
-/// A TCP connection to `d` from the local address `from` (any port), with 10 s timeouts. The
-/// socket has SO_REUSEADDR so that the TIME_WAIT it may leave never blocks a later bind.
-fn try_connect_from(from: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&SocketAddr::new(from, 0).into())?;
-    socket.connect_timeout(&to.into(), IO_TIMEOUT)?;
-    let stream = TcpStream::from(socket);
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(stream)
 }
 
 fn connect_from(d: &Daemon, from: IpAddr) -> TcpStream {
