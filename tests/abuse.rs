@@ -8,37 +8,20 @@ mod support;
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use support::{
-    Daemon, DaemonBuilder, TempDir, echo_round_trip, log_tail, read_until_eof, run_ferryd,
-    try_connect_from, wait_until,
+    Daemon, DaemonBuilder, TempDir, connect_from, echo_round_trip, heavy, ip, log_tail,
+    read_until_eof, run_ferryd, try_connect_from, wait_until,
 };
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const ERR_BUSY: &[u8] = b"ERR busy server busy, try again later\n";
 const ERR_TOO_MANY: &[u8] = b"ERR too-many-connections too many connections from your address\n";
-
-/// Held by the tests that load the machine or measure latencies, so that they never overlap.
-static HEAVY: Mutex<()> = Mutex::new(());
-
-fn heavy() -> MutexGuard<'static, ()> {
-    HEAVY.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse()
-        .unwrap_or_else(|e| panic!("{s:?} is not an address: {e}"))
-}
-
-fn connect_from(d: &Daemon, from: IpAddr) -> TcpStream {
-    try_connect_from(from, d.addr())
-        .unwrap_or_else(|e| panic!("connect from {from} to {}: {e}{}", d.addr(), log_tail(d)))
-}
 
 // ---------------------------------------------------------------------------------------------
 // Point 6: a refusal flood cannot grow the log faster than its documented bound.

@@ -16,8 +16,8 @@ use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::Barrier;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Barrier, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -26,9 +26,9 @@ use ferryd::proto::{HEADER_LEN, Header, MAGIC};
 
 use support::{
     Daemon, DaemonBuilder, Rng, TempDir, connect_from, describe, echo_round_trip,
-    expect_err_then_eof, expect_then_eof, header_for, is_timeout, label, log_tail, names_in,
-    ok_line, parts_in, path_str, peer_label, read_line, read_until_eof, retry_eintr, run_ferryd,
-    send_all, target, try_connect_from, wait_until, write_file,
+    expect_err_then_eof, expect_then_eof, header_for, heavy, ip, is_timeout, label, log_tail,
+    names_in, ok_line, parts_in, path_str, peer_label, read_line, read_until_eof, retry_eintr,
+    run_ferryd, send_all, target, try_connect_from, wait_until, write_file,
 };
 
 const ERR_NOT_ALLOWED: &[u8] = b"ERR not-allowed not allowed\n";
@@ -41,24 +41,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const UPLOAD_KEY: &str = "ferryd-test-upload-key-0123456789";
 const OTHER_KEY: &str = "another-key-also-long-enough-9876";
 
-/// Held by the tests that load the machine (the garbage flood) or measure latencies (the
-/// slowloris test), so that the two never run at once on a small machine.
-static HEAVY: Mutex<()> = Mutex::new(());
-
-fn heavy() -> MutexGuard<'static, ()> {
-    HEAVY.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Helpers: random bytes.
 
 // ---------------------------------------------------------------------------------------------
 // Helpers: addresses, sockets, logs.
-
-fn ip(s: &str) -> IpAddr {
-    s.parse()
-        .unwrap_or_else(|e| panic!("{s:?} is not an address: {e}"))
-}
 
 /// Waits up to 10 s for a log line containing `needle`; panics naming `what` otherwise.
 fn expect_log(d: &Daemon, needle: &str, what: &str) {

@@ -668,6 +668,21 @@ pub fn try_connect_from(from: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
 }
 
 /// `try_connect_from` to the daemon, panicking with its log on failure.
+/// An address written in a test.
+pub fn ip(s: &str) -> IpAddr {
+    s.parse()
+        .unwrap_or_else(|e| panic!("{s:?} is not an address: {e}"))
+}
+
+/// Held by the tests of one test binary that load the machine or measure latencies, so that
+/// they never run at once on a small machine.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub fn connect_from(d: &Daemon, from: IpAddr) -> TcpStream {
     let to = target(d, from);
     try_connect_from(from, to)
