@@ -40,8 +40,8 @@ Options:
       --hash ALGO     (send, pack) the checksum: blake3 (default) or sha256
       --checksum PLACE
                       (send) trailing (default: after the body, hashed while sending) or
-                      header (before the body, hashed first); unless trailing is given,
-                      files of 1 MiB or more go with the checksum in the header, resumable
+                      header (before the body, hashed first); either way files of 1 MiB
+                      or more are sent resumable
       --name NAME     (send, pack) send the one FILE under NAME; needed for -
   -h, --help          print this help
   -V, --version       print the version
@@ -159,9 +159,8 @@ where
         // of its output can check before reading the body.
         trailing: sub == "send" && checksum.unwrap_or(true),
         name,
-        // Resuming needs the checksum before the body: `send` hashes large files first unless
-        // `--checksum trailing` asks for one pass.
-        resume: sub == "send" && checksum != Some(true),
+        // `send` makes large files resumable, with the checksum in either place.
+        resume: sub == "send",
     };
     Ok(match sub {
         "check-config" => Command::CheckConfig { config, quiet },
@@ -276,10 +275,7 @@ mod tests {
             resume: true,
             ..Form::default()
         };
-        let one_pass = Form {
-            trailing: true,
-            ..Form::default()
-        };
+        let explicit_trailing = default_send.clone();
         let send = |to: &str, ms: u64, files: &[&str], form: &Form, recursive: bool| {
             Command::Send(SendOptions {
                 to: to.into(),
@@ -333,7 +329,7 @@ mod tests {
                     "--checksum=trailing",
                     "a",
                 ],
-                send("h:1", 5000, &["a"], &one_pass, false),
+                send("h:1", 5000, &["a"], &explicit_trailing, false),
             ),
             (
                 &["pack", "x"],

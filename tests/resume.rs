@@ -2,7 +2,8 @@
 //! test that cuts the connection half way, then again: the second run moves only the missing
 //! part plus a small overhead (measured at the proxy) and the file is stored byte for byte; the
 //! same after `kill -9` of the daemon and a restart; a changed source file is a fresh upload and
-//! its old partial is dropped; a wrong prefix planted on the server is refused by the final
+//! its old partial is dropped; a partial damaged on the server (default trailing frame) or a wrong
+//! prefix planted there (header-checksum frame) is refused by the final
 //! checksum (nothing stored, the partial dropped) and `send` then starts over; and with an
 //! upload key, resuming needs the key like any upload.
 
@@ -211,37 +212,74 @@ fn cut_upload(d: &Daemon, file: &Path, cut: u64, extra: &[&str]) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Tests.
 
+/// `send`'s default frame (trailing checksum, a resume id in the header: the file is read once)
+/// and the header-checksum frame (hashed first) both resume, moving only the missing part.
 #[test]
 fn a_cut_upload_resumes_moving_only_the_missing_part() {
+    for (form, extra, trailer) in [
+        ("trailing", &[][..], 32),
+        ("header", &["--checksum", "header"][..], 0),
+    ] {
+        let d = DaemonBuilder::new().start();
+        let src = TempDir::new();
+        let (file, body) = source(src.path(), "firmware.bin", 1);
+        let kept = cut_upload(&d, &file, (SIZE / 2) as u64, extra);
+        assert!(
+            kept > (SIZE / 4) as u64 && kept <= (SIZE / 2) as u64,
+            "{form}: kept {kept} of a cut at {}",
+            SIZE / 2
+        );
+        // Again, straight through a counting proxy.
+        let mut proxy = Proxy::start(d.addr(), None, AtLimit::Cut);
+        let (ok, text) = send_via(proxy.addr, &file, extra);
+        proxy.finish();
+        assert!(ok, "{form}: {text}{}", log_tail(&d));
+        assert_eq!(resumed_at(&text), Some(kept), "{form}: {text}");
+        let missing = SIZE as u64 - kept;
+        let (up, down) = (proxy.up(), proxy.down());
+        let head = 48 + "firmware.bin".len() as u64;
+        println!(
+            "resume ({form} checksum): {kept} B kept, {missing} B missing; second run moved {up} B up ({} B over the missing part: the head and {trailer} B of trailing checksum) and {down} B down; 1 extra round trip (RESUME line)",
+            up - missing
+        );
+        assert_eq!(
+            up,
+            missing + head + trailer,
+            "{form}: bytes up on the resumed run"
+        );
+        assert!(down < 200, "{form}: {down} B of answers");
+        assert_eq!(fs::read(d.uploads().join("firmware.bin")).unwrap(), body);
+        assert!(
+            partials(&d.uploads()).is_empty(),
+            "{form}: the partial became the file"
+        );
+    }
+}
+
+/// The default frame finds its partial by a resume id, not by the checksum: a partial whose
+/// bytes were damaged on the server after the cut is continued, then refused by the trailing
+/// checksum, which covers the whole file; `send` says so and sends the file again from 0.
+#[test]
+fn a_damaged_partial_of_a_trailing_frame_is_refused_then_sent_again() {
     let d = DaemonBuilder::new().start();
     let src = TempDir::new();
-    let (file, body) = source(src.path(), "firmware.bin", 1);
+    let (file, body) = source(src.path(), "image.bin", 7);
     let kept = cut_upload(&d, &file, (SIZE / 2) as u64, &[]);
-    assert!(
-        kept > (SIZE / 4) as u64 && kept <= (SIZE / 2) as u64,
-        "kept {kept} of a cut at {}",
-        SIZE / 2
-    );
-    // Again, straight through a counting proxy.
-    let mut proxy = Proxy::start(d.addr(), None, AtLimit::Cut);
-    let (ok, text) = send_via(proxy.addr, &file, &[]);
-    proxy.finish();
+    let partial = partials(&d.uploads()).remove(0);
+    let mut damaged = fs::read(&partial).unwrap();
+    assert_eq!(damaged.len() as u64, kept);
+    damaged[(kept / 2) as usize] ^= 0x40;
+    fs::write(&partial, &damaged).unwrap();
+    let (ok, text) = send_via(d.addr(), &file, &[]);
     assert!(ok, "{text}{}", log_tail(&d));
-    assert_eq!(resumed_at(&text), Some(kept), "{text}");
-    let missing = SIZE as u64 - kept;
-    let (up, down) = (proxy.up(), proxy.down());
-    let head = 48 + "firmware.bin".len() as u64;
-    println!(
-        "resume: {kept} B kept, {missing} B missing; second run moved {up} B up ({} B over the missing part: the head) and {down} B down; 1 extra round trip (RESUME line)",
-        up - missing
+    assert!(text.contains(&format!("resumed at {kept} bytes")), "{text}");
+    assert!(text.contains("failed its checksum on the server"), "{text}");
+    d.wait_log(
+        &format!("the partial body it continued ({kept} B) is dropped"),
+        WAIT,
     );
-    assert_eq!(up, missing + head, "bytes up on the resumed run");
-    assert!(down < 200, "{down} B of answers");
-    assert_eq!(fs::read(d.uploads().join("firmware.bin")).unwrap(), body);
-    assert!(
-        partials(&d.uploads()).is_empty(),
-        "the partial became the file"
-    );
+    assert_eq!(fs::read(d.uploads().join("image.bin")).unwrap(), body);
+    assert!(partials(&d.uploads()).is_empty());
 }
 
 #[test]
@@ -298,7 +336,8 @@ fn a_changed_source_file_is_a_fresh_upload_and_drops_the_old_partial() {
     let src = TempDir::new();
     let (file, _) = source(src.path(), "log.bin", 3);
     cut_upload(&d, &file, (SIZE / 2) as u64, &[]);
-    // The file changes before it is sent again: another checksum, so nothing to resume.
+    // The file changes before it is sent again: another resume id (its modification time
+    // changed), so nothing to resume.
     let (file, body) = source(src.path(), "log.bin", 4);
     let (ok, text) = send_via(d.addr(), &file, &[]);
     assert!(ok, "{text}{}", log_tail(&d));
@@ -308,7 +347,7 @@ fn a_changed_source_file_is_a_fresh_upload_and_drops_the_old_partial() {
         partials(&d.uploads()).is_empty(),
         "the old partial was dropped"
     );
-    d.wait_log("superseded by a file with another checksum", WAIT);
+    d.wait_log("superseded by another version of the file", WAIT);
 }
 
 /// The header of `body` sent as `name`, resumable.
@@ -361,7 +400,8 @@ fn a_wrong_prefix_planted_on_the_server_is_refused_and_dropped() {
     s.write_all(&body).unwrap();
     let line = read_line(&mut s);
     assert!(line.starts_with("OK x.bin 2097152 "), "{line}");
-    // `ferryd send` meets a planted prefix: refused, then sent again from the start by itself.
+    // `ferryd send --checksum header` meets a planted prefix: refused, then sent again from the
+    // start by itself.
     let src = TempDir::new();
     let file = src.path().join("y.bin");
     fs::write(&file, &body).unwrap();
@@ -370,7 +410,7 @@ fn a_wrong_prefix_planted_on_the_server_is_refused_and_dropped() {
         vec![0xCD; MIB],
     )
     .unwrap();
-    let (ok, text) = send_via(d.addr(), &file, &[]);
+    let (ok, text) = send_via(d.addr(), &file, &["--checksum", "header"]);
     assert!(ok, "{text}{}", log_tail(&d));
     assert!(text.contains("failed its checksum on the server"), "{text}");
     assert_eq!(fs::read(d.uploads().join("y.bin")).unwrap(), body);

@@ -30,11 +30,12 @@ const CHUNK: usize = 1 << 20;
 const SEND_CHUNK: u64 = 8 << 20;
 /// Longest answer line read from a server.
 const MAX_ANSWER: u64 = 4096;
-/// Files at least this large are sent resumable (header flag bit 3) by default: the checksum is
-/// computed first and put in the header, the server keeps what arrived if the connection is
-/// cut, and the next `send` of the same file continues from there, at the cost of the hashing
-/// pass before sending and one round trip (the `RESUME <offset>` line) before the body. Smaller
-/// files keep the one-pass trailing checksum.
+/// Files at least this large are sent resumable (header flag bit 3) by default: the server keeps
+/// what arrived if the connection is cut, and the next `send` of the same file continues from
+/// there, at the cost of one round trip (the `RESUME <offset>` line) before the body. With the
+/// trailing checksum (the default) the file is still read once, the header carrying a resume id
+/// for this version of the file (`resume_id`) in place of the checksum; with `--checksum header`
+/// it is hashed first. Smaller files and standard input are sent one-pass, not resumable.
 pub const RESUME_MIN: u64 = 1 << 20;
 
 /// What `ferryd send` was asked to do.
@@ -68,8 +69,7 @@ pub struct Form {
     pub trailing: bool,
     /// The name to send under instead of the file's own (required for `-`, standard input).
     pub name: Option<String>,
-    /// Files of `RESUME_MIN` bytes or more (not standard input) are sent resumable, with the
-    /// checksum in the header whatever `trailing` says (`send` unless `--checksum trailing`).
+    /// Files of `RESUME_MIN` bytes or more (not standard input) are sent resumable (`send`).
     pub resume: bool,
 }
 
@@ -170,6 +170,30 @@ struct Prepared {
     resume: bool,
 }
 
+/// The resume id of a trailing resumable frame: what names this version of the file to the
+/// server, which finds its partial body by it and the size. A hash (BLAKE3 in its key
+/// derivation mode, apart from any checksum) of the name sent, the size, the modification time
+/// and the file's device and inode: the same file unchanged gets the same id on the next
+/// `send`, an edited or replaced one a new id and so a fresh upload. It only picks a candidate
+/// prefix; the trailing checksum covers the whole file, so a wrong guess costs a retry, never a
+/// wrong file.
+fn resume_id(name: &str, meta: &std::fs::Metadata) -> [u8; 32] {
+    use std::os::unix::fs::MetadataExt;
+    let mut h = blake3::Hasher::new_derive_key("ferryd 2026-11 trailing resume id");
+    h.update(&(name.len() as u64).to_be_bytes());
+    h.update(name.as_bytes());
+    for n in [
+        meta.len(),
+        meta.mtime() as u64,
+        meta.mtime_nsec() as u64,
+        meta.dev(),
+        meta.ino(),
+    ] {
+        h.update(&n.to_be_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
 /// What a trailing checksum is followed by on an authenticated connection: the tag binding it
 /// to the frame's first tag.
 type TrailerTag<'a> = &'a dyn Fn(&[u8; 32]) -> [u8; 32];
@@ -207,9 +231,9 @@ impl Prepared {
         } else {
             0
         };
-        let (file, size, mut known) = if path == Path::new("-") {
+        let (file, size, mut known, id) = if path == Path::new("-") {
             let s = stdin::take(form.algo).map_err(ClientError::Stdin)?;
-            (s.file, s.size, s.checksum)
+            (s.file, s.size, s.checksum, None)
         } else {
             let file = OpenOptions::new()
                 .read(true)
@@ -220,11 +244,11 @@ impl Prepared {
             if !meta.is_file() {
                 return Err(file_err(io::Error::other("not a regular file")));
             }
-            (file, meta.len(), None)
+            let id = resume_id(&name, &meta);
+            (file, meta.len(), None, Some(id))
         };
-        // A resumable frame needs its checksum before the body.
-        let resume = form.resume && path != Path::new("-") && size >= RESUME_MIN;
-        let trailing = form.trailing && !resume;
+        let resume = form.resume && id.is_some() && size >= RESUME_MIN;
+        let trailing = form.trailing;
         if !trailing && known.is_none() {
             let bar = progress_bar(progress, size, &format!("hashing {name}"));
             known = Some(
@@ -241,8 +265,10 @@ impl Prepared {
                 trailing,
                 name_len: name.len() as u16,
                 size,
-                checksum: match known {
-                    Some(sum) if !trailing => sum,
+                // A trailing frame's field is zero, or its resume id when resumable.
+                checksum: match (known, id) {
+                    (Some(sum), _) if !trailing => sum,
+                    (_, Some(id)) if trailing && resume => id,
                     _ => [0; 32],
                 },
                 ..Header::default()
@@ -275,9 +301,7 @@ impl Prepared {
 
     /// Writes header, name (and tag), body and, for a trailing frame, the checksum (and
     /// `trailer_tag` of it) to `out`, calling `tick` with the body bytes sent so far after each
-    /// chunk; `tick` returning false stops the body early. A trailing checksum not known yet is
-    /// computed on other threads while the body is sent, reading the file's pages beside
-    /// `sendfile`.
+    /// chunk; `tick` returning false stops the body early.
     fn write_to<W: Write + AsFd>(
         &mut self,
         out: &mut W,
@@ -286,8 +310,22 @@ impl Prepared {
         tick: &mut dyn FnMut(u64) -> bool,
     ) -> io::Result<bool> {
         self.write_head(out, tag)?;
+        self.write_rest(out, 0, trailer_tag, tick)
+    }
+
+    /// Writes what follows the head: the body from byte `from` on (a resumed upload skips what
+    /// the server holds) and, for a trailing frame, the checksum (and `trailer_tag` of it). A
+    /// trailing checksum not known yet is computed over the whole file on other threads while
+    /// the body is sent, reading the file's pages beside `sendfile`: the file is read once.
+    fn write_rest<W: Write + AsFd>(
+        &self,
+        out: &mut W,
+        from: u64,
+        trailer_tag: Option<TrailerTag<'_>>,
+        tick: &mut dyn FnMut(u64) -> bool,
+    ) -> io::Result<bool> {
         if !self.header.trailing {
-            return self.write_body(out, 0, tick);
+            return self.write_body(out, from, tick);
         }
         let (algo, size, known) = (self.header.algo, self.header.size, self.known);
         let (sent, sum) = thread::scope(|s| {
@@ -298,7 +336,7 @@ impl Prepared {
                     filehash::checksum_file(algo, file, size, hash_depth(), &|_| {})
                 })),
             };
-            let sent = self.write_body(out, 0, tick);
+            let sent = self.write_body(out, from, tick);
             let sum = match hasher {
                 Some(h) => h
                     .join()
@@ -656,7 +694,7 @@ impl Connection {
             }
         };
         let sent = if p.resume {
-            p.write_body(stream, from, &mut tick)
+            p.write_rest(stream, from, trailer_tag, &mut tick)
         } else {
             p.write_to(stream, tag.as_ref().map(|t| &t[..]), trailer_tag, &mut tick)
         };

@@ -1143,9 +1143,7 @@ fn code_for(e: FrameError) -> Code {
     match e {
         FrameError::Magic => Code::BadMagic,
         FrameError::Version(_) => Code::BadVersion,
-        FrameError::Flags(_) | FrameError::TrailingChecksum | FrameError::ResumeTrailing => {
-            Code::BadHeader
-        }
+        FrameError::Flags(_) | FrameError::TrailingChecksum => Code::BadHeader,
         FrameError::NameLength(_) => Code::BadName,
     }
 }

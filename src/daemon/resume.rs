@@ -1,13 +1,14 @@
 //! The partial bodies of resumable uploads (frames with flag bit 3): kept in the upload directory
-//! as `.ferryd-resume-<checksum>-<size>-<name tag>.partial`, found again by the size and
-//! checksum of the file (never by its name alone), held by one upload at a time (an exclusive
+//! as `.ferryd-resume-<checksum>-<size>-<name tag>.partial`, found again by the size and the
+//! header's checksum field (the file's checksum, or for a trailing frame the sender's resume id
+//! for this version of the file; never by its name alone), held by one upload at a time (an exclusive
 //! `flock`, which also spans a reload's new store), and removed when they expire
 //! (`files.resume_keep_secs`), when the same name arrives with another checksum, or, oldest
 //! first, to keep their announced sizes within `files.resume_max_bytes`.
 //!
 //! A partial's bytes are only ever a candidate prefix: the upload that continues it hashes the
 //! prefix from disk and the rest from the wire, and commits only if the whole file matches the
-//! header's checksum.
+//! frame's checksum (in the header, or after the body).
 
 use std::fs::File;
 use std::io;
@@ -121,7 +122,7 @@ pub fn claim(
             let why = if expired {
                 "expired"
             } else {
-                "superseded by a file with another checksum"
+                "superseded by another version of the file"
             };
             log::info!("removed partial upload {} ({why})", e.file_name);
             continue;

@@ -322,8 +322,13 @@ pub fn receive_checked(
             match source.read_into(&mut trailer[filled..len]) {
                 Ok(n) => filled += n,
                 Err(lost) => {
+                    let kept = if pending.is_kept() {
+                        format!("{} B kept for a resume", pending.written())
+                    } else {
+                        "nothing stored".to_string()
+                    };
                     log::warn!(
-                        "{peer} file \"{shown}\" lost after its {size} B body, in its trailing checksum: {lost}; nothing stored"
+                        "{peer} file \"{shown}\" lost after its {size} B body, in its trailing checksum: {lost}; {kept}"
                     );
                     return Outcome::Lost(lost);
                 }

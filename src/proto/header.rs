@@ -18,7 +18,7 @@ pub const FLAG_AUTH: u8 = 0x01;
 /// Flag bit 1: the checksum is SHA-256 of the body instead of BLAKE3.
 pub const FLAG_SHA256: u8 = 0x02;
 /// Flag bit 2: the checksum follows the body (`CHECKSUM_LEN` bytes right after its last byte)
-/// and the header's checksum field is zero.
+/// and the header's checksum field is zero, or, with `FLAG_RESUME`, the sender's resume id.
 pub const FLAG_TRAILING: u8 = 0x04;
 /// Every flag bit this build knows; the others must be zero.
 pub const KNOWN_FLAGS: u8 = FLAG_AUTH | FLAG_SHA256 | FLAG_TRAILING | FLAG_RESUME;
@@ -28,8 +28,10 @@ pub const CHECKSUM_LEN: usize = 32;
 pub const TAG_LEN: usize = 32;
 /// Flag bit 3: the frame may be resumed. After the head the server answers `RESUME <offset>`
 /// (`wire::resume_line`) and the body on the wire is only its bytes from `offset` on; the header
-/// still gives the whole file's size and checksum, which identify the partial body the server
-/// kept, so it cannot be combined with `FLAG_TRAILING`.
+/// still gives the whole file's size, and its checksum field identifies the partial body the
+/// server kept: the checksum itself, or, with `FLAG_TRAILING`, a 32-byte resume id the sender
+/// chose for this version of the file (the checksum then follows the body, and covers the whole
+/// file, kept prefix included).
 pub const FLAG_RESUME: u8 = 0x08;
 
 const VERSION_AT: usize = 4;
@@ -97,11 +99,8 @@ pub enum FrameError {
     Version(u8),
     /// Flag bits outside `KNOWN_FLAGS` were set.
     Flags(u8),
-    /// A trailing-checksum frame whose header checksum field is not zero.
+    /// A trailing-checksum frame, not resumable, whose header checksum field is not zero.
     TrailingChecksum,
-    /// Flag bits 2 (trailing checksum) and 3 (resumable) together: a partial body is found by
-    /// the checksum in the header.
-    ResumeTrailing,
     /// The name length is 0 or over 255.
     NameLength(u16),
 }
@@ -117,11 +116,8 @@ impl fmt::Display for FrameError {
                 )
             }
             FrameError::Flags(b) => write!(f, "reserved flag bits set: {b:#04x}"),
-            FrameError::ResumeTrailing => f.write_str(
-                "flag bit 3 (resumable) needs the checksum in the header, not after the body (bit 2)",
-            ),
             FrameError::TrailingChecksum => f.write_str(
-                "flag bit 2 (trailing checksum) is set but the header's checksum field is not zero",
+                "flag bit 2 (trailing checksum) is set without bit 3 (resumable) but the header's checksum field is not zero",
             ),
             FrameError::NameLength(0) => f.write_str("empty name"),
             FrameError::NameLength(n) => {
@@ -152,9 +148,6 @@ impl Header {
             if flags & !KNOWN_FLAGS != 0 {
                 return Err(FrameError::Flags(flags));
             }
-            if flags & (FLAG_RESUME | FLAG_TRAILING) == FLAG_RESUME | FLAG_TRAILING {
-                return Err(FrameError::ResumeTrailing);
-            }
         }
         if let Some(b) = buf.get(NAME_LEN_AT..NAME_LEN_AT + 2) {
             let n = BigEndian::read_u16(b);
@@ -169,7 +162,8 @@ impl Header {
         checksum.copy_from_slice(&buf[CHECKSUM_AT..HEADER_LEN]);
         let flags = buf[FLAGS_AT];
         let trailing = flags & FLAG_TRAILING != 0;
-        if trailing && checksum != [0; 32] {
+        // A resumable trailing frame carries its resume id there.
+        if trailing && flags & FLAG_RESUME == 0 && checksum != [0; 32] {
             return Err(FrameError::TrailingChecksum);
         }
         Ok(Parsed::Complete(Header {
@@ -213,7 +207,8 @@ impl Header {
         flags
     }
 
-    /// Encodes the header (a trailing frame's checksum field as given: zero on the wire).
+    /// Encodes the header (a trailing frame's checksum field as given: zero on the wire, or the
+    /// resume id of a resumable one).
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut out = [0u8; HEADER_LEN];
         out[..4].copy_from_slice(&MAGIC);
@@ -274,13 +269,20 @@ mod tests {
             .encode(),
         );
         assert_eq!(both[5], FLAG_AUTH | FLAG_RESUME);
+        // Resumable and trailing: the checksum field is the sender's resume id, any 32 bytes;
+        // without the resume flag a trailing frame's field must be zero.
         both[5] = FLAG_RESUME | FLAG_TRAILING;
-        both[CHECKSUM_AT..].fill(0);
-        assert_eq!(Header::parse(&both), Err(FrameError::ResumeTrailing));
-        assert_eq!(
-            Header::parse(&both[..=FLAGS_AT]),
-            Err(FrameError::ResumeTrailing)
-        );
+        let id = [0xA5; 32];
+        both[CHECKSUM_AT..].copy_from_slice(&id);
+        let want = Header {
+            trailing: true,
+            checksum: id,
+            ..sample()
+        };
+        assert_eq!(Header::parse(&both), Ok(Parsed::Complete(want)));
+        assert_eq!(Header::parse(&both[..=FLAGS_AT]), Ok(Parsed::Partial));
+        both[5] = FLAG_TRAILING;
+        assert_eq!(Header::parse(&both), Err(FrameError::TrailingChecksum));
     }
 
     #[test]
@@ -369,11 +371,6 @@ mod tests {
             if flags & !KNOWN_FLAGS != 0 {
                 assert_eq!(got, Err(FrameError::Flags(flags)), "flags {flags:#04x}");
                 // Refused as soon as the flags byte arrives.
-                assert_eq!(Header::parse(&bytes[..=FLAGS_AT]), got);
-                continue;
-            }
-            if flags & FLAG_RESUME != 0 && flags & FLAG_TRAILING != 0 {
-                assert_eq!(got, Err(FrameError::ResumeTrailing), "flags {flags:#04x}");
                 assert_eq!(Header::parse(&bytes[..=FLAGS_AT]), got);
                 continue;
             }
