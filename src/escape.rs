@@ -84,9 +84,20 @@ pub fn is_hidden(c: char) -> bool {
 /// others' terminals or disguise what it wrote.
 pub fn push_chat_text(out: &mut String, bytes: &[u8]) {
     for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
+        let mut rest = chunk.valid();
+        while !rest.is_empty() {
+            // Printable ASCII (and tab), the bulk of most lines, goes in as one slice.
+            let plain = rest
+                .bytes()
+                .position(|b| !is_plain(b))
+                .unwrap_or(rest.len());
+            out.push_str(&rest[..plain]);
+            rest = &rest[plain..];
+            let Some(c) = rest.chars().next() else {
+                break;
+            };
+            rest = &rest[c.len_utf8()..];
             match c {
-                '\t' => out.push(c),
                 c if (c as u32) < 0x80 && c.is_control() => {
                     let _ = write!(out, "\\x{:02x}", c as u32);
                 }
@@ -100,6 +111,11 @@ pub fn push_chat_text(out: &mut String, bytes: &[u8]) {
             let _ = write!(out, "\\x{b:02x}");
         }
     }
+}
+
+/// A byte that `push_chat_text` copies as it is without looking further: printable ASCII or tab.
+fn is_plain(b: u8) -> bool {
+    b == b'\t' || (0x20..0x7f).contains(&b)
 }
 
 /// `s` as a double-quoted string literal valid both as a TOML basic string and as a JSON

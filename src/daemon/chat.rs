@@ -256,8 +256,10 @@ impl Room {
                 }
             }
             let (listening, seat_gone) = (m.listening, m.seat_gone);
-            if freed {
-                st_ref.trim();
+            // Senders are woken only when the log's head moved: while another member still
+            // holds it, none of them could append more, and waking them all would be for
+            // nothing.
+            if freed && st_ref.trim() {
                 self.space.notify_all();
             }
             if !batch.is_empty() {
@@ -524,8 +526,9 @@ impl State {
         }
     }
 
-    /// Removes the entries every listening member has taken.
-    fn trim(&mut self) {
+    /// Removes the entries every listening member has taken; true if there were any.
+    fn trim(&mut self) -> bool {
+        let before = self.first_seq;
         let min = self
             .members
             .values()
@@ -546,6 +549,7 @@ impl State {
                 }
             }
         }
+        self.first_seq != before
     }
 
     /// The drop rule, applied while a sender waits: a listening member that holds the oldest

@@ -3,7 +3,7 @@
 //! (eof, idle, error, shutdown). Every read has a byte limit (the buffer) and a time limit (the
 //! socket's read timeout).
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
@@ -278,6 +278,8 @@ struct Auth {
 struct ChatLine<'a> {
     seat: Seat<'a>,
     limits: ChatLimits,
+    /// `[ip:port] `, which begins each of its lines as the others see them.
+    prefix: String,
     line: Vec<u8>,
     /// The current line was too long and is being thrown away up to its newline.
     skipping: bool,
@@ -321,6 +323,7 @@ impl Conn<'_> {
             self.chat = Some(ChatLine {
                 seat,
                 limits,
+                prefix: format!("{} ", self.peer),
                 line: Vec::new(),
                 skipping: false,
                 written: Arc::clone(&written),
@@ -541,7 +544,7 @@ impl Conn<'_> {
             return;
         };
         let give_up = || shared.is_stopping();
-        let mut out = String::new();
+        let mut out = String::with_capacity(CHAT_MSG_BYTES.min(2 * text.len() + 64));
         let mut too_long = false;
         for segment in text.split_inclusive(|&b| b == b'\n') {
             let ends_line = segment.last() == Some(&b'\n');
@@ -575,7 +578,7 @@ impl Conn<'_> {
                 if self.panic_line.as_deref() == Some(line) {
                     panic!("FERRYD_DEBUG_PANIC_LINE received");
                 }
-                let _ = write!(out, "{} ", self.peer);
+                out.push_str(&chat.prefix);
                 push_chat_text(&mut out, line);
                 out.push('\n');
                 if out.len() >= CHAT_MSG_BYTES {
@@ -666,7 +669,7 @@ impl Conn<'_> {
         let line = std::mem::take(&mut chat.line);
         let line = line.strip_suffix(b"\r").unwrap_or(&line);
         chat.flushed = true;
-        let mut out = format!("{} ", self.peer);
+        let mut out = chat.prefix.clone();
         push_chat_text(&mut out, line);
         out.push('\n');
         let shared = self.shared;
