@@ -4,7 +4,10 @@
 //! must reach the 49 others. Measured: deliveries per second (from the first send to the last
 //! delivery, both on the clients' clock) and the delivery latency of every line (median and p99), against ferryd in chat mode
 //! and, in the same run, `ncat --chat` (Debian package `ncat`). Lines carry a marker and a send
-//! timestamp, so the two servers' different prefixes and notices do not matter.
+//! timestamp, so the two servers' different prefixes and notices do not matter. The clients read
+//! in 64 KiB chunks and take one clock reading per read, so that their own work (the same for
+//! both servers) leaves the CPU to the servers; each server's CPU time per million deliveries
+//! (user + system, from `/proc/PID/stat`) is printed beside its rate.
 //!
 //! UDP: `UDP_CLIENTS` clients each send a datagram and wait for its echo, in a loop, against
 //! ferryd's UDP echo and against a minimal `std::net` UDP echo written below (re-executed in its
@@ -12,7 +15,7 @@
 //!
 //! Contenders alternate, `ROUNDS` times each; medians and ratios are printed.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -57,12 +60,12 @@ fn main() {
         for first in [round % 2 == 0, round % 2 == 1] {
             if first {
                 let s = ferryd("chat");
-                let r = chat_round(s.port);
+                let r = chat_round(s.port, s.pid());
                 println!("  round {round} ferryd {r}");
                 ours.push(r);
             } else {
                 let s = ncat_chat();
-                let r = chat_round(s.port);
+                let r = chat_round(s.port, s.pid());
                 println!("  round {round} ncat   {r}");
                 theirs.push(r);
             }
@@ -78,6 +81,14 @@ fn main() {
         a_rate / b_rate
     );
     println!("latency median (ms) ferryd {a_p50:>10.2}   ncat --chat {b_p50:>10.2}");
+    let (a_cpu, b_cpu) = (
+        med(&ours, |r| r.cpu_ms_per_m),
+        med(&theirs, |r| r.cpu_ms_per_m),
+    );
+    println!(
+        "server CPU (ms per million deliveries) ferryd {a_cpu:.0}   ncat --chat {b_cpu:.0}   ratio (ncat/ferryd) {:.2}×",
+        b_cpu / a_cpu
+    );
     println!(
         "latency p99 (ms)    ferryd {a_p99:>10.2}   ncat --chat {b_p99:>10.2}   ratio (ncat/ferryd) {:.2}×",
         b_p99 / a_p99
@@ -110,6 +121,9 @@ fn main() {
 
 struct ChatResult {
     rate: f64,
+    /// The server's CPU time (user + system, all threads) from the first send to the end of
+    /// the round, per million deliveries, in ms.
+    cpu_ms_per_m: f64,
     p50_ms: f64,
     p99_ms: f64,
     delivered: u64,
@@ -119,14 +133,30 @@ impl std::fmt::Display for ChatResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:.0} deliveries/s, median {:.2} ms, p99 {:.2} ms ({} delivered)",
-            self.rate, self.p50_ms, self.p99_ms, self.delivered
+            "{:.0} deliveries/s, median {:.2} ms, p99 {:.2} ms ({} delivered), server CPU {:.0} ms per million",
+            self.rate, self.p50_ms, self.p99_ms, self.delivered, self.cpu_ms_per_m
         )
     }
 }
 
+/// A process's CPU time so far (user + system, all its threads), in ms.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: fields 14 and 15 are utime and stime, in ticks.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let tick = 1000.0 / 100.0;
+    f.iter().sum::<f64>() * tick
+}
+
 /// One chat measurement: connect everyone, let the notices settle, then all send at once.
-fn chat_round(port: u16) -> ChatResult {
+/// `pid` is the server's, for its CPU time.
+fn chat_round(port: u16, pid: u32) -> ChatResult {
     let base = Instant::now();
     let expected = (CLIENTS * (CLIENTS - 1) * LINES) as u64;
     let delivered = Arc::new(AtomicU64::new(0));
@@ -158,28 +188,34 @@ fn chat_round(port: u16) -> ChatResult {
             Arc::clone(&done),
         );
         handles.push(thread::spawn(move || {
-            let mut r = BufReader::new(reader);
-            let mut line = String::new();
+            // Cheap on purpose: one clock read and one update of the shared counters per read,
+            // not per line, so that the clients' own parsing (which both servers share) does
+            // not take the CPU the servers are measured on.
+            let mut reader = reader;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut carry: Vec<u8> = Vec::new();
             let mut mine = Vec::with_capacity((CLIENTS - 1) * LINES);
             while !done.load(Ordering::Relaxed) {
-                line.clear();
-                match r.read_line(&mut line) {
+                let n = match reader.read(&mut buf) {
                     Ok(0) => break,
-                    Ok(_) => {
-                        if let Some(t) = line
-                            .split("BENCH ")
-                            .nth(1)
-                            .and_then(|rest| rest.split_whitespace().nth(2))
-                        {
-                            if let Ok(sent) = t.parse::<u64>() {
-                                let now = base.elapsed().as_nanos() as u64;
-                                mine.push(now.saturating_sub(sent));
-                                delivered.fetch_add(1, Ordering::Relaxed);
-                                last.fetch_max(now, Ordering::Relaxed);
-                            }
-                        }
+                    Ok(n) => n,
+                    Err(_) => continue,
+                };
+                let now = base.elapsed().as_nanos() as u64;
+                carry.extend_from_slice(&buf[..n]);
+                let mut got = 0;
+                let mut at = 0;
+                while let Some(end) = carry[at..].iter().position(|&b| b == b'\n') {
+                    if let Some(sent) = sent_at(&carry[at..at + end]) {
+                        mine.push(now.saturating_sub(sent));
+                        got += 1;
                     }
-                    Err(_) => {}
+                    at += end + 1;
+                }
+                carry.drain(..at);
+                if got > 0 {
+                    delivered.fetch_add(got, Ordering::Relaxed);
+                    last.fetch_max(now, Ordering::Relaxed);
                 }
             }
             lat.lock().unwrap().extend(mine);
@@ -201,6 +237,7 @@ fn chat_round(port: u16) -> ChatResult {
             }
         }));
     }
+    let cpu_before = cpu_ms(pid);
     start.wait();
     // Until everything arrived, or nothing more for 2 s (a server that lost lines), or 60 s.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -217,6 +254,7 @@ fn chat_round(port: u16) -> ChatResult {
     // Give stragglers (or a server that lost lines) a moment, then stop the readers.
     thread::sleep(Duration::from_millis(300));
     done.store(true, Ordering::Relaxed);
+    let cpu = cpu_ms(pid) - cpu_before;
     for h in handles {
         let _ = h.join();
     }
@@ -234,10 +272,23 @@ fn chat_round(port: u16) -> ChatResult {
     }
     ChatResult {
         rate: n as f64 / span,
+        cpu_ms_per_m: cpu / (n.max(1) as f64 / 1e6),
         p50_ms: pick(0.5),
         p99_ms: pick(0.99),
         delivered: n,
     }
+}
+
+/// The send time in a delivered line `<prefix> BENCH <client> <line> <nanoseconds>`, whatever
+/// prefix the server put in front.
+fn sent_at(line: &[u8]) -> Option<u64> {
+    let marker = line.windows(6).position(|w| w == b"BENCH ")?;
+    let t = line[marker..].split(|&b| b == b' ').nth(3)?;
+    let t = t.strip_suffix(b"\r").unwrap_or(t);
+    if t.is_empty() || !t.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(t).ok()?.parse().ok()
 }
 
 /// Echoed datagrams per second with `UDP_CLIENTS` ping-pong clients.
