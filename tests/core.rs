@@ -329,7 +329,7 @@ fn log_lines_name_config_listener_and_connections() {
     );
     let listening = log_line(&d, "listening on");
     let want = format!(
-        "INFO  listening on 127.0.0.1:{} (mode echo, 3 workers, queue 5, idle timeout 42 s)",
+        "INFO  listening on 127.0.0.1:{} (mode echo, up to 3 workers, queue 5, idle timeout 42 s)",
         d.port()
     );
     assert!(

@@ -156,7 +156,7 @@ pub(super) const KEYS: &[Key] = &[
     Key {
         table: "server",
         name: "max_connections",
-        doc: "connections served at once: the number of worker threads, started up front",
+        doc: "connections served at once: the most worker threads, started on demand",
         kind: int(1, 65535, 64),
         same_as: None,
         reload: Reload::Restart,

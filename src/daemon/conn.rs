@@ -33,10 +33,15 @@ use crate::proto::{self, Code, FrameError, FrameHead, Parsed};
 
 /// How many bytes of a request or response a debug log line shows.
 const LOG_WIDTH: usize = 80;
-/// Size of the read buffer, on the worker's stack. Small, so that an idle connection costs only
-/// the pages it touches; large enough for a whole frame head (`proto::MAX_HEAD_LEN`).
-const READ_BUF: usize = 4096;
+/// Size of the read buffer, on the worker's stack. Small, so that the stack of a worker waiting
+/// on an idle connection fits in two pages (it is zeroed, so each of its bytes is touched);
+/// large enough for a whole frame head (`proto::MAX_HEAD_LEN`) or `NAME**SIZE` head. File bodies
+/// are read straight into the upload's own buffer, not through this one.
+const READ_BUF: usize = 512;
 const _: () = assert!(proto::MAX_HEAD_LEN <= READ_BUF);
+const _: () = assert!(starstar::MAX_HEAD_LEN <= READ_BUF);
+/// The buffer that drains a refused peer's bytes (on the stack only while refusing).
+const DRAIN_BUF: usize = 4096;
 /// After refusing a frame, how long and how much of the unread body is read and dropped before
 /// closing, so that the peer gets the `ERR` line instead of a connection reset.
 const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -146,36 +151,17 @@ pub fn serve(shared: &Shared, job: Job) {
         panic_line: debug_panic_line(),
     };
     log::info!("{peer} online");
-    if let Some(auth) = conn.auth.as_mut() {
-        match auth::new_nonce() {
-            Ok(nonce) => auth.nonce = nonce,
-            Err(e) => {
-                log::error!("{peer} no random nonce: {e}; closing");
-                return;
-            }
-        }
-        // Before anything else, so that a client can read it as the first line.
-        let line = wire::nonce_line(&auth.nonce);
-        conn.say(line.as_bytes());
-    }
-    let mut input = Input {
-        buf: [0; READ_BUF],
-        start: 0,
-        end: 0,
-    };
-    let reason = if shared.is_stopping() {
-        // Registered after the shutdown woke everyone: end here rather than wait for a read.
-        conn.say(ERR_SHUTDOWN);
-        Reason::Shutdown
-    } else if let Err(reason) = conn.unlock(&mut input) {
-        reason
-    } else if cfg.server.mode == Mode::Chat {
-        conn.run_chat(&stream, &mut input)
-    } else {
-        conn.run(&mut input)
-    };
+    let reason = conn.session(&stream);
+    log_offline(&conn, started, &reason);
+}
+
+/// The `offline` line. Out of line, like every rare or large path here, so that the stack of a
+/// worker waiting on an idle peer stays small (see `READ_BUF`).
+#[inline(never)]
+fn log_offline(conn: &Conn<'_>, started: Instant, reason: &Reason) {
     log::info!(
-        "{peer} offline (in {} B, out {} B, {:.1} s, reason: {reason})",
+        "{} offline (in {} B, out {} B, {:.1} s, reason: {reason})",
+        conn.peer,
         conn.bytes_in,
         conn.bytes_out,
         started.elapsed().as_secs_f64()
@@ -292,6 +278,56 @@ struct ChatLine<'a> {
     flushed: bool,
 }
 
+impl Conn<'_> {
+    /// The connection from its first byte to its end: the nonce when uploads need a key, the
+    /// `AUTH` line when text does, then text and frames in the server's mode.
+    #[inline(never)]
+    fn session(&mut self, stream: &Arc<TcpStream>) -> Reason {
+        if self.auth.is_some() {
+            if let Err(reason) = self.send_nonce() {
+                return reason;
+            }
+        }
+        let mut input = Input {
+            buf: [0; READ_BUF],
+            start: 0,
+            end: 0,
+        };
+        if self.shared.is_stopping() {
+            // Registered after the shutdown woke everyone: end here rather than wait for a read.
+            self.say(ERR_SHUTDOWN);
+            return Reason::Shutdown;
+        }
+        if let Err(reason) = self.unlock(&mut input) {
+            return reason;
+        }
+        if self.cfg.server.mode == Mode::Chat {
+            self.run_chat(stream, &mut input)
+        } else {
+            self.run(&mut input)
+        }
+    }
+
+    /// Draws this connection's nonce and sends it, before anything else, so that a client can
+    /// read it as the first line.
+    #[inline(never)]
+    fn send_nonce(&mut self) -> Result<(), Reason> {
+        let Some(auth) = self.auth.as_mut() else {
+            return Ok(());
+        };
+        match auth::new_nonce() {
+            Ok(nonce) => auth.nonce = nonce,
+            Err(e) => {
+                log::error!("{} no random nonce: {e}; closing", self.peer);
+                return Err(Reason::Error(e));
+            }
+        }
+        let line = wire::nonce_line(&auth.nonce);
+        self.say(line.as_bytes());
+        Ok(())
+    }
+}
+
 /// The largest message one read's lines make before they go to the room (plus one line).
 const CHAT_MSG_BYTES: usize = 16 * 1024;
 
@@ -299,6 +335,7 @@ impl Conn<'_> {
     /// Chat mode: joins the room, starts this client's writer thread (the only one that writes
     /// to its socket from now on), serves, leaves. The seat is the membership: dropping it leaves
     /// the room, on every path, a panic included.
+    #[inline(never)]
     fn run_chat(&mut self, stream: &Arc<TcpStream>, input: &mut Input) -> Reason {
         let shared = self.shared;
         // Best effort: without it the kernel buffers more for a client that does not read.
@@ -449,6 +486,7 @@ impl Conn<'_> {
     /// prove the key within `access.auth_timeout_secs`: a good `AUTH` line, or a file frame with
     /// a good tag (`ferryd send --key-file`). Frames may come before the `AUTH` line; text other
     /// than it ends the connection with `ERR unauthorized`. Returns once text is unlocked.
+    #[inline(never)]
     fn unlock(&mut self, input: &mut Input) -> Result<(), Reason> {
         let auth_deadline = Deadline::after(self.cfg.access.auth_timeout, Why::Auth);
         let mut proven = false;
@@ -682,6 +720,9 @@ impl Conn<'_> {
     /// (unverified); without it, refuses with `ERR legacy-header` and closes, so that a file is
     /// never echoed or relayed as chat. `Ok` means the connection goes on (with text, or after
     /// the upload).
+    // Not inlined, so that its buffers and the upload's frames take stack only while it runs,
+    // never under a worker that waits for an idle peer's next line.
+    #[inline(never)]
     fn starstar(&mut self, input: &mut Input) -> Result<(), Reason> {
         self.fill(input, None)?;
         let head = loop {
@@ -855,6 +896,9 @@ impl Conn<'_> {
 
     /// Handles the frame that starts at the beginning of `input`: header, name, body, answer.
     /// `Ok` means the connection goes on.
+    // Not inlined, so that its buffers and the upload's frames take stack only while it runs,
+    // never under a worker that waits for an idle peer's next line.
+    #[inline(never)]
     fn frame(&mut self, input: &mut Input) -> Result<(), Reason> {
         // From here to the answer, the connection must not be chosen to make room.
         if !self.place.busy() {
@@ -1011,6 +1055,9 @@ impl Conn<'_> {
     /// Answers a refused frame and prepares to close: the rest of its bytes cannot be told apart
     /// from text, so the connection ends. The unread bytes are drained for a moment first, since
     /// closing a socket with unread input sends a reset that could destroy the answer.
+    // Not inlined, so that its buffers and the upload's frames take stack only while it runs,
+    // never under a worker that waits for an idle peer's next line.
+    #[inline(never)]
     fn refuse(&mut self, line: &str) -> Reason {
         self.say(line.as_bytes());
         let reason = Reason::Refused(line.trim_end().to_string());
@@ -1023,7 +1070,7 @@ impl Conn<'_> {
             }
         }
         let deadline = Deadline::after(LINGER_TIME, Why::Linger);
-        let mut scratch = [0u8; READ_BUF];
+        let mut scratch = [0u8; DRAIN_BUF];
         let mut drained = 0u64;
         while drained < LINGER_BYTES {
             match self.read_by(&mut scratch, deadline) {

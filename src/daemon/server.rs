@@ -1,13 +1,16 @@
-//! The TCP server: one accept thread, a bounded work queue and a fixed pool of worker threads,
-//! plus the control paths that reach them: shutdown, reload and systemd notifications.
+//! The TCP server: one accept thread, a bounded work queue and a pool of worker threads started
+//! on demand, plus the control paths that reach them: shutdown, reload and systemd
+//! notifications.
 //!
 //! The accept thread never blocks on the workers: it puts each connection in the queue
 //! (`waiting::Queue`) and, when the queue is full, answers `ERR busy` itself and closes (or
 //! lets the newcomer take the place of a waiting connection from a heavier address). When
 //! connections wait and every worker is busy, it chooses served connections whose peers keep
 //! them waiting to make room (`evict::Board`); a connection that waited `queue_timeout_secs`
-//! is told `ERR busy`. The thread count is therefore `max_connections` workers plus a
-//! constant, whatever the load. The accept thread also wakes every `TICK` (the listener's
+//! is told `ERR busy`. A worker is started when a connection is queued and no worker is idle,
+//! up to `max_connections`; one left without a connection for `WORKER_KEEP` ends, so an idle
+//! daemon holds no worker stacks. The thread count is therefore at most `max_connections`
+//! workers plus a constant, whatever the load. The accept thread also wakes every `TICK` (the listener's
 //! receive timeout) to feed the systemd watchdog, refresh `STATUS=`, and do the above, so a
 //! hung accept loop stops the watchdog and gets the service restarted.
 
@@ -15,11 +18,9 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
 use socket2::SockRef;
 
 use crate::auth::{Key, KeyError};
@@ -36,7 +37,7 @@ use crate::daemon::stats::Stats;
 use crate::daemon::store::{Store, StoreError};
 use crate::daemon::streamhash::HashPool;
 use crate::daemon::udp;
-use crate::daemon::waiting::Queue;
+use crate::daemon::waiting::{Queue, Worker};
 use crate::deadline::is_timeout;
 use crate::logger;
 use crate::peer::Peer;
@@ -55,6 +56,12 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 const EVICT_AFTER: Duration = Duration::from_secs(1);
 /// At most this many reads of 4 KiB drop what a refused peer already sent (without waiting).
 const REFUSE_DRAIN_READS: usize = 16;
+/// How long a worker without a connection waits for one before its thread ends. Long enough
+/// that a steady trickle of connections reuses threads; short enough that the stacks of a
+/// burst's workers are given back soon after it.
+const WORKER_KEEP: Duration = Duration::from_secs(5);
+/// At most one warning per this interval when a worker thread cannot be started.
+const SPAWN_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Errors that keep the server from starting.
 #[derive(Debug)]
 pub enum ServerError {
@@ -63,7 +70,7 @@ pub enum ServerError {
     Store(StoreError),
     /// The upload key cannot be read.
     Key(KeyError),
-    /// A worker thread could not be started (usually a process or memory limit).
+    /// A thread could not be started (usually a process or memory limit).
     Spawn {
         index: usize,
         total: usize,
@@ -79,7 +86,7 @@ impl std::fmt::Display for ServerError {
             ServerError::Key(e) => write!(f, "files.token_file: {e}"),
             ServerError::Spawn { index, total, err } => write!(
                 f,
-                "cannot start worker thread {index} of {total}: {err} (lower server.max_connections or raise the process/thread limits)"
+                "cannot start thread {index} of {total}: {err} (lower server.max_connections or raise the process/thread limits)"
             ),
         }
     }
@@ -247,34 +254,16 @@ impl Server {
         let shared = &self.handle.shared;
         let cfg = shared.config();
         let cfg = &cfg.server;
-        let queue = Arc::new(Queue::default());
-        let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
         let n_workers = cfg.max_connections;
-        // Before the workers exist: every thread shares the limit.
+        let queue = Arc::new(Queue::new(n_workers));
+        // Before any other thread exists: every thread shares the limit.
         fdlimit::log_outcome(&fdlimit::ensure(fdlimit::needed(&shared.config())));
-        let stack = worker_stack_bytes(&shared.config());
-        for index in 0..n_workers {
-            let (shared, queue, done) = (Arc::clone(shared), Arc::clone(&queue), done_tx.clone());
-            thread::Builder::new()
-                .name(format!("worker-{index}"))
-                .stack_size(stack)
-                .spawn(move || worker(&shared, &queue, &done))
-                .map_err(|err| {
-                    // Workers already started end when the queue is closed (dropped) below.
-                    ServerError::Spawn {
-                        index: index + 1,
-                        total: n_workers,
-                        err,
-                    }
-                })?;
-        }
-        drop(done_tx);
         let udp_thread =
             match self.udp.take() {
                 Some(socket) => Some(udp::spawn(socket, Arc::clone(shared)).map_err(|err| {
                     ServerError::Spawn {
-                        index: n_workers + 1,
-                        total: n_workers + 1,
+                        index: 1,
+                        total: 1,
                         err,
                     }
                 })?),
@@ -287,7 +276,7 @@ impl Server {
             );
         }
         log::info!(
-            "listening on {} (mode {}, {} workers, queue {}, idle timeout {} s)",
+            "listening on {} (mode {}, up to {} workers, queue {}, idle timeout {} s)",
             self.local_addr,
             cfg.mode.as_str(),
             n_workers,
@@ -304,31 +293,28 @@ impl Server {
             refuse(&job.stream, ERR_SHUTDOWN);
         }
         let grace = shared.config().server.shutdown_grace;
-        let mut finished = wait_for(&done_rx, n_workers, Instant::now() + grace);
-        if finished < n_workers {
+        let started = queue.live_workers();
+        let mut left = queue.wait_workers_gone(Instant::now() + grace);
+        if left > 0 {
             log::warn!(
-                "{} connection(s) still open after the {} s grace period; closing them",
-                n_workers - finished,
+                "{left} connection(s) still open after the {} s grace period; closing them",
                 grace.as_secs()
             );
             shared.conns.close_all();
-            finished += wait_for(
-                &done_rx,
-                n_workers - finished,
-                Instant::now() + Duration::from_millis(500),
-            );
+            left = queue.wait_workers_gone(Instant::now() + Duration::from_millis(500));
         }
         if let Some(t) = udp_thread {
             let _ = t.join();
         }
         log::info!(
-            "stopped: {}; {finished} of {n_workers} workers joined",
-            shared.stats.summary()
+            "stopped: {}; {} of {started} workers joined",
+            shared.stats.summary(),
+            started.saturating_sub(left)
         );
         Ok(())
     }
 
-    fn accept_loop(&self, queue: &Queue) {
+    fn accept_loop(&self, queue: &Arc<Queue>) {
         let shared = &self.handle.shared;
         let listener = &*self.handle.listener;
         let notifier = &self.handle.notifier;
@@ -336,6 +322,7 @@ impl Server {
         let mut last_watchdog = Instant::now();
         let mut last_status = Instant::now();
         let mut spare = Spare::new(listener);
+        let mut hiring = Hiring::default();
         if watchdog.is_some() {
             notifier.watchdog();
         }
@@ -430,7 +417,7 @@ impl Server {
             // The queue is full (workers about to take a connection count as room): a newcomer
             // from an address holding fewer connections than the heaviest waiting one takes that
             // one's place; otherwise it is refused.
-            let room = cfg.server.queue_depth + shared.idle_workers.load(Ordering::SeqCst);
+            let room = cfg.server.queue_depth + queue.free_workers();
             if queue.len() >= room {
                 let mine = shared.per_ip.open_from(peer.ip());
                 match queue.displace(|ip| shared.per_ip.open_from(ip), mine) {
@@ -450,7 +437,9 @@ impl Server {
                 }
             }
             Stats::add(&shared.stats.queued, 1);
-            queue.push(Job { stream, peer, slot }, Instant::now());
+            if let Some(worker) = queue.push(Job { stream, peer, slot }, Instant::now()) {
+                hiring.start(shared, queue, worker);
+            }
             make_room(shared, queue, cfg.server.queue_timeout);
         }
     }
@@ -469,7 +458,7 @@ fn make_room(shared: &Shared, queue: &Queue, queue_timeout: Duration) {
         );
     }
     let waiting = queue.len();
-    let free = shared.idle_workers.load(Ordering::SeqCst) + shared.board.evicting();
+    let free = queue.free_workers() + shared.board.evicting();
     for _ in free..waiting {
         // The chosen connection's `offline` line says why it ended.
         match shared.board.evict_one(EVICT_AFTER) {
@@ -630,26 +619,59 @@ fn refuse(stream: &TcpStream, line: &[u8]) {
     }
 }
 
-fn wait_for(done: &Receiver<()>, n: usize, deadline: Instant) -> usize {
-    let mut got = 0;
-    while got < n && done.recv_deadline(deadline).is_ok() {
-        got += 1;
-    }
-    got
+/// Starting worker threads for the accept thread.
+#[derive(Default)]
+struct Hiring {
+    /// Threads started so far, for their names.
+    n_started: u64,
+    /// When a failure to start one was last logged.
+    last_warning: Option<Instant>,
 }
 
-fn worker(shared: &Shared, queue: &Queue, done: &Sender<()>) {
-    loop {
-        shared.idle_workers.fetch_add(1, Ordering::SeqCst);
-        let job = queue.pop(|ip| shared.per_ip.open_from(ip));
-        shared.idle_workers.fetch_sub(1, Ordering::SeqCst);
-        let Some(job) = job else { break };
-        Stats::sub(&shared.stats.queued, 1);
-        let peer = job.peer;
-        // A bug in one connection's handling must not cost the daemon a worker.
-        if panic::catch_unwind(AssertUnwindSafe(|| conn::serve(shared, job))).is_err() {
-            log::error!("{peer} handler panicked; connection closed, worker continues");
+impl Hiring {
+    /// Starts `worker` on its own thread. If the thread cannot start, the worker is dropped (its
+    /// counts given back) and the connection waits for a busy worker, or its queue timeout.
+    fn start(&mut self, shared: &Arc<Shared>, queue: &Queue, worker: Worker) {
+        let stack = worker_stack_bytes(&shared.config());
+        let thread_shared = Arc::clone(shared);
+        let spawned = thread::Builder::new()
+            .name(format!("worker-{}", self.n_started))
+            .stack_size(stack)
+            .spawn(move || work(&thread_shared, worker));
+        match spawned {
+            Ok(_) => self.n_started += 1,
+            Err(e) => {
+                if self
+                    .last_warning
+                    .is_none_or(|t| t.elapsed() >= SPAWN_WARN_EVERY)
+                {
+                    self.last_warning = Some(Instant::now());
+                    log::warn!(
+                        "cannot start a worker thread: {e}; {} worker(s) serve, the connection waits (lower server.max_connections or raise the process/thread limits)",
+                        queue.live_workers()
+                    );
+                }
+            }
         }
     }
-    let _ = done.send(());
+}
+
+/// A worker thread: serves connections from the queue until it closes, or until none came for
+/// `WORKER_KEEP`.
+fn work(shared: &Shared, mut worker: Worker) {
+    while let Some(job) = worker.next(|ip| shared.per_ip.open_from(ip), WORKER_KEEP) {
+        Stats::sub(&shared.stats.queued, 1);
+        serve_caught(shared, job);
+    }
+}
+
+/// Serves one connection; a panic in its handling is caught and logged, so that a bug in one
+/// connection's handling does not cost the daemon a worker. Not inlined: the handler's large
+/// stack frame exists only while a connection is served, never under an idle worker.
+#[inline(never)]
+fn serve_caught(shared: &Shared, job: Job) {
+    let peer = job.peer;
+    if panic::catch_unwind(AssertUnwindSafe(|| conn::serve(shared, job))).is_err() {
+        log::error!("{peer} handler panicked; connection closed, worker continues");
+    }
 }

@@ -3,7 +3,7 @@
 //! the registry of open connections, the chat room and the per-address counts.
 
 use std::net::{IpAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -46,8 +46,6 @@ pub struct Shared {
     pub per_ip: Arc<PerIp>,
     /// The served connections, for making room when every worker is busy.
     pub board: Board,
-    /// Workers waiting for a connection right now.
-    pub idle_workers: AtomicUsize,
     hash_pool: Option<HashPool>,
     /// The `files.on_stored` queue and its threads.
     pub hooks: Hooks,
@@ -66,7 +64,6 @@ impl Shared {
             room: Room::default(),
             per_ip: Arc::new(PerIp::default()),
             board: Board::default(),
-            idle_workers: AtomicUsize::new(0),
             hash_pool,
             hooks,
             stopping: AtomicBool::new(false),
