@@ -189,14 +189,15 @@ enum ReadEnd {
     Error(io::Error),
 }
 
-/// Bytes read from the socket and not yet used.
-struct Input {
-    buf: [u8; READ_BUF],
+/// Bytes read from the socket and not yet used, in a buffer on the worker's stack (`READ_BUF`)
+/// or, for a chat member, a larger one on the heap (`CHAT_READ_BUF`).
+struct Input<'b> {
+    buf: &'b mut [u8],
     start: usize,
     end: usize,
 }
 
-impl Input {
+impl Input<'_> {
     fn data(&self) -> &[u8] {
         &self.buf[self.start..self.end]
     }
@@ -288,8 +289,9 @@ impl Conn<'_> {
                 return reason;
             }
         }
+        let mut buf = [0; READ_BUF];
         let mut input = Input {
-            buf: [0; READ_BUF],
+            buf: &mut buf,
             start: 0,
             end: 0,
         };
@@ -330,14 +332,25 @@ impl Conn<'_> {
 
 /// The largest message one read's lines make before they go to the room (plus one line).
 const CHAT_MSG_BYTES: usize = 16 * 1024;
+/// A chat member's read buffer, on the heap: larger than `READ_BUF`, so that a member sending
+/// fast gets its lines to the room in few reads and few appends (each read's lines are one
+/// message), while an idle echo connection keeps its small stack.
+const CHAT_READ_BUF: usize = 4096;
 
 impl Conn<'_> {
     /// Chat mode: joins the room, starts this client's writer thread (the only one that writes
     /// to its socket from now on), serves, leaves. The seat is the membership: dropping it leaves
     /// the room, on every path, a panic included.
     #[inline(never)]
-    fn run_chat(&mut self, stream: &Arc<TcpStream>, input: &mut Input) -> Reason {
+    fn run_chat(&mut self, stream: &Arc<TcpStream>, small: &mut Input) -> Reason {
         let shared = self.shared;
+        let mut buf = vec![0; CHAT_READ_BUF.max(small.data().len())];
+        let end = small.take_into(&mut buf);
+        let input = &mut Input {
+            buf: &mut buf,
+            start: 0,
+            end,
+        };
         // Best effort: without it the kernel buffers more for a client that does not read.
         let _ = SockRef::from(&**stream).set_send_buffer_size(CHAT_SNDBUF);
         let limits = ChatLimits {
@@ -656,7 +669,7 @@ impl Conn<'_> {
                 Some(after) => idle.earliest(Deadline::after(after, Why::ChatFlush)),
                 None => idle,
             };
-            match self.read_by(&mut input.buf, deadline) {
+            match self.read_by(input.buf, deadline) {
                 Ok(n) => {
                     input.end = n;
                     return Ok(());
@@ -1108,9 +1121,9 @@ impl Conn<'_> {
 
 /// The body of a frame: what is left in the input buffer, then reads from the socket straight
 /// into a large buffer.
-struct ConnSource<'c, 'a> {
+struct ConnSource<'c, 'a, 'i> {
     conn: &'c mut Conn<'a>,
-    input: &'c mut Input,
+    input: &'c mut Input<'i>,
     /// `access.min_upload_bytes_per_sec` (0: no check), checked over windows of
     /// `access.upload_rate_window_secs`; a body read waits at most until the end of the window.
     min_rate: u64,
@@ -1119,10 +1132,10 @@ struct ConnSource<'c, 'a> {
     window_bytes: u64,
 }
 
-impl<'c, 'a> ConnSource<'c, 'a> {
+impl<'c, 'a, 'i> ConnSource<'c, 'a, 'i> {
     /// The body source for a frame (or `NAME**SIZE` upload) starting now, under the snapshot's
     /// `access.min_upload_bytes_per_sec` and `access.upload_rate_window_secs`.
-    fn new(conn: &'c mut Conn<'a>, input: &'c mut Input) -> Self {
+    fn new(conn: &'c mut Conn<'a>, input: &'c mut Input<'i>) -> Self {
         let min_rate = conn.cfg.access.min_upload_bytes_per_sec;
         let window = conn.cfg.access.upload_rate_window;
         ConnSource {
@@ -1150,7 +1163,7 @@ impl<'c, 'a> ConnSource<'c, 'a> {
     }
 }
 
-impl BodySource for ConnSource<'_, '_> {
+impl BodySource for ConnSource<'_, '_, '_> {
     fn read_into(&mut self, buf: &mut [u8]) -> Result<usize, Lost> {
         if !self.input.is_empty() {
             return Ok(self.input.take_into(buf));
