@@ -61,8 +61,8 @@ impl<'p> BodyHash<'p> {
 /// A piece on the pool: where the state comes back, and the piece's buffer.
 type InFlight = (Receiver<Box<Sha256>>, Arc<Vec<u8>>);
 
-/// SHA-256 of a body, each piece hashed on the pool while the next one is received; at most one
-/// piece is in flight, so pieces are hashed in order.
+/// SHA-256 of a body, each piece hashed on the pool while it is written out and the next one
+/// is received; at most one piece is in flight, so pieces are hashed in order.
 pub struct ShaStream<'p> {
     total: u64,
     fed: u64,
@@ -76,11 +76,10 @@ pub struct ShaStream<'p> {
 }
 
 impl ShaStream<'_> {
+    /// Does not wait for the piece in flight: the next piece is received into another buffer
+    /// while it is hashed (two buffers take turns).
     fn buffer(&mut self) -> Vec<u8> {
         let len = (self.total - self.fed).min(PIECE as u64) as usize;
-        if self.spare.is_none() {
-            self.settle();
-        }
         let mut buf = self
             .spare
             .take()
