@@ -495,3 +495,77 @@ fn expired_partials_go_and_unexpired_ones_stay() {
         WAIT,
     );
 }
+
+/// `ferryd send` against a server from before trailing resumable frames: it refuses flag bits 2
+/// and 3 together with `ERR bad-header`, and `send` sends the file again, one-pass and not
+/// resumable, on a new connection. The old server is played by the test: it reads each head,
+/// refuses the combination as that server did, and otherwise takes the body and its trailing
+/// checksum and answers `OK` with the hex of what it received.
+#[test]
+fn send_falls_back_to_a_plain_trailing_frame_for_an_older_server() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let mut flags_seen = Vec::new();
+        let mut stored = None;
+        listener.set_nonblocking(true).unwrap();
+        for _ in 0..2 {
+            // A client that does not come back must not hang the test.
+            let deadline = Instant::now() + WAIT;
+            let mut s = loop {
+                match listener.accept() {
+                    Ok((s, _)) => break s,
+                    Err(_) if Instant::now() < deadline => {
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(_) => return (flags_seen, stored),
+                }
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            let mut head = [0u8; 48];
+            s.read_exact(&mut head).unwrap();
+            flags_seen.push(head[5]);
+            let name_len = u16::from_be_bytes([head[6], head[7]]) as usize;
+            let size = u64::from_be_bytes(head[8..16].try_into().unwrap()) as usize;
+            let mut name = vec![0u8; name_len];
+            s.read_exact(&mut name).unwrap();
+            if head[5] & 0x0C == 0x0C {
+                s.write_all(b"ERR bad-header flag bit 3 (resumable) needs the checksum in the header, not after the body (bit 2)\n").unwrap();
+                continue;
+            }
+            let mut body = vec![0u8; size];
+            s.read_exact(&mut body).unwrap();
+            let mut sum = [0u8; 32];
+            s.read_exact(&mut sum).unwrap();
+            assert_eq!(
+                &sum,
+                blake3::hash(&body).as_bytes(),
+                "the trailing checksum"
+            );
+            let line = format!(
+                "OK {} {size} {}\n",
+                String::from_utf8_lossy(&name),
+                blake3::hash(&body).to_hex()
+            );
+            s.write_all(line.as_bytes()).unwrap();
+            stored = Some(body);
+        }
+        (flags_seen, stored)
+    });
+    let src = TempDir::new();
+    let (file, body) = source(src.path(), "old.bin", 9);
+    let (ok, text) = send_via(addr, &file, &[]);
+    let (flags_seen, stored) = server.join().unwrap();
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("an older ferryd); sending it without resuming"),
+        "{text}"
+    );
+    assert_eq!(
+        flags_seen,
+        [0x0C, 0x04],
+        "resumable trailing, then plain trailing"
+    );
+    assert!(stored == Some(body), "the old server got the file whole");
+}

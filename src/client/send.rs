@@ -468,6 +468,24 @@ pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, Client
             );
             (ok, message, keep, _) = c.upload(&mut prepared, opts.timeout, progress);
         }
+        if !ok && prepared.resume && prepared.header.trailing && message.contains("ERR bad-header")
+        {
+            // A server from before trailing resumable frames (flag bits 2 and 3 together)
+            // refuses them: the same file as a one-pass frame that is not resumable.
+            let _ = writeln!(
+                out,
+                "{}: the server does not take resumable frames with a trailing checksum (an older ferryd); sending it without resuming",
+                path.display()
+            );
+            prepared.resume = false;
+            prepared.header.checksum = [0; 32];
+            if !keep {
+                conn = Some(Connection::open(&opts.to, opts.timeout, key.as_ref())?);
+            }
+            if let Some(c) = conn.as_mut() {
+                (ok, message, keep, _) = c.upload(&mut prepared, opts.timeout, progress);
+            }
+        }
         results.push(report(out, path, ok, message));
         if !keep {
             // The server closes after refusing a frame; the next file gets a new connection.
