@@ -1,6 +1,6 @@
 //! Chat fan-out and UDP echo benchmark (run with `cargo bench --bench chat`).
 //!
-//! Chat: 50 clients connect; each sends `LINES` lines as fast as it can while reading; every line
+//! Chat: 50 clients connect; each sends `LINES` lines (`--lines N`) as fast as it can while reading; every line
 //! must reach the 49 others. Measured: deliveries per second (from the first send to the last
 //! delivery, both on the clients' clock) and the delivery latency of every line (median and p99), against ferryd in chat mode
 //! and, in the same run, `ncat --chat` (Debian package `ncat`). Lines carry a marker and a send
@@ -24,6 +24,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 const CLIENTS: usize = 50;
+/// Lines per client by default (`--lines N`).
 const LINES: usize = 1000;
 const ROUNDS: usize = 5;
 const UDP_CLIENTS: usize = 4;
@@ -44,6 +45,11 @@ fn main() {
         .position(|a| a == "--rounds")
         .and_then(|i| args.get(i + 1))
         .map_or(ROUNDS, |r| r.parse().expect("--rounds N"));
+    let lines = args
+        .iter()
+        .position(|a| a == "--lines")
+        .and_then(|i| args.get(i + 1))
+        .map_or(LINES, |r| r.parse().expect("--lines N"));
     let have_ncat = Command::new("sh")
         .arg("-c")
         .arg("command -v ncat")
@@ -52,7 +58,7 @@ fn main() {
     assert!(have_ncat, "ncat not found: apt-get install -y ncat");
 
     println!(
-        "chat fan-out: {CLIENTS} clients × {LINES} lines, each to the {} others; {rounds} rounds",
+        "chat fan-out: {CLIENTS} clients × {lines} lines, each to the {} others; {rounds} rounds",
         CLIENTS - 1
     );
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
@@ -60,12 +66,12 @@ fn main() {
         for first in [round % 2 == 0, round % 2 == 1] {
             if first {
                 let s = ferryd("chat");
-                let r = chat_round(s.port, s.pid());
+                let r = chat_round(s.port, s.pid(), lines);
                 println!("  round {round} ferryd {r}");
                 ours.push(r);
             } else {
                 let s = ncat_chat();
-                let r = chat_round(s.port, s.pid());
+                let r = chat_round(s.port, s.pid(), lines);
                 println!("  round {round} ncat   {r}");
                 theirs.push(r);
             }
@@ -156,9 +162,9 @@ fn cpu_ms(pid: u32) -> f64 {
 
 /// One chat measurement: connect everyone, let the notices settle, then all send at once.
 /// `pid` is the server's, for its CPU time.
-fn chat_round(port: u16, pid: u32) -> ChatResult {
+fn chat_round(port: u16, pid: u32, lines: usize) -> ChatResult {
     let base = Instant::now();
-    let expected = (CLIENTS * (CLIENTS - 1) * LINES) as u64;
+    let expected = (CLIENTS * (CLIENTS - 1) * lines) as u64;
     let delivered = Arc::new(AtomicU64::new(0));
     let last_delivery = Arc::new(AtomicU64::new(0));
     // The first send, from the senders' own clocks: the main thread may be scheduled late after
@@ -194,7 +200,7 @@ fn chat_round(port: u16, pid: u32) -> ChatResult {
             let mut reader = reader;
             let mut buf = vec![0u8; 64 * 1024];
             let mut carry: Vec<u8> = Vec::new();
-            let mut mine = Vec::with_capacity((CLIENTS - 1) * LINES);
+            let mut mine = Vec::with_capacity((CLIENTS - 1) * lines);
             while !done.load(Ordering::Relaxed) {
                 let n = match reader.read(&mut buf) {
                     Ok(0) => break,
@@ -225,7 +231,7 @@ fn chat_round(port: u16, pid: u32) -> ChatResult {
         let mut writer = stream;
         handles.push(thread::spawn(move || {
             start.wait();
-            for i in 0..LINES {
+            for i in 0..lines {
                 let t = base.elapsed().as_nanos() as u64;
                 if i == 0 {
                     first_send.fetch_min(t, Ordering::Relaxed);
