@@ -32,7 +32,7 @@ const UDP_MEASURE: Duration = Duration::from_secs(2);
 
 mod common;
 
-use common::{Server, free_port, median};
+use common::{Server, free_port, median, stat_cpu_secs};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -147,17 +147,7 @@ impl std::fmt::Display for ChatResult {
 
 /// A process's CPU time so far (user + system, all its threads), in ms.
 fn cpu_ms(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the command name in parentheses: fields 14 and 15 are utime and stime, in ticks.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let tick = 1000.0 / 100.0;
-    f.iter().sum::<f64>() * tick
+    stat_cpu_secs(&format!("/proc/{pid}/stat"), 11) * 1000.0
 }
 
 /// One chat measurement: connect everyone, let the notices settle, then all send at once.

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{Server, free_port, median};
+use common::{Server, free_port, median, stat_cpu_secs};
 
 const ROUNDS: usize = 3;
 const LINE: &[u8; 32] = b"0123456789abcdefghijklmnopqrst\r\n";
@@ -387,17 +387,7 @@ fn status_field(path: &str, key: &str) -> f64 {
 
 /// CPU seconds (user + system) used by this process's waited-for children so far.
 fn children_cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // cutime and cstime, fields 16 and 17 of proc(5), are the 14th and 15th after the name.
-    let ticks: f64 = [13, 14]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<f64>().ok()))
-        .sum();
-    // USER_HZ is 100 on Linux.
-    ticks / 100.0
+    stat_cpu_secs("/proc/self/stat", 13)
 }
 
 /// Seconds of a clean release build without a C compiler, in a fresh target directory.

@@ -1,4 +1,5 @@
-//! What the benchmarks share: starting and stopping server processes, free ports, medians.
+//! What the benchmarks share: starting and stopping server processes, free ports, CPU times,
+//! medians.
 
 #![allow(dead_code)] // Each bench uses its own subset.
 
@@ -109,4 +110,21 @@ pub fn median(xs: &[f64]) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// CPU seconds summed over two adjacent tick fields of a `/proc/.../stat` file, counted from
+/// the first field after the command name (which is in parentheses and may hold spaces): index
+/// 11 gives utime and stime (fields 14 and 15 of proc(5)), index 13 cutime and cstime. Zero if
+/// the file cannot be read.
+pub fn stat_cpu_secs(stat_path: &str, index: usize) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: f64 = rest
+        .split_whitespace()
+        .skip(index)
+        .take(2)
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum();
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
 }

@@ -1068,8 +1068,8 @@ impl Conn<'_> {
     /// Answers a refused frame and prepares to close: the rest of its bytes cannot be told apart
     /// from text, so the connection ends. The unread bytes are drained for a moment first, since
     /// closing a socket with unread input sends a reset that could destroy the answer.
-    // Not inlined, so that its buffers and the upload's frames take stack only while it runs,
-    // never under a worker that waits for an idle peer's next line.
+    // Not inlined, so that its drain buffer takes stack only while it runs, never under a
+    // worker that waits for an idle peer's next line.
     #[inline(never)]
     fn refuse(&mut self, line: &str) -> Reason {
         self.say(line.as_bytes());
