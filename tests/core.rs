@@ -891,6 +891,21 @@ fn threads_stay_bounded_under_a_connection_flood() {
     );
     let mut s = d.connect();
     echo_round_trip(&mut s, b"after the flood\n");
+    drop(s);
+    // Workers are started on demand and retire after 5 s without a connection: the daemon
+    // goes back to the threads it had before the flood, none of them a worker (main, ctrlc's,
+    // the SIGHUP thread and UDP's).
+    assert!(
+        idle_threads <= 4,
+        "{idle_threads} threads before any connection: a worker started up front?"
+    );
+    let retired = wait_until(Duration::from_secs(15), || d.thread_count() == idle_threads);
+    assert!(
+        retired,
+        "{} threads 15 s after the last connection ended, {idle_threads} before the flood{}",
+        d.thread_count(),
+        log_tail(&d)
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
