@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ferryd::{Command, Config, ConfigError, Origin, PackOptions, SendOptions};
+use ferryd::{Command, Config, ConfigError, Origin, PackOptions, PreflightError, SendOptions};
 
 /// Exit codes (sysexits.h where one fits).
 const EXIT_FAILURE: u8 = 1;
@@ -46,6 +46,25 @@ fn say(text: impl Display) {
     let _ = writeln!(io::stderr().lock(), "ferryd: {text}");
 }
 
+/// Reports a configuration that cannot be used, one line per problem and then how many there
+/// are (as rustc does), and gives exit code 78.
+fn config_error(e: &ConfigError) -> ExitCode {
+    if e.problems().is_empty() {
+        say(format_args!("config error: {e}"));
+    }
+    for problem in e.problems() {
+        say(format_args!("config error: {problem}"));
+    }
+    if let Some(summary) = e.summary() {
+        say(summary);
+    }
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
 /// Writes `text` to stdout. A reader that stopped reading (`ferryd check-config | head -1`) is
 /// not a failure: what it wanted it got. Any other write error is (exit 1).
 fn print_out(text: &str) -> ExitCode {
@@ -65,13 +84,18 @@ fn print_out(text: &str) -> ExitCode {
 fn check_config(flag: Option<PathBuf>, quiet: bool) -> ExitCode {
     let (origin, config) = match load(flag) {
         Ok(pair) => pair,
-        Err(e) => {
-            say(format_args!("config error: {e}"));
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(e) => return config_error(&e),
     };
     if let Err(e) = ferryd::preflight(&config) {
-        say(format_args!("config error: {origin}: {e}"));
+        let all = match &e {
+            PreflightError::Several(all) => all.iter().collect(),
+            one => vec![one],
+        };
+        for e in &all {
+            say(format_args!("config error: {origin}: {e}"));
+        }
+        let n = all.len();
+        say(format_args!("{n} error{} in {origin}", plural(n)));
         return ExitCode::from(EXIT_CONFIG);
     }
     if quiet {
@@ -118,10 +142,7 @@ fn run(flag: Option<PathBuf>) -> ExitCode {
     }
     let (origin, config) = match load(flag) {
         Ok(pair) => pair,
-        Err(e) => {
-            say(format_args!("config error: {e}"));
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(e) => return config_error(&e),
     };
     ferryd::init_logger(config.log.level, config.log.format);
     log::info!(

@@ -195,6 +195,95 @@ fn check_config_accepts_what_the_daemon_accepts_and_quiet_prints_nothing() {
     );
 }
 
+/// The lines of `out`'s stderr.
+fn stderr_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn check_config_and_the_daemon_report_every_error_in_the_file_with_78() {
+    let tmp = TempDir::new();
+    let path = tmp.path().join("three.toml");
+    fs::write(
+        &path,
+        "[server]\nport = 70000\nprot = 1\n\n[access]\nrequire_token = true\n",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let want = [
+        format!(
+            "ferryd: config error: {p}:2: server.port = 70000: out of range; allowed: an integer in 1–65535"
+        ),
+        format!(
+            "ferryd: config error: {p}:3: server.prot = 1: unknown field `prot`, expected one of `bind`, `port`, "
+        ),
+        format!(
+            "ferryd: config error: {p}:6: access.require_token = true: needs files.token_file, the key to check; allowed: "
+        ),
+        format!("ferryd: 3 errors in {p}"),
+    ];
+    for args in [&["check-config", "--config", p][..], &["--config", p][..]] {
+        let out = run_ferryd(args, &[]);
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {}", text(&out));
+        assert!(out.stdout.is_empty(), "{args:?}: {}", text(&out));
+        let lines = stderr_lines(&out);
+        assert_eq!(lines.len(), want.len(), "{args:?}: {}", text(&out));
+        for (line, want) in lines.iter().zip(&want) {
+            assert!(
+                line.starts_with(want.as_str()),
+                "{args:?}: {line:?} should start with {want:?}\n{}",
+                text(&out)
+            );
+        }
+    }
+}
+
+#[test]
+fn check_config_and_the_daemon_report_every_unusable_thing_the_file_names_with_78() {
+    let tmp = TempDir::new();
+    let file = tmp.path().join("a-file");
+    fs::write(&file, "x").unwrap();
+    let missing = tmp.path().join("missing.key");
+    let path = config(
+        &tmp,
+        &format!(
+            "dir = {:?}\ntoken_file = {:?}",
+            file.display().to_string(),
+            missing.display().to_string()
+        ),
+    );
+    let p = path.to_str().unwrap();
+    let needles = ["files.token_file: ", "exists and is not a directory"];
+    for args in [&["check-config", "--config", p][..], &["--config", p][..]] {
+        let out = run_ferryd(args, &[]);
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        for needle in needles {
+            assert!(
+                err.contains(needle),
+                "{args:?} names {needle:?}: {}",
+                text(&out)
+            );
+        }
+    }
+    // check-config: one line each, then the count.
+    let out = run_ferryd(&["check-config", "--config", p], &[]);
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 3, "{}", text(&out));
+    for (line, needle) in lines.iter().zip(needles) {
+        assert!(
+            line.starts_with(&format!("ferryd: config error: {p} (from --config): "))
+                && line.contains(needle),
+            "{line:?} should name {needle:?}\n{}",
+            text(&out)
+        );
+    }
+    assert_eq!(lines[2], format!("ferryd: 2 errors in {p} (from --config)"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Closed stdout, command-line mistakes.
 

@@ -1,23 +1,19 @@
-//! The raw layer and its validation: serde reads the file into tables of `Spanned` values (so
-//! every error can point at a line), and each value is checked against its key's declaration in
-//! `keys`, giving one `Val` per key. Errors name the file, line, key, value and what is allowed.
+//! Validation against the key table: each value the file gives is checked against its key's
+//! declaration in `keys`, giving one `Val` per key, and keys that depend on each other are
+//! checked together. Every problem is collected (unknown tables and keys too, in the wording
+//! serde's `deny_unknown_fields` used), in the order of the file.
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 
-use toml::{Spanned, Value};
+use toml::Spanned;
+use toml::de::{DeString, DeTable, DeValue};
 
 use crate::hookargs;
 use crate::rules::Cidr;
 
-use super::ConfigError;
+use super::error::Problem;
 use super::keys::{self, KEYS, Key, Kind, TABLES, Val};
-
-/// What serde reads: `[table]` → `key` → value, each with its place in the text. Unknown tables
-/// (`Ctx::read`) and keys (`Ctx::validate`) are refused against the key table, in the wording
-/// serde's `deny_unknown_fields` uses.
-pub(super) type Raw = BTreeMap<Spanned<String>, Spanned<RawTable>>;
-type RawTable = BTreeMap<Spanned<String>, Spanned<Value>>;
+use super::read::{Ctx, type_name};
 
 /// One value per key, in the order of `KEYS`.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,302 +63,337 @@ impl Values {
     }
 }
 
-/// The text being validated, for turning spans into lines and values.
-pub(super) struct Ctx<'a> {
-    pub src: &'a str,
-    pub file: &'a str,
+/// What the file gives for one key.
+#[derive(Debug, Clone)]
+enum Given {
+    /// Nothing: the key keeps its default.
+    Absent,
+    /// A value that passed its checks, and where it is.
+    Good(Val, Range<usize>),
+    /// A value that was refused (and reported).
+    Bad,
 }
 
+/// A problem and the byte offset it is reported at, for putting problems in the order of the
+/// file.
+type Found = (usize, Problem);
+
 impl Ctx<'_> {
-    /// Reads the text into tables of spanned values: a TOML error, an unknown table or a table
-    /// name given a plain value is refused first, in the order of the file.
-    pub fn read(&self) -> Result<Raw, ConfigError> {
-        let top: BTreeMap<Spanned<String>, Spanned<Value>> =
-            toml::from_str(self.src).map_err(|e| self.toml_error(&e))?;
-        let mut top: Vec<_> = top.iter().collect();
-        top.sort_by_key(|(name, _)| name.span().start);
-        for (name, value) in top {
-            let is_table = matches!(value.get_ref(), Value::Table(_));
-            if !TABLES.contains(&name.get_ref().as_str()) {
-                let at = (!is_table).then_some(("", value));
-                return Err(self.unknown(name, at, TABLES.iter().copied()));
+    /// Checks every table and value the file gives against the key table, and the keys that
+    /// depend on each other; fills in the rest. Every problem is reported, in the order of the
+    /// file.
+    pub fn validate(&self, raw: &DeTable<'_>) -> Result<Values, Vec<Problem>> {
+        let mut found: Vec<Found> = Vec::new();
+        let mut given = vec![Given::Absent; KEYS.len()];
+        for (name, value) in raw {
+            let (table, at) = (name.get_ref().as_ref(), name.span());
+            let is_table = matches!(value.get_ref(), DeValue::Table(_));
+            if !TABLES.contains(&table) {
+                let value_at = (!is_table).then(|| ("", value.span()));
+                let known = TABLES.iter().copied();
+                found.push((at.start, self.unknown((table, at), value_at, known)));
+                continue;
             }
-            if !is_table {
+            let DeValue::Table(body) = value.get_ref() else {
                 let problem = format!("expected a table, found {}", type_name(value.get_ref()));
-                let allowed = format!("a [{}] table", name.get_ref());
-                return Err(self.bad(value, name.get_ref(), &problem, &allowed));
-            }
-        }
-        toml::from_str(self.src).map_err(|e| self.toml_error(&e))
-    }
-
-    /// Checks every value the file gives against its key, in the order of the file, and fills
-    /// in the rest.
-    pub fn validate(&self, raw: &Raw) -> Result<Values, ConfigError> {
-        let mut entries = Vec::new();
-        for (table, body) in raw {
-            for (name, value) in body.get_ref() {
-                entries.push((table, name, value));
-            }
-        }
-        entries.sort_by_key(|(_, name, _)| name.span().start);
-        let mut given: Vec<Option<Val>> = KEYS.iter().map(|_| None).collect();
-        let mut spans: Vec<Option<&Spanned<Value>>> = KEYS.iter().map(|_| None).collect();
-        for (table, name, value) in entries {
-            let (table, name_str) = (table.get_ref().as_str(), name.get_ref().as_str());
-            let Some(slot) = KEYS
-                .iter()
-                .position(|k| k.table == table && k.name == name_str)
-            else {
-                let names = KEYS.iter().filter(|k| k.table == table).map(|k| k.name);
-                return Err(self.unknown(name, Some((table, value)), names));
+                let allowed = format!("a [{table}] table");
+                let problem = self.bad(value.span(), table, &problem, &allowed);
+                found.push((value.span().start, problem));
+                continue;
             };
-            let key = &KEYS[slot];
-            given[slot] = Some(self.value(value, key)?);
-            spans[slot] = Some(value);
+            for (name, value) in body {
+                if let Err(problem) = self.entry(table, name, value, &mut given) {
+                    found.push(problem);
+                }
+            }
         }
-        let values = Values::resolve(given);
-        self.require_token_has_key(&values, &spans)?;
-        self.starstar_without_key(&values, &spans)?;
-        Ok(values)
+        let checked = given.iter().map(|g| match g {
+            Given::Good(v, _) => Some(v.clone()),
+            Given::Absent | Given::Bad => None,
+        });
+        let values = Values::resolve(checked.collect());
+        found.extend(self.require_token_has_key(&given));
+        found.extend(self.starstar_without_key(&given));
+        if found.is_empty() {
+            return Ok(values);
+        }
+        found.sort_by_key(|(at, _)| *at);
+        Err(found.into_iter().map(|(_, problem)| problem).collect())
     }
 
-    /// `access.require_token = true` needs `files.token_file`.
-    fn require_token_has_key(
+    /// Checks `table.name = value` and records it in `given`.
+    fn entry(
         &self,
-        values: &Values,
-        spans: &[Option<&Spanned<Value>>],
-    ) -> Result<(), ConfigError> {
-        let at = |path: &str| KEYS.iter().position(|k| k.is(path));
-        let (Some(req), Some(file)) = (at("access.require_token"), at("files.token_file")) else {
-            return Ok(());
+        table: &str,
+        name: &Spanned<DeString<'_>>,
+        value: &Spanned<DeValue<'_>>,
+        given: &mut [Given],
+    ) -> Result<(), Found> {
+        let name_str: &str = name.get_ref().as_ref();
+        let slot = KEYS
+            .iter()
+            .position(|k| k.table == table && k.name == name_str);
+        let Some((key, slot)) = slot.and_then(|i| Some((KEYS.get(i)?, given.get_mut(i)?))) else {
+            let names = KEYS.iter().filter(|k| k.table == table).map(|k| k.name);
+            let at = name.span();
+            let problem = self.unknown((name_str, at.clone()), Some((table, value.span())), names);
+            return Err((at.start, problem));
         };
-        let required = values.0.get(req) == Some(&Val::Bool(true));
-        let no_key = values.0.get(file) == Some(&Val::Unset);
-        match spans.get(req) {
-            Some(Some(v)) if required && no_key => Err(self.bad(
-                v,
-                "access.require_token",
-                "needs files.token_file, the key to check",
-                "false, or set files.token_file",
-            )),
-            _ => Ok(()),
+        match self.value(value, key) {
+            Ok(v) => {
+                *slot = Given::Good(v, value.span());
+                Ok(())
+            }
+            Err(problem) => {
+                *slot = Given::Bad;
+                Err((value.span().start, problem))
+            }
         }
+    }
+
+    /// `access.require_token = true` needs `files.token_file` (unless the key file's own line
+    /// was refused already).
+    fn require_token_has_key(&self, given: &[Given]) -> Option<Found> {
+        let span = match (
+            given_of(given, "access.require_token")?,
+            given_of(given, "files.token_file")?,
+        ) {
+            (Given::Good(Val::Bool(true), span), Given::Absent) => span.clone(),
+            _ => return None,
+        };
+        let problem = self.bad(
+            span.clone(),
+            "access.require_token",
+            "needs files.token_file, the key to check",
+            "false, or set files.token_file",
+        );
+        Some((span.start, problem))
     }
 
     /// `compat.starstar_uploads = true` cannot go with `files.token_file`: such an upload
     /// carries no key.
-    fn starstar_without_key(
-        &self,
-        values: &Values,
-        spans: &[Option<&Spanned<Value>>],
-    ) -> Result<(), ConfigError> {
-        let at = |path: &str| KEYS.iter().position(|k| k.is(path));
-        let (Some(star), Some(file)) = (at("compat.starstar_uploads"), at("files.token_file"))
-        else {
-            return Ok(());
+    fn starstar_without_key(&self, given: &[Given]) -> Option<Found> {
+        let span = match (
+            given_of(given, "compat.starstar_uploads")?,
+            given_of(given, "files.token_file")?,
+        ) {
+            (Given::Good(Val::Bool(true), span), Given::Good(Val::Path(_), _)) => span.clone(),
+            _ => return None,
         };
-        let on = values.0.get(star) == Some(&Val::Bool(true));
-        let keyed = !matches!(values.0.get(file), Some(Val::Unset) | None);
-        match spans.get(star) {
-            Some(Some(v)) if on && keyed => Err(self.bad(
-                v,
-                "compat.starstar_uploads",
-                "cannot be combined with files.token_file: a NAME**SIZE upload carries no key",
-                "false while files.token_file is set",
-            )),
-            _ => Ok(()),
-        }
+        let problem = self.bad(
+            span.clone(),
+            "compat.starstar_uploads",
+            "cannot be combined with files.token_file: a NAME**SIZE upload carries no key",
+            "false while files.token_file is set",
+        );
+        Some((span.start, problem))
     }
 
     /// Checks one value against its key's declaration.
-    fn value(&self, v: &Spanned<Value>, key: &Key) -> Result<Val, ConfigError> {
+    fn value(&self, v: &Spanned<DeValue<'_>>, key: &Key) -> Result<Val, Problem> {
         let path = key.path();
         let wrong_type = |want: &str| {
             let problem = format!("expected {want}, found {}", type_name(v.get_ref()));
-            self.bad(v, &path, &problem, &key.allowed())
+            self.bad(v.span(), &path, &problem, &key.allowed())
         };
-        let problem = |problem: &str| self.bad(v, &path, problem, &key.allowed());
+        let problem = |problem: &str| self.bad(v.span(), &path, problem, &key.allowed());
         match (&key.kind, v.get_ref()) {
-            (Kind::Int { min, max, .. }, Value::Integer(i)) => u64::try_from(*i)
-                .ok()
-                .filter(|n| (*min..=*max).contains(n))
-                .map(Val::Int)
-                .ok_or_else(|| problem("out of range")),
+            (Kind::Int { min, max, .. }, DeValue::Integer(i)) => {
+                i128::from_str_radix(i.as_str(), i.radix())
+                    .ok()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .filter(|n| (*min..=*max).contains(n))
+                    .map(Val::Int)
+                    .ok_or_else(|| problem("out of range"))
+            }
             (Kind::Int { .. }, _) => Err(wrong_type("an integer")),
-            (Kind::Word { words, .. }, Value::String(s)) => words
+            (Kind::Word { words, .. }, DeValue::String(s)) => words
                 .iter()
-                .find(|w| **w == s.as_str())
+                .find(|w| **w == s.as_ref())
                 .map(|w| Val::Word(w))
                 .ok_or_else(|| problem("not a known value")),
-            (Kind::Bool { .. }, Value::Boolean(b)) => Ok(Val::Bool(*b)),
+            (Kind::Bool { .. }, DeValue::Boolean(b)) => Ok(Val::Bool(*b)),
             (Kind::Bool { .. }, _) => Err(wrong_type("a boolean")),
-            (Kind::Ip { .. }, Value::String(s)) => s
+            (Kind::Ip { .. }, DeValue::String(s)) => s
                 .parse()
                 .map(Val::Ip)
                 .map_err(|_| problem("not an IP address")),
-            (Kind::Path { .. }, Value::String(s)) if s.is_empty() => Err(problem("empty path")),
-            (Kind::Path { .. }, Value::String(s)) => Ok(Val::Path(s.into())),
+            (Kind::Path { .. }, DeValue::String(s)) if s.is_empty() => Err(problem("empty path")),
+            (Kind::Path { .. }, DeValue::String(s)) => Ok(Val::Path(s.as_ref().into())),
             (Kind::Word { .. } | Kind::Ip { .. } | Kind::Path { .. }, _) => {
                 Err(wrong_type("a string"))
             }
-            (Kind::Argv, Value::Array(items)) => {
-                let argv = items
-                    .iter()
-                    .zip(1..)
-                    .map(|(item, n)| match item {
-                        Value::String(s) => Ok(s.clone()),
-                        other => Err(problem(&format!(
-                            "item {n} is {}, not a string",
-                            type_name(other)
-                        ))),
-                    })
-                    .collect::<Result<Vec<String>, ConfigError>>()?;
+            (Kind::Argv, DeValue::Array(items)) => {
+                let argv = strings(items, &problem)?;
                 hookargs::check(&argv).map_err(|e| problem(&e.to_string()))?;
                 Ok(Val::Argv(argv))
             }
-            (Kind::Rules, Value::Array(items)) => items
+            (Kind::Rules, DeValue::Array(items)) => items
                 .iter()
                 .zip(1..)
-                .map(|(item, n)| match item {
-                    Value::String(s) => {
+                .map(|(item, n)| match item.get_ref() {
+                    DeValue::String(s) => {
                         Cidr::parse(s).map_err(|e| problem(&format!("item {n}: {e}")))
                     }
-                    other => Err(problem(&format!(
-                        "item {n} is {}, not a string",
-                        type_name(other)
-                    ))),
+                    other => Err(not_a_string(n, other, &problem)),
                 })
-                .collect::<Result<Vec<Cidr>, ConfigError>>()
+                .collect::<Result<Vec<Cidr>, Problem>>()
                 .map(Val::Rules),
             (Kind::Rules | Kind::Argv, _) => Err(wrong_type("a list")),
         }
     }
+}
 
-    /// An unknown table (`in_table` `None`), top-level key (table "") or key, in serde's wording
-    /// for unknown fields.
-    fn unknown<'k>(
-        &self,
-        name: &Spanned<String>,
-        in_table: Option<(&str, &Spanned<Value>)>,
-        known: impl Iterator<Item = &'k str>,
-    ) -> ConfigError {
-        let known: Vec<String> = known.map(|k| format!("`{k}`")).collect();
-        let problem = format!(
-            "unknown field `{}`, expected one of {}",
-            name.get_ref(),
-            known.join(", ")
-        );
-        let (key, value) = match in_table {
-            Some(("", v)) => (Some(name.get_ref().clone()), Some(self.raw_text(v.span()))),
-            Some((table, v)) => (
-                Some(format!("{table}.{}", name.get_ref())),
-                Some(self.raw_text(v.span())),
+/// What the file gives for the key `path`.
+fn given_of<'g>(given: &'g [Given], path: &str) -> Option<&'g Given> {
+    KEYS.iter()
+        .position(|k| k.is(path))
+        .and_then(|i| given.get(i))
+}
+
+/// The items of a list that must hold only strings; the first other item is the problem.
+fn strings(
+    items: &[Spanned<DeValue<'_>>],
+    problem: &dyn Fn(&str) -> Problem,
+) -> Result<Vec<String>, Problem> {
+    items
+        .iter()
+        .zip(1..)
+        .map(|(item, n)| match item.get_ref() {
+            DeValue::String(s) => Ok(s.to_string()),
+            other => Err(not_a_string(n, other, problem)),
+        })
+        .collect()
+}
+
+/// Item `n` of a list of strings is something else.
+fn not_a_string(n: usize, item: &DeValue<'_>, problem: &dyn Fn(&str) -> Problem) -> Problem {
+    problem(&format!("item {n} is {}, not a string", type_name(item)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ConfigError, parse};
+
+    /// Each case: a file with several mistakes, and the start of each problem reported, in
+    /// order.
+    const CASES: &[(&str, &[&str])] = &[
+        (
+            "[server]\nport = 70000\nmode = \"relay\"\n[udp]\nmax_peers = 0\n",
+            &[
+                "t.toml:2: server.port = 70000: out of range; allowed: an integer in 1–65535",
+                "t.toml:3: server.mode = \"relay\": not a known value; allowed: one of \"echo\", \"chat\"",
+                "t.toml:5: udp.max_peers = 0: out of range; allowed: an integer in ",
+            ],
+        ),
+        (
+            "[sever]\nport = 1\n[server]\nprot = 2\nbacklog = -5\n",
+            &[
+                "t.toml:1: unknown field `sever`, expected one of `server`, `udp`,",
+                "t.toml:4: server.prot = 2: unknown field `prot`, expected one of `bind`, `port`,",
+                "t.toml:5: server.backlog = -5: out of range; allowed: an integer in 1–65535",
+            ],
+        ),
+        (
+            "[access]\nrequire_token = true\nmax_per_ip = 0\n[compat]\nstarstar_uploads = \"yes\"\n",
+            &[
+                "t.toml:2: access.require_token = true: needs files.token_file",
+                "t.toml:3: access.max_per_ip = 0: out of range",
+                "t.toml:5: compat.starstar_uploads = \"yes\": expected a boolean, found a string",
+            ],
+        ),
+        (
+            "[files]\ntoken_file = \"/k\"\nmax_file_size = -1\n[compat]\nstarstar_uploads = true\n",
+            &[
+                "t.toml:3: files.max_file_size = -1: out of range",
+                "t.toml:5: compat.starstar_uploads = true: cannot be combined with files.token_file",
+            ],
+        ),
+        // A refused key file is reported once, not again as missing for require_token.
+        (
+            "[files]\ntoken_file = \"\"\n[access]\nrequire_token = true\nallow = [\"10.0.0/8\"]\n",
+            &[
+                "t.toml:2: files.token_file = \"\": empty path",
+                "t.toml:5: access.allow = [\"10.0.0/8\"]: item 1: \"10.0.0/8\" is not an IP address",
+            ],
+        ),
+        // File order, not table or name order: a later [server] after [udp], and an inline
+        // table whose keys are out of alphabetical order.
+        (
+            "[udp]\nport = 0\n[server]\nport = 0\n[log]\nlevel = \"loud\"\nformat = 1\n",
+            &[
+                "t.toml:2: udp.port = 0: out of range",
+                "t.toml:4: server.port = 0: out of range",
+                "t.toml:6: log.level = \"loud\": not a known value",
+                "t.toml:7: log.format = 1: expected a string, found an integer",
+            ],
+        ),
+        (
+            "server = { port = 0, backlog = 0 }\n",
+            &[
+                "t.toml:1: server.port = 0: out of range",
+                "t.toml:1: server.backlog = 0: out of range",
+            ],
+        ),
+        (
+            "log = 5\nport = 5\n[server]\nport = 0\n",
+            &[
+                "t.toml:1: log = 5: expected a table, found an integer; allowed: a [log] table",
+                "t.toml:2: port = 5: unknown field `port`, expected one of `server`",
+                "t.toml:4: server.port = 0: out of range",
+            ],
+        ),
+    ];
+
+    fn problems(src: &str) -> (Vec<String>, Option<String>) {
+        match parse(src, "t.toml") {
+            Ok(c) => panic!("{src:?} should be refused, got {c:?}"),
+            Err(e) => (
+                e.problems().iter().map(ToString::to_string).collect(),
+                e.summary(),
             ),
-            None => (None, None),
-        };
-        ConfigError::Invalid {
-            file: self.file.to_string(),
-            line: Some(line_of(self.src, name.span().start)),
-            key,
-            value,
-            problem,
         }
     }
 
-    fn bad(&self, v: &Spanned<Value>, key: &str, problem: &str, allowed: &str) -> ConfigError {
-        ConfigError::Invalid {
-            file: self.file.to_string(),
-            line: Some(line_of(self.src, v.span().start)),
-            key: Some(key.to_string()),
-            value: Some(self.raw_text(v.span())),
-            problem: format!("{problem}; allowed: {allowed}"),
-        }
-    }
-
-    fn raw_text(&self, span: Range<usize>) -> String {
-        self.src.get(span).unwrap_or("").trim().to_string()
-    }
-
-    /// Turns a TOML or serde error into one that names the line, the qualified key on that line
-    /// and its value text, plus what the key allows when the key is known.
-    pub fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
-        let message = e.message().trim().to_string();
-        let Some(span) = e.span() else {
-            return ConfigError::Invalid {
-                file: self.file.to_string(),
-                line: None,
-                key: None,
-                value: None,
-                problem: message,
-            };
-        };
-        let line_no = line_of(self.src, span.start);
-        let text = self.src.lines().nth(line_no - 1).unwrap_or("");
-        let (key, value) = match split_key_value(text) {
-            Some((k, v)) => {
-                let table = table_before(self.src, span.start);
-                let key = if table.is_empty() {
-                    k.to_string()
-                } else {
-                    format!("{table}.{k}")
-                };
-                (Some(key), (!v.is_empty()).then(|| v.to_string()))
+    #[test]
+    fn every_problem_is_reported_in_the_order_of_the_file() {
+        for (src, want) in CASES {
+            let (got, summary) = problems(src);
+            assert_eq!(got.len(), want.len(), "{src:?}: {got:#?}");
+            for (got, want) in got.iter().zip(want.iter()) {
+                assert!(
+                    got.starts_with(want),
+                    "{src:?}:\n{got}\nshould start with\n{want}"
+                );
             }
-            None => (None, None),
-        };
-        let problem = match key.as_deref().and_then(keys::find) {
-            Some(k) => format!("{message}; allowed: {}", k.allowed()),
-            None => message,
-        };
-        ConfigError::Invalid {
-            file: self.file.to_string(),
-            line: Some(line_no),
-            key,
-            value,
-            problem,
+            let n = want.len();
+            assert_eq!(summary, Some(format!("{n} errors in t.toml")), "{src:?}");
         }
     }
-}
 
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::String(_) => "a string",
-        Value::Integer(_) => "an integer",
-        Value::Float(_) => "a float",
-        Value::Boolean(_) => "a boolean",
-        Value::Datetime(_) => "a date",
-        Value::Array(_) => "an array",
-        Value::Table(_) => "a table",
+    #[test]
+    fn a_syntax_error_is_reported_alone_and_says_so() {
+        let src = "[server]\nport = 0\nbind = = \"::\"\nbacklog = 0\n";
+        let e = match parse(src, "t.toml") {
+            Ok(c) => panic!("should be refused, got {c:?}"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(e, ConfigError::Invalid { syntax: true, .. }),
+            "{e:?}"
+        );
+        let got: Vec<String> = e.problems().iter().map(ToString::to_string).collect();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].starts_with("t.toml:3: server.bind = = \"::\": "),
+            "{got:?}"
+        );
+        let summary = e.summary().unwrap_or_default();
+        assert!(
+            summary.starts_with(
+                "1 error in t.toml (a TOML syntax error stops the check: no other line was checked)"
+            ),
+            "{summary}"
+        );
     }
-}
-
-/// The 1-based line number of byte offset `pos`.
-fn line_of(src: &str, pos: usize) -> usize {
-    let head = src.get(..pos).unwrap_or(src);
-    head.bytes().filter(|&b| b == b'\n').count() + 1
-}
-
-/// Splits `key = value  # comment` into the bare key and the value text.
-fn split_key_value(line: &str) -> Option<(&str, &str)> {
-    let (k, v) = line.split_once('=')?;
-    let k = k.trim().trim_matches('"');
-    if k.is_empty() || k.starts_with('[') || k.starts_with('#') {
-        return None;
-    }
-    let v = v.split(" #").next().unwrap_or(v);
-    Some((k, v.trim()))
-}
-
-/// The name of the `[table]` whose body contains byte offset `pos` ("" at the top level).
-fn table_before(src: &str, pos: usize) -> &str {
-    let head = src.get(..pos).unwrap_or(src);
-    head.lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('[') && !l.starts_with("[["))
-        .and_then(|l| l.strip_prefix('['))
-        .and_then(|l| l.split(']').next())
-        .map(str::trim)
-        .unwrap_or("")
 }

@@ -856,7 +856,8 @@ impl FromVal for log::LevelFilter {
 #[cfg(test)]
 mod tests {
     use super::super::check::Values;
-    use super::super::{SHIPPED, parse, toml_text};
+    use super::super::render::toml_text;
+    use super::super::{SHIPPED, parse};
     use super::*;
 
     fn parse_err(src: &str) -> String {

@@ -3,26 +3,32 @@
 //!
 //! Every key is declared once, in `keys`: its table, name, doc line, type, default, range and
 //! whether a reload may change it. Two layers read the file, as ripgrep does with its flags:
-//! serde reads it into tables of `Spanned` values (`check::Raw`, so every error can point at a
-//! line), `check` validates each value against its key, and `Config::build` moves the checked
-//! values into a `Config` whose fields already hold `Duration`s, addresses and checked limits.
-//! The built-in defaults, `check-config`'s output and the reload plan (`reload`) come from the
-//! same table. `parse` is pure (a `&str` in, a `Result` out); `load` only adds the file read.
+//! `toml`'s own parser reads it into tables of spanned values (`read`, so every error can point
+//! at a line; no serde), `check` validates each value against its key, reporting every problem
+//! at once (`error`), and `Config::build` moves the checked values into a `Config` whose fields
+//! already hold `Duration`s, addresses and checked limits. The built-in defaults,
+//! `check-config`'s output (`render`) and the reload plan (`reload`) come from the same table.
+//! `parse` is pure (a `&str` in, a `Result` out); `load` only adds the file read.
 
-use std::fmt;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::escape::quoted;
 use crate::rules::Rules;
 
 mod check;
+mod error;
 mod keys;
+mod origin;
+mod read;
 pub(crate) mod reload;
+mod render;
 
-use check::{Ctx, Unfit, Values};
-use keys::{KEYS, Key, Kind, TABLES, Val};
+pub use error::ConfigError;
+pub use origin::Origin;
+
+use check::{Unfit, Values};
+use read::Ctx;
 
 /// The configuration file shipped in `config/config.toml`; its values are the built-in defaults
 /// (this unit test holds the two together).
@@ -209,107 +215,6 @@ words! {
     }
 }
 
-/// Where a configuration came from; the first log line names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    /// `--config PATH`.
-    Flag(PathBuf),
-    /// `$FERRYD_CONFIG`.
-    Env(PathBuf),
-    /// `/etc/ferryd/config.toml`, found on disk.
-    System(PathBuf),
-    /// No file: the built-in defaults.
-    Builtin,
-}
-
-/// A configuration that cannot be used. `Display` names the file, line, key, value and what is
-/// allowed, as far as each is known.
-#[derive(Debug)]
-pub enum ConfigError {
-    /// The file could not be read.
-    Read { path: PathBuf, err: std::io::Error },
-    /// The file is not valid TOML, has an unknown key or a value of the wrong shape.
-    Invalid {
-        file: String,
-        line: Option<usize>,
-        key: Option<String>,
-        value: Option<String>,
-        problem: String,
-    },
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::Read { path, err } => {
-                write!(f, "cannot read config file {}: {err}", path.display())
-            }
-            ConfigError::Invalid {
-                file,
-                line,
-                key,
-                value,
-                problem,
-            } => {
-                write!(f, "{file}")?;
-                if let Some(line) = line {
-                    write!(f, ":{line}")?;
-                }
-                match (key, value) {
-                    (Some(k), Some(v)) => write!(f, ": {k} = {v}")?,
-                    (Some(k), None) => write!(f, ": {k}")?,
-                    _ => {}
-                }
-                write!(f, ": {problem}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// The system-wide configuration path tried when neither `--config` nor `$FERRYD_CONFIG` is given.
-pub const SYSTEM_PATH: &str = "/etc/ferryd/config.toml";
-
-impl Origin {
-    /// Picks the configuration source: `flag`, else `env` (the value of `$FERRYD_CONFIG`), else
-    /// `/etc/ferryd/config.toml` if it exists, else the built-in defaults.
-    pub fn choose(flag: Option<PathBuf>, env: Option<PathBuf>) -> Origin {
-        if let Some(p) = flag {
-            return Origin::Flag(p);
-        }
-        if let Some(p) = env.filter(|p| !p.as_os_str().is_empty()) {
-            return Origin::Env(p);
-        }
-        let system = Path::new(SYSTEM_PATH);
-        if system.exists() {
-            return Origin::System(system.to_path_buf());
-        }
-        Origin::Builtin
-    }
-
-    pub fn path(&self) -> Option<&Path> {
-        match self {
-            Origin::Flag(p) | Origin::Env(p) | Origin::System(p) => Some(p),
-            Origin::Builtin => None,
-        }
-    }
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Origin::Flag(p) => write!(f, "{} (from --config)", p.display()),
-            Origin::Env(p) => write!(f, "{} (from $FERRYD_CONFIG)", p.display()),
-            Origin::System(p) => write!(f, "{}", p.display()),
-            Origin::Builtin => write!(
-                f,
-                "built-in defaults (same as the shipped config/config.toml)"
-            ),
-        }
-    }
-}
-
 /// Reads and validates the configuration named by `origin`.
 pub fn load(origin: &Origin) -> Result<Config, ConfigError> {
     let Some(path) = origin.path() else {
@@ -322,17 +227,25 @@ pub fn load(origin: &Origin) -> Result<Config, ConfigError> {
     parse(&src, &path.display().to_string())
 }
 
-/// Parses and validates configuration text. `file` is only used in error messages.
+/// Parses and validates configuration text, reporting every problem found. `file` is only used
+/// in error messages.
 pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
     let ctx = Ctx { src, file };
     let raw = ctx.read()?;
-    let values = ctx.validate(&raw)?;
+    let values = ctx
+        .validate(&raw)
+        .map_err(|problems| ConfigError::Invalid {
+            file: file.to_string(),
+            problems,
+            syntax: false,
+        })?;
     Config::build(&values).map_err(|Unfit(key)| ConfigError::Invalid {
         file: file.to_string(),
-        line: None,
-        key: Some(key),
-        value: None,
-        problem: "the value does not fit its setting (a bug in ferryd)".to_string(),
+        problems: vec![ctx.general(
+            Some(key),
+            "the value does not fit its setting (a bug in ferryd)".to_string(),
+        )],
+        syntax: false,
     })
 }
 
@@ -414,48 +327,6 @@ impl Default for Config {
         // The key table is constant, and `defaults_fit_their_fields` builds it.
         Config::build(&Values::defaults())
             .expect("every key's default fits its field (unit-tested)")
-    }
-}
-
-/// Renders the effective configuration as TOML that `parse` reads back to the same `Config`:
-/// every key of every table, each under its doc line.
-impl fmt::Display for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (n, table) in TABLES.iter().enumerate() {
-            if n > 0 {
-                writeln!(f)?;
-            }
-            writeln!(f, "[{table}]")?;
-            for key in KEYS.iter().filter(|k| k.table == *table) {
-                writeln!(f, "# {}", key.doc)?;
-                match (key.get)(self).to_val() {
-                    Val::Unset => writeln!(f, "# {} is not set", key.name)?,
-                    v => writeln!(f, "{} = {}", key.name, toml_text(key, &v))?,
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A value as TOML text.
-fn toml_text(key: &Key, v: &Val) -> String {
-    match v {
-        Val::Int(n) if matches!(key.kind, Kind::Int { octal: true, .. }) => format!("{n:#o}"),
-        Val::Int(n) => n.to_string(),
-        Val::Word(w) => format!("\"{w}\""),
-        Val::Bool(b) => b.to_string(),
-        Val::Ip(ip) => format!("\"{ip}\""),
-        Val::Path(p) => quoted(&p.to_string_lossy()),
-        Val::Rules(rules) => {
-            let items: Vec<String> = rules.iter().map(|r| format!("\"{r}\"")).collect();
-            format!("[{}]", items.join(", "))
-        }
-        Val::Argv(argv) => {
-            let items: Vec<String> = argv.iter().map(|a| quoted(a)).collect();
-            format!("[{}]", items.join(", "))
-        }
-        Val::Unset => String::new(),
     }
 }
 
@@ -734,13 +605,5 @@ mod tests {
             let msg = err(src);
             assert!(msg.contains(want), "{msg}");
         }
-    }
-
-    #[test]
-    fn origin_prefers_flag_then_env() {
-        let flag = Origin::choose(Some("a.toml".into()), Some("b.toml".into()));
-        assert_eq!(flag, Origin::Flag("a.toml".into()));
-        let env = Origin::choose(None, Some("b.toml".into()));
-        assert_eq!(env, Origin::Env("b.toml".into()));
     }
 }

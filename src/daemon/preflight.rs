@@ -31,6 +31,8 @@ pub enum PreflightError {
         addr: IpAddr,
         err: io::Error,
     },
+    /// More than one of the above, in the order checked.
+    Several(Vec<PreflightError>),
 }
 
 impl fmt::Display for PreflightError {
@@ -42,29 +44,42 @@ impl fmt::Display for PreflightError {
                 f,
                 "{key} = {addr}: cannot listen there: {err} (no interface of this machine has that address)"
             ),
+            PreflightError::Several(all) => {
+                let all: Vec<String> = all.iter().map(ToString::to_string).collect();
+                write!(f, "{} problems: {}", all.len(), all.join("; "))
+            }
         }
     }
 }
 
 impl std::error::Error for PreflightError {}
 
-/// Runs every check; `own_sockets` is false when systemd passed the sockets (the addresses in
-/// the file are then not used).
+/// Runs every check and reports every failure (`Several` when more than one); `own_sockets` is
+/// false when systemd passed the sockets (the addresses in the file are then not used).
 pub fn check(config: &Config, own_sockets: bool) -> Result<(), PreflightError> {
+    let mut failed = Vec::new();
     if let Some(path) = &config.files.token_file {
-        Key::load(path).map_err(PreflightError::Key)?;
+        failed.extend(Key::load(path).err().map(PreflightError::Key));
     }
-    check_dir(&config.files.dir).map_err(|why| PreflightError::Dir {
-        dir: config.files.dir.clone(),
-        why,
-    })?;
+    failed.extend(
+        check_dir(&config.files.dir)
+            .err()
+            .map(|why| PreflightError::Dir {
+                dir: config.files.dir.clone(),
+                why,
+            }),
+    );
     if own_sockets {
-        check_addr("server.bind", config.server.bind, Type::STREAM)?;
+        failed.extend(check_addr("server.bind", config.server.bind, Type::STREAM).err());
         if config.udp.enabled {
-            check_addr("udp.bind", config.udp.bind, Type::DGRAM)?;
+            failed.extend(check_addr("udp.bind", config.udp.bind, Type::DGRAM).err());
         }
     }
-    Ok(())
+    match failed.len() {
+        0 => Ok(()),
+        1 => Err(failed.remove(0)),
+        _ => Err(PreflightError::Several(failed)),
+    }
 }
 
 /// `dir` is a directory this user may write, or its nearest existing ancestor is (so the daemon
