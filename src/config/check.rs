@@ -22,7 +22,7 @@ pub(super) struct Values(pub Vec<Val>);
 /// A value whose type does not fit the `Config` field the key names (a mistake in the key
 /// table, which the unit tests rule out): the key.
 #[derive(Debug)]
-pub(super) struct Unfit(pub String);
+pub(super) struct Unfit(pub &'static str);
 
 impl Values {
     /// Every key at its built-in default.
@@ -53,13 +53,18 @@ impl Values {
         Values(vals)
     }
 
-    /// The value of the key `path`, in the type of the field it fills.
-    pub fn get<T: keys::FromVal>(&self, path: &str) -> Result<T, Unfit> {
+    /// The value of the key `path`, in the type of the field it fills. Only the conversion is
+    /// generic: the look-up is one function for every key (fewer bytes in the binary).
+    pub fn get<T: keys::FromVal>(&self, path: &'static str) -> Result<T, Unfit> {
+        self.find(path).and_then(T::from_val).ok_or(Unfit(path))
+    }
+
+    #[inline(never)]
+    fn find(&self, path: &str) -> Option<&Val> {
         KEYS.iter()
             .zip(&self.0)
             .find(|(k, _)| k.is(path))
-            .and_then(|(_, v)| T::from_val(v.clone()))
-            .ok_or_else(|| Unfit(path.to_string()))
+            .map(|(_, v)| v)
     }
 }
 

@@ -99,10 +99,11 @@ pub(super) trait Setting: fmt::Debug {
     fn to_val(&self) -> Val;
 }
 
-/// The way back from `Val` to a field's type; `None` when the value does not fit the type, which
-/// the key's range rules out (the unit tests check every key's extremes).
+/// The way back from `Val` to a field's type (by reference, so that only the types that own
+/// memory clone it); `None` when the value does not fit the type, which the key's range rules
+/// out (the unit tests check every key's extremes).
 pub(super) trait FromVal: Sized {
-    fn from_val(v: Val) -> Option<Self>;
+    fn from_val(v: &Val) -> Option<Self>;
 }
 
 const fn int(min: u64, max: u64, default: u64) -> Kind {
@@ -688,9 +689,9 @@ macro_rules! int_setting {
             }
         }
         impl FromVal for $t {
-            fn from_val(v: Val) -> Option<$t> {
+            fn from_val(v: &Val) -> Option<$t> {
                 match v {
-                    Val::Int(n) => <$t>::try_from(n).ok(),
+                    Val::Int(n) => <$t>::try_from(*n).ok(),
                     _ => None,
                 }
             }
@@ -707,9 +708,9 @@ impl Setting for Duration {
 }
 
 impl FromVal for Duration {
-    fn from_val(v: Val) -> Option<Duration> {
+    fn from_val(v: &Val) -> Option<Duration> {
         match v {
-            Val::Int(n) => Some(Duration::from_secs(n)),
+            Val::Int(n) => Some(Duration::from_secs(*n)),
             _ => None,
         }
     }
@@ -722,9 +723,9 @@ impl Setting for bool {
 }
 
 impl FromVal for bool {
-    fn from_val(v: Val) -> Option<bool> {
+    fn from_val(v: &Val) -> Option<bool> {
         match v {
-            Val::Bool(b) => Some(b),
+            Val::Bool(b) => Some(*b),
             _ => None,
         }
     }
@@ -737,9 +738,9 @@ impl Setting for IpAddr {
 }
 
 impl FromVal for IpAddr {
-    fn from_val(v: Val) -> Option<IpAddr> {
+    fn from_val(v: &Val) -> Option<IpAddr> {
         match v {
-            Val::Ip(ip) => Some(ip),
+            Val::Ip(ip) => Some(*ip),
             _ => None,
         }
     }
@@ -752,9 +753,9 @@ impl Setting for PathBuf {
 }
 
 impl FromVal for PathBuf {
-    fn from_val(v: Val) -> Option<PathBuf> {
+    fn from_val(v: &Val) -> Option<PathBuf> {
         match v {
-            Val::Path(p) => Some(p),
+            Val::Path(p) => Some(p.clone()),
             _ => None,
         }
     }
@@ -770,9 +771,9 @@ impl Setting for Option<PathBuf> {
 }
 
 impl FromVal for Option<PathBuf> {
-    fn from_val(v: Val) -> Option<Option<PathBuf>> {
+    fn from_val(v: &Val) -> Option<Option<PathBuf>> {
         match v {
-            Val::Path(p) => Some(Some(p)),
+            Val::Path(p) => Some(Some(p.clone())),
             Val::Unset => Some(None),
             _ => None,
         }
@@ -786,9 +787,9 @@ impl Setting for Vec<Cidr> {
 }
 
 impl FromVal for Vec<Cidr> {
-    fn from_val(v: Val) -> Option<Vec<Cidr>> {
+    fn from_val(v: &Val) -> Option<Vec<Cidr>> {
         match v {
-            Val::Rules(r) => Some(r),
+            Val::Rules(r) => Some(r.clone()),
             _ => None,
         }
     }
@@ -801,9 +802,9 @@ impl Setting for Vec<String> {
 }
 
 impl FromVal for Vec<String> {
-    fn from_val(v: Val) -> Option<Vec<String>> {
+    fn from_val(v: &Val) -> Option<Vec<String>> {
         match v {
-            Val::Argv(a) => Some(a),
+            Val::Argv(a) => Some(a.clone()),
             _ => None,
         }
     }
@@ -817,7 +818,7 @@ macro_rules! word_setting {
             }
         }
         impl FromVal for $t {
-            fn from_val(v: Val) -> Option<$t> {
+            fn from_val(v: &Val) -> Option<$t> {
                 match v {
                     Val::Word(w) => <$t>::from_word(w),
                     _ => None,
@@ -842,7 +843,7 @@ impl Setting for log::LevelFilter {
 }
 
 impl FromVal for log::LevelFilter {
-    fn from_val(v: Val) -> Option<log::LevelFilter> {
+    fn from_val(v: &Val) -> Option<log::LevelFilter> {
         match v {
             Val::Word("error") => Some(log::LevelFilter::Error),
             Val::Word("warn") => Some(log::LevelFilter::Warn),

@@ -242,7 +242,7 @@ pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
     Config::build(&values).map_err(|Unfit(key)| ConfigError::Invalid {
         file: file.to_string(),
         problems: vec![ctx.general(
-            Some(key),
+            Some(key.to_string()),
             "the value does not fit its setting (a bug in ferryd)".to_string(),
         )],
         syntax: false,
