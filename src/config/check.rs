@@ -83,12 +83,29 @@ enum Given {
 /// file.
 type Found = (usize, Problem);
 
+/// Problems kept in the order of the file as they are found (a handful: an insertion costs
+/// less code than a sort).
+struct InFileOrder(Vec<Found>);
+
+impl InFileOrder {
+    fn add(&mut self, found: Found) {
+        let at = self.0.partition_point(|(before, _)| *before <= found.0);
+        self.0.insert(at, found);
+    }
+
+    fn extend(&mut self, found: Option<Found>) {
+        if let Some(found) = found {
+            self.add(found);
+        }
+    }
+}
+
 impl Ctx<'_> {
     /// Checks every table and value the file gives against the key table, and the keys that
     /// depend on each other; fills in the rest. Every problem is reported, in the order of the
     /// file.
     pub fn validate(&self, raw: &DeTable<'_>) -> Result<Values, Vec<Problem>> {
-        let mut found: Vec<Found> = Vec::new();
+        let mut found = InFileOrder(Vec::new());
         let mut given = vec![Given::Absent; KEYS.len()];
         for (name, value) in raw {
             let (table, at) = (name.get_ref().as_ref(), name.span());
@@ -96,19 +113,19 @@ impl Ctx<'_> {
             if !TABLES.contains(&table) {
                 let value_at = (!is_table).then(|| ("", value.span()));
                 let known = TABLES.iter().copied();
-                found.push((at.start, self.unknown((table, at), value_at, known)));
+                found.add((at.start, self.unknown((table, at), value_at, known)));
                 continue;
             }
             let DeValue::Table(body) = value.get_ref() else {
                 let problem = format!("expected a table, found {}", type_name(value.get_ref()));
                 let allowed = format!("a [{table}] table");
                 let problem = self.bad(value.span(), table, &problem, &allowed);
-                found.push((value.span().start, problem));
+                found.add((value.span().start, problem));
                 continue;
             };
             for (name, value) in body {
                 if let Err(problem) = self.entry(table, name, value, &mut given) {
-                    found.push(problem);
+                    found.add(problem);
                 }
             }
         }
@@ -119,10 +136,10 @@ impl Ctx<'_> {
         let values = Values::resolve(checked.collect());
         found.extend(self.require_token_has_key(&given));
         found.extend(self.starstar_without_key(&given));
+        let found = found.0;
         if found.is_empty() {
             return Ok(values);
         }
-        found.sort_by_key(|(at, _)| *at);
         Err(found.into_iter().map(|(_, problem)| problem).collect())
     }
 
