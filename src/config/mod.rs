@@ -19,6 +19,9 @@ use crate::rules::Rules;
 
 mod check;
 mod keys;
+// The generator of docs/man/ferryd.toml.5; only its unit test runs it.
+#[cfg(test)]
+mod manpage;
 pub(crate) mod reload;
 
 use check::{Ctx, Unfit, Values};
