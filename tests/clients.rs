@@ -722,14 +722,14 @@ fn qt_trailing_sha256_frame() {
 // ---------------------------------------------------------------------------------------------
 // The README's Python and shell clients, extracted from README.md and run as written.
 
-/// The fenced code block of README.md whose first lines start with `first_lines`.
+/// The fenced code block of docs/clients.md whose first lines start with `first_lines`.
 fn readme_block(lang: &str, first_lines: &str) -> String {
-    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-        .expect("README.md");
+    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/clients.md"))
+        .expect("docs/clients.md");
     let start = format!("```{lang}\n{first_lines}");
     let at = readme
         .find(&start)
-        .unwrap_or_else(|| panic!("README.md has no block starting {start:?}"));
+        .unwrap_or_else(|| panic!("docs/clients.md has no block starting {start:?}"));
     let body = &readme[at + lang.len() + 4..];
     let end = body.find("\n```").expect("the block ends");
     body[..=end].to_string()

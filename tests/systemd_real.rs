@@ -264,6 +264,13 @@ fn stage(dir: &Path) -> PathBuf {
             .all(|s| !sections.contains(s)),
         "the packaged binary is not stripped:\n{sections}"
     );
+    // The manual pages, where `man ferryd` and `man ferryd.toml` look after `dpkg -i`.
+    for page in [
+        "usr/share/man/man8/ferryd.8.gz",
+        "usr/share/man/man5/ferryd.toml.5.gz",
+    ] {
+        assert!(x.join(page).is_file(), "the package has no /{page}");
+    }
     fs::remove_dir_all(&x).unwrap();
     deb.strip_prefix(dir).unwrap().to_path_buf()
 }

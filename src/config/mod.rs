@@ -19,6 +19,9 @@ use crate::rules::Rules;
 mod check;
 mod error;
 mod keys;
+// The generator of docs/man/ferryd.toml.5; only its unit test runs it.
+#[cfg(test)]
+mod manpage;
 mod origin;
 mod read;
 pub(crate) mod reload;

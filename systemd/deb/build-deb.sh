@@ -7,7 +7,8 @@
 #
 # Contents: /usr/bin/ferryd (stripped), the three units in /usr/lib/systemd/system with their
 # Exec lines pointing at /usr/bin, /etc/ferryd/config.toml (a conffile), the documented full
-# config and the README in /usr/share/doc/ferryd, and the maintainer scripts next to this file
+# config, the README and docs/*.md in /usr/share/doc/ferryd, the manual pages ferryd(8) and ferryd.toml(5)
+# from docs/man (gzipped, in /usr/share/man), and the maintainer scripts next to this file
 # (postinst, prerm, postrm; each says its policy). Needs dpkg-deb, and strip and objdump from
 # binutils (installed wherever Rust links: apt-get install -y binutils).
 set -euo pipefail
@@ -20,8 +21,8 @@ die() { echo "build-deb.sh: $*" >&2; exit 2; }
 bin=${1:-$repo/target/release/ferryd}
 out=${2:-$repo/target/debian}
 [[ -f $bin && -x $bin ]] || die "no executable at '$bin' (cargo build --release first, or pass a path)"
-for tool in dpkg-deb dpkg strip objdump; do
-    command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y dpkg binutils)"
+for tool in dpkg-deb dpkg strip objdump gzip; do
+    command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y dpkg binutils gzip)"
 done
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$repo/Cargo.toml" | head -1)
@@ -32,7 +33,7 @@ pkg=$(mktemp -d -t ferryd-deb.XXXXXXXX)
 trap 'rm -rf -- "$pkg"' EXIT
 chmod 0755 "$pkg"
 install -d -m 0755 "$pkg/DEBIAN" "$pkg/usr/bin" "$pkg/usr/lib/systemd/system" \
-    "$pkg/etc/ferryd" "$pkg/usr/share/doc/ferryd"
+    "$pkg/etc/ferryd" "$pkg/usr/share/doc/ferryd" "$pkg/usr/share/man/man8" "$pkg/usr/share/man/man5"
 
 # Stripped: the release profile keeps line tables for profiling (11 MB); the package does not.
 strip --strip-all -o "$pkg/usr/bin/ferryd" "$bin"
@@ -49,6 +50,15 @@ done
 install -m 0644 "$repo/systemd/config.toml" "$pkg/etc/ferryd/config.toml"
 install -m 0644 "$repo/config/config.toml" "$pkg/usr/share/doc/ferryd/config.toml.example"
 install -m 0644 "$repo/README.md" "$pkg/usr/share/doc/ferryd/README.md"
+# The pages the README links to, beside it, so that its links work there too.
+install -d -m 0755 "$pkg/usr/share/doc/ferryd/docs"
+install -m 0644 "$repo"/docs/*.md "$pkg/usr/share/doc/ferryd/docs/"
+# The manual pages, compressed as Debian policy asks (gzip -9n: no name or time stamp inside).
+for page in ferryd.8 ferryd.toml.5; do
+    dest="$pkg/usr/share/man/man${page##*.}/$page.gz"
+    gzip -9n <"$repo/docs/man/$page" >"$dest"
+    chmod 0644 "$dest"
+done
 cat >"$pkg/usr/share/doc/ferryd/copyright" <<'COPYRIGHT'
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: ferryd
