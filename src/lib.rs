@@ -30,6 +30,6 @@ use config::reload;
 pub use cli::{Command, HELP, parse as parse_args};
 pub use client::{Form, PackOptions, SendOptions, pack, send};
 pub use config::{Config, ConfigError, Origin, load as load_config};
-pub use daemon::preflight::PreflightError;
+pub use daemon::system::preflight::PreflightError;
 pub use daemon::{DaemonError, block_reload_signal, preflight, serve};
 pub use logger::init as init_logger;

@@ -3,37 +3,25 @@
 //! notify, signals). Nothing in `proto`, `client` or the shared leaves imports from here.
 
 pub mod access;
-pub mod activation;
-pub mod bodyhash;
 pub mod chat;
 pub mod conn;
-pub mod evict;
-pub mod fdlimit;
-pub mod hooks;
-pub mod listener;
-pub mod notify;
-pub mod preflight;
-pub mod ratelimit;
-pub mod refusals;
+pub mod files;
+pub mod net;
 pub mod registry;
-pub mod resume;
 pub mod server;
 pub mod shared;
-pub mod signals;
 pub mod stats;
-pub mod store;
-pub mod streamhash;
-pub mod subdir;
-pub mod udp;
-pub mod upload;
+pub mod system;
 pub mod waiting;
 
 use std::fmt;
 
 use crate::config::{Config, Origin};
-use notify::Notifier;
-use preflight::PreflightError;
+use net::activation;
 use server::{Server, ServerError};
+use system::notify::Notifier;
+use system::preflight::{self, PreflightError};
+use system::signals;
 
 /// Why the daemon could not start, or stopped with an error.
 #[derive(Debug)]

@@ -236,7 +236,7 @@ mod tests {
     use std::net::{SocketAddr, TcpListener, TcpStream};
 
     use super::*;
-    use crate::daemon::access::PerIp;
+    use crate::daemon::access::per_ip::PerIp;
     use crate::peer::Peer;
 
     /// `n` accepted connections from `ips`, and the client ends that keep them open.

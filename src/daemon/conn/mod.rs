@@ -16,13 +16,12 @@ use socket2::SockRef;
 
 use crate::auth::{self, Key, NONCE_LEN};
 use crate::config::{Config, Mode};
+use crate::daemon::access::evict::Place;
+use crate::daemon::access::refusals;
 use crate::daemon::chat::{ChatLimits, Seat};
-use crate::daemon::evict::Place;
-use crate::daemon::listener;
-use crate::daemon::refusals;
+use crate::daemon::files::upload::{self, BodySource, Check, Lost, Outcome};
 use crate::daemon::shared::{Job, Shared, Snapshot, worker_stack_bytes};
 use crate::daemon::stats::Stats;
-use crate::daemon::upload::{self, BodySource, Check, Lost, Outcome};
 use crate::deadline::{Deadline, Why, is_timeout};
 use crate::escape::{escaped, push_chat_text};
 use crate::peer::Peer;
@@ -119,7 +118,7 @@ pub fn serve(shared: &Shared, job: Job) {
     let snapshot = shared.snapshot();
     let cfg = Arc::clone(&snapshot.config);
     let s = &cfg.server;
-    if let Err(e) = listener::prepare_stream(&stream, s.idle_timeout, s.write_timeout) {
+    if let Err(e) = prepare_stream(&stream, s.idle_timeout, s.write_timeout) {
         log::warn!("{peer} cannot set socket options: {e}; closing");
         return;
     }
@@ -153,6 +152,16 @@ pub fn serve(shared: &Shared, job: Job) {
     log::info!("{peer} online");
     let reason = conn.session(&stream);
     log_offline(&conn, started, &reason);
+}
+
+/// Sets the options every accepted connection gets: no Nagle delay (echo and replies go out at
+/// once) and read and write timeouts, so that no read or write can block forever. The write
+/// timeout (`server.write_timeout_secs`) is short: a peer that does not read cannot hold a
+/// worker in a blocked write for long.
+pub fn prepare_stream(stream: &TcpStream, read: Duration, write: Duration) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(read))?;
+    stream.set_write_timeout(Some(write))
 }
 
 /// The `offline` line. Out of line, like every rare or large path here, so that the stack of a

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use rustix::fs::{Advice, AtFlags, FileType, Mode, OFlags, RenameFlags};
 
 use crate::config::{FilesConfig, OnConflict};
-use crate::daemon::resume::{self, Claim, Limits};
-use crate::daemon::subdir::{self, WalkError};
+use crate::daemon::files::resume::{self, Claim, Limits};
+use crate::daemon::files::subdir::{self, WalkError};
 use crate::proto::name::{RESERVED_PREFIX, split_path};
 
 /// How long a resumable upload waits for the partial body it would continue while another

@@ -7,10 +7,10 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::auth::{Key, TAG_LEN};
-use crate::daemon::bodyhash::BodyHash;
-use crate::daemon::store::{Store, StoreError};
-use crate::daemon::streamhash::HashPool;
-use crate::daemon::subdir::WalkError;
+use crate::daemon::files::bodyhash::BodyHash;
+use crate::daemon::files::store::{Store, StoreError};
+use crate::daemon::files::streamhash::HashPool;
+use crate::daemon::files::subdir::WalkError;
 use crate::escape::escaped;
 use crate::proto::header::CHECKSUM_LEN;
 use crate::proto::name::NameError;
