@@ -12,7 +12,6 @@ pub mod server;
 pub mod shared;
 pub mod stats;
 pub mod system;
-pub mod waiting;
 
 use std::fmt;
 
