@@ -7,7 +7,7 @@
 //! every `TICK` (the listener's receive timeout) to feed the systemd watchdog, refresh `STATUS=`,
 //! and do the above, so a hung accept loop stops the watchdog and gets the service restarted.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
@@ -19,6 +19,7 @@ use crate::daemon::net::fdlimit::{self, Spare};
 use crate::daemon::net::lanes::{self, AddressLoad};
 use crate::daemon::net::pool::Hiring;
 use crate::daemon::net::queue::Queue;
+use crate::daemon::net::refuse::{refuse, refuse_waiting};
 use crate::daemon::shared::{Job, Shared};
 use crate::daemon::stats::Stats;
 use crate::daemon::system::notify::Notifier;
@@ -36,8 +37,6 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 /// A served connection is chosen to make room only once its peer has kept it waiting this long
 /// (for a line, or to take what was written), so that a conversation in progress is not cut.
 const EVICT_AFTER: Duration = Duration::from_secs(1);
-/// At most this many reads of 4 KiB drop what a refused peer already sent (without waiting).
-const REFUSE_DRAIN_READS: usize = 16;
 
 /// The accept thread's state between connections.
 pub struct Acceptor<'a> {
@@ -260,40 +259,11 @@ fn refuse_full(shared: &Shared, cfg: &Config, job: Job) {
     });
 }
 
-/// Tells a queued connection `ERR busy` and ends it.
-pub fn refuse_waiting(shared: &Shared, w: Job, why: &str) {
-    Stats::sub(&shared.stats.queued, 1);
-    Stats::add(&shared.stats.refused_busy, 1);
-    refuse(&w.stream, ERR_BUSY);
-    let peer = w.peer;
-    shared.refused(Why::Busy, Some(peer.ip()), || {
-        format!("{peer} refused: busy (waited in the queue: {why})")
-    });
-}
-
 /// The `max_per_ip` cap for `ip`: none for loopback peers under `access.exempt_loopback`.
 fn per_ip_cap(cfg: &Config, ip: IpAddr) -> u32 {
     if cfg.access.exempt_loopback && ip.is_loopback() {
         u32::MAX
     } else {
         cfg.access.max_per_ip
-    }
-}
-
-/// Writes a one-line refusal without ever blocking the caller, then ends the sending side and
-/// drops what the peer already sent, so that the close that follows is a clean end of stream
-/// rather than a reset that could destroy the line.
-pub fn refuse(stream: &TcpStream, line: &[u8]) {
-    // A fresh socket's send buffer is empty, so a non-blocking write of a short line succeeds; if
-    // it does not, the peer is gone and there is nobody to tell.
-    let _ = stream.set_nonblocking(true);
-    let _ = (&*stream).write_all(line);
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let mut scratch = [0u8; 4096];
-    for _ in 0..REFUSE_DRAIN_READS {
-        match (&*stream).read(&mut scratch) {
-            Ok(n) if n > 0 => {}
-            _ => break,
-        }
     }
 }

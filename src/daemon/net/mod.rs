@@ -1,6 +1,6 @@
 //! The server's machinery on the network side: the listening socket (`listener`) or the one
 //! systemd passed (`activation`), the accept thread (`accept`), the work queue (`queue`, its
-//! policy in `lanes`), the worker threads (`pool`), the descriptor limit (`fdlimit`) and the UDP
+//! policy in `lanes`), the worker threads (`pool`), refusals without blocking (`refuse`), the descriptor limit (`fdlimit`) and the UDP
 //! echo (`udp`). Only `daemon::server` imports from here.
 
 pub mod accept;
@@ -10,4 +10,5 @@ pub mod lanes;
 pub mod listener;
 pub mod pool;
 pub mod queue;
+pub mod refuse;
 pub mod udp;

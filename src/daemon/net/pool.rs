@@ -8,9 +8,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::daemon::conn;
-use crate::daemon::net::accept::{refuse, refuse_waiting};
 use crate::daemon::net::lanes;
 use crate::daemon::net::queue::{Queue, Waiting, Worker};
+use crate::daemon::net::refuse::{refuse, refuse_waiting};
 use crate::daemon::shared::{Job, Shared, worker_stack_bytes};
 use crate::daemon::stats::Stats;
 use crate::proto::wire::ERR_SHUTDOWN;
