@@ -7,6 +7,8 @@
 // One `unsafe` line exists, in `daemon::activation` (claiming a descriptor systemd passed),
 // allowed there.
 #![deny(unsafe_code)]
+// No function over 100 lines (clippy.toml sets the threshold).
+#![warn(clippy::too_many_lines)]
 
 // The protocol library: public, for clients in Rust, the tests and the fuzz target.
 pub mod auth;

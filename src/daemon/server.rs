@@ -90,50 +90,8 @@ impl Server {
         notifier: Notifier,
     ) -> Result<Server, ServerError> {
         let key = load_key(&config).map_err(ServerError::Key)?;
-        // Without the pool, uploads are hashed on their worker: slower, but they work.
-        let hash_pool = match HashPool::start(worker_stack_bytes(&config)) {
-            Ok(pool) => Some(pool),
-            Err(e) => {
-                log::warn!(
-                    "cannot start the hashing threads: {e}; uploads are hashed by their worker"
-                );
-                None
-            }
-        };
-        let opened = Store::open(&config.files, true).map_err(ServerError::Store)?;
-        for name in &opened.stale_removed {
-            log::warn!(
-                "removed stale partial upload {}/{name} (left by an earlier crash or kill)",
-                config.files.dir.display()
-            );
-        }
-        for (name, why) in &opened.stale_kept {
-            log::warn!(
-                "cannot remove stale entry {}/{name}: {why}; left it in place (remove it by hand)",
-                config.files.dir.display()
-            );
-        }
-        // Partial bodies of resumable uploads survive a restart until they expire.
-        match opened.store.sweep_partials() {
-            Ok((removed, kept)) => {
-                for name in &removed {
-                    log::info!(
-                        "removed expired partial upload {}/{name}",
-                        config.files.dir.display()
-                    );
-                }
-                if kept > 0 {
-                    log::info!("kept {kept} partial upload(s) for resuming");
-                }
-            }
-            Err(e) => log::warn!("partial uploads: {e}"),
-        }
-        log::info!(
-            "storing uploads in {} (on_conflict {}, max {} B per file)",
-            opened.store.dir().display(),
-            config.files.on_conflict.as_str(),
-            config.files.max_file_size
-        );
+        let hash_pool = start_hash_pool(&config);
+        let store = open_store(&config)?;
         let activated_by_systemd = activated.is_some();
         let (tcp, passed_udp) = match activated {
             Some(a) => {
@@ -144,59 +102,15 @@ impl Server {
             }
             None => (None, None),
         };
-        let udp = match passed_udp {
-            Some((socket, addr)) if config.udp.enabled => {
-                log::info!(
-                    "udp echo on the socket passed by systemd ({addr}); udp.bind and udp.port are not used"
-                );
-                Some(socket)
-            }
-            Some((_, addr)) => {
-                log::info!(
-                    "udp.enabled = false: closing the UDP socket passed by systemd ({addr})"
-                );
-                None
-            }
-            // Socket-activated, ferryd binds nothing itself (under PrivateNetwork it could not be
-            // reached anyway): no datagram socket passed means no UDP echo.
-            None if activated_by_systemd => {
-                if config.udp.enabled {
-                    log::info!(
-                        "udp echo off: systemd passed no datagram socket (add ListenDatagram= to the .socket unit)"
-                    );
-                }
-                None
-            }
-            None if config.udp.enabled => {
-                let addr = SocketAddr::new(config.udp.bind, config.udp.port);
-                let socket = udp::bind(addr).map_err(ServerError::Bind)?;
-                log::info!("udp echo on {}", socket.local_addr().unwrap_or(addr));
-                Some(socket)
-            }
-            None => None,
-        };
-        let (listener, local_addr, owns_listener) = match tcp {
-            Some((listener, addr)) => {
-                log::info!(
-                    "serving on the socket passed by systemd ({addr}); server.bind and server.port are not used"
-                );
-                (listener, addr, false)
-            }
-            None => {
-                let addr = SocketAddr::new(config.server.bind, config.server.port);
-                let listener =
-                    listener::bind_tcp(addr, config.server.backlog).map_err(ServerError::Bind)?;
-                let local = listener.local_addr().unwrap_or(addr);
-                (listener, local, true)
-            }
-        };
+        let udp = udp_socket(&config, passed_udp, activated_by_systemd)?;
+        let (listener, local_addr, owns_listener) = tcp_listener(&config, tcp)?;
         let hooks = Hooks::new(&config, worker_stack_bytes(&config));
         Ok(Server {
             handle: Handle {
                 shared: Arc::new(Shared::new(
                     Snapshot {
                         config: Arc::new(config),
-                        store: Arc::new(opened.store),
+                        store: Arc::new(store),
                         key,
                     },
                     hash_pool,
@@ -363,6 +277,119 @@ impl Handle {
             log::info!("reloaded: {}", plan.applied.join(", "));
         }
     }
+}
+
+/// Starts the hashing threads. Without the pool, uploads are hashed on their worker: slower,
+/// but they work.
+fn start_hash_pool(config: &Config) -> Option<HashPool> {
+    match HashPool::start(worker_stack_bytes(config)) {
+        Ok(pool) => Some(pool),
+        Err(e) => {
+            log::warn!("cannot start the hashing threads: {e}; uploads are hashed by their worker");
+            None
+        }
+    }
+}
+
+/// Opens the upload directory, logging the stale entries it cleaned or left and the partial
+/// uploads kept for resuming.
+fn open_store(config: &Config) -> Result<Store, ServerError> {
+    let opened = Store::open(&config.files, true).map_err(ServerError::Store)?;
+    for name in &opened.stale_removed {
+        log::warn!(
+            "removed stale partial upload {}/{name} (left by an earlier crash or kill)",
+            config.files.dir.display()
+        );
+    }
+    for (name, why) in &opened.stale_kept {
+        log::warn!(
+            "cannot remove stale entry {}/{name}: {why}; left it in place (remove it by hand)",
+            config.files.dir.display()
+        );
+    }
+    // Partial bodies of resumable uploads survive a restart until they expire.
+    match opened.store.sweep_partials() {
+        Ok((removed, kept)) => {
+            for name in &removed {
+                log::info!(
+                    "removed expired partial upload {}/{name}",
+                    config.files.dir.display()
+                );
+            }
+            if kept > 0 {
+                log::info!("kept {kept} partial upload(s) for resuming");
+            }
+        }
+        Err(e) => log::warn!("partial uploads: {e}"),
+    }
+    log::info!(
+        "storing uploads in {} (on_conflict {}, max {} B per file)",
+        opened.store.dir().display(),
+        config.files.on_conflict.as_str(),
+        config.files.max_file_size
+    );
+    Ok(opened.store)
+}
+
+/// The UDP echo's socket: the one systemd passed (if UDP is on), none when socket-activated
+/// without one, or a new one bound to `udp.bind`/`udp.port`.
+fn udp_socket(
+    config: &Config,
+    passed_udp: Option<(UdpSocket, SocketAddr)>,
+    activated_by_systemd: bool,
+) -> Result<Option<UdpSocket>, ServerError> {
+    Ok(match passed_udp {
+        Some((socket, addr)) if config.udp.enabled => {
+            log::info!(
+                "udp echo on the socket passed by systemd ({addr}); udp.bind and udp.port are not used"
+            );
+            Some(socket)
+        }
+        Some((_, addr)) => {
+            log::info!("udp.enabled = false: closing the UDP socket passed by systemd ({addr})");
+            None
+        }
+        // Socket-activated, ferryd binds nothing itself (under PrivateNetwork it could not be
+        // reached anyway): no datagram socket passed means no UDP echo.
+        None if activated_by_systemd => {
+            if config.udp.enabled {
+                log::info!(
+                    "udp echo off: systemd passed no datagram socket (add ListenDatagram= to the .socket unit)"
+                );
+            }
+            None
+        }
+        None if config.udp.enabled => {
+            let addr = SocketAddr::new(config.udp.bind, config.udp.port);
+            let socket = udp::bind(addr).map_err(ServerError::Bind)?;
+            log::info!("udp echo on {}", socket.local_addr().unwrap_or(addr));
+            Some(socket)
+        }
+        None => None,
+    })
+}
+
+/// The listening socket: the one systemd passed, or a new one bound to
+/// `server.bind`/`server.port`; its address, and whether ferryd owns it.
+fn tcp_listener(
+    config: &Config,
+    tcp: Option<(TcpListener, SocketAddr)>,
+) -> Result<(TcpListener, SocketAddr, bool), ServerError> {
+    Ok(match tcp {
+        Some((listener, addr)) => {
+            log::info!(
+                "serving on the socket passed by systemd ({addr}); server.bind and server.port are not used"
+            );
+            (listener, addr, false)
+        }
+        None => {
+            let addr = SocketAddr::new(config.server.bind, config.server.port);
+            let listener =
+                listener::bind_tcp(addr, config.server.backlog).map_err(ServerError::Bind)?;
+            let local = listener.local_addr().unwrap_or(addr);
+            (listener, local, true)
+        }
+    })
 }
 
 /// Reads the upload key named by `files.token_file`, if any.

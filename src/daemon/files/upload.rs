@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{Key, TAG_LEN};
 use crate::daemon::files::bodyhash::BodyHash;
-use crate::daemon::files::store::{Store, StoreError};
+use crate::daemon::files::store::{Pending, Store, StoreError};
 use crate::daemon::files::streamhash::HashPool;
 use crate::daemon::files::subdir::WalkError;
-use crate::escape::escaped;
+use crate::escape::{Escaped, escaped};
 use crate::proto::header::CHECKSUM_LEN;
 use crate::proto::name::NameError;
 use crate::proto::wire::{self as answer, Code, ERR_SHUTDOWN};
-use crate::proto::{Header, name};
+use crate::proto::{Algo, Header, name};
 
 /// How often a large upload logs its progress, at most.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -141,7 +141,9 @@ pub enum Check<'k> {
 }
 
 /// Receives an upload whose head (for a frame: header, raw `name` and first tag, already
-/// checked) has been read, checked as `check` says. `peer` only labels logs.
+/// checked) has been read, checked as `check` says. `peer` only labels logs. The steps: the
+/// name, the temp file (or the partial it resumes), the body into it while hashing, the
+/// checksum to compare with (trailing, or the header's), the verdict.
 pub fn receive_checked(
     store: &Store,
     check: Check<'_>,
@@ -167,71 +169,193 @@ pub fn receive_checked(
     };
     let started = Instant::now();
     let shown = escaped(raw_name, 255);
+    let name = match checked_name(store, raw_name, &shown, peer) {
+        Ok(n) => n,
+        Err(refused) => return refused,
+    };
+    let size = header.size;
+    let (mut pending, offset) = match begin(store, name, header, resumable, &shown, peer) {
+        Ok(p) => p,
+        Err(refused) => return refused,
+    };
+    log::debug!("{peer} receiving \"{shown}\" ({size} B)");
+    let up = Receiving {
+        peer,
+        shown,
+        size,
+        offset,
+        started,
+    };
+    if resumable {
+        // The peer waits for this line before it sends the body from `offset` on.
+        if let Err(lost) = source.tell(&answer::resume_line(offset)) {
+            log::warn!("{peer} file \"{}\" lost before its body: {lost}", up.shown);
+            return Outcome::Lost(lost);
+        }
+        if offset > 0 {
+            log::info!("{peer} resuming \"{}\" at {offset} of {size} B", up.shown);
+        }
+    }
+    let got = match up.body(&mut pending, source, header.algo, pool) {
+        Ok(got) => got,
+        Err(outcome) => return outcome,
+    };
+    let (want, said) = if !verified {
+        (got, "")
+    } else if header.trailing {
+        // The checksum (and, with a key, the tag binding it) follows the body.
+        match up.trailer(&pending, source, trailer_auth.as_ref()) {
+            Ok(sum) => (sum, "the trailing checksum says"),
+            Err(outcome) => return outcome,
+        }
+    } else {
+        (header.checksum, "header says")
+    };
+    if got != want {
+        return up.mismatch(pending, header.algo, &got, &want, said);
+    }
+    let how = if !verified {
+        "unverified (NAME**SIZE upload, no checksum), "
+    } else if header.trailing {
+        "trailing checksum, "
+    } else {
+        ""
+    };
+    up.commit(pending, header.algo, got, how)
+}
+
+/// The upload's name, checked by the rules of the store (with or without subdirectories).
+fn checked_name<'n>(
+    store: &Store,
+    raw_name: &'n [u8],
+    shown: &dyn fmt::Display,
+    peer: &dyn fmt::Display,
+) -> Result<&'n str, Outcome> {
     let checked = if store.allows_subdirs() {
         name::validate_path(raw_name)
     } else {
         name::validate(raw_name)
     };
-    let name = match checked {
-        Ok(n) => n,
+    match checked {
+        Ok(n) => Ok(n),
         Err(e) => {
             let mut reason = e.to_string();
             if e == NameError::Separator && raw_name.contains(&b'/') {
                 reason.push_str("; this server takes no subdirectories (files.allow_subdirs)");
             }
             log::warn!("{peer} file \"{shown}\" refused: bad-name: {reason}");
-            return Outcome::Refused {
+            Err(Outcome::Refused {
                 code: Code::BadName,
                 reason,
-            };
+            })
         }
-    };
+    }
+}
+
+/// The temp file the body goes into, or the partial body a resumable upload continues, and
+/// how many bytes of it are kept.
+fn begin<'s>(
+    store: &'s Store,
+    name: &str,
+    header: &Header,
+    resumable: bool,
+    shown: &dyn fmt::Display,
+    peer: &dyn fmt::Display,
+) -> Result<(Pending<'s>, u64), Outcome> {
     let size = header.size;
     let begun = if resumable {
         store.begin_resumable(name, size, &header.checksum)
     } else {
         store.begin(name, size).map(|p| (p, 0))
     };
-    let (mut pending, offset) = match begun {
-        Ok(p) => p,
-        Err(e) => {
-            let code = match e {
-                StoreError::TooLarge { .. } => Code::TooLarge,
-                StoreError::NoSpace { .. } => Code::NoSpace,
-                StoreError::Exists(_)
-                | StoreError::NoFreeName(_)
-                | StoreError::Path(WalkError::NotADirectory(_)) => Code::Exists,
-                StoreError::Path(WalkError::Symlink(_)) => Code::BadName,
-                StoreError::Io { .. } | StoreError::Path(WalkError::Io { .. }) => Code::Io,
-            };
-            log::warn!("{peer} file \"{shown}\" ({size} B) refused: {code}: {e}");
-            return Outcome::Refused {
-                code,
-                reason: e.to_string(),
-            };
+    begun.map_err(|e| {
+        let code = match e {
+            StoreError::TooLarge { .. } => Code::TooLarge,
+            StoreError::NoSpace { .. } => Code::NoSpace,
+            StoreError::Exists(_)
+            | StoreError::NoFreeName(_)
+            | StoreError::Path(WalkError::NotADirectory(_)) => Code::Exists,
+            StoreError::Path(WalkError::Symlink(_)) => Code::BadName,
+            StoreError::Io { .. } | StoreError::Path(WalkError::Io { .. }) => Code::Io,
+        };
+        log::warn!("{peer} file \"{shown}\" ({size} B) refused: {code}: {e}");
+        Outcome::Refused {
+            code,
+            reason: e.to_string(),
         }
-    };
-    log::debug!("{peer} receiving \"{shown}\" ({size} B)");
-    if resumable {
-        // The peer waits for this line before it sends the body from `offset` on.
-        if let Err(lost) = source.tell(&answer::resume_line(offset)) {
-            log::warn!("{peer} file \"{shown}\" lost before its body: {lost}");
-            return Outcome::Lost(lost);
+    })
+}
+
+/// One upload being received: what its log lines name, its size, and where its body starts.
+struct Receiving<'p> {
+    peer: &'p dyn fmt::Display,
+    shown: Escaped<'p>,
+    size: u64,
+    /// Bytes kept from an earlier try, read back from the partial body.
+    offset: u64,
+    started: Instant,
+}
+
+impl Receiving<'_> {
+    /// The body, piece by piece, into `pending`; returns its checksum. Each piece is hashed (on
+    /// the hash pool, for large bodies) while it is written out and the next one is received. A
+    /// resumed upload's first `offset` bytes come from its partial body on disk, hashed like the
+    /// rest, so the checksum always covers the whole file.
+    fn body(
+        &self,
+        pending: &mut Pending<'_>,
+        source: &mut dyn BodySource,
+        algo: Algo,
+        pool: Option<&HashPool>,
+    ) -> Result<[u8; CHECKSUM_LEN], Outcome> {
+        let (peer, shown, size, offset) = (self.peer, &self.shown, self.size, self.offset);
+        let mut hash = BodyHash::new(algo, size, pool);
+        let mut last_progress = self.started;
+        let mut fed: u64 = 0;
+        while fed < size {
+            let mut piece = hash.buffer();
+            let mut filled = self.kept_prefix(pending, &mut piece, fed)?;
+            while filled < piece.len() {
+                match source.read_into(&mut piece[filled..]) {
+                    Ok(n) => filled += n,
+                    Err(lost) => return Err(self.lost_body(pending, &piece, fed, filled, lost)),
+                }
+            }
+            let piece = hash.feed(piece);
+            let skip = offset.saturating_sub(fed).min(piece.len() as u64) as usize;
+            fed += piece.len() as u64;
+            if let Err(e) = pending.write(piece.get(skip..).unwrap_or(&[])) {
+                pending.discard();
+                log::error!("{peer} file \"{shown}\" failed: {e}; nothing stored");
+                return Err(Outcome::Failed {
+                    code: Code::Io,
+                    reason: e.to_string(),
+                    in_sync: false,
+                });
+            }
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                last_progress = Instant::now();
+                let done = pending.written();
+                log::info!(
+                    "{peer} receiving \"{shown}\": {} of {size} B ({:.0}%), {:.1} MB/s",
+                    done,
+                    done as f64 * 100.0 / size as f64,
+                    mb_per_s(done, self.started.elapsed())
+                );
+            }
         }
-        if offset > 0 {
-            log::info!("{peer} resuming \"{shown}\" at {offset} of {size} B");
-        }
+        Ok(hash.finish())
     }
-    // The body arrives piece by piece; each piece is hashed (on the hash pool, for large
-    // bodies) while it is written out and the next one is received. A resumed upload's first
-    // `offset` bytes come from its partial body on disk, hashed like the rest, so the checksum
-    // always covers the whole file.
-    let algo = header.algo;
-    let mut hash = BodyHash::new(algo, size, pool);
-    let mut last_progress = started;
-    let mut fed: u64 = 0;
-    while fed < size {
-        let mut piece = hash.buffer();
+
+    /// Fills the start of `piece` (the body from byte `fed` on) with what the partial body kept
+    /// before `offset`; returns how many bytes.
+    fn kept_prefix(
+        &self,
+        pending: &mut Pending<'_>,
+        piece: &mut [u8],
+        fed: u64,
+    ) -> Result<usize, Outcome> {
+        let (peer, shown, offset) = (self.peer, &self.shown, self.offset);
         let mut filled = 0;
         while filled < piece.len() && fed + (filled as u64) < offset {
             let at = fed + filled as u64;
@@ -245,72 +369,61 @@ pub fn receive_checked(
                     pending.discard();
                     let reason = format!("partial upload unreadable at byte {at}");
                     log::error!("{peer} file \"{shown}\" failed: {reason}; partial dropped");
-                    return Outcome::Failed {
+                    return Err(Outcome::Failed {
                         code: Code::Io,
                         reason,
                         in_sync: false,
-                    };
+                    });
                 }
             }
         }
-        while filled < piece.len() {
-            match source.read_into(&mut piece[filled..]) {
-                Ok(n) => filled += n,
-                Err(lost) => {
-                    let got = fed + filled as u64;
-                    if pending.is_kept() {
-                        // Keep every byte that arrived, not only whole pieces: the next try
-                        // continues right after them.
-                        let skip = offset.saturating_sub(fed).min(filled as u64) as usize;
-                        if piece
-                            .get(skip..filled)
-                            .is_some_and(|rest| pending.write(rest).is_err())
-                        {
-                            pending.discard();
-                        }
-                    }
-                    if pending.is_kept() {
-                        log::warn!(
-                            "{peer} file \"{shown}\" lost after {got} of {size} B: {lost}; {} B kept for a resume",
-                            pending.written()
-                        );
-                    } else {
-                        log::warn!(
-                            "{peer} file \"{shown}\" lost after {got} of {size} B: {lost}; nothing stored"
-                        );
-                    }
-                    return Outcome::Lost(lost);
-                }
+        Ok(filled)
+    }
+
+    /// The body ended early: a resumable upload keeps every byte that arrived in `piece` (not
+    /// only whole pieces), so the next try continues right after them.
+    fn lost_body(
+        &self,
+        pending: &mut Pending<'_>,
+        piece: &[u8],
+        fed: u64,
+        filled: usize,
+        lost: Lost,
+    ) -> Outcome {
+        let (peer, shown, size, offset) = (self.peer, &self.shown, self.size, self.offset);
+        let got = fed + filled as u64;
+        if pending.is_kept() {
+            // Keep every byte that arrived, not only whole pieces: the next try
+            // continues right after them.
+            let skip = offset.saturating_sub(fed).min(filled as u64) as usize;
+            if piece
+                .get(skip..filled)
+                .is_some_and(|rest| pending.write(rest).is_err())
+            {
+                pending.discard();
             }
         }
-        let piece = hash.feed(piece);
-        let skip = offset.saturating_sub(fed).min(piece.len() as u64) as usize;
-        fed += piece.len() as u64;
-        if let Err(e) = pending.write(piece.get(skip..).unwrap_or(&[])) {
-            pending.discard();
-            log::error!("{peer} file \"{shown}\" failed: {e}; nothing stored");
-            return Outcome::Failed {
-                code: Code::Io,
-                reason: e.to_string(),
-                in_sync: false,
-            };
-        }
-        if last_progress.elapsed() >= PROGRESS_EVERY {
-            last_progress = Instant::now();
-            let done = pending.written();
-            log::info!(
-                "{peer} receiving \"{shown}\": {} of {size} B ({:.0}%), {:.1} MB/s",
-                done,
-                done as f64 * 100.0 / size as f64,
-                mb_per_s(done, started.elapsed())
+        if pending.is_kept() {
+            log::warn!(
+                "{peer} file \"{shown}\" lost after {got} of {size} B: {lost}; {} B kept for a resume",
+                pending.written()
+            );
+        } else {
+            log::warn!(
+                "{peer} file \"{shown}\" lost after {got} of {size} B: {lost}; nothing stored"
             );
         }
+        Outcome::Lost(lost)
     }
-    let got = hash.finish();
-    let (want, said) = if !verified {
-        (got, "")
-    } else if header.trailing {
-        // The checksum (and, with a key, the tag binding it) follows the body.
+
+    /// The checksum that follows the body, and with a key the tag binding it, checked.
+    fn trailer(
+        &self,
+        pending: &Pending<'_>,
+        source: &mut dyn BodySource,
+        trailer_auth: Option<&TrailerAuth<'_>>,
+    ) -> Result<[u8; CHECKSUM_LEN], Outcome> {
+        let (peer, shown, size) = (self.peer, &self.shown, self.size);
         let mut trailer = [0u8; CHECKSUM_LEN + TAG_LEN];
         let len = if trailer_auth.is_some() {
             CHECKSUM_LEN + TAG_LEN
@@ -330,13 +443,13 @@ pub fn receive_checked(
                     log::warn!(
                         "{peer} file \"{shown}\" lost after its {size} B body, in its trailing checksum: {lost}; {kept}"
                     );
-                    return Outcome::Lost(lost);
+                    return Err(Outcome::Lost(lost));
                 }
             }
         }
         let mut sum = [0u8; CHECKSUM_LEN];
         sum.copy_from_slice(&trailer[..CHECKSUM_LEN]);
-        if let Some(a) = &trailer_auth {
+        if let Some(a) = trailer_auth {
             if !a
                 .key
                 .verify_trailer(&a.first_tag, &sum, &trailer[CHECKSUM_LEN..len])
@@ -345,21 +458,30 @@ pub fn receive_checked(
                 log::warn!(
                     "{peer} file \"{shown}\" ({size} B) refused: unauthorized: {reason}; nothing stored"
                 );
-                return Outcome::Refused {
+                return Err(Outcome::Refused {
                     code: Code::Unauthorized,
                     reason: reason.to_string(),
-                };
+                });
             }
         }
-        (sum, "the trailing checksum says")
-    } else {
-        (header.checksum, "header says")
-    };
-    if got != want {
+        Ok(sum)
+    }
+
+    /// The body's checksum is not the one it should be: nothing is stored, and a partial body
+    /// it continued is dropped.
+    fn mismatch(
+        &self,
+        mut pending: Pending<'_>,
+        algo: Algo,
+        got: &[u8; CHECKSUM_LEN],
+        want: &[u8; CHECKSUM_LEN],
+        said: &str,
+    ) -> Outcome {
+        let (peer, shown, size, offset) = (self.peer, &self.shown, self.size, self.offset);
         let reason = format!(
             "body's {algo} is {}, {said} {}",
-            answer::hex(&got),
-            answer::hex(&want)
+            answer::hex(got),
+            answer::hex(want)
         );
         let dropped = if offset > 0 {
             format!("; the partial body it continued ({offset} B) is dropped")
@@ -370,43 +492,47 @@ pub fn receive_checked(
         log::warn!(
             "{peer} file \"{shown}\" ({size} B) refused: checksum: {reason}; nothing stored{dropped}"
         );
-        return Outcome::Mismatch { reason };
+        Outcome::Mismatch { reason }
     }
-    match pending.commit() {
-        Ok(stored_name) => {
-            let took = started.elapsed();
-            log::info!(
-                "{peer} stored \"{shown}\" as \"{}\" ({size} B, {algo} {}, {}{:.2} s, {:.1} MB/s)",
-                escaped(stored_name.as_bytes(), 255),
-                answer::hex(&got),
-                if !verified {
-                    "unverified (NAME**SIZE upload, no checksum), "
-                } else if header.trailing {
-                    "trailing checksum, "
-                } else {
-                    ""
-                },
-                took.as_secs_f64(),
-                mb_per_s(size, took)
-            );
-            Outcome::Stored {
-                stored_name,
-                size,
-                checksum: got,
+
+    /// The verdict for a body whose checksum matched: the file goes under its final name.
+    fn commit(
+        &self,
+        pending: Pending<'_>,
+        algo: Algo,
+        got: [u8; CHECKSUM_LEN],
+        how: &str,
+    ) -> Outcome {
+        let (peer, shown, size) = (self.peer, &self.shown, self.size);
+        match pending.commit() {
+            Ok(stored_name) => {
+                let took = self.started.elapsed();
+                log::info!(
+                    "{peer} stored \"{shown}\" as \"{}\" ({size} B, {algo} {}, {how}{:.2} s, {:.1} MB/s)",
+                    escaped(stored_name.as_bytes(), 255),
+                    answer::hex(&got),
+                    took.as_secs_f64(),
+                    mb_per_s(size, took)
+                );
+                Outcome::Stored {
+                    stored_name,
+                    size,
+                    checksum: got,
+                }
             }
-        }
-        Err(e) => {
-            let code = match e {
-                StoreError::Exists(_)
-                | StoreError::NoFreeName(_)
-                | StoreError::Path(WalkError::NotADirectory(_)) => Code::Exists,
-                _ => Code::Io,
-            };
-            log::error!("{peer} file \"{shown}\" not stored: {code}: {e}");
-            Outcome::Failed {
-                code,
-                reason: e.to_string(),
-                in_sync: true,
+            Err(e) => {
+                let code = match e {
+                    StoreError::Exists(_)
+                    | StoreError::NoFreeName(_)
+                    | StoreError::Path(WalkError::NotADirectory(_)) => Code::Exists,
+                    _ => Code::Io,
+                };
+                log::error!("{peer} file \"{shown}\" not stored: {code}: {e}");
+                Outcome::Failed {
+                    code,
+                    reason: e.to_string(),
+                    in_sync: true,
+                }
             }
         }
     }

@@ -19,11 +19,14 @@ pub fn refuse(stream: &TcpStream, line: &[u8]) {
     // A fresh socket's send buffer is empty, so a non-blocking write of a short line succeeds; if
     // it does not, the peer is gone and there is nobody to tell.
     let _ = stream.set_nonblocking(true);
-    let _ = (&*stream).write_all(line);
+    // `Read` and `Write` are implemented for `&TcpStream`: a named reference, not `&*stream`,
+    // which older clippy takes for a needless reborrow (`borrow_deref_ref`).
+    let mut peer: &TcpStream = stream;
+    let _ = peer.write_all(line);
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let mut scratch = [0u8; 4096];
     for _ in 0..REFUSE_DRAIN_READS {
-        match (&*stream).read(&mut scratch) {
+        match peer.read(&mut scratch) {
             Ok(n) if n > 0 => {}
             _ => break,
         }
