@@ -69,7 +69,7 @@ fn collect(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// `src/daemon/conn.rs` → `daemon::conn`; `src/proto/mod.rs` → `proto`; `src/lib.rs` → `lib`.
+/// `src/daemon/conn/read.rs` → `daemon::conn::read`; `src/proto/mod.rs` → `proto`; `src/lib.rs` → `lib`.
 fn module_of(src: &Path, file: &Path) -> String {
     let rel = file.strip_prefix(src).expect("under src");
     let mut parts: Vec<String> = rel

@@ -1,6 +1,9 @@
-//! The daemon: the accept loop and worker pool (`server`), one connection (`conn`), uploads into
-//! the store, the chat room, the UDP echo, access counts, and the glue to systemd (activation,
-//! notify, signals). Nothing in `proto`, `client` or the shared leaves imports from here.
+//! The daemon: `server` binds and runs it, from start to shutdown and reload. Its folders group
+//! what works together: `net` (listener, activation, accept thread, work queue, workers, UDP),
+//! `conn` (one connection, one file per role), `files` (uploads, the store, hashes, resume,
+//! hooks), `chat` (the room), `access` (per-address counts, rate limits, refusal log, eviction)
+//! and `system` (preflight, notify, signals). The files at this level are the state they share.
+//! Nothing in `proto`, `client` or the shared leaves imports from here.
 
 pub mod access;
 pub mod chat;

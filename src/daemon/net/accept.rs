@@ -28,7 +28,8 @@ use crate::peer::Peer;
 use crate::proto::wire::{ERR_BUSY, ERR_NOT_ALLOWED, ERR_SHUTDOWN, ERR_TOO_MANY};
 
 /// How often the accept loop wakes when no connection arrives. It bounds how long a stop takes
-/// to be noticed on a socket passed by systemd, which ferryd must not shut down (see `stop`).
+/// to be noticed on a socket passed by systemd, which ferryd must not shut down (see
+/// `server::Handle::stop`).
 pub const TICK: Duration = Duration::from_millis(250);
 /// How long the accept loop waits after a failed `accept` before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
