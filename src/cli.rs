@@ -1,6 +1,7 @@
 //! The command line: which command to run and with what, parsed with `lexopt`.
 
 use std::ffi::OsString;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -71,118 +72,179 @@ pub enum Command {
     Version,
 }
 
-/// Parses the arguments after the program name.
+/// Parses the arguments after the program name: reads them, checks that each flag belongs to
+/// the command, and builds the command.
 pub fn parse<I>(args: I) -> Result<Command, lexopt::Error>
 where
     I: IntoIterator,
     I::Item: Into<OsString>,
 {
-    use lexopt::prelude::*;
+    match Args::read(args)? {
+        ControlFlow::Break(command) => Ok(command),
+        ControlFlow::Continue(args) => {
+            args.check()?;
+            args.command()
+        }
+    }
+}
 
-    let mut parser = lexopt::Parser::from_args(args);
-    let mut subcommand: Option<String> = None;
-    let mut config = None;
-    let mut to = None;
-    let mut timeout = None;
-    let mut key_file = None;
-    let mut recursive = false;
-    let mut hash = None;
-    let mut checksum = None;
-    let mut name = None;
-    let mut quiet = false;
-    let mut files = Vec::new();
-    while let Some(arg) = parser.next()? {
-        match arg {
-            Short('c') | Long("config") => config = Some(PathBuf::from(parser.value()?)),
-            Long("to") => to = Some(parse_to(&parser.value()?.string()?)?),
-            Short('q') | Long("quiet") => quiet = true,
-            Long("timeout") => timeout = Some(parse_timeout(&parser.value()?.string()?)?),
-            Long("key-file") => key_file = Some(PathBuf::from(parser.value()?)),
-            Short('r') | Long("recursive") => recursive = true,
-            Long("hash") => hash = Some(parse_hash(&parser.value()?.string()?)?),
-            Long("checksum") => checksum = Some(parse_place(&parser.value()?.string()?)?),
-            Long("name") => name = Some(parser.value()?.string()?),
-            Short('h') | Long("help") => return Ok(Command::Help),
-            Short('V') | Long("version") => return Ok(Command::Version),
-            Value(v) if subcommand.is_none() => {
-                let name = v.string()?;
-                match name.as_str() {
-                    "run" | "check-config" | "send" | "pack" => subcommand = Some(name),
-                    _ => {
-                        return Err(format!(
-                            "unknown command '{name}' (commands: run, check-config, send, pack; see --help)"
-                        )
-                        .into());
+/// The arguments as given, before they make a command.
+#[derive(Default)]
+struct Args {
+    subcommand: Option<String>,
+    config: Option<PathBuf>,
+    to: Option<String>,
+    timeout: Option<Duration>,
+    key_file: Option<PathBuf>,
+    recursive: bool,
+    hash: Option<Algo>,
+    checksum: Option<bool>,
+    name: Option<String>,
+    quiet: bool,
+    files: Vec<PathBuf>,
+}
+
+impl Args {
+    /// Reads every argument; `--help` and `--version` end the reading with their command.
+    fn read<I>(args: I) -> Result<ControlFlow<Command, Args>, lexopt::Error>
+    where
+        I: IntoIterator,
+        I::Item: Into<OsString>,
+    {
+        use lexopt::prelude::*;
+
+        let mut parser = lexopt::Parser::from_args(args);
+        let mut a = Args::default();
+        while let Some(arg) = parser.next()? {
+            match arg {
+                Short('c') | Long("config") => a.config = Some(PathBuf::from(parser.value()?)),
+                Long("to") => a.to = Some(parse_to(&parser.value()?.string()?)?),
+                Short('q') | Long("quiet") => a.quiet = true,
+                Long("timeout") => a.timeout = Some(parse_timeout(&parser.value()?.string()?)?),
+                Long("key-file") => a.key_file = Some(PathBuf::from(parser.value()?)),
+                Short('r') | Long("recursive") => a.recursive = true,
+                Long("hash") => a.hash = Some(parse_hash(&parser.value()?.string()?)?),
+                Long("checksum") => a.checksum = Some(parse_place(&parser.value()?.string()?)?),
+                Long("name") => a.name = Some(parser.value()?.string()?),
+                Short('h') | Long("help") => return Ok(ControlFlow::Break(Command::Help)),
+                Short('V') | Long("version") => return Ok(ControlFlow::Break(Command::Version)),
+                Value(v) if a.subcommand.is_none() => {
+                    let name = v.string()?;
+                    match name.as_str() {
+                        "run" | "check-config" | "send" | "pack" => a.subcommand = Some(name),
+                        _ => {
+                            return Err(format!(
+                                "unknown command '{name}' (commands: run, check-config, send, pack; see --help)"
+                            )
+                            .into());
+                        }
                     }
                 }
+                // `-` alone is a value (standard input), not an option.
+                Value(v) if matches!(a.subcommand.as_deref(), Some("send" | "pack")) => {
+                    a.files.push(PathBuf::from(v));
+                }
+                _ => return Err(arg.unexpected()),
             }
-            // `-` alone is a value (standard input), not an option.
-            Value(v) if matches!(subcommand.as_deref(), Some("send" | "pack")) => {
-                files.push(PathBuf::from(v));
+        }
+        Ok(ControlFlow::Continue(a))
+    }
+
+    fn sub(&self) -> &str {
+        self.subcommand.as_deref().unwrap_or("run")
+    }
+
+    /// Every flag given belongs to the command, and `--name` and `-` have what they need.
+    fn check(&self) -> Result<(), lexopt::Error> {
+        let sub = self.sub();
+        let misplaced = [
+            (
+                "--config",
+                self.config.is_some(),
+                matches!(sub, "run" | "check-config"),
+            ),
+            ("--to", self.to.is_some(), sub == "send"),
+            ("--timeout", self.timeout.is_some(), sub == "send"),
+            ("--key-file", self.key_file.is_some(), sub == "send"),
+            ("-r", self.recursive, sub == "send"),
+            (
+                "--hash",
+                self.hash.is_some(),
+                matches!(sub, "send" | "pack"),
+            ),
+            ("--checksum", self.checksum.is_some(), sub == "send"),
+            (
+                "--name",
+                self.name.is_some(),
+                matches!(sub, "send" | "pack"),
+            ),
+            ("--quiet", self.quiet, sub == "check-config"),
+        ];
+        if let Some((flag, ..)) = misplaced
+            .iter()
+            .find(|(_, used, allowed)| *used && !*allowed)
+        {
+            return Err(format!("{flag} does not apply to '{sub}'").into());
+        }
+        if matches!(sub, "send" | "pack") {
+            if self.name.is_some() && self.files.len() != 1 {
+                return Err("--name needs exactly one FILE".into());
             }
-            _ => return Err(arg.unexpected()),
-        }
-    }
-    let sub = subcommand.as_deref().unwrap_or("run");
-    let misplaced = [
-        (
-            "--config",
-            config.is_some(),
-            matches!(sub, "run" | "check-config"),
-        ),
-        ("--to", to.is_some(), sub == "send"),
-        ("--timeout", timeout.is_some(), sub == "send"),
-        ("--key-file", key_file.is_some(), sub == "send"),
-        ("-r", recursive, sub == "send"),
-        ("--hash", hash.is_some(), matches!(sub, "send" | "pack")),
-        ("--checksum", checksum.is_some(), sub == "send"),
-        ("--name", name.is_some(), matches!(sub, "send" | "pack")),
-        ("--quiet", quiet, sub == "check-config"),
-    ];
-    if let Some((flag, ..)) = misplaced
-        .iter()
-        .find(|(_, used, allowed)| *used && !*allowed)
-    {
-        return Err(format!("{flag} does not apply to '{sub}'").into());
-    }
-    if matches!(sub, "send" | "pack") {
-        if name.is_some() && files.len() != 1 {
-            return Err("--name needs exactly one FILE".into());
-        }
-        if name.is_none() && files.iter().any(|f| f.as_os_str() == "-") {
-            return Err("- (standard input) needs --name NAME".into());
-        }
-    }
-    let form = Form {
-        algo: hash.unwrap_or_default(),
-        // `send` hashes while sending; `pack` keeps the header checksum, which any receiver
-        // of its output can check before reading the body.
-        trailing: sub == "send" && checksum.unwrap_or(true),
-        name,
-        // `send` makes large files resumable, with the checksum in either place.
-        resume: sub == "send",
-    };
-    Ok(match sub {
-        "check-config" => Command::CheckConfig { config, quiet },
-        "send" => {
-            let to = to.ok_or("send needs --to HOST:PORT")?;
-            if files.is_empty() {
-                return Err("send needs at least one FILE".into());
+            if self.name.is_none() && self.files.iter().any(|f| f.as_os_str() == "-") {
+                return Err("- (standard input) needs --name NAME".into());
             }
-            let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
-            Command::Send(SendOptions {
-                to,
-                timeout,
-                files,
-                key_file,
-                recursive,
-                form,
-            })
         }
-        "pack" if files.is_empty() => return Err("pack needs at least one FILE".into()),
-        "pack" => Command::Pack(PackOptions { files, form }),
-        _ => Command::Run { config },
-    })
+        Ok(())
+    }
+
+    /// The command the checked arguments make.
+    fn command(self) -> Result<Command, lexopt::Error> {
+        let sub = self.sub().to_string();
+        let sub = sub.as_str();
+        let Args {
+            config,
+            to,
+            timeout,
+            key_file,
+            recursive,
+            hash,
+            checksum,
+            name,
+            quiet,
+            files,
+            ..
+        } = self;
+        let form = Form {
+            algo: hash.unwrap_or_default(),
+            // `send` hashes while sending; `pack` keeps the header checksum, which any receiver
+            // of its output can check before reading the body.
+            trailing: sub == "send" && checksum.unwrap_or(true),
+            name,
+            // `send` makes large files resumable, with the checksum in either place.
+            resume: sub == "send",
+        };
+        Ok(match sub {
+            "check-config" => Command::CheckConfig { config, quiet },
+            "send" => {
+                let to = to.ok_or("send needs --to HOST:PORT")?;
+                if files.is_empty() {
+                    return Err("send needs at least one FILE".into());
+                }
+                let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
+                Command::Send(SendOptions {
+                    to,
+                    timeout,
+                    files,
+                    key_file,
+                    recursive,
+                    form,
+                })
+            }
+            "pack" if files.is_empty() => return Err("pack needs at least one FILE".into()),
+            "pack" => Command::Pack(PackOptions { files, form }),
+            _ => Command::Run { config },
+        })
+    }
 }
 
 fn parse_hash(s: &str) -> Result<Algo, lexopt::Error> {

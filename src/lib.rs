@@ -7,6 +7,8 @@
 // One `unsafe` line exists, in `daemon::activation` (claiming a descriptor systemd passed),
 // allowed there.
 #![deny(unsafe_code)]
+// No function over 100 lines (clippy.toml sets the threshold).
+#![warn(clippy::too_many_lines)]
 
 // The protocol library: public, for clients in Rust, the tests and the fuzz target.
 pub mod auth;
@@ -30,6 +32,6 @@ use config::reload;
 pub use cli::{Command, HELP, parse as parse_args};
 pub use client::{Form, PackOptions, SendOptions, pack, send};
 pub use config::{Config, ConfigError, Origin, load as load_config};
-pub use daemon::preflight::PreflightError;
+pub use daemon::system::preflight::PreflightError;
 pub use daemon::{DaemonError, block_reload_signal, preflight, serve};
 pub use logger::init as init_logger;

@@ -1,39 +1,29 @@
-//! The daemon: the accept loop and worker pool (`server`), one connection (`conn`), uploads into
-//! the store, the chat room, the UDP echo, access counts, and the glue to systemd (activation,
-//! notify, signals). Nothing in `proto`, `client` or the shared leaves imports from here.
+//! The daemon: `server` binds and runs it, from start to shutdown and reload. Its folders group
+//! what works together: `net` (listener, activation, accept thread, work queue, workers, UDP),
+//! `conn` (one connection, one file per role), `files` (uploads, the store, hashes, resume,
+//! hooks), `chat` (the room), `access` (per-address counts, rate limits, refusal log, eviction)
+//! and `system` (preflight, notify, signals). The files at this level are the state they share.
+//! Nothing in `proto`, `client` or the shared leaves imports from here.
 
 pub mod access;
-pub mod activation;
-pub mod bodyhash;
 pub mod chat;
 pub mod conn;
-pub mod evict;
-pub mod fdlimit;
-pub mod hooks;
-pub mod listener;
-pub mod notify;
-pub mod preflight;
-pub mod ratelimit;
-pub mod refusals;
+pub mod files;
+pub mod net;
 pub mod registry;
-pub mod resume;
 pub mod server;
 pub mod shared;
-pub mod signals;
 pub mod stats;
-pub mod store;
-pub mod streamhash;
-pub mod subdir;
-pub mod udp;
-pub mod upload;
-pub mod waiting;
+pub mod system;
 
 use std::fmt;
 
 use crate::config::{Config, Origin};
-use notify::Notifier;
-use preflight::PreflightError;
+use net::activation;
 use server::{Server, ServerError};
+use system::notify::Notifier;
+use system::preflight::{self, PreflightError};
+use system::signals;
 
 /// Why the daemon could not start, or stopped with an error.
 #[derive(Debug)]

@@ -9,15 +9,15 @@ use std::time::{Duration, Instant};
 
 use crate::auth::Key;
 use crate::config::Config;
-use crate::daemon::access::{PerIp, Slot};
+use crate::daemon::access::evict::Board;
+use crate::daemon::access::per_ip::{PerIp, Slot};
+use crate::daemon::access::refusals::{Refusals, Why};
 use crate::daemon::chat::Room;
-use crate::daemon::evict::Board;
-use crate::daemon::hooks::Hooks;
-use crate::daemon::refusals::{Refusals, Why};
+use crate::daemon::files::hooks::Hooks;
+use crate::daemon::files::store::Store;
+use crate::daemon::files::streamhash::HashPool;
 use crate::daemon::registry::Registry;
 use crate::daemon::stats::Stats;
-use crate::daemon::store::Store;
-use crate::daemon::streamhash::HashPool;
 use crate::peer::Peer;
 
 /// Smallest worker stack in a debug build, in KiB.

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
-use crate::daemon::listener::BindError;
-use crate::daemon::ratelimit::Limiter;
+use crate::daemon::access::ratelimit::Limiter;
+use crate::daemon::net::listener::BindError;
 use crate::daemon::shared::Shared;
 use crate::daemon::stats::Stats;
 use crate::deadline::is_timeout;

@@ -16,6 +16,9 @@
 //! Memory: the log holds at most `chat_queue_bytes` plus the notices (rate-limited, below), the
 //! writers at most one batch more (they take consecutive entries), so the room's messages never
 //! exceed `chat_queue_bytes + BATCH_BYTES + NOTICE_SLACK` plus one message larger than a batch.
+//!
+//! Here: the room, a member's seat and its writer. The log's rules under the lock are in
+//! `backlog`, the notice gate in `notices`.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Write};
@@ -28,6 +31,11 @@ use std::time::{Duration, Instant};
 use crate::deadline::is_timeout;
 use crate::peer::Peer;
 use crate::proto::wire;
+
+mod backlog;
+mod notices;
+
+use notices::{Notice, NoticeGate};
 
 /// A message on its way to members: the bytes of one or more whole lines, shared by all writers.
 pub type Msg = Arc<[u8]>;
@@ -43,10 +51,6 @@ const COALESCE: Duration = Duration::from_millis(2);
 /// Lines of the server's own (answers, the welcome) queued for one member; beyond this the member
 /// is not reading even its own answers, and further ones are not queued.
 pub const PRIVATE_BYTES: usize = 64 * 1024;
-/// Join and leave notices shown one by one per `NOTICE_WINDOW`; beyond, they are counted and a
-/// single summary line follows the window.
-const NOTICES_PER_WINDOW: u32 = 10;
-const NOTICE_WINDOW: Duration = Duration::from_secs(1);
 /// Bytes the notices may add to a full log while it waits on its slowest member: at most
 /// `NOTICES_PER_WINDOW + 1` lines of at most `NOTICE_MAX` bytes per window for one drain timeout
 /// of up to an hour. Notices never wait, so joining and leaving never block.
@@ -473,237 +477,6 @@ impl Drop for Writer<'_> {
     }
 }
 
-impl State {
-    fn next_seq(&self) -> u64 {
-        self.first_seq + self.log.len() as u64
-    }
-
-    /// Whether a message of `len` bytes from a sender with `in_log` bytes in the log may be
-    /// appended now: the log has space for it (an empty log takes any message), and the sender
-    /// stays within its fair share, the log's bytes divided by the senders with bytes in it
-    /// (itself included); a sender with nothing in the log may always add one message.
-    fn fits(&self, len: usize, in_log: usize, queue_bytes: usize) -> bool {
-        if self.log_bytes == 0 {
-            return true;
-        }
-        if self.log_bytes + len > queue_bytes {
-            return false;
-        }
-        let senders = self.n_senders + usize::from(in_log == 0);
-        in_log == 0 || in_log + len <= queue_bytes / senders.max(1)
-    }
-
-    fn append(&mut self, from: Option<u64>, message: Msg, now: Instant) {
-        let len = message.len();
-        let next = self.next_seq();
-        let mut sender_was_oldest = false;
-        if let Some(m) = from.and_then(|id| self.members.get_mut(&id)) {
-            if m.in_log == 0 {
-                self.n_senders += 1;
-            }
-            m.in_log += len;
-            // A sender that has taken everything skips its own line at once: otherwise its
-            // writer, which is not woken for it, would hold the log back until it looks again.
-            if m.cursor == next {
-                m.cursor = next + 1;
-                sender_was_oldest = self.first_seq == next;
-            }
-        }
-        self.log_bytes += len;
-        self.log.push_back(Entry {
-            from,
-            msg: message,
-            at: now,
-        });
-        if sender_was_oldest {
-            self.trim();
-        }
-        for (&id, m) in &mut self.members {
-            if m.waiting && m.listening && Some(id) != from {
-                m.waiting = false;
-                m.wake.notify_one();
-            }
-        }
-    }
-
-    /// Removes the entries every listening member has taken; true if there were any.
-    fn trim(&mut self) -> bool {
-        let before = self.first_seq;
-        let min = self
-            .members
-            .values()
-            .filter(|m| m.listening)
-            .map(|m| m.cursor)
-            .min()
-            .unwrap_or_else(|| self.next_seq());
-        while self.first_seq < min {
-            let Some(e) = self.log.pop_front() else {
-                break;
-            };
-            self.first_seq += 1;
-            self.log_bytes -= e.msg.len();
-            if let Some(m) = e.from.and_then(|id| self.members.get_mut(&id)) {
-                m.in_log -= e.msg.len();
-                if m.in_log == 0 {
-                    self.n_senders -= 1;
-                }
-            }
-        }
-        self.first_seq != before
-    }
-
-    /// The drop rule, applied while a sender waits: a listening member that holds the oldest
-    /// entry and has taken nothing since that entry arrived or for `drain_timeout`, whichever is
-    /// later, is dropped. True if one was.
-    fn drop_stalled(&mut self, now: Instant, drain_timeout: Duration) -> bool {
-        let Some(oldest) = self.log.front() else {
-            return false;
-        };
-        let (first, oldest_at, waiting_bytes) = (self.first_seq, oldest.at, self.log_bytes);
-        let stalled: Vec<u64> = self
-            .members
-            .iter()
-            .filter(|(_, m)| {
-                m.listening
-                    && m.cursor == first
-                    && now.saturating_duration_since(m.last_take.max(oldest_at)) >= drain_timeout
-            })
-            .map(|(&id, _)| id)
-            .collect();
-        let secs = drain_timeout.as_secs();
-        let mut any = false;
-        for id in stalled {
-            any |= self.drop_member(
-                id,
-                format!(
-                    "not reading: took nothing for {secs} s while {waiting_bytes} B waited for it (server.chat_drain_timeout_secs)"
-                ),
-            );
-        }
-        any
-    }
-
-    /// Takes a listening member out of the room for `why`; true if it was in.
-    fn drop_member(&mut self, id: u64, why: String) -> bool {
-        let Some(m) = self.members.get_mut(&id) else {
-            return false;
-        };
-        if !m.listening {
-            return false;
-        }
-        m.listening = false;
-        m.wake.notify_one();
-        // Wakes both of its threads: the writer blocked on a full socket, the reader.
-        let _ = m.stream.shutdown(Shutdown::Both);
-        let peer = m.peer;
-        log::warn!("{peer} dropped from the chat: {why}");
-        m.dropped = Some(why);
-        m.announced = true;
-        self.notice(
-            Instant::now(),
-            Notice::Left,
-            wire::chat_left(&peer, &"too slow: not reading"),
-        );
-        self.trim();
-        true
-    }
-
-    /// Removes a member whose seat and writer are both gone.
-    fn forget(&mut self, id: u64) {
-        if let Some(m) = self.members.remove(&id) {
-            if m.in_log > 0 {
-                self.n_senders -= 1;
-            }
-        }
-    }
-
-    /// Posts a join or leave notice, or counts it when this window has shown its share.
-    fn notice(&mut self, now: Instant, kind: Notice, text: String) {
-        self.flush_notices(now);
-        if self.notices.admit(now, kind) {
-            self.append(None, msg(text.as_bytes()), now);
-        }
-    }
-
-    /// Posts the summary of the notices counted in a finished window.
-    fn flush_notices(&mut self, now: Instant) {
-        if let Some(summary) = self.notices.summary(now) {
-            self.append(None, msg(summary.as_bytes()), now);
-        }
-    }
-}
-
-/// What a notice announces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Notice {
-    Joined,
-    Left,
-}
-
-/// Rate limit of join and leave notices: `NOTICES_PER_WINDOW` shown per window, the rest counted
-/// and summed up in one line once the window is over, so a client connecting and disconnecting in
-/// a loop costs the room about 11 lines a second.
-#[derive(Debug)]
-struct NoticeGate {
-    window_start: Instant,
-    shown: u32,
-    joined: u64,
-    left: u64,
-}
-
-impl Default for NoticeGate {
-    fn default() -> NoticeGate {
-        NoticeGate {
-            window_start: Instant::now(),
-            shown: 0,
-            joined: 0,
-            left: 0,
-        }
-    }
-}
-
-impl NoticeGate {
-    /// Whether a notice may be shown now; if not, it is counted.
-    fn admit(&mut self, now: Instant, kind: Notice) -> bool {
-        if now.saturating_duration_since(self.window_start) >= NOTICE_WINDOW
-            && self.joined + self.left == 0
-        {
-            self.window_start = now;
-            self.shown = 0;
-        }
-        if self.shown < NOTICES_PER_WINDOW {
-            self.shown += 1;
-            return true;
-        }
-        match kind {
-            Notice::Joined => self.joined += 1,
-            Notice::Left => self.left += 1,
-        }
-        false
-    }
-
-    fn summary_due(&self, now: Instant) -> bool {
-        self.joined + self.left > 0
-            && now.saturating_duration_since(self.window_start) >= NOTICE_WINDOW
-    }
-
-    /// Once the window is over, the line that sums up what it did not show, and a new window.
-    fn summary(&mut self, now: Instant) -> Option<String> {
-        if !self.summary_due(now) {
-            return None;
-        }
-        let secs = now
-            .saturating_duration_since(self.window_start)
-            .as_secs_f64();
-        let line = wire::chat_summary(self.joined, self.left, secs);
-        self.window_start = now;
-        self.shown = 0;
-        self.joined = 0;
-        self.left = 0;
-        Some(line)
-    }
-}
-
 /// `s` cut to at most `max` bytes, at a character boundary.
 fn cut(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
@@ -756,40 +529,6 @@ fn write_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn notice_gate_shows_a_share_per_window_then_sums_up() {
-        let t0 = Instant::now();
-        let mut gate = NoticeGate {
-            window_start: t0,
-            ..NoticeGate::default()
-        };
-        let shown = (0..25)
-            .filter(|i| {
-                let kind = if i % 2 == 0 {
-                    Notice::Joined
-                } else {
-                    Notice::Left
-                };
-                gate.admit(t0 + Duration::from_millis(*i), kind)
-            })
-            .count();
-        assert_eq!(shown, NOTICES_PER_WINDOW as usize);
-        assert_eq!((gate.joined, gate.left), (8, 7));
-        let cases = [
-            (Duration::from_millis(500), None),
-            (
-                Duration::from_millis(1500),
-                Some("* 8 more joined and 7 more left in the last 1.5 s (too many to list)\n"),
-            ),
-            (Duration::from_millis(3000), None),
-        ];
-        for (at, want) in cases {
-            assert_eq!(gate.summary(t0 + at).as_deref(), want, "at {at:?}");
-        }
-        // A new window shows its share again.
-        assert!(gate.admit(t0 + Duration::from_millis(3100), Notice::Joined));
-    }
 
     #[test]
     fn a_batch_gets_the_drain_timeout_per_64_kib() {

@@ -9,24 +9,31 @@
 //! file and its rename always meet in the same directory. Before each upload the handle is
 //! checked against the path: a directory that was removed or replaced is reopened (created
 //! again if missing, as at start-up) before a byte of body is read.
+//!
+//! Here: opening the directory, reservations of free space, beginning an upload, placing a
+//! committed file under its name. A file being received is a `Pending` (`pending`).
 
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{self, DirBuilder, File, Permissions};
-use std::io::{self, Write};
-use std::num::NonZeroU64;
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use rustix::fs::{Advice, AtFlags, FileType, Mode, OFlags, RenameFlags};
+use rustix::fs::{AtFlags, FileType, RenameFlags};
 
 use crate::config::{FilesConfig, OnConflict};
-use crate::daemon::resume::{self, Claim, Limits};
-use crate::daemon::subdir::{self, WalkError};
+use crate::daemon::files::resume::{self, Claim, Limits};
+use crate::daemon::files::subdir::{self, WalkError};
 use crate::proto::name::{RESERVED_PREFIX, split_path};
+
+mod pending;
+
+pub use pending::Pending;
+use pending::{Reservation, create_temp};
 
 /// How long a resumable upload waits for the partial body it would continue while another
 /// connection still holds it (typically the one just cut, not yet given up by the server).
@@ -547,168 +554,6 @@ fn same_dir(handle: &File, path: &Path) -> bool {
     }
 }
 
-/// Creates `.ferryd-<random>.part` in `dir` exclusively (O_EXCL, not following a symlink),
-/// retrying on the rare collision; returns the file and its name.
-fn create_temp(dir: &File, mode: u32) -> Result<(File, String), StoreError> {
-    let mut last = None;
-    for _ in 0..8 {
-        let name = format!("{RESERVED_PREFIX}{:016x}{PART_SUFFIX}", random_u64());
-        match rustix::fs::openat(
-            dir,
-            name.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(mode),
-        ) {
-            Ok(fd) => return Ok((File::from(fd), name)),
-            Err(rustix::io::Errno::EXIST) => last = Some(io::Error::from(rustix::io::Errno::EXIST)),
-            Err(e) => {
-                return Err(StoreError::Io {
-                    op: "create a temporary file",
-                    err: e.into(),
-                });
-            }
-        }
-    }
-    Err(StoreError::Io {
-        op: "create a temporary file",
-        err: last.unwrap_or_else(|| io::Error::other("no free temporary name")),
-    })
-}
-
-/// Free space set aside for one upload and not yet written. Written bytes are given back as they
-/// land on disk (the file system counts them from then on); dropping it gives back the rest.
-struct Reservation<'a> {
-    store: &'a Store,
-    left: u64,
-}
-
-impl Reservation<'_> {
-    /// `n` bytes of the reservation are now on disk.
-    fn used(&mut self, n: u64) {
-        let n = n.min(self.left);
-        self.left -= n;
-        self.store.release(n);
-    }
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        self.store.release(self.left);
-    }
-}
-
-/// A file being received. Dropping it without `commit` removes the temp file (and its
-/// reservation gives back the space not written).
-pub struct Pending<'a> {
-    reservation: Reservation<'a>,
-    /// The directory the temp file is in, where it is renamed and which is fsynced.
-    dir: Arc<File>,
-    file: File,
-    temp_name: String,
-    name: String,
-    size: u64,
-    written: u64,
-    /// Bytes for which writeback has been started.
-    flushed: u64,
-    done: bool,
-    /// A resumable upload's partial body: left in place, not removed, if the upload ends
-    /// without `commit` (unless `discard` was called).
-    keep: bool,
-}
-
-impl Pending<'_> {
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
-    /// Whether the bytes are kept for a resume if the upload is cut off.
-    pub fn is_kept(&self) -> bool {
-        self.keep
-    }
-
-    /// Removes the partial body when the upload ends without `commit` after all (a checksum
-    /// mismatch, a disk error): its bytes are not worth continuing.
-    pub fn discard(&mut self) {
-        self.keep = false;
-    }
-
-    /// Reads bytes already in the file (a resumed upload's prefix) at `at`.
-    pub fn read_at(&self, buf: &mut [u8], at: u64) -> Result<usize, StoreError> {
-        std::os::unix::fs::FileExt::read_at(&self.file, buf, at)
-            .map_err(io_err("read the partial upload"))
-    }
-
-    /// Appends body bytes. Never writes more than the announced size.
-    pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
-        let room = self.size - self.written;
-        if data.len() as u64 > room {
-            return Err(StoreError::Io {
-                op: "write the file",
-                err: io::Error::other("more bytes than announced"),
-            });
-        }
-        self.file
-            .write_all(data)
-            .map_err(io_err("write the file"))?;
-        self.written += data.len() as u64;
-        self.reservation.used(data.len() as u64);
-        if self.written - self.flushed >= WRITEBACK_STEP {
-            // Start writeback of what was written since the last step (and drop the clean pages
-            // of the step before): with POSIX_FADV_DONTNEED, Linux queues the dirty pages for
-            // writing without waiting. Purely a hint; an error changes nothing.
-            let from = self.flushed.saturating_sub(WRITEBACK_STEP);
-            let _ = rustix::fs::fadvise(
-                &self.file,
-                from,
-                NonZeroU64::new(self.written - from),
-                Advice::DontNeed,
-            );
-            self.flushed = self.written;
-        }
-        Ok(())
-    }
-
-    /// Makes the file durable and gives it its final name; returns that name. Call only when
-    /// every byte arrived and the checksum matched.
-    pub fn commit(mut self) -> Result<String, StoreError> {
-        if self.written != self.size {
-            return Err(StoreError::Io {
-                op: "commit the file",
-                err: io::Error::other(format!("{} of {} bytes written", self.written, self.size)),
-            });
-        }
-        let mode = Permissions::from_mode(self.reservation.store.cfg.file_mode);
-        // The umask may have narrowed the mode at creation; set it exactly.
-        self.file
-            .set_permissions(mode)
-            .map_err(io_err("set the file mode"))?;
-        self.file.sync_all().map_err(io_err("sync the file"))?;
-        let (stored, subdir) =
-            self.reservation
-                .store
-                .place(&self.dir, &self.temp_name, &self.name)?;
-        self.done = true;
-        if let Some(fd) = subdir {
-            rustix::fs::fsync(fd).map_err(|e| StoreError::Io {
-                op: "sync the file's directory",
-                err: e.into(),
-            })?;
-        }
-        self.dir
-            .sync_all()
-            .map_err(io_err("sync the upload directory"))?;
-        Ok(stored)
-    }
-}
-
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        if !self.done && !self.keep {
-            let _ = rustix::fs::unlinkat(&*self.dir, self.temp_name.as_str(), AtFlags::empty());
-        }
-    }
-}
-
 /// Whether `name` is one of ferryd's temporary files.
 fn is_temp_name(name: &OsStr) -> bool {
     let name = name.to_string_lossy();
@@ -733,23 +578,6 @@ pub fn numbered(name: &str, n: u32) -> String {
         cut -= 1;
     }
     format!("{}{tag}{ext}", &stem[..cut])
-}
-
-/// 64 random bits from the kernel (getrandom(2)). Should the call fail, a counter mixed with the
-/// clock stands in: names then become guessable, which only matters to O_EXCL, and that retries.
-fn random_u64() -> u64 {
-    static FALLBACK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let mut buf = [0u8; 8];
-    match rustix::rand::getrandom(&mut buf, rustix::rand::GetRandomFlags::empty()) {
-        Ok(8) => u64::from_le_bytes(buf),
-        _ => {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos() as u64;
-            nanos ^ FALLBACK.fetch_add(0x9e37_79b9_7f4a_7c15, std::sync::atomic::Ordering::Relaxed)
-        }
-    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use sha2::{Digest, Sha256};
 
-use crate::daemon::streamhash::{HashPool, PIECE, StreamHash};
+use crate::daemon::files::streamhash::{HashPool, PIECE, StreamHash};
 use crate::proto::header::Algo;
 
 /// The hash of a body of known length, fed piece by piece: ask for a `buffer`, fill it, `feed`

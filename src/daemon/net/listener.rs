@@ -3,8 +3,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::net::{SocketAddr, TcpListener};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
@@ -58,16 +57,6 @@ pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> Result<TcpListener, BindError
         addr,
         err,
     })
-}
-
-/// Sets the options every accepted connection gets: no Nagle delay (echo and replies go out at
-/// once) and read and write timeouts, so that no read or write can block forever. The write
-/// timeout (`server.write_timeout_secs`) is short: a peer that does not read cannot hold a
-/// worker in a blocked write for long.
-pub fn prepare_stream(stream: &TcpStream, read: Duration, write: Duration) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(read))?;
-    stream.set_write_timeout(Some(write))
 }
 
 /// Stops a listener from accepting: a thread blocked in `accept` returns at once with an error and

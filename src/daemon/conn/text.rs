@@ -1,0 +1,96 @@
+//! The text loop: splits the incoming stream into text and file frames (`proto::text_len`), times
+//! unfinished lines (`line_timeout_secs`), and sends text where it goes: the `AUTH` gate while
+//! text is locked, the chat room for a member, or straight back (echo).
+
+use std::time::Instant;
+
+use crate::deadline::{Deadline, Why};
+use crate::escape::escaped;
+use crate::proto;
+
+use super::{Conn, Input, LOG_WIDTH, Reason};
+
+impl Conn<'_> {
+    pub(super) fn run(&mut self, input: &mut Input) -> Reason {
+        // A NAME**SIZE head can only open a connection: not after an AUTH line whose following
+        // bytes wait in `input` (and those must not be dropped).
+        if input.is_empty() {
+            // Waiting for the first bytes: a silent peer may be chosen to make room.
+            self.waiting_on_peer(Instant::now());
+            if let Err(reason) = self.starstar(input) {
+                return reason;
+            }
+        }
+        // The minimum progress for text lines. In chat mode with chat_flush_ms an unfinished
+        // line is delivered after a pause, so there is no unfinished line to time.
+        let line_rule = self.chat.is_none() || self.cfg.server.chat_flush_ms == 0;
+        // Whether the next byte begins a message (so a frame may start there).
+        let mut at_message_start = true;
+        // When the last line (or frame) ended: how long the peer has kept us waiting.
+        let mut last_line = Instant::now();
+        // While a text line is incomplete: when it must be complete (`line_timeout_secs`).
+        let mut line_deadline: Option<Deadline> = None;
+        loop {
+            if input.is_empty() {
+                self.waiting_on_peer(last_line);
+                if let Err(reason) = self.fill(input, line_deadline) {
+                    return reason;
+                }
+                // Chosen to make room while the peer's bytes were still arriving (shutting the
+                // read side lets queued bytes through first): end now.
+                if self.place.is_evicted() {
+                    return self.evicted();
+                }
+            }
+            let data = input.data();
+            let n = proto::text_len(data, at_message_start);
+            if n == 0 {
+                if let Err(reason) = self.frame(input) {
+                    return reason;
+                }
+                at_message_start = true;
+                last_line = Instant::now();
+                line_deadline = None;
+                continue;
+            }
+            // While text is locked, the AUTH line is taken on its own: what follows it is text
+            // for the mode (or a frame) once it has unlocked.
+            let n = match data[..n].iter().position(|&b| b == b'\n') {
+                Some(i) if self.text_locked => i + 1,
+                _ => n,
+            };
+            let text = &data[..n];
+            let was_start = at_message_start;
+            at_message_start = text[n - 1] == b'\n';
+            if at_message_start {
+                last_line = Instant::now();
+                line_deadline = None;
+            } else if line_rule && (was_start || text.contains(&b'\n')) {
+                // A new line began in these bytes and is not complete yet.
+                let limit = self.cfg.server.line_timeout;
+                line_deadline = Some(Deadline::after(limit, Why::Line));
+            }
+            log::debug!("{} req {}", self.peer, escaped(text, LOG_WIDTH));
+            if self.text_locked {
+                if let Err(reason) = self.auth_text(text) {
+                    return reason;
+                }
+            } else if self.chat.is_some() {
+                self.chat_text(text);
+            } else {
+                // A peer that does not take the echo may be chosen to make room meanwhile.
+                if !self.place.writing() {
+                    return self.evicted();
+                }
+                if let Err(e) = self.write_all(text) {
+                    if self.place.is_evicted() {
+                        return Reason::Evicted;
+                    }
+                    return Reason::Error(e);
+                }
+                log::debug!("{} resp {}", self.peer, escaped(text, LOG_WIDTH));
+            }
+            input.consume(n);
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! A file being received into the upload directory (`Pending`): its bytes appended to the temp
+//! file with writeback started as they land, the free space they took given back (`Reservation`),
+//! and the commit that makes it durable under its final name; dropped without a commit, the temp
+//! file goes (unless a resumable upload keeps it). And the temp file's creation (`create_temp`).
+
+use std::fs::{File, Permissions};
+use std::io::{self, Write};
+use std::num::NonZeroU64;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use rustix::fs::{Advice, AtFlags, Mode, OFlags};
+
+use super::{PART_SUFFIX, RESERVED_PREFIX, Store, StoreError, WRITEBACK_STEP, io_err};
+
+/// Free space set aside for one upload and not yet written. Written bytes are given back as they
+/// land on disk (the file system counts them from then on); dropping it gives back the rest.
+pub(super) struct Reservation<'a> {
+    pub(super) store: &'a Store,
+    pub(super) left: u64,
+}
+
+impl Reservation<'_> {
+    /// `n` bytes of the reservation are now on disk.
+    fn used(&mut self, n: u64) {
+        let n = n.min(self.left);
+        self.left -= n;
+        self.store.release(n);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.store.release(self.left);
+    }
+}
+
+/// A file being received. Dropping it without `commit` removes the temp file (and its
+/// reservation gives back the space not written).
+pub struct Pending<'a> {
+    pub(super) reservation: Reservation<'a>,
+    /// The directory the temp file is in, where it is renamed and which is fsynced.
+    pub(super) dir: Arc<File>,
+    pub(super) file: File,
+    pub(super) temp_name: String,
+    pub(super) name: String,
+    pub(super) size: u64,
+    pub(super) written: u64,
+    /// Bytes for which writeback has been started.
+    pub(super) flushed: u64,
+    pub(super) done: bool,
+    /// A resumable upload's partial body: left in place, not removed, if the upload ends
+    /// without `commit` (unless `discard` was called).
+    pub(super) keep: bool,
+}
+
+impl Pending<'_> {
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Whether the bytes are kept for a resume if the upload is cut off.
+    pub fn is_kept(&self) -> bool {
+        self.keep
+    }
+
+    /// Removes the partial body when the upload ends without `commit` after all (a checksum
+    /// mismatch, a disk error): its bytes are not worth continuing.
+    pub fn discard(&mut self) {
+        self.keep = false;
+    }
+
+    /// Reads bytes already in the file (a resumed upload's prefix) at `at`.
+    pub fn read_at(&self, buf: &mut [u8], at: u64) -> Result<usize, StoreError> {
+        std::os::unix::fs::FileExt::read_at(&self.file, buf, at)
+            .map_err(io_err("read the partial upload"))
+    }
+
+    /// Appends body bytes. Never writes more than the announced size.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        let room = self.size - self.written;
+        if data.len() as u64 > room {
+            return Err(StoreError::Io {
+                op: "write the file",
+                err: io::Error::other("more bytes than announced"),
+            });
+        }
+        self.file
+            .write_all(data)
+            .map_err(io_err("write the file"))?;
+        self.written += data.len() as u64;
+        self.reservation.used(data.len() as u64);
+        if self.written - self.flushed >= WRITEBACK_STEP {
+            // Start writeback of what was written since the last step (and drop the clean pages
+            // of the step before): with POSIX_FADV_DONTNEED, Linux queues the dirty pages for
+            // writing without waiting. Purely a hint; an error changes nothing.
+            let from = self.flushed.saturating_sub(WRITEBACK_STEP);
+            let _ = rustix::fs::fadvise(
+                &self.file,
+                from,
+                NonZeroU64::new(self.written - from),
+                Advice::DontNeed,
+            );
+            self.flushed = self.written;
+        }
+        Ok(())
+    }
+
+    /// Makes the file durable and gives it its final name; returns that name. Call only when
+    /// every byte arrived and the checksum matched.
+    pub fn commit(mut self) -> Result<String, StoreError> {
+        if self.written != self.size {
+            return Err(StoreError::Io {
+                op: "commit the file",
+                err: io::Error::other(format!("{} of {} bytes written", self.written, self.size)),
+            });
+        }
+        let mode = Permissions::from_mode(self.reservation.store.cfg.file_mode);
+        // The umask may have narrowed the mode at creation; set it exactly.
+        self.file
+            .set_permissions(mode)
+            .map_err(io_err("set the file mode"))?;
+        self.file.sync_all().map_err(io_err("sync the file"))?;
+        let (stored, subdir) =
+            self.reservation
+                .store
+                .place(&self.dir, &self.temp_name, &self.name)?;
+        self.done = true;
+        if let Some(fd) = subdir {
+            rustix::fs::fsync(fd).map_err(|e| StoreError::Io {
+                op: "sync the file's directory",
+                err: e.into(),
+            })?;
+        }
+        self.dir
+            .sync_all()
+            .map_err(io_err("sync the upload directory"))?;
+        Ok(stored)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.done && !self.keep {
+            let _ = rustix::fs::unlinkat(&*self.dir, self.temp_name.as_str(), AtFlags::empty());
+        }
+    }
+}
+
+/// Creates `.ferryd-<random>.part` in `dir` exclusively (O_EXCL, not following a symlink),
+/// retrying on the rare collision; returns the file and its name.
+pub(super) fn create_temp(dir: &File, mode: u32) -> Result<(File, String), StoreError> {
+    let mut last = None;
+    for _ in 0..8 {
+        let name = format!("{RESERVED_PREFIX}{:016x}{PART_SUFFIX}", random_u64());
+        match rustix::fs::openat(
+            dir,
+            name.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
+        ) {
+            Ok(fd) => return Ok((File::from(fd), name)),
+            Err(rustix::io::Errno::EXIST) => last = Some(io::Error::from(rustix::io::Errno::EXIST)),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    op: "create a temporary file",
+                    err: e.into(),
+                });
+            }
+        }
+    }
+    Err(StoreError::Io {
+        op: "create a temporary file",
+        err: last.unwrap_or_else(|| io::Error::other("no free temporary name")),
+    })
+}
+
+/// 64 random bits from the kernel (getrandom(2)). Should the call fail, a counter mixed with the
+/// clock stands in: names then become guessable, which only matters to O_EXCL, and that retries.
+fn random_u64() -> u64 {
+    static FALLBACK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut buf = [0u8; 8];
+    match rustix::rand::getrandom(&mut buf, rustix::rand::GetRandomFlags::empty()) {
+        Ok(8) => u64::from_le_bytes(buf),
+        _ => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as u64;
+            nanos ^ FALLBACK.fetch_add(0x9e37_79b9_7f4a_7c15, std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+}
