@@ -33,7 +33,7 @@ where
     .map_err(|e| format!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
     thread::Builder::new()
         .name("sighup".into())
-        // A reload parses the config file (serde, toml): generous for an unoptimised build too.
+        // A reload parses the config file (toml): generous for an unoptimised build too.
         .stack_size(256 * 1024)
         .spawn(move || {
             let set = hup_set();
