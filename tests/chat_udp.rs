@@ -10,6 +10,7 @@ mod support;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, mpsc};
@@ -19,11 +20,10 @@ use std::time::{Duration, Instant};
 use ferryd::proto::Header;
 
 use support::{
-    Daemon, DaemonBuilder, TempDir, constant_threads, is_timeout, label, log_tail, median,
-    path_str, read_until_eof, require_tool, retry_eintr, run_ferryd, run_for, wait_until,
+    Daemon, DaemonBuilder, TempDir, constant_threads, is_timeout, label, log_tail, median, need,
+    path_str, read_until_eof, retry_eintr, run_ferryd, run_for, wait_until,
 };
 
-const NC_HINT: &str = "apt-get install -y netcat-openbsd";
 /// How long a test waits for a datagram or a line that should come.
 const WAIT: Duration = Duration::from_secs(5);
 /// How long a test waits to be sure that something does not come.
@@ -307,8 +307,8 @@ struct Nc {
 }
 
 impl Nc {
-    fn spawn(args: &[&str]) -> Nc {
-        let mut child = Command::new("nc")
+    fn spawn(nc: &Path, args: &[&str]) -> Nc {
+        let mut child = Command::new(nc)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -419,8 +419,18 @@ fn udp_echoes_each_peer_exactly_its_own_datagrams() {
         );
         println!("udp peer {p}: 50 of 50 datagrams echoed, nothing else");
     }
+}
 
-    require_tool("nc", NC_HINT);
+/// A line sent with `nc -u` comes back to it.
+#[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: nc (netcat-openbsd); run bash tests/real-peers.sh"
+)]
+fn udp_echoes_a_line_from_netcat() {
+    need("nc", "netcat-openbsd");
+    let d = DaemonBuilder::new().start();
+    d.wait_log(&d.udp_echo_line(), Duration::from_secs(5));
     let mut cmd = Command::new("sh");
     cmd.args([
         "-c",
@@ -1057,15 +1067,19 @@ fn a_client_that_never_reads_is_dropped_and_the_others_keep_up() {
 // 6. Chat through `nc`.
 
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: nc (netcat-openbsd); run bash tests/real-peers.sh"
+)]
 fn chat_between_two_netcats() {
-    require_tool("nc", NC_HINT);
+    let nc = need("nc", "netcat-openbsd");
     let d = chat_daemon().start();
     let port = d.port().to_string();
-    let mut one = Nc::spawn(&["127.0.0.1", &port]);
+    let mut one = Nc::spawn(&nc, &["127.0.0.1", &port]);
     let welcome = one.line("first nc's welcome");
     let l1 = welcomed_label(&welcome);
     assert_eq!(welcome, format!("* welcome {l1}; nobody else is here\n"));
-    let mut two = Nc::spawn(&["127.0.0.1", &port]);
+    let mut two = Nc::spawn(&nc, &["127.0.0.1", &port]);
     let welcome = two.line("second nc's welcome");
     let l2 = welcomed_label(&welcome);
     assert_eq!(welcome, format!("* welcome {l2}; here: {l1}\n"));

@@ -20,8 +20,8 @@ use ferryd::auth::{Key, NONCE_LEN};
 use ferryd::proto::{Algo, HEADER_LEN, Header};
 
 use support::{
-    Daemon, DaemonBuilder, Rng, TempDir, expect_err_then_eof, log_tail, names_in, read_line,
-    require_tool, run_ferryd_for, run_for,
+    Daemon, DaemonBuilder, Rng, TempDir, expect_err_then_eof, log_tail, names_in, need, read_line,
+    run_ferryd_for, run_for,
 };
 
 /// How long a client run may take.
@@ -314,10 +314,10 @@ fn trailing_frames_with_an_upload_key() {
 }
 
 /// `ferryd send --name NAME -` from a pipe and from a redirected file, and `ferryd pack --name
-/// NAME -` into netcat: all stored as sent, and no spool file left in $TMPDIR.
+/// NAME -` from a pipe, its stream carried to the daemon as `nc -N` would (files.rs runs `pack |
+/// nc` with the real netcat): all stored as sent, and no spool file left in $TMPDIR.
 #[test]
 fn stdin_uploads() {
-    require_tool("nc", "apt-get install -y netcat-openbsd");
     let d = DaemonBuilder::new().start();
     let tmp = TempDir::new();
     let src = TempDir::new();
@@ -340,16 +340,37 @@ fn stdin_uploads() {
         );
         out
     };
-    let port = d.port();
+    // The last one's stdout is the packed stream, which `carry` takes to the daemon.
     let cases = [
-        ("piped.bin", "cat \"$1\" | \"$0\" send --to \"$2\" --name piped.bin -".to_string()),
-        ("piped-sha.bin", "cat \"$1\" | \"$0\" send --to \"$2\" --hash sha256 --checksum header --name piped-sha.bin -".to_string()),
-        ("redirected.bin", "\"$0\" send --to \"$2\" --name redirected.bin - < \"$1\"".to_string()),
-        ("packed.bin", format!("cat \"$1\" | \"$0\" pack --name packed.bin - | nc -N 127.0.0.1 {port}")),
+        (
+            "piped.bin",
+            "cat \"$1\" | \"$0\" send --to \"$2\" --name piped.bin -",
+            false,
+        ),
+        (
+            "piped-sha.bin",
+            "cat \"$1\" | \"$0\" send --to \"$2\" --hash sha256 --checksum header --name piped-sha.bin -",
+            false,
+        ),
+        (
+            "redirected.bin",
+            "\"$0\" send --to \"$2\" --name redirected.bin - < \"$1\"",
+            false,
+        ),
+        (
+            "packed.bin",
+            "cat \"$1\" | \"$0\" pack --name packed.bin -",
+            true,
+        ),
     ];
-    for (name, script) in &cases {
+    for (name, script, packed) in cases {
         let out = sh(script);
-        let text = String::from_utf8_lossy(&out.stdout);
+        let answer = if packed {
+            carry(&d, &out.stdout)
+        } else {
+            out.stdout
+        };
+        let text = String::from_utf8_lossy(&answer);
         assert!(
             text.contains(&format!("OK {name} {}", body.len())),
             "{script}: {text}"
@@ -386,6 +407,16 @@ fn stdin_uploads() {
         text.contains("cannot hold standard input in") && text.contains("TMPDIR"),
         "{text}"
     );
+}
+
+/// What `nc -N` does with `ferryd pack`'s output: writes all of it to the daemon, shuts the write
+/// side, and returns what the daemon answers until it closes.
+fn carry(d: &Daemon, packed: &[u8]) -> Vec<u8> {
+    let mut s = d.connect();
+    s.write_all(packed)
+        .unwrap_or_else(|e| panic!("writing the packed stream: {e}{}", log_tail(d)));
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    support::read_to_eof(&mut s, RUN_TIMEOUT)
 }
 
 /// `[compat] starstar_uploads = true`: the seed client's `NAME**SIZE` head, then (after the
@@ -549,9 +580,9 @@ fn qt_program(name: &str) -> PathBuf {
     if let Some(path) = built.get(name) {
         return path.clone();
     }
-    for tool in ["qmake", "make", "g++"] {
-        require_tool(tool, QT_APT);
-    }
+    need("qmake", "qtbase5-dev qt5-qmake");
+    need("make", "make");
+    need("g++", "g++");
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/qt")
         .join(name)
@@ -601,6 +632,10 @@ fn text(out: &Output) -> String {
 
 /// The tutorials' echo client writes without a newline and gets its bytes back unchanged.
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: qmake, g++, make (qtbase5-dev, qt5-qmake, g++, make); run bash tests/real-peers.sh"
+)]
 fn qt_echo_client() {
     let d = DaemonBuilder::new().start();
     let port = d.port().to_string();
@@ -612,6 +647,10 @@ fn qt_echo_client() {
 /// Two of the tutorials' chat clients, each writing one message without a newline: each gets
 /// the other's message as a line.
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: qmake, g++, make (qtbase5-dev, qt5-qmake, g++, make); run bash tests/real-peers.sh"
+)]
 fn qt_chat_pair() {
     let d = DaemonBuilder::new()
         .set("server", "mode = \"chat\"")
@@ -644,6 +683,10 @@ fn qt_chat_pair() {
 /// The seed 004 file client, unchanged: stored byte for byte with `starstar_uploads = true`
 /// (also a file that starts with digits), refused with `ERR legacy-header` without it.
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: qmake, g++, make (qtbase5-dev, qt5-qmake, g++, make); run bash tests/real-peers.sh"
+)]
 fn qt_seed_file_client() {
     let src = TempDir::new();
     let mut rng = Rng::new(404);
@@ -692,6 +735,10 @@ fn qt_seed_file_client() {
 /// echo and chat mode (where notices come before the answer): stored byte for byte, OK line with
 /// the SHA-256.
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: qmake, g++, make (qtbase5-dev, qt5-qmake, g++, make); run bash tests/real-peers.sh"
+)]
 fn qt_trailing_sha256_frame() {
     let src = TempDir::new();
     let path = src.path().join("from qt.bin");
@@ -775,8 +822,12 @@ fn run_readme_client(interpreter: &str, script: &str, algo_hex: fn(&[u8]) -> Str
 
 /// README's Python client (hashlib only, trailing SHA-256), run as written.
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: python3 (python3); run bash tests/real-peers.sh"
+)]
 fn readme_python_client() {
-    require_tool("python3", "apt-get install -y python3");
+    need("python3", "python3");
     let script = readme_block("python", "#!/usr/bin/env python3\n# ferry_send.py");
     assert!(!script.contains("import blake3"));
     run_readme_client("python3", &script, |b| hex(&sha256(b)));
@@ -784,9 +835,13 @@ fn readme_python_client() {
 
 /// README's shell recipe (coreutils `sha256sum`, `basenc`, and `nc`), run as written.
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: nc (netcat-openbsd); run bash tests/real-peers.sh"
+)]
 fn readme_shell_recipe() {
-    require_tool("nc", "apt-get install -y netcat-openbsd");
-    require_tool("basenc", "apt-get install -y coreutils");
+    need("nc", "netcat-openbsd");
+    need("basenc", "coreutils");
     let script = readme_block("sh", "#!/bin/sh\n# ferry-send.sh");
     run_readme_client("sh", &script, |b| hex(&sha256(b)));
 }

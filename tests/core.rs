@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use support::{
     Daemon, DaemonBuilder, TempDir, constant_threads, echo_round_trip, expect_then_eof, log_tail,
-    median, path_str, peer_label, read_line, read_to_eof, require_tool, retry_eintr, run_ferryd,
-    stderr_of, stdout_of, tcp_queues, wait_until, write_file,
+    median, need, path_str, peer_label, read_line, read_to_eof, retry_eintr, run_ferryd, stderr_of,
+    stdout_of, tcp_queues, wait_until, write_file,
 };
 
 const VERSION: &str = "0.1.0";
@@ -355,10 +355,14 @@ fn log_lines_name_config_listener_and_connections() {
 // 3–6. Echo.
 
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: nc (netcat-openbsd); run bash tests/real-peers.sh"
+)]
 fn netcat_gets_its_line_back() {
-    require_tool("nc", "apt-get install -y netcat-openbsd");
+    let nc = need("nc", "netcat-openbsd");
     let d = DaemonBuilder::new().start();
-    let mut nc = Command::new("nc")
+    let mut nc = Command::new(nc)
         .args(["127.0.0.1", &d.port().to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use support::{
     Daemon, DaemonBuilder, Rng, TempDir, describe, expect_err_then_eof, frame, header_for,
-    log_tail, names_in, ok_line, parts_in, path_str, read_line, read_until_eof, require_tool,
-    reserve_port, run_ferryd, run_ferryd_for, run_for, send_all, text_of, wait_until, write_file,
+    log_tail, names_in, need, ok_line, parts_in, path_str, read_line, read_until_eof, reserve_port,
+    run_ferryd, run_ferryd_for, run_for, send_all, text_of, wait_until, write_file,
 };
 
 const MIB: usize = 1 << 20;
@@ -735,8 +735,12 @@ fn racing_uploads_of_one_name_under_reject_store_exactly_one() {
 // 10. `ferryd pack | nc`.
 
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: nc (netcat-openbsd); run bash tests/real-peers.sh"
+)]
 fn pack_piped_into_netcat_stores_files_and_nc_prints_the_ok_lines() {
-    require_tool("nc", "apt-get install -y netcat-openbsd");
+    need("nc", "netcat-openbsd");
     let d = DaemonBuilder::new().start();
     let src = TempDir::new();
     let mut rng = Rng::new(10);

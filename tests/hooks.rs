@@ -10,14 +10,15 @@ mod support;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use support::{
-    DaemonBuilder, TempDir, constant_threads, frame, log_tail, read_line, run_ferryd, wait_until,
+    DaemonBuilder, TempDir, constant_threads, frame, log_tail, need, read_line, run_ferryd,
+    wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -39,22 +40,6 @@ fn toml_list(items: &[&str]) -> String {
 
 fn on_stored(items: &[&str]) -> String {
     format!("on_stored = {}", toml_list(items))
-}
-
-/// The path of `name` on PATH or in /usr/sbin (where Debian puts `mosquitto`), or a panic with
-/// the apt-get line that installs it.
-fn tool(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    dirs.push("/usr/sbin".into());
-    dirs.into_iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "`{name}` not found: install it with `apt-get install -y mosquitto mosquitto-clients`"
-            )
-        })
 }
 
 /// The pids of the daemon's child processes (from /proc/PID/task/*/children).
@@ -128,9 +113,9 @@ struct Broker {
 impl Broker {
     fn start() -> Broker {
         let (mosquitto, sub, publ) = (
-            tool("mosquitto"),
-            tool("mosquitto_sub"),
-            tool("mosquitto_pub"),
+            need("mosquitto", "mosquitto"),
+            need("mosquitto_sub", "mosquitto-clients"),
+            need("mosquitto_pub", "mosquitto-clients"),
         );
         let dir = TempDir::new();
         // Held (bound, not listening) until mosquitto listens on it: no other test takes it.
@@ -219,9 +204,13 @@ impl Broker {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: mosquitto, mosquitto_pub (mosquitto, mosquitto-clients); run bash tests/real-peers.sh"
+)]
 fn each_stored_file_is_published_to_an_mqtt_broker() {
     let broker = Broker::start();
-    let publ = tool("mosquitto_pub");
+    let publ = need("mosquitto_pub", "mosquitto-clients");
     let port = broker.port.to_string();
     let d = DaemonBuilder::new()
         .set(

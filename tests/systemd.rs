@@ -20,16 +20,14 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::{
-    Captured, Daemon, DaemonBuilder, Reservation, TempDir, echo_round_trip, holds_udp_port,
-    path_str, peer_label, require_tool, reserve_port, retry_eintr, signal, wait_until,
+    Captured, Daemon, DaemonBuilder, Reservation, TempDir, echo_round_trip, holds_udp_port, need,
+    path_str, peer_label, reserve_port, retry_eintr, signal, wait_until,
 };
 
 /// How long any single expected event (a datagram, a log line, an exit) may take.
 const WAIT: Duration = Duration::from_secs(10);
 /// How often the polling helpers look again.
 const POLL: Duration = Duration::from_millis(10);
-/// What to run when a systemd tool is missing.
-const INSTALL_SYSTEMD: &str = "apt-get install -y systemd";
 /// The variables through which systemd talks to a service. The harness running these tests may
 /// itself be a systemd service and have some of them, so each daemon gets exactly the ones its
 /// test sets and no others.
@@ -928,7 +926,7 @@ struct Activated {
 /// another port, `NOTIFY_SOCKET` is set), connects, which makes the tool exec ferryd, and checks
 /// that ferryd echoes on that very connection.
 fn start_activated() -> Activated {
-    require_tool("systemd-socket-activate", INSTALL_SYSTEMD);
+    let tool = need("systemd-socket-activate", "systemd");
     let dir = TempDir::new();
     // Both held by the test (TCP, bound, not listening, SO_REUSEADDR): the tool binds the first
     // beside the hold, and a connect to the second is refused unless ferryd listens there.
@@ -938,7 +936,7 @@ fn start_activated() -> Activated {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, act_port));
     let notify = Notify::bind_probing(Some(addr));
     // The tool passes on only the variables given with --setenv (and TERM, PATH, USER, HOME).
-    let mut cmd = Command::new("systemd-socket-activate");
+    let mut cmd = Command::new(tool);
     cmd.arg("-l")
         .arg(addr.to_string())
         .arg(format!("--setenv=NOTIFY_SOCKET={}", notify.path()))
@@ -970,6 +968,10 @@ fn start_activated() -> Activated {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: systemd-socket-activate (systemd); run bash tests/real-peers.sh"
+)]
 fn socket_activation_serves_the_listener_systemd_passes() {
     let Activated {
         mut proc,
@@ -1009,6 +1011,10 @@ fn socket_activation_serves_the_listener_systemd_passes() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: systemd-socket-activate (systemd); run bash tests/real-peers.sh"
+)]
 fn socket_activation_with_only_a_tcp_listener_opens_no_socket_of_its_own() {
     // Under ferryd-activated.service (PrivateNetwork=yes, RestrictAddressFamilies=AF_UNIX) a
     // socket ferryd opened itself would be unreachable, or could not be opened at all.
@@ -1027,31 +1033,31 @@ fn socket_activation_with_only_a_tcp_listener_opens_no_socket_of_its_own() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: systemd-socket-activate (systemd); run bash tests/real-peers.sh"
+)]
 fn socket_activation_with_a_datagram_socket_serves_udp_on_it() {
     // Two nested tools, as a .socket unit with ListenStream= and ListenDatagram= would pass them:
     // the outer one listens for UDP and, on the first datagram, execs the inner one with that
     // socket as fd 3; the inner one adds its TCP listener as fd 4 and, on the first connection,
     // execs ferryd with LISTEN_FDS=2.
-    require_tool("systemd-socket-activate", INSTALL_SYSTEMD);
+    let tool = need("systemd-socket-activate", "systemd");
     let dir = TempDir::new();
     // Held by the test, as in `start_activated` (TCP only: the tool binds the UDP side).
     let _holds = (reserve_port(), reserve_port());
     let (act_port, cfg_port) = (_holds.0.port(), _holds.1.port());
     let cfg = write_config(&dir, cfg_port, &[]);
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, act_port));
-    let mut cmd = Command::new("systemd-socket-activate");
-    cmd.args([
-        "--datagram",
-        "-l",
-        &addr.to_string(),
-        "systemd-socket-activate",
-        "-l",
-    ])
-    .arg(addr.to_string())
-    .arg(support::bin())
-    .arg("--config")
-    .arg(&cfg)
-    .current_dir(dir.path());
+    let mut cmd = Command::new(&tool);
+    cmd.args(["--datagram", "-l", &addr.to_string()])
+        .arg(&tool)
+        .arg("-l")
+        .arg(addr.to_string())
+        .arg(support::bin())
+        .arg("--config")
+        .arg(&cfg)
+        .current_dir(dir.path());
     let mut proc = Proc::start(cmd, "systemd-socket-activate (udp, tcp) ferryd");
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.set_read_timeout(Some(WAIT)).unwrap();
@@ -1437,8 +1443,12 @@ fn log_format_json_writes_one_escaped_object_per_line() {
 // 5. The unit files.
 
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: systemd-analyze (systemd); run bash tests/real-peers.sh"
+)]
 fn unit_files_pass_check_sh() {
-    require_tool("systemd-analyze", INSTALL_SYSTEMD);
+    need("systemd-analyze", "systemd");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/check.sh");
     let mut cmd = Command::new("bash");
     cmd.arg(&script).arg(support::bin());

@@ -7,11 +7,13 @@
 //! warning when both are enabled at boot, a watchdog restart, and the package's install, remove,
 //! reinstall and purge.
 //!
-//! Needs root and `systemd-nspawn`, `debootstrap`, `nsenter`, `dpkg-deb`, `strip`, `readelf`
-//! (`apt-get install -y systemd-container debootstrap util-linux dpkg binutils`; `.ci/run` installs
-//! them). It never skips: a missing tool fails the test saying how to install it. The container
-//! root is built once into `/var/tmp/ferryd-sd-root` (about a minute, needs a Debian mirror) and
-//! reused; each run boots it on an overlay in a temp dir, so runs never see each other's changes.
+//! Needs root and `systemd-nspawn`, `debootstrap`, `nsenter`, `dpkg-deb`, `strip`, `readelf`,
+//! `pgrep` (Debian packages systemd-container, debootstrap, util-linux, dpkg, binutils, procps),
+//! so it is ignored unless the `real-peers` feature is on: `bash tests/real-peers.sh` installs
+//! them and runs it (`.ci/run` calls that). With the feature on it never skips: a missing tool,
+//! or a run as an ordinary user, fails the test saying what is missing. The container root is
+//! built once into `/var/tmp/ferryd-sd-root` (about a minute, needs a Debian mirror) and reused;
+//! each run boots it on an overlay in a temp dir, so runs never see each other's changes.
 //! The binary installed is the one cargo built for the tests, copied to `target/release/ferryd`
 //! in the directory the container sees as `/src`, so README's commands run unchanged.
 
@@ -23,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use support::{TempDir, bin, require_tool, run_for, wait_until};
+use support::{TempDir, bin, need, need_root, run_for, wait_until};
 
 /// Where the container root is cached between runs.
 const ROOT_CACHE: &str = "/var/tmp/ferryd-sd-root";
@@ -175,15 +177,6 @@ impl Drop for Container {
     }
 }
 
-fn require_root() {
-    let out = Command::new("id").arg("-u").output().expect("run id -u");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "0",
-        "the real-systemd test boots a container and needs root (CI runs as root): run `sudo cargo test --test systemd_real`"
-    );
-}
-
 /// The `sudo` lines of the first `sh` block of README's install section, without `sudo` and
 /// trailing comments.
 fn readme_install_commands() -> Vec<String> {
@@ -276,21 +269,22 @@ fn stage(dir: &Path) -> PathBuf {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "real-peers"),
+    ignore = "real peer: systemd-nspawn, debootstrap, pgrep (systemd-container, debootstrap, procps), as root; run bash tests/real-peers.sh"
+)]
 fn units_and_package_under_systemd_252() {
     let t0 = Instant::now();
-    require_root();
-    let apt = "apt-get install -y systemd-container debootstrap util-linux dpkg binutils";
-    for tool in [
-        "systemd-nspawn",
-        "debootstrap",
-        "nsenter",
-        "mount",
-        "dpkg-deb",
-        "strip",
-        "readelf",
-    ] {
-        require_tool(tool, apt);
-    }
+    need_root("the real-systemd test (it boots a container)");
+    need("systemd-nspawn", "systemd-container");
+    need("debootstrap", "debootstrap");
+    need("nsenter", "util-linux");
+    need("mount", "mount");
+    need("dpkg-deb", "dpkg");
+    need("strip", "binutils");
+    need("readelf", "binutils");
+    // tests/systemd_real/ct.sh finds the container's init with it.
+    need("pgrep", "procps");
     let mut cmd = script("make-root.sh");
     cmd.env("ROOT", ROOT_CACHE);
     let out = run_for(cmd, "make-root.sh", MAKE_ROOT_TIMEOUT);

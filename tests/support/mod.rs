@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use socket2::{Domain, Protocol, Socket, Type};
 
 mod ports;
@@ -96,20 +98,61 @@ pub fn write_file(dir: &TempDir, name: &str, contents: &(impl AsRef<[u8]> + ?Siz
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tools.
+// Real peers: outside programs that some tests drive, and root.
 
-/// Panics, saying how to install it, unless an executable `name` is on `PATH`. Tests call this
-/// instead of skipping when a tool is missing.
-pub fn require_tool(name: &str, install_hint: &str) {
+/// Where Debian puts daemons such as `mosquitto`: outside an ordinary user's `PATH`.
+const SBIN_DIRS: [&str; 2] = ["/usr/sbin", "/sbin"];
+
+/// The path of the program `name` on `PATH` (or in /usr/sbin or /sbin), for a test whose point is
+/// that real program. Panics when it is missing, naming the Debian `packages` that provide it: a
+/// test of a real peer never skips. Such a test is ignored unless the `real-peers` feature is on
+/// (`bash tests/real-peers.sh` installs the packages and runs them). For `nc`, also checks that
+/// it is OpenBSD's netcat, whose `-N` the tests use.
+pub fn need(name: &str, packages: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path).any(|dir| {
-        std::fs::metadata(dir.join(name))
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    });
+    let found = std::env::split_paths(&path)
+        .chain(SBIN_DIRS.iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        });
+    let Some(found) = found else {
+        panic!(
+            "`{name}` not found on PATH or in /usr/sbin: install the Debian package(s) {packages} \
+             (as root: `apt-get install --no-install-recommends {packages}`), or run \
+             `bash tests/real-peers.sh`, which installs every real peer's package"
+        );
+    };
+    if name == "nc" {
+        need_openbsd_nc(&found);
+    }
+    found
+}
+
+/// Panics unless `nc` (at `path`) is OpenBSD's netcat: its help lists `-N` (shut the socket down
+/// at EOF on stdin), which other netcats lack.
+fn need_openbsd_nc(path: &Path) {
+    let out = Command::new(path)
+        .arg("-h")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} -h: {e}", path.display()));
+    let help = format!("{}{}", text_of(&out.stdout), text_of(&out.stderr));
     assert!(
-        found,
-        "`{name}` not found on PATH: install it with `{install_hint}`"
+        help.lines().any(|l| l.trim_start().starts_with("-N")),
+        "{} is not OpenBSD's netcat (its help lists no -N): install the Debian package \
+         netcat-openbsd (as root: `apt-get install --no-install-recommends netcat-openbsd`)\n\
+         --- {} -h ---\n{help}",
+        path.display(),
+        path.display()
+    );
+}
+
+/// Panics unless the test runs as root, saying that `what` needs it.
+pub fn need_root(what: &str) {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "{what} needs root: run it as root, e.g. `sudo bash tests/real-peers.sh`"
     );
 }
 
@@ -526,7 +569,7 @@ impl Daemon {
         }
     }
 
-    /// Sends signal `sig` (e.g. "TERM", "INT") with `kill -s`.
+    /// Sends signal `sig` (e.g. "TERM", "INT") with kill(2).
     pub fn signal(&self, sig: &str) {
         signal(self.pid(), sig);
     }
@@ -604,13 +647,16 @@ impl Drop for Daemon {
 // ---------------------------------------------------------------------------------------------
 // Processes.
 
-/// Sends signal `sig` (e.g. "TERM", "INT") to `pid` with `kill -s`.
+/// Sends signal `sig` (e.g. "TERM", "INT", "KILL": a name without `SIG`) to `pid`, with
+/// kill(2) rather than the `kill` program, which a minimal system may lack (procps).
 pub fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .args(["-s", sig, &pid.to_string()])
-        .status()
-        .expect("cannot run kill");
-    assert!(status.success(), "kill -s {sig} {pid} failed");
+    let signal: Signal = format!("SIG{sig}")
+        .parse()
+        .unwrap_or_else(|e| panic!("SIG{sig} is no signal: {e}"));
+    let pid = i32::try_from(pid).unwrap_or_else(|_| panic!("pid {pid} out of range"));
+    if let Err(e) = kill(Pid::from_raw(pid), signal) {
+        panic!("kill({pid}, {signal}) failed: {e}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
