@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use support::{TempDir, bin, describe, require_tool, run_ferryd, run_for, stdout_of};
+use support::{TempDir, bin, describe, need, run_ferryd, run_for, stdout_of};
 
 const PAGES: [&str; 2] = ["docs/man/ferryd.8", "docs/man/ferryd.toml.5"];
 
@@ -134,7 +134,7 @@ fn man_warnings(page: &Path) -> String {
     ignore = "real peer: man (man-db); run bash tests/real-peers.sh"
 )]
 fn both_pages_render_without_warnings() {
-    require_tool("man", "apt-get install -y man-db");
+    need("man", "man-db");
     for rel in PAGES {
         let warnings = man_warnings(&root().join(rel));
         assert!(warnings.is_empty(), "man --warnings -l {rel}:\n{warnings}");
@@ -147,9 +147,9 @@ fn both_pages_render_without_warnings() {
     ignore = "real peer: dpkg-deb (dpkg), strip (binutils), man (man-db); run bash tests/real-peers.sh"
 )]
 fn the_package_installs_both_pages_where_man_finds_them() {
-    require_tool("dpkg-deb", "apt-get install -y dpkg");
-    require_tool("strip", "apt-get install -y binutils");
-    require_tool("man", "apt-get install -y man-db");
+    need("dpkg-deb", "dpkg");
+    need("strip", "binutils");
+    need("man", "man-db");
     let dir = TempDir::new();
     let mut cmd = Command::new("bash");
     cmd.arg(root().join("systemd/deb/build-deb.sh"))

@@ -48,6 +48,8 @@ peers=(
     "strip binutils"
     "objdump binutils"
     "readelf binutils"
+    # the manual pages render without warnings, and the package installs them (tests/manpages.rs)
+    "man man-db"
 )
 
 # Whether program $1 is there: on PATH, or in /usr/sbin or /sbin (mosquitto), as `need` looks.
