@@ -27,9 +27,11 @@ use crate::deadline::{Deadline, Why, is_timeout};
 use crate::escape::{escaped, push_chat_text};
 use crate::peer::Peer;
 use crate::proto::header::MAX_NAME_LEN;
-use crate::proto::starstar::{self, Detect};
+use crate::proto::starstar;
 use crate::proto::wire::{self, ERR_EVICTED, ERR_SHUTDOWN, OK_AUTH};
 use crate::proto::{self, Code, FrameError, FrameHead, Parsed};
+
+mod compat;
 
 /// How many bytes of a request or response a debug log line shows.
 const LOG_WIDTH: usize = 80;
@@ -52,11 +54,6 @@ const MAX_AUTH_LINE: usize = 256;
 /// this, so that a stream of reads under one deadline costs no system call each; a deadline is
 /// overshot by at most this much.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
-
-/// How long a connection's first bytes that could still become a `NAME**SIZE` head (a name and
-/// an asterisk) wait for the rest before they are taken as text. The head comes in one write, so
-/// its bytes arrive together; this only covers a split in transit.
-const STARSTAR_WAIT: Duration = Duration::from_millis(200);
 
 /// The kernel send buffer of a chat client (Linux doubles it). A fixed size bounds what a client
 /// that stops reading can hold in the kernel, so that its writer blocks and the drop rule sees it
@@ -414,11 +411,15 @@ impl Conn<'_> {
     fn run(&mut self, input: &mut Input) -> Reason {
         // A NAME**SIZE head can only open a connection: not after an AUTH line whose following
         // bytes wait in `input` (and those must not be dropped).
+        // The limit of the line the connection's first byte began, which a slow head counts
+        // toward (`compat::starstar`).
+        let mut first_line = None;
         if input.is_empty() {
             // Waiting for the first bytes: a silent peer may be chosen to make room.
             self.waiting_on_peer(Instant::now());
-            if let Err(reason) = self.starstar(input) {
-                return reason;
+            match self.starstar(input) {
+                Ok(deadline) => first_line = deadline,
+                Err(reason) => return reason,
             }
         }
         // The minimum progress for text lines. In chat mode with chat_flush_ms an unfinished
@@ -465,10 +466,13 @@ impl Conn<'_> {
             if at_message_start {
                 last_line = Instant::now();
                 line_deadline = None;
+                first_line = None;
             } else if line_rule && (was_start || text.contains(&b'\n')) {
-                // A new line began in these bytes and is not complete yet.
+                // A new line began in these bytes and is not complete yet: its limit counts from
+                // its first byte, which came before these if the opening head was slow.
                 let limit = self.cfg.server.line_timeout;
-                line_deadline = Some(Deadline::after(limit, Why::Line));
+                let began = first_line.take().filter(|_| !text.contains(&b'\n'));
+                line_deadline = Some(began.unwrap_or_else(|| Deadline::after(limit, Why::Line)));
             }
             log::debug!("{} req {}", self.peer, escaped(text, LOG_WIDTH));
             if self.text_locked {
@@ -726,68 +730,6 @@ impl Conn<'_> {
         let shared = self.shared;
         chat.seat
             .broadcast(out.as_bytes(), chat.limits, &|| shared.is_stopping());
-    }
-
-    /// At the start of a connection: recognises the Qt tutorial file client's `NAME**SIZE` head
-    /// (`proto::starstar`) and, with `compat.starstar_uploads`, stores its body like a frame's
-    /// (unverified); without it, refuses with `ERR legacy-header` and closes, so that a file is
-    /// never echoed or relayed as chat. `Ok` means the connection goes on (with text, or after
-    /// the upload).
-    // Not inlined, so that its buffers and the upload's frames take stack only while it runs,
-    // never under a worker that waits for an idle peer's next line.
-    #[inline(never)]
-    fn starstar(&mut self, input: &mut Input) -> Result<(), Reason> {
-        self.fill(input, None)?;
-        let head = loop {
-            match starstar::detect(input.data()) {
-                Detect::NotStarstar => return Ok(()),
-                Detect::Complete(head) => break head,
-                Detect::Partial => {
-                    input.compact();
-                    let end = input.end;
-                    let deadline = Deadline::after(STARSTAR_WAIT, Why::Header);
-                    match self.read_by(&mut input.buf[end..], deadline) {
-                        Ok(n) => input.end += n,
-                        // Not a head after all: the bytes are text, and the main loop sees the
-                        // end of the stream again after them.
-                        Err(ReadEnd::Timeout(_) | ReadEnd::Eof) => return Ok(()),
-                        Err(end) => return Err(self.ended(end)),
-                    }
-                }
-            }
-        };
-        let mut name_buf = [0u8; MAX_NAME_LEN as usize];
-        let name_len = head.name.len();
-        name_buf[..name_len].copy_from_slice(head.name);
-        let (size, head_len) = (head.size, head.len);
-        input.consume(head_len);
-        let name = &name_buf[..name_len];
-        let shown = escaped(name, 255);
-        if !self.cfg.compat.starstar_uploads {
-            log::warn!(
-                "{} refused: legacy-header: the connection opened with a NAME**SIZE upload (\"{shown}\", {size} B) and compat.starstar_uploads is off",
-                self.peer
-            );
-            return Err(self.refuse(&wire::err_legacy_header()));
-        }
-        self.frames += 1;
-        log::info!(
-            "{} NAME**SIZE upload \"{shown}\" ({size} B): no checksum, storing unverified",
-            self.peer
-        );
-        let shared = self.shared;
-        let peer = self.peer;
-        let mut source = ConnSource::new(self, input);
-        let store = Arc::clone(&source.conn.snapshot.store);
-        let outcome = upload::receive_checked(
-            &store,
-            Check::Unverified { size },
-            name,
-            &mut source,
-            shared.hash_pool(),
-            &peer,
-        );
-        self.answer_upload(outcome)
     }
 
     /// Appends bytes to `input` (after moving what is unused to the front), by `deadline`.
