@@ -9,6 +9,7 @@ pub mod chat;
 pub mod conn;
 pub mod evict;
 pub mod fdlimit;
+pub mod hookreap;
 pub mod hooks;
 pub mod listener;
 pub mod notify;

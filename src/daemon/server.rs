@@ -28,7 +28,7 @@ use crate::config::{self, Config, Origin};
 use crate::daemon::activation::Activated;
 use crate::daemon::conn;
 use crate::daemon::fdlimit::{self, Spare};
-use crate::daemon::hooks::Hooks;
+use crate::daemon::hooks::{self, Hooks};
 use crate::daemon::listener::{self, BindError};
 use crate::daemon::notify::Notifier;
 use crate::daemon::refusals::Why;
@@ -303,6 +303,8 @@ impl Server {
             shared.conns.close_all();
             left = queue.wait_workers_gone(Instant::now() + Duration::from_millis(500));
         }
+        // Hooks last, so that uploads finished in the grace period have queued theirs.
+        shared.hooks.stop(hooks::STOP_GRACE);
         if let Some(t) = udp_thread {
             let _ = t.join();
         }
