@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod activation;
+pub mod addrgroup;
 pub mod bodyhash;
 pub mod chat;
 pub mod conn;
@@ -15,6 +16,7 @@ pub mod listener;
 pub mod notify;
 pub mod preflight;
 pub mod ratelimit;
+pub mod recent;
 pub mod refusals;
 pub mod registry;
 pub mod resume;

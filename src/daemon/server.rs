@@ -26,6 +26,7 @@ use socket2::SockRef;
 use crate::auth::{Key, KeyError};
 use crate::config::{self, Config, Origin};
 use crate::daemon::activation::Activated;
+use crate::daemon::addrgroup;
 use crate::daemon::conn;
 use crate::daemon::fdlimit::{self, Spare};
 use crate::daemon::hooks::{self, Hooks};
@@ -122,6 +123,8 @@ impl Server {
         notifier: Notifier,
     ) -> Result<Server, ServerError> {
         let key = load_key(&config).map_err(ServerError::Key)?;
+        // Restart-only: every per-address table groups IPv6 peers the same way from here on.
+        addrgroup::set_ipv6_prefix_len(config.access.ipv6_prefix_len);
         // Without the pool, uploads are hashed on their worker: slower, but they work.
         let hash_pool = match HashPool::start(worker_stack_bytes(&config)) {
             Ok(pool) => Some(pool),
@@ -392,6 +395,7 @@ impl Server {
             };
             Stats::add(&shared.stats.accepted, 1);
             let peer = Peer::new(addr);
+            queue.arrived(peer.ip(), Instant::now());
             if let Err(refusal) = cfg.access.rules.check(peer.ip()) {
                 Stats::add(&shared.stats.refused_access, 1);
                 refuse(&stream, ERR_NOT_ALLOWED);
@@ -422,7 +426,7 @@ impl Server {
             let room = cfg.server.queue_depth + queue.free_workers();
             if queue.len() >= room {
                 let mine = shared.per_ip.open_from(peer.ip());
-                match queue.displace(|ip| shared.per_ip.open_from(ip), mine) {
+                match queue.displace(|ip| shared.per_ip.open_from(ip), mine, peer.ip()) {
                     Some(w) => refuse_waiting(shared, w, "displaced by a lighter address"),
                     None => {
                         Stats::add(&shared.stats.refused_busy, 1);

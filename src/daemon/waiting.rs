@@ -22,6 +22,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::daemon::addrgroup;
+use crate::daemon::recent::Recent;
 use crate::daemon::shared::Job;
 
 /// Connections waiting for a worker, and the counts of the workers that serve them.
@@ -41,6 +43,8 @@ struct State {
     live: usize,
     /// Workers without a connection: starting, or waiting for one.
     idle: usize,
+    /// Recent connections per address group: who churns (`recent`).
+    recent: Recent,
 }
 
 /// A worker's place in the pool, from its hiring to its end: counted live all along, and idle
@@ -62,6 +66,7 @@ impl Queue {
                 closed: false,
                 live: 0,
                 idle: 0,
+                recent: Recent::default(),
             }),
             ready: Condvar::new(),
             gone: Condvar::new(),
@@ -89,6 +94,12 @@ impl Queue {
             live: true,
             idle: true,
         })
+    }
+
+    /// Counts a connection accepted from `ip` (queued or not) in the recent weights that order
+    /// the queue (`recent`).
+    pub fn arrived(&self, ip: IpAddr, now: Instant) {
+        self.lock().recent.record(addrgroup::of(ip), now);
     }
 
     /// How many connections wait.
@@ -142,17 +153,32 @@ impl Queue {
 
     /// When the queue is full: takes back the newest connection of the address holding the most
     /// connections (`held`), if that is more than the newcomer's address holds (`newcomer`), so
-    /// that the newcomer can wait in its place.
-    pub fn displace(&self, held: impl Fn(IpAddr) -> u32, newcomer: u32) -> Option<Job> {
+    /// that the newcomer can wait in its place; failing that, one of the group that made the
+    /// most connections recently, if far more than the newcomer's (`Recent::displaceable`).
+    pub fn displace(
+        &self,
+        held: impl Fn(IpAddr) -> u32,
+        newcomer: u32,
+        newcomer_ip: IpAddr,
+    ) -> Option<Job> {
         let mut state = self.lock();
-        let (i, _) = state
+        let heaviest = state
             .jobs
             .iter()
             .enumerate()
             .map(|(i, (_, job))| (i, held(job.peer.ip())))
             .filter(|&(_, n)| n > newcomer)
             // The heaviest address; among its connections the newest (the last index).
-            .max_by_key(|&(i, n)| (n, i))?;
+            .max_by_key(|&(i, n)| (n, i))
+            .map(|(i, _)| i);
+        let now = Instant::now();
+        let groups = state.jobs.iter().enumerate();
+        let i = heaviest.or_else(|| {
+            let groups = groups.map(|(i, (_, job))| (i, addrgroup::of(job.peer.ip())));
+            state
+                .recent
+                .displaceable(groups, addrgroup::of(newcomer_ip), now)
+        })?;
         state.jobs.remove(i).map(|(_, job)| job)
     }
 
@@ -198,11 +224,16 @@ impl Worker {
                 queue.gone.notify_all();
                 return None;
             }
+            let now = Instant::now();
             let lightest = state
                 .jobs
                 .iter()
                 .enumerate()
-                .min_by_key(|&(i, (_, job))| (held(job.peer.ip()), i))
+                .min_by_key(|&(i, (_, job))| {
+                    let ip = job.peer.ip();
+                    let recent = state.recent.rank(addrgroup::of(ip), now);
+                    (held(ip), recent, i)
+                })
                 .map(|(i, _)| i);
             if let Some((_, job)) = lightest.and_then(|i| state.jobs.remove(i)) {
                 state.idle -= 1;
@@ -288,10 +319,11 @@ mod tests {
         assert_eq!(q.len(), 3);
         // 10.0.0.1 now holds 3 (the popped jobs are gone), 10.0.0.2 none: a newcomer holding
         // one displaces 10.0.0.1's newest waiting (port 1004).
-        let gone = q.displace(held, 1).unwrap();
+        let newcomer: IpAddr = "10.0.0.3".parse().unwrap();
+        let gone = q.displace(held, 1, newcomer).unwrap();
         assert_eq!(gone.peer.to_string(), "[10.0.0.1:1004]");
         // A newcomer holding as much as the heaviest displaces nobody.
-        assert!(q.displace(held, 4).is_none());
+        assert!(q.displace(held, 4, newcomer).is_none());
         // Those that waited 2 s or more by t0 + 3 s: the one queued at t0 + 1 (not t0 + 3).
         let expired = q.expired(t0 + Duration::from_secs(3), Duration::from_secs(2));
         assert_eq!(expired.len(), 1);
