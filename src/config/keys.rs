@@ -515,7 +515,7 @@ pub(super) const KEYS: &[Key] = &[
         doc: "IPv6 peers sharing their first this many bits count as one address (max_per_ip, fair shares, UDP rate limits)",
         kind: int(32, 128, 64),
         same_as: None,
-        reload: Reload::Restart,
+        reload: Reload::Live,
         get: |c| &c.access.ipv6_prefix_len,
     },
     Key {

@@ -4,8 +4,9 @@
 //! queue's fair order and the recent-connection weights (`waiting`, `recent`), the choice of a
 //! connection to end (`evict`), the chat room's shares and the UDP token buckets.
 //!
-//! The prefix length is process-wide: `access.ipv6_prefix_len` is a restart-only key, set once
-//! by `set_ipv6_prefix_len` before the first connection, so every table agrees on the groups.
+//! The prefix length is process-wide, so every table agrees on the groups: set from
+//! `access.ipv6_prefix_len` before the first connection and again at each reload. A count keeps
+//! the group it was made in (a `Slot` remembers its key), so a change never unbalances one.
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU8, Ordering};

@@ -123,7 +123,7 @@ impl Server {
         notifier: Notifier,
     ) -> Result<Server, ServerError> {
         let key = load_key(&config).map_err(ServerError::Key)?;
-        // Restart-only: every per-address table groups IPv6 peers the same way from here on.
+        // Every per-address table groups IPv6 peers alike; a reload may change it (`apply`).
         addrgroup::set_ipv6_prefix_len(config.access.ipv6_prefix_len);
         // Without the pool, uploads are hashed on their worker: slower, but they work.
         let hash_pool = match HashPool::start(worker_stack_bytes(&config)) {
@@ -566,6 +566,7 @@ impl Handle {
             }
         };
         logger::init(plan.effective.log.level, plan.effective.log.format);
+        addrgroup::set_ipv6_prefix_len(plan.effective.access.ipv6_prefix_len);
         // Config, store and key change together, in one swap.
         self.shared.replace(Snapshot {
             config: Arc::new(plan.effective),
