@@ -19,12 +19,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::daemon::addrgroup;
 use crate::deadline::is_timeout;
 use crate::peer::Peer;
 use crate::proto::wire;
@@ -102,8 +103,11 @@ struct State {
     /// The sequence number of `log[0]`.
     first_seq: u64,
     log_bytes: usize,
-    /// Members with bytes of their own in the log.
+    /// Address groups (`addrgroup`: an IPv6 peer's /64 by default) with bytes of their own in
+    /// the log: the fair share is per group, so many connections from one host get one share.
     n_senders: usize,
+    /// Bytes in the log per address group of the members that sent them.
+    group_bytes: HashMap<IpAddr, usize>,
     notices: NoticeGate,
 }
 
@@ -322,7 +326,8 @@ impl Seat<'_> {
             if !m.listening || give_up() {
                 return false;
             }
-            if st.fits(len, m.in_log, limits.queue_bytes) {
+            let group_in_log = st.group_bytes.get(&addrgroup::of(m.peer.ip())).copied();
+            if st.fits(len, group_in_log.unwrap_or(0), limits.queue_bytes) {
                 st.append(Some(self.id), message, now);
                 return true;
             }
@@ -478,10 +483,10 @@ impl State {
         self.first_seq + self.log.len() as u64
     }
 
-    /// Whether a message of `len` bytes from a sender with `in_log` bytes in the log may be
-    /// appended now: the log has space for it (an empty log takes any message), and the sender
-    /// stays within its fair share, the log's bytes divided by the senders with bytes in it
-    /// (itself included); a sender with nothing in the log may always add one message.
+    /// Whether a message of `len` bytes from a sender whose address group has `in_log` bytes in
+    /// the log may be appended now: the log has space for it (an empty log takes any message),
+    /// and the group stays within its fair share, the log's bytes divided by the groups with
+    /// bytes in it (its own included); a group with nothing in the log may always add one.
     fn fits(&self, len: usize, in_log: usize, queue_bytes: usize) -> bool {
         if self.log_bytes == 0 {
             return true;
@@ -498,9 +503,14 @@ impl State {
         let next = self.next_seq();
         let mut sender_was_oldest = false;
         if let Some(m) = from.and_then(|id| self.members.get_mut(&id)) {
-            if m.in_log == 0 {
+            let group = self
+                .group_bytes
+                .entry(addrgroup::of(m.peer.ip()))
+                .or_insert(0);
+            if *group == 0 {
                 self.n_senders += 1;
             }
+            *group += len;
             m.in_log += len;
             // A sender that has taken everything skips its own line at once: otherwise its
             // writer, which is not woken for it, would hold the log back until it looks again.
@@ -544,9 +554,8 @@ impl State {
             self.log_bytes -= e.msg.len();
             if let Some(m) = e.from.and_then(|id| self.members.get_mut(&id)) {
                 m.in_log -= e.msg.len();
-                if m.in_log == 0 {
-                    self.n_senders -= 1;
-                }
+                let ip = m.peer.ip();
+                self.group_sent(ip, e.msg.len());
             }
         }
         self.first_seq != before
@@ -611,9 +620,21 @@ impl State {
     /// Removes a member whose seat and writer are both gone.
     fn forget(&mut self, id: u64) {
         if let Some(m) = self.members.remove(&id) {
-            if m.in_log > 0 {
-                self.n_senders -= 1;
-            }
+            // Its lines still in the log no longer count against its group.
+            self.group_sent(m.peer.ip(), m.in_log);
+        }
+    }
+
+    /// `len` bytes a member from `ip` had in the log left it (or stopped counting).
+    fn group_sent(&mut self, ip: IpAddr, len: usize) {
+        let group = addrgroup::of(ip);
+        let Some(bytes) = self.group_bytes.get_mut(&group) else {
+            return;
+        };
+        *bytes = bytes.saturating_sub(len);
+        if *bytes == 0 {
+            self.group_bytes.remove(&group);
+            self.n_senders -= 1;
         }
     }
 
