@@ -267,7 +267,8 @@ fn a_stream_that_does_not_fit_its_head_is_refused() {
 // ---------------------------------------------------------------------------------------------
 // Point 4: a head or line that trickles is cut at line_timeout_secs, compat on and off.
 
-/// Sends `pattern` a byte every 150 ms until the daemon answers; returns the answer and when.
+/// Sends `pattern` every 150 ms (each write a read of its own on the server: `a*` keeps a head
+/// "partial" for ever) until the daemon answers; returns the answer and when it came.
 fn trickle(d: &Daemon, pattern: &[u8]) -> (String, Duration) {
     let mut s: TcpStream = d.connect();
     s.set_read_timeout(Some(Duration::from_millis(150)))
@@ -275,13 +276,13 @@ fn trickle(d: &Daemon, pattern: &[u8]) -> (String, Duration) {
     let started = Instant::now();
     let mut got = Vec::new();
     let mut buf = [0u8; 256];
-    for i in 0.. {
+    loop {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "never cut{}",
             log_tail(d)
         );
-        if s.write_all(&pattern[i % pattern.len()..][..1]).is_err() {
+        if s.write_all(pattern).is_err() {
             break;
         }
         match s.read(&mut buf) {
