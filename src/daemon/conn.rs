@@ -410,9 +410,8 @@ impl Conn<'_> {
 
     fn run(&mut self, input: &mut Input) -> Reason {
         // A NAME**SIZE head can only open a connection: not after an AUTH line whose following
-        // bytes wait in `input` (and those must not be dropped).
-        // The limit of the line the connection's first byte began, which a slow head counts
-        // toward (`compat::starstar`).
+        // bytes wait in `input` (and those must not be dropped). `first_line` is the limit of
+        // the line the connection's first byte began, which a slow head counts toward.
         let mut first_line = None;
         if input.is_empty() {
             // Waiting for the first bytes: a silent peer may be chosen to make room.
