@@ -50,6 +50,8 @@ peers=(
     "readelf binutils"
     # the manual pages render without warnings, and the package installs them (tests/manpages.rs)
     "man man-db"
+    # IPv6 peers of one /64 in a network namespace (tests/hardening_peers.rs)
+    "ip iproute2"
 )
 
 # Whether program $1 is there: on PATH, or in /usr/sbin or /sbin (mosquitto), as `need` looks.

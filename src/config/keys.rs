@@ -512,6 +512,15 @@ pub(super) const KEYS: &[Key] = &[
     },
     Key {
         table: "access",
+        name: "ipv6_prefix_len",
+        doc: "IPv6 peers sharing their first this many bits count as one address (max_per_ip, fair shares, UDP rate limits)",
+        kind: int(32, 128, 64),
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.access.ipv6_prefix_len,
+    },
+    Key {
+        table: "access",
         name: "exempt_loopback",
         doc: "loopback peers (127.0.0.0/8, ::1) are not capped by access.max_per_ip",
         kind: Kind::Bool { default: true },

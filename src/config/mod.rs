@@ -88,6 +88,8 @@ pub struct AccessConfig {
     pub rules: Rules,
     /// Connections open at once from one address.
     pub max_per_ip: u32,
+    /// IPv6 peers sharing this many leading bits count as one address.
+    pub ipv6_prefix_len: u32,
     /// File frames one connection may carry.
     pub max_files_per_connection: u32,
     /// Text needs the `AUTH` line too, not only file frames.
@@ -304,6 +306,7 @@ impl Config {
                     deny: v.get("access.deny")?,
                 },
                 max_per_ip: v.get("access.max_per_ip")?,
+                ipv6_prefix_len: v.get("access.ipv6_prefix_len")?,
                 max_files_per_connection: v.get("access.max_files_per_connection")?,
                 require_token: v.get("access.require_token")?,
                 header_timeout: v.get("access.header_timeout_secs")?,

@@ -13,7 +13,8 @@ use socket2::SockRef;
 
 use crate::auth::{Key, KeyError};
 use crate::config::{self, Config, Origin};
-use crate::daemon::files::hooks::Hooks;
+use crate::daemon::access::addrgroup;
+use crate::daemon::files::hooks::{self, Hooks};
 use crate::daemon::files::store::{Store, StoreError};
 use crate::daemon::files::streamhash::HashPool;
 use crate::daemon::net::accept::{Acceptor, TICK};
@@ -90,6 +91,8 @@ impl Server {
         notifier: Notifier,
     ) -> Result<Server, ServerError> {
         let key = load_key(&config).map_err(ServerError::Key)?;
+        // Every per-address table groups IPv6 peers alike; a reload may change it (`apply`).
+        addrgroup::set_ipv6_prefix_len(config.access.ipv6_prefix_len);
         let hash_pool = start_hash_pool(&config);
         let store = open_store(&config)?;
         let activated_by_systemd = activated.is_some();
@@ -186,6 +189,8 @@ impl Server {
             shared.conns.close_all();
             left = queue.wait_workers_gone(Instant::now() + Duration::from_millis(500));
         }
+        // Hooks last, so that uploads finished in the grace period have queued theirs.
+        shared.hooks.stop(hooks::STOP_GRACE);
         if let Some(t) = udp_thread {
             let _ = t.join();
         }
@@ -262,6 +267,8 @@ impl Handle {
             }
         };
         logger::init(plan.effective.log.level, plan.effective.log.format);
+        addrgroup::set_ipv6_prefix_len(plan.effective.access.ipv6_prefix_len);
+        addrgroup::set_ipv6_prefix_len(plan.effective.access.ipv6_prefix_len);
         // Config, store and key change together, in one swap.
         self.shared.replace(Snapshot {
             config: Arc::new(plan.effective),

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::daemon::access::addrgroup;
+
 /// In a file frame, or otherwise not to be disturbed.
 const BUSY: u64 = 0;
 /// Chosen to make room: its worker ends it at its next read.
@@ -81,7 +83,8 @@ impl Board {
         inner.entries.insert(
             id,
             Entry {
-                ip,
+                // The heaviest address is the heaviest group (an IPv6 peer's /64 by default).
+                ip: addrgroup::of(ip),
                 stream,
                 state: Arc::clone(&state),
             },

@@ -3,6 +3,7 @@
 //! served connection to end when every worker is busy (`evict`). Imports nothing else from the
 //! daemon.
 
+pub mod addrgroup;
 pub mod evict;
 pub mod per_ip;
 pub mod ratelimit;

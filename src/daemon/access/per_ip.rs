@@ -1,9 +1,11 @@
 //! Connections open per address, for `access.max_per_ip`: a counted `Slot` per connection whose
-//! drop uncounts it.
+//! drop uncounts it. An address is its group (`addrgroup`: an IPv6 peer's /64 by default).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::daemon::access::addrgroup;
 
 /// Connections open per address.
 #[derive(Debug, Default)]
@@ -21,6 +23,7 @@ pub struct Slot {
 impl PerIp {
     /// Counts a connection from `ip` unless `max` are open already; returns how many are.
     pub fn acquire(self: &Arc<Self>, ip: IpAddr, max: u32) -> Result<Slot, u32> {
+        let ip = addrgroup::of(ip);
         let mut counts = self.lock();
         let n = counts.entry(ip).or_insert(0);
         if *n >= max {
@@ -35,7 +38,7 @@ impl PerIp {
 
     /// Connections open (served or queued) from `ip`.
     pub fn open_from(&self, ip: IpAddr) -> u32 {
-        self.lock().get(&ip).copied().unwrap_or(0)
+        self.lock().get(&addrgroup::of(ip)).copied().unwrap_or(0)
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, u32>> {

@@ -2,9 +2,10 @@
 //! (and waking the members' writers), trimming what every member has taken, the drop rule for a
 //! member that stopped draining, and the notices it posts.
 
-use std::net::Shutdown;
+use std::net::{IpAddr, Shutdown};
 use std::time::{Duration, Instant};
 
+use crate::daemon::access::addrgroup;
 use crate::proto::wire;
 
 use super::notices::Notice;
@@ -15,10 +16,10 @@ impl State {
         self.first_seq + self.log.len() as u64
     }
 
-    /// Whether a message of `len` bytes from a sender with `in_log` bytes in the log may be
-    /// appended now: the log has space for it (an empty log takes any message), and the sender
-    /// stays within its fair share, the log's bytes divided by the senders with bytes in it
-    /// (itself included); a sender with nothing in the log may always add one message.
+    /// Whether a message of `len` bytes from a sender whose address group has `in_log` bytes in
+    /// the log may be appended now: the log has space for it (an empty log takes any message),
+    /// and the group stays within its fair share, the log's bytes divided by the groups with
+    /// bytes in it (its own included); a group with nothing in the log may always add one.
     pub(super) fn fits(&self, len: usize, in_log: usize, queue_bytes: usize) -> bool {
         if self.log_bytes == 0 {
             return true;
@@ -35,9 +36,14 @@ impl State {
         let next = self.next_seq();
         let mut sender_was_oldest = false;
         if let Some(m) = from.and_then(|id| self.members.get_mut(&id)) {
-            if m.in_log == 0 {
+            let group = self
+                .group_bytes
+                .entry(addrgroup::of(m.peer.ip()))
+                .or_insert(0);
+            if *group == 0 {
                 self.n_senders += 1;
             }
+            *group += len;
             m.in_log += len;
             // A sender that has taken everything skips its own line at once: otherwise its
             // writer, which is not woken for it, would hold the log back until it looks again.
@@ -81,9 +87,8 @@ impl State {
             self.log_bytes -= e.msg.len();
             if let Some(m) = e.from.and_then(|id| self.members.get_mut(&id)) {
                 m.in_log -= e.msg.len();
-                if m.in_log == 0 {
-                    self.n_senders -= 1;
-                }
+                let ip = m.peer.ip();
+                self.group_sent(ip, e.msg.len());
             }
         }
         self.first_seq != before
@@ -148,9 +153,21 @@ impl State {
     /// Removes a member whose seat and writer are both gone.
     pub(super) fn forget(&mut self, id: u64) {
         if let Some(m) = self.members.remove(&id) {
-            if m.in_log > 0 {
-                self.n_senders -= 1;
-            }
+            // Its lines still in the log no longer count against its group.
+            self.group_sent(m.peer.ip(), m.in_log);
+        }
+    }
+
+    /// `len` bytes a member from `ip` had in the log left it (or stopped counting).
+    fn group_sent(&mut self, ip: IpAddr, len: usize) {
+        let group = addrgroup::of(ip);
+        let Some(bytes) = self.group_bytes.get_mut(&group) else {
+            return;
+        };
+        *bytes = bytes.saturating_sub(len);
+        if *bytes == 0 {
+            self.group_bytes.remove(&group);
+            self.n_senders -= 1;
         }
     }
 

@@ -22,12 +22,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::daemon::access::addrgroup;
 use crate::deadline::is_timeout;
 use crate::peer::Peer;
 use crate::proto::wire;
@@ -106,8 +107,11 @@ struct State {
     /// The sequence number of `log[0]`.
     first_seq: u64,
     log_bytes: usize,
-    /// Members with bytes of their own in the log.
+    /// Address groups (`addrgroup`: an IPv6 peer's /64 by default) with bytes of their own in
+    /// the log: the fair share is per group, so many connections from one host get one share.
     n_senders: usize,
+    /// Bytes in the log per address group of the members that sent them.
+    group_bytes: HashMap<IpAddr, usize>,
     notices: NoticeGate,
 }
 
@@ -326,7 +330,8 @@ impl Seat<'_> {
             if !m.listening || give_up() {
                 return false;
             }
-            if st.fits(len, m.in_log, limits.queue_bytes) {
+            let group_in_log = st.group_bytes.get(&addrgroup::of(m.peer.ip())).copied();
+            if st.fits(len, group_in_log.unwrap_or(0), limits.queue_bytes) {
                 st.append(Some(self.id), message, now);
                 return true;
             }

@@ -9,14 +9,12 @@ use std::time::Duration;
 use crate::daemon::files::upload::{self, Check, Lost, Outcome};
 use crate::daemon::stats::Stats;
 use crate::deadline::{Deadline, Why};
-use crate::escape::{escaped, push_chat_text};
+use crate::escape::push_chat_text;
 use crate::proto::header::MAX_NAME_LEN;
-use crate::proto::starstar::{self, Detect};
 use crate::proto::wire;
 use crate::proto::{Code, FrameError, FrameHead, Parsed};
 
 use super::body::ConnSource;
-use super::read::ReadEnd;
 use super::{Conn, Input, Reason};
 
 /// The buffer that drains a refused peer's bytes (on the stack only while refusing).
@@ -27,74 +25,7 @@ const DRAIN_BUF: usize = 4096;
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: u64 = 8 << 20;
 
-/// How long a connection's first bytes that could still become a `NAME**SIZE` head (a name and
-/// an asterisk) wait for the rest before they are taken as text. The head comes in one write, so
-/// its bytes arrive together; this only covers a split in transit.
-const STARSTAR_WAIT: Duration = Duration::from_millis(200);
-
 impl Conn<'_> {
-    /// At the start of a connection: recognises the Qt tutorial file client's `NAME**SIZE` head
-    /// (`proto::starstar`) and, with `compat.starstar_uploads`, stores its body like a frame's
-    /// (unverified); without it, refuses with `ERR legacy-header` and closes, so that a file is
-    /// never echoed or relayed as chat. `Ok` means the connection goes on (with text, or after
-    /// the upload).
-    // Not inlined, so that its buffers and the upload's frames take stack only while it runs,
-    // never under a worker that waits for an idle peer's next line.
-    #[inline(never)]
-    pub(super) fn starstar(&mut self, input: &mut Input) -> Result<(), Reason> {
-        self.fill(input, None)?;
-        let head = loop {
-            match starstar::detect(input.data()) {
-                Detect::NotStarstar => return Ok(()),
-                Detect::Complete(head) => break head,
-                Detect::Partial => {
-                    input.compact();
-                    let end = input.end;
-                    let deadline = Deadline::after(STARSTAR_WAIT, Why::Header);
-                    match self.read_by(&mut input.buf[end..], deadline) {
-                        Ok(n) => input.end += n,
-                        // Not a head after all: the bytes are text, and the main loop sees the
-                        // end of the stream again after them.
-                        Err(ReadEnd::Timeout(_) | ReadEnd::Eof) => return Ok(()),
-                        Err(end) => return Err(self.ended(end)),
-                    }
-                }
-            }
-        };
-        let mut name_buf = [0u8; MAX_NAME_LEN as usize];
-        let name_len = head.name.len();
-        name_buf[..name_len].copy_from_slice(head.name);
-        let (size, head_len) = (head.size, head.len);
-        input.consume(head_len);
-        let name = &name_buf[..name_len];
-        let shown = escaped(name, 255);
-        if !self.cfg.compat.starstar_uploads {
-            log::warn!(
-                "{} refused: legacy-header: the connection opened with a NAME**SIZE upload (\"{shown}\", {size} B) and compat.starstar_uploads is off",
-                self.peer
-            );
-            return Err(self.refuse(&wire::err_legacy_header()));
-        }
-        self.frames += 1;
-        log::info!(
-            "{} NAME**SIZE upload \"{shown}\" ({size} B): no checksum, storing unverified",
-            self.peer
-        );
-        let shared = self.shared;
-        let peer = self.peer;
-        let mut source = ConnSource::new(self, input);
-        let store = Arc::clone(&source.conn.snapshot.store);
-        let outcome = upload::receive_checked(
-            &store,
-            Check::Unverified { size },
-            name,
-            &mut source,
-            shared.hash_pool(),
-            &peer,
-        );
-        self.answer_upload(outcome)
-    }
-
     /// Handles the frame that starts at the beginning of `input`: header, name, body, answer.
     /// `Ok` means the connection goes on.
     // Not inlined, so that its buffers and the upload's frames take stack only while it runs,

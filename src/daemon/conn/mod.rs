@@ -24,6 +24,7 @@ use crate::proto::starstar;
 use crate::proto::wire::ERR_SHUTDOWN;
 
 mod body;
+mod compat;
 mod frame;
 mod gate;
 mod member;

@@ -13,12 +13,15 @@ use super::{Conn, Input, LOG_WIDTH, Reason};
 impl Conn<'_> {
     pub(super) fn run(&mut self, input: &mut Input) -> Reason {
         // A NAME**SIZE head can only open a connection: not after an AUTH line whose following
-        // bytes wait in `input` (and those must not be dropped).
+        // bytes wait in `input` (and those must not be dropped). `first_line` is the limit of
+        // the line the connection's first byte began, which a slow head counts toward.
+        let mut first_line = None;
         if input.is_empty() {
             // Waiting for the first bytes: a silent peer may be chosen to make room.
             self.waiting_on_peer(Instant::now());
-            if let Err(reason) = self.starstar(input) {
-                return reason;
+            match self.starstar(input) {
+                Ok(deadline) => first_line = deadline,
+                Err(reason) => return reason,
             }
         }
         // The minimum progress for text lines. In chat mode with chat_flush_ms an unfinished
@@ -65,10 +68,13 @@ impl Conn<'_> {
             if at_message_start {
                 last_line = Instant::now();
                 line_deadline = None;
+                first_line = None;
             } else if line_rule && (was_start || text.contains(&b'\n')) {
-                // A new line began in these bytes and is not complete yet.
+                // A new line began in these bytes and is not complete yet: its limit counts from
+                // its first byte, which came before these if the opening head was slow.
                 let limit = self.cfg.server.line_timeout;
-                line_deadline = Some(Deadline::after(limit, Why::Line));
+                let began = first_line.take().filter(|_| !text.contains(&b'\n'));
+                line_deadline = Some(began.unwrap_or_else(|| Deadline::after(limit, Why::Line)));
             }
             log::debug!("{} req {}", self.peer, escaped(text, LOG_WIDTH));
             if self.text_locked {

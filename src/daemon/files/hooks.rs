@@ -6,6 +6,14 @@
 //! A stored file is queued after its `OK` has been sent, with `try_send`: a full queue skips the
 //! hook for that file (logged), so no client ever waits for a hook, and nothing a hook does can
 //! change or remove the stored file.
+//!
+//! A hook never outlives its limit: what it started in the background is waited for (its hook
+//! thread stays busy meanwhile, so `files.hook_workers` bounds the process trees too) and
+//! killed at `files.hook_timeout_secs`, whether or not the hook itself has exited; what leaves
+//! the process group comes back through the subreaper (`hookreap`). At daemon stop, running
+//! hooks get `STOP_GRACE` and are killed, and the hooks still queued are counted in the log, not
+//! run: a hook is a notification of a file that stays stored, and replaying it after a restart
+//! from a journal could run it twice after a crash, so the log line says which files missed it.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -13,17 +21,17 @@ use std::net::SocketAddr;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, PoisonError};
-use std::thread;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::pipe::{PipeFlags, pipe_with};
 
 use crate::config::Config;
+use crate::daemon::files::hookreap::{self, RUN_ENV, Reaper};
 use crate::escape::escaped;
 use crate::hookargs::{self, Stored};
 use crate::proto::wire;
@@ -40,9 +48,15 @@ const WAKE: Duration = Duration::from_millis(50);
 /// After the program exits, how long its output pipe may stay open (held by something it left
 /// running in the background) before the thread stops reading.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
+/// At daemon stop, how long running hooks may go on before they are killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+/// Names of queued hooks not run at daemon stop that the log line shows, at most.
+const NOT_RUN_SHOWN: usize = 5;
 
 /// One stored file's hook, waiting in the queue.
 struct Run {
+    /// Ties the processes it starts to it (`hookreap::RUN_ENV`).
+    id: u64,
     argv: Vec<String>,
     env: Vec<(String, String)>,
     timeout: Duration,
@@ -59,6 +73,28 @@ pub struct Hooks {
     depth: usize,
     stack: usize,
     started: Mutex<bool>,
+    next_id: AtomicU64,
+    reaper: Arc<Reaper>,
+    stop: Arc<Stop>,
+    /// Dropped at daemon stop: the hook threads see the disconnection and end.
+    stop_tx: Mutex<Option<Sender<()>>>,
+    stop_rx: Receiver<()>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The daemon's stop, as the hook threads see it.
+#[derive(Debug, Default)]
+struct Stop {
+    /// When running hooks are killed; set at daemon stop.
+    at: Mutex<Option<Instant>>,
+    /// Hooks taken from the queue after the stop began, not run.
+    not_run: AtomicUsize,
+}
+
+impl Stop {
+    fn at(&self) -> Option<Instant> {
+        *self.at.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl std::fmt::Debug for Run {
@@ -73,6 +109,7 @@ impl Hooks {
     pub fn new(cfg: &Config, stack: usize) -> Hooks {
         let depth = cfg.files.hook_queue_depth.max(1);
         let (tx, rx) = crossbeam_channel::bounded(depth);
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         Hooks {
             tx,
             rx,
@@ -80,6 +117,51 @@ impl Hooks {
             depth,
             stack,
             started: Mutex::new(false),
+            next_id: AtomicU64::new(1),
+            reaper: Arc::default(),
+            stop: Arc::default(),
+            stop_tx: Mutex::new(Some(stop_tx)),
+            stop_rx,
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// At daemon stop: running hooks get `grace`, then they and what they started are killed;
+    /// the hooks still queued are not run, and their number (and first names) is logged.
+    /// Returns once every hook thread has ended.
+    pub fn stop(&self, grace: Duration) {
+        *self.stop.at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + grace);
+        drop(
+            self.stop_tx
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        let mut names = Vec::new();
+        let mut queued = 0usize;
+        while let Ok(run) = self.rx.try_recv() {
+            queued += 1;
+            if names.len() < NOT_RUN_SHOWN {
+                names.push(format!("\"{}\"", run.label));
+            }
+        }
+        let threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        for t in threads {
+            let _ = t.join();
+        }
+        let not_run = queued + self.stop.not_run.load(Ordering::Relaxed);
+        if not_run > 0 {
+            let more = not_run.saturating_sub(names.len());
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            log::warn!(
+                "daemon stopping: {not_run} queued hook(s) not run (files.on_stored), for {}{more}; the files stay stored",
+                names.join(", ")
+            );
         }
     }
 
@@ -107,9 +189,13 @@ impl Hooks {
             checksum: wire::hex(checksum),
             peer: peer.to_string(),
         };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut env = stored.env();
+        env.push((RUN_ENV.to_string(), id.to_string()));
         let run = Run {
+            id,
             argv: hookargs::fill(template, &stored),
-            env: stored.env(),
+            env,
             timeout: cfg.files.hook_timeout,
             label: escaped(stored_name.as_bytes(), 255).to_string(),
         };
@@ -134,19 +220,36 @@ impl Hooks {
             return;
         }
         *started = true;
+        Reaper::adopt_orphans();
         let mut running = 0;
+        let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
         for index in 0..self.workers {
             let rx = self.rx.clone();
+            let stop_rx = self.stop_rx.clone();
+            let stop = Arc::clone(&self.stop);
+            let reaper = Arc::clone(&self.reaper);
             let spawned = thread::Builder::new()
                 .name(format!("hook-{index}"))
                 .stack_size(self.stack)
                 .spawn(move || {
-                    for run in rx.iter() {
-                        execute(&run);
+                    loop {
+                        select! {
+                            recv(rx) -> run => match run {
+                                Ok(_) if stop.at().is_some() => {
+                                    stop.not_run.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Ok(run) => execute(&run, &reaper, &stop),
+                                Err(_) => return,
+                            },
+                            recv(stop_rx) -> _ => return,
+                        }
                     }
                 });
             match spawned {
-                Ok(_) => running += 1,
+                Ok(t) => {
+                    threads.push(t);
+                    running += 1;
+                }
                 Err(e) => log::error!("cannot start hook thread {}: {e}", index + 1),
             }
         }
@@ -199,89 +302,140 @@ impl Output {
 
 /// How a hook ended.
 enum End {
+    /// It exited, and nothing it started was left running.
     Exited(ExitStatus),
-    Killed,
+    /// Killed with all it started at its time limit (or at daemon stop): its exit status if it
+    /// had exited and only what it left behind was killed.
+    Killed {
+        status: Option<ExitStatus>,
+        at_stop: bool,
+    },
     /// Its status could not be read.
     Lost(io::Error),
 }
 
 /// Runs one hook to its end or its time limit, and logs how it went.
-fn execute(run: &Run) {
+fn execute(run: &Run, reaper: &Reaper, stop: &Stop) {
     let started = Instant::now();
     let Some((program, args)) = run.argv.split_first() else {
         return;
     };
     let label = &run.label;
     let shown_program = escaped(program.as_bytes(), 255);
-    let (mut pipe, mut child) = match spawn(program, args, &run.env) {
+    let (mut pipe, mut child) = match spawn(program, args, &run.env, reaper) {
         Ok(p) => p,
         Err(e) => {
             log::warn!("hook for \"{label}\": cannot run {shown_program}: {e}");
             return;
         }
     };
-    let deadline = started + run.timeout;
+    let pgid = child.id();
+    let limit = started + run.timeout;
     let mut out = Output::default();
-    let mut exited_at: Option<Instant> = None;
+    let mut status: Option<(ExitStatus, Instant)> = None;
     let end = loop {
         let now = Instant::now();
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                let at = *exited_at.get_or_insert(now);
-                if out.eof || now >= at + DRAIN_AFTER_EXIT {
-                    break End::Exited(status);
+        if status.is_none() {
+            match child.try_wait() {
+                Ok(Some(st)) => {
+                    reaper.leader_done(pgid);
+                    status = Some((st, now));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    hookreap::kill_group(pgid);
+                    let _ = child.wait();
+                    reaper.leader_done(pgid);
+                    reaper.kill_all(pgid, run.id);
+                    break End::Lost(e);
                 }
             }
-            Ok(None) if now >= deadline => {
-                kill_group(&child);
+        }
+        let stop_at = stop.at();
+        let deadline = stop_at.map_or(limit, |at| at.min(limit));
+        if now >= deadline {
+            if status.is_none() {
+                hookreap::kill_group(pgid);
                 let _ = child.wait();
-                break End::Killed;
+                reaper.leader_done(pgid);
             }
-            Ok(None) => {}
-            Err(e) => {
-                kill_group(&child);
-                let _ = child.wait();
-                break End::Lost(e);
+            if reaper.kill_all(pgid, run.id) {
+                log::warn!(
+                    "hook for \"{label}\": processes of run {} survive SIGKILL",
+                    run.id
+                );
+            }
+            break End::Killed {
+                status: status.map(|(st, _)| st),
+                at_stop: stop_at.is_some_and(|at| at < limit),
+            };
+        }
+        if let Some((st, at)) = status {
+            // Done when its output is over and nothing it started lives on.
+            if (out.eof || now >= at + DRAIN_AFTER_EXIT) && !reaper.remains(pgid, run.id) {
+                break End::Exited(st);
             }
         }
         let wait = WAKE.min(deadline.saturating_duration_since(now));
-        if out.eof {
-            thread::sleep(wait.min(Duration::from_millis(5)));
+        if out.eof || status.is_some_and(|(_, at)| now >= at + DRAIN_AFTER_EXIT) {
+            thread::sleep(wait.min(Duration::from_millis(20)));
         } else {
             out.read_ready(&mut pipe, wait);
         }
     };
+    log_end(run, &shown_program, started, &end, &out);
+}
+
+/// Logs how a hook ended and its output.
+fn log_end(run: &Run, program: &dyn std::fmt::Display, started: Instant, end: &End, out: &Output) {
+    let label = &run.label;
     let took = started.elapsed().as_secs_f64();
-    let failed = match &end {
+    let limit = run.timeout.as_secs();
+    let failed = match end {
         End::Exited(status) if status.success() => {
-            log::info!("hook for \"{label}\": {shown_program} exited 0 in {took:.2} s");
+            log::info!("hook for \"{label}\": {program} exited 0 in {took:.2} s");
             false
         }
         End::Exited(status) => {
             log::warn!(
-                "hook for \"{label}\": {shown_program} {} in {took:.2} s; the file stays stored",
+                "hook for \"{label}\": {program} {} in {took:.2} s; the file stays stored",
                 describe(*status)
             );
             true
         }
-        End::Killed => {
-            log::warn!(
-                "hook for \"{label}\": {shown_program} still running after files.hook_timeout_secs = {} s; killed its process group; the file stays stored",
-                run.timeout.as_secs()
-            );
+        End::Killed { status, at_stop } => {
+            let when = if *at_stop {
+                "at daemon stop".to_string()
+            } else {
+                format!("after files.hook_timeout_secs = {limit} s")
+            };
+            match status {
+                Some(st) => log::warn!(
+                    "hook for \"{label}\": {program} {} but what it started was still running {when}; killed it all; the file stays stored",
+                    describe(*st)
+                ),
+                None => log::warn!(
+                    "hook for \"{label}\": {program} still running {when}; killed its process group and all it started; the file stays stored"
+                ),
+            }
             true
         }
         End::Lost(e) => {
-            log::warn!("hook for \"{label}\": cannot wait for {shown_program}: {e}; killed it");
+            log::warn!("hook for \"{label}\": cannot wait for {program}: {e}; killed it");
             true
         }
     };
-    log_output(label, &out, failed);
+    log_output(label, out, failed);
 }
 
 /// Starts the program in its own process group, stdin from /dev/null and stdout and stderr into
 /// one pipe whose read end is returned.
-fn spawn(program: &str, args: &[String], env: &[(String, String)]) -> io::Result<(File, Child)> {
+fn spawn(
+    program: &str,
+    args: &[String],
+    env: &[(String, String)],
+    reaper: &Reaper,
+) -> io::Result<(File, Child)> {
     let (read_end, write_end) = pipe_with(PipeFlags::CLOEXEC)?;
     let write_err = write_end.try_clone()?;
     let mut cmd = Command::new(program);
@@ -291,20 +445,10 @@ fn spawn(program: &str, args: &[String], env: &[(String, String)]) -> io::Result
         .stdout(Stdio::from(write_end))
         .stderr(Stdio::from(write_err))
         .process_group(0);
-    let child = cmd.spawn();
+    let child = reaper.spawn(&mut cmd);
     // Our copies of the write end go with the command, so the pipe ends when the hook's do.
     drop(cmd);
     Ok((File::from(read_end), child?))
-}
-
-/// Kills the hook's whole process group: the program and whatever it started.
-fn kill_group(child: &Child) {
-    let Ok(pid) = i32::try_from(child.id()) else {
-        return;
-    };
-    if let Err(e) = killpg(Pid::from_raw(pid), Signal::SIGKILL) {
-        log::warn!("cannot kill hook process group {pid}: {e}");
-    }
 }
 
 fn describe(status: ExitStatus) -> String {

@@ -16,6 +16,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
+use crate::escape::{Escaped, escaped};
+
 /// Mode of the directories ferryd creates (the upload directory's own).
 const DIR_MODE: u32 = 0o750;
 
@@ -35,21 +37,31 @@ pub enum WalkError {
 impl fmt::Display for WalkError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // Paths come from the peer: shown escaped wherever this is printed.
             WalkError::Symlink(p) => {
                 write!(
                     f,
-                    "{p} is a symbolic link in the upload directory, never followed"
+                    "{} is a symbolic link in the upload directory, never followed",
+                    shown(p)
                 )
             }
-            WalkError::NotADirectory(p) => write!(f, "{p} exists and is not a directory"),
+            WalkError::NotADirectory(p) => {
+                write!(f, "{} exists and is not a directory", shown(p))
+            }
             WalkError::Io { path, err } => {
-                write!(f, "cannot open or create directory {path}: {err}")
+                write!(f, "cannot open or create directory {}: {err}", shown(path))
             }
         }
     }
 }
 
 impl std::error::Error for WalkError {}
+
+/// A peer-chosen name or path as an error shows it (log line and answer): escaped, so that a
+/// control, bidi or zero-width character cannot forge or disguise the line.
+pub(crate) fn shown(name: &str) -> Escaped<'_> {
+    escaped(name.as_bytes(), 4096)
+}
 
 /// Opens the directory `parents` (`a/b`, components checked by `validate_path`; empty: `root`
 /// itself is wanted and `Ok(None)` is returned) beneath `root`. With `create`, a missing

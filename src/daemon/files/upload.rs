@@ -41,6 +41,11 @@ pub enum Lost {
     TooSlow { min: u64 },
     /// The connection failed.
     Error(std::io::Error),
+    /// A `NAME**SIZE` upload: more bytes came after its SIZE bytes (so SIZE was not where the
+    /// head seemed to end).
+    Trailing,
+    /// A `NAME**SIZE` upload: the stream did not end after its SIZE bytes.
+    Unended,
 }
 
 impl fmt::Display for Lost {
@@ -54,6 +59,12 @@ impl fmt::Display for Lost {
                 "body slower than access.min_upload_bytes_per_sec = {min} B/s"
             ),
             Lost::Error(e) => write!(f, "connection error: {e}"),
+            Lost::Trailing => f.write_str(
+                "more bytes follow the SIZE bytes of a NAME**SIZE upload: its head was not read whole",
+            ),
+            Lost::Unended => f.write_str(
+                "the stream did not end after the SIZE bytes of a NAME**SIZE upload (access.header_timeout_secs)",
+            ),
         }
     }
 }
@@ -100,6 +111,9 @@ impl Outcome {
             Outcome::Lost(Lost::Shutdown) => String::from_utf8_lossy(ERR_SHUTDOWN).into_owned(),
             Outcome::Lost(lost @ (Lost::Timeout | Lost::TooSlow { .. })) => {
                 answer::err_line(Code::Timeout, lost)
+            }
+            Outcome::Lost(lost @ (Lost::Trailing | Lost::Unended)) => {
+                answer::err_line(Code::BadHeader, lost)
             }
             Outcome::Lost(lost) => answer::err_line(Code::ShortBody, lost),
         }

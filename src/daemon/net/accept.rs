@@ -14,11 +14,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::daemon::access::addrgroup;
 use crate::daemon::access::refusals::Why;
 use crate::daemon::net::fdlimit::{self, Spare};
 use crate::daemon::net::lanes::{self, AddressLoad};
 use crate::daemon::net::pool::Hiring;
 use crate::daemon::net::queue::Queue;
+use crate::daemon::net::recent::Recent;
 use crate::daemon::net::refuse::{refuse, refuse_waiting};
 use crate::daemon::shared::{Job, Shared};
 use crate::daemon::stats::Stats;
@@ -45,6 +47,8 @@ pub struct Acceptor<'a> {
     listener: &'a TcpListener,
     notifier: &'a Notifier,
     queue: &'a mut Queue,
+    /// Recent connections per address group, which order the lanes (`net::recent`).
+    recent: Recent,
     spare: Spare,
     hiring: Hiring,
     watchdog: Option<Duration>,
@@ -64,6 +68,7 @@ impl<'a> Acceptor<'a> {
             listener,
             notifier,
             queue,
+            recent: Recent::default(),
             spare: Spare::new(listener),
             hiring: Hiring::default(),
             watchdog: notifier.watchdog_interval(),
@@ -152,6 +157,10 @@ impl<'a> Acceptor<'a> {
         let cfg = shared.config();
         Stats::add(&shared.stats.accepted, 1);
         let peer = Peer::new(addr);
+        // Every connection counts, refused ones too: a crowd that churns is seen as one.
+        let group = addrgroup::of(peer.ip());
+        let now = Instant::now();
+        self.recent.record(group, now);
         if let Err(refusal) = cfg.access.rules.check(peer.ip()) {
             Stats::add(&shared.stats.refused_access, 1);
             refuse(&stream, ERR_NOT_ALLOWED);
@@ -178,7 +187,8 @@ impl<'a> Acceptor<'a> {
         };
         // Its own slot is counted already: the others are what the address holds besides.
         let held = shared.per_ip.open_from(peer.ip()).saturating_sub(1);
-        let lane = lanes::lane(AddressLoad { held });
+        let recent = self.recent.rank(group, now);
+        let lane = lanes::lane(AddressLoad { held, recent });
         // The queue is full (workers about to take a connection count as room): a newcomer
         // from a lighter lane than a waiting one takes the oldest one's place; otherwise it is
         // refused.

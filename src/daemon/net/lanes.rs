@@ -2,23 +2,33 @@
 //! long, whose place a newcomer takes when the queue is full, and when the pool hires a worker.
 //! `net::queue` carries it out over crossbeam channels; nothing here touches a socket or a clock.
 //!
-//! A connection joins a lane by what is known of its address when it arrives (`AddressLoad`), and
-//! workers take from the lightest lane first (`select_biased!` in lane order). Today the lane
-//! says only whether the address holds other connections: a client from a quiet address does not
-//! wait behind a crowd from a busy one. A later rule may also weigh an address's recent connects.
+//! A connection joins a lane by what is known of its address group when it arrives
+//! (`AddressLoad`), and workers take from the lightest lane first (`select_biased!` in lane
+//! order): a client from a quiet address does not wait behind a crowd from a busy one, and a
+//! newcomer (no connection held, hardly any made recently: `net::recent`) goes before addresses
+//! that churn, so that 200 addresses reconnecting as fast as they can do not shut it out.
 
 use std::time::{Duration, Instant};
 
 /// What is known of a newcomer's address when it is queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AddressLoad {
-    /// Connections the address holds besides this one: served or waiting.
+    /// Connections the address group holds besides this one: served or waiting.
     pub held: u32,
+    /// The group's recent connections, this one included, as `net::recent::Recent::rank` gives
+    /// them (a decaying count, times four).
+    pub recent: u64,
 }
+
+/// The highest `AddressLoad::recent` of a newcomer: this connection and at most half of one more
+/// in the last half-life (`net::recent::HALF_LIFE`).
+pub const FRESH_RANK: u64 = 6;
 
 /// A lane of the work queue. Workers take from a lighter lane before a heavier one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Lane {
+    /// The address holds no other connection and made hardly any recently: a newcomer.
+    Fresh,
     /// The address holds no other connection.
     Light,
     /// The address holds others already.
@@ -26,27 +36,28 @@ pub enum Lane {
 }
 
 /// How many lanes there are.
-pub const LANES: usize = 2;
+pub const LANES: usize = 3;
 
 impl Lane {
     /// Every lane, lightest first.
-    pub const ALL: [Lane; LANES] = [Lane::Light, Lane::Heavy];
+    pub const ALL: [Lane; LANES] = [Lane::Fresh, Lane::Light, Lane::Heavy];
 
     /// The lane's place in `ALL`.
     pub fn index(self) -> usize {
         match self {
-            Lane::Light => 0,
-            Lane::Heavy => 1,
+            Lane::Fresh => 0,
+            Lane::Light => 1,
+            Lane::Heavy => 2,
         }
     }
 }
 
 /// The lane a connection joins, from what is known of its address.
 pub fn lane(load: AddressLoad) -> Lane {
-    if load.held == 0 {
-        Lane::Light
-    } else {
-        Lane::Heavy
+    match (load.held, load.recent) {
+        (0, r) if r <= FRESH_RANK => Lane::Fresh,
+        (0, _) => Lane::Light,
+        _ => Lane::Heavy,
     }
 }
 
@@ -82,11 +93,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_address_holding_nothing_else_goes_light() {
-        for (held, want) in [(0, Lane::Light), (1, Lane::Heavy), (u32::MAX, Lane::Heavy)] {
-            assert_eq!(lane(AddressLoad { held }), want, "held {held}");
+    fn a_newcomer_goes_first_then_an_address_holding_nothing_else() {
+        let table = [
+            (0, 4, Lane::Fresh),
+            (0, FRESH_RANK, Lane::Fresh),
+            (0, FRESH_RANK + 1, Lane::Light),
+            (0, u64::MAX, Lane::Light),
+            (1, 0, Lane::Heavy),
+            (1, 4, Lane::Heavy),
+            (u32::MAX, u64::MAX, Lane::Heavy),
+        ];
+        for (held, recent, want) in table {
+            assert_eq!(lane(AddressLoad { held, recent }), want, "{held} {recent}");
         }
-        assert!(Lane::Light < Lane::Heavy, "workers take light first");
+        assert!(Lane::Fresh < Lane::Light && Lane::Light < Lane::Heavy);
         for (i, l) in Lane::ALL.into_iter().enumerate() {
             assert_eq!(l.index(), i);
         }
@@ -123,14 +143,18 @@ mod tests {
 
     #[test]
     fn a_newcomer_displaces_only_a_heavier_lane() {
-        use Lane::{Heavy, Light};
+        use Lane::{Fresh, Heavy, Light};
         let table = [
-            (Light, [0, 3], Some(Heavy)),
-            (Light, [5, 1], Some(Heavy)),
-            (Light, [5, 0], None),
-            (Heavy, [5, 3], None),
-            (Heavy, [0, 0], None),
-            (Light, [0, 0], None),
+            (Light, [0, 0, 3], Some(Heavy)),
+            (Light, [0, 5, 1], Some(Heavy)),
+            (Light, [0, 5, 0], None),
+            (Light, [2, 0, 0], None),
+            (Heavy, [0, 5, 3], None),
+            (Heavy, [0, 0, 0], None),
+            (Light, [0, 0, 0], None),
+            (Fresh, [4, 2, 1], Some(Heavy)),
+            (Fresh, [4, 2, 0], Some(Light)),
+            (Fresh, [4, 0, 0], None),
         ];
         for (newcomer, waiting, want) in table {
             assert_eq!(

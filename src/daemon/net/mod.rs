@@ -10,5 +10,6 @@ pub mod lanes;
 pub mod listener;
 pub mod pool;
 pub mod queue;
+pub mod recent;
 pub mod refuse;
 pub mod udp;

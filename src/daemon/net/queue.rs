@@ -71,18 +71,22 @@ impl Queue {
     /// An empty queue of `depth` places per lane beyond the workers, whose pool holds at most
     /// `max_workers` workers.
     pub fn new(depth: usize, max_workers: usize) -> Queue {
-        let (light_tx, light_rx) = bounded(depth + max_workers);
-        let (heavy_tx, heavy_rx) = bounded(depth + max_workers);
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..LANES).map(|_| bounded(depth + max_workers)).unzip();
+        let senders: [Sender<Waiting>; LANES] =
+            senders.try_into().unwrap_or_else(|_| unreachable!());
+        let receivers: [Receiver<Waiting>; LANES] =
+            receivers.try_into().unwrap_or_else(|_| unreachable!());
         let (gone_tx, gone_rx) = bounded(1);
         let end = |rx: &Receiver<Waiting>| LaneEnd {
             rx: rx.clone(),
             queued_at: VecDeque::new(),
         };
         Queue {
-            lanes: [end(&light_rx), end(&heavy_rx)],
-            senders: Some([light_tx, heavy_tx]),
+            lanes: receivers.each_ref().map(end),
+            senders: Some(senders),
             pool: Arc::new(Pool {
-                lanes: [light_rx, heavy_rx],
+                lanes: receivers,
                 max_workers,
                 live: AtomicUsize::new(0),
                 idle: AtomicUsize::new(0),
@@ -263,6 +267,7 @@ impl Worker {
             let got = select_biased! {
                 recv(pool.lanes[0]) -> w => w.ok(),
                 recv(pool.lanes[1]) -> w => w.ok(),
+                recv(pool.lanes[2]) -> w => w.ok(),
                 default(keep) => None,
             };
             if let Some(w) = got {
@@ -351,7 +356,7 @@ mod tests {
         // A worker takes the light lane first, then the oldest of the heavy one.
         assert_eq!(peer(w.next(keep)), "[10.0.0.2:1002]");
         assert_eq!(peer(w.next(keep)), "[10.0.0.1:1000]");
-        assert_eq!((q.len(), q.per_lane()), (3, [0, 3]));
+        assert_eq!((q.len(), q.per_lane()), (3, [0, 0, 3]));
         // A light newcomer displaces the heavy lane's oldest (port 1001); a heavy one nobody.
         assert!(q.displace(Lane::Heavy).is_none());
         let gone = q.displace(Lane::Light).unwrap();

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
+use crate::daemon::access::addrgroup;
 use crate::daemon::access::ratelimit::Limiter;
 use crate::daemon::net::listener::BindError;
 use crate::daemon::shared::Shared;
@@ -129,7 +130,8 @@ fn run(socket: &UdpSocket, shared: &Shared) {
             );
             continue;
         }
-        if !limiter.allow(peer.ip(), Instant::now()) {
+        // One bucket per address group (an IPv6 peer's /64 by default).
+        if !limiter.allow(addrgroup::of(peer.ip()), Instant::now()) {
             counts.limited += 1;
             continue;
         }

@@ -84,11 +84,13 @@ impl fmt::Display for StoreError {
                 f,
                 "size {size} does not fit: {usable} bytes usable (free space minus files.min_free_bytes and uploads in progress)"
             ),
-            StoreError::Exists(name) => write!(f, "{name} already exists"),
+            // Names come from the peer: shown escaped wherever this is printed (log, answer).
+            StoreError::Exists(name) => write!(f, "{} already exists", subdir::shown(name)),
             StoreError::NoFreeName(name) => {
                 write!(
                     f,
-                    "{name} and its first {MAX_RENAMES} renamed variants all exist"
+                    "{} and its first {MAX_RENAMES} renamed variants all exist",
+                    subdir::shown(name)
                 )
             }
             StoreError::Io { op, err } => write!(f, "cannot {op}: {err}"),
