@@ -503,6 +503,17 @@ pub(super) const KEYS: &[Key] = &[
     },
     Key {
         table: "access",
+        name: "proxy_protocol_from",
+        doc: "balancers in these ranges must start each TCP connection with a PROXY protocol \
+              header (v1 or v2) within access.header_timeout_secs; the client address it carries \
+              is the one the rules, counts, logs, chat and hooks see. Empty: off",
+        kind: Kind::Rules,
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.access.proxy_from,
+    },
+    Key {
+        table: "access",
         name: "max_per_ip",
         doc: "connections open at once from one address",
         kind: int(1, 65535, 8),
