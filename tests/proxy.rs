@@ -7,7 +7,7 @@
 mod support;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use support::{
@@ -102,6 +102,13 @@ fn the_carried_address_is_the_one_rules_logs_and_counts_see() {
     d.wait_log("[127.0.0.3:", IO_TIMEOUT);
     let mut refused = connect_from(&d, ip("127.0.0.4"));
     expect_err_then_eof(&d, &mut refused, "not-allowed", "a denied direct peer");
+    // UDP is not affected: a datagram from the balancer's address is echoed as it is.
+    let udp = UdpSocket::bind((ip(BALANCER), 0)).unwrap();
+    udp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    udp.send_to(b"datagram\n", d.addr()).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = udp.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"datagram\n");
     // A health check (v2 LOCAL) is the balancer's own connection.
     let mut local = through(&d, b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00", b"");
     echo_round_trip(&mut local, b"check\n");

@@ -560,7 +560,8 @@ pub(super) const KEYS: &[Key] = &[
     Key {
         table: "access",
         name: "header_timeout_secs",
-        doc: "seconds from a file frame's first byte to the end of its header, name and tag",
+        doc: "seconds from a file frame's first byte to the end of its header, name and tag; \
+              and for a connection from access.proxy_protocol_from, to the end of its PROXY header",
         kind: int(1, 3600, 10),
         same_as: None,
         reload: Reload::Live,
