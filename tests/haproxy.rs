@@ -210,10 +210,15 @@ fn client_addresses_and_rules_hold_through_haproxy_and_200_uploads_land_once() {
             body
         );
     }
-    let per_instance: Vec<usize> = ds
-        .iter()
-        .map(|d| d.log().matches(" stored \"u").count())
-        .collect();
+    // Each instance's log is read from its pipe by a thread: the last lines may still be on
+    // their way when the last answer arrives.
+    let stored = || -> Vec<usize> {
+        ds.iter()
+            .map(|d| d.log().matches(" stored \"u").count())
+            .collect()
+    };
+    wait_until(WAIT, || stored().iter().sum::<usize>() == UPLOADS);
+    let per_instance = stored();
     println!(
         "{UPLOADS} uploads ({bytes} B) from {SENDERS} clients through haproxy in {:.2} s ({:.0} uploads/s); stored per instance {per_instance:?}",
         took.as_secs_f64(),
@@ -275,6 +280,7 @@ fn an_upload_cut_by_stopping_its_instance_resumes_through_haproxy_on_another() {
         "{} resuming \"cut.bin\" at {kept} of {SIZE} B",
         label(&again)
     );
+    wait_until(WAIT, || !logged_by(&ds, &resumed).is_empty());
     let by = logged_by(&ds, &resumed);
     assert!(
         by.len() == 1 && by[0] != victim,

@@ -224,6 +224,38 @@ mod tests {
     }
 
     #[test]
+    fn mutated_headers_never_ask_past_the_limit() {
+        // A small xorshift, so that the run is the same every time.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let seeds = [
+            v2_ipv4(),
+            b"PROXY TCP4 198.51.100.9 127.0.0.1 40000 7000\r\n".to_vec(),
+        ];
+        for _ in 0..20_000 {
+            let mut bytes = seeds[(next() % 2) as usize].clone();
+            for _ in 0..=next() % 4 {
+                let at = (next() as usize) % bytes.len();
+                bytes[at] = next() as u8;
+            }
+            bytes.extend((0..next() % 600).map(|_| next() as u8));
+            let mut have = 0;
+            while let Ok(Step::Need(n)) = step(&bytes[..have]) {
+                assert!(n > 0 && have + n <= MAX_LEN, "{bytes:?}");
+                if have + n > bytes.len() {
+                    break;
+                }
+                have += n;
+            }
+        }
+    }
+
+    #[test]
     fn every_truncated_prefix_asks_for_more() {
         let v1 = b"PROXY TCP4 198.51.100.9 127.0.0.1 40000 7000\r\n".to_vec();
         for whole in [v1, v2_ipv4()] {
