@@ -52,6 +52,8 @@ peers=(
     "man man-db"
     # IPv6 peers of one /64 in a network namespace (tests/hardening_peers.rs)
     "ip iproute2"
+    # a real HAProxy in front of three ferryd instances, send-proxy-v2 (tests/haproxy.rs)
+    "haproxy haproxy"
 )
 
 # Whether program $1 is there: on PATH, or in /usr/sbin or /sbin (mosquitto), as `need` looks.

@@ -503,6 +503,17 @@ pub(super) const KEYS: &[Key] = &[
     },
     Key {
         table: "access",
+        name: "proxy_protocol_from",
+        doc: "balancers in these ranges must start each TCP connection with a PROXY protocol \
+              header (v1 or v2) within access.header_timeout_secs; the client address it carries \
+              is the one the rules, counts, logs, chat and hooks see. Empty: off",
+        kind: Kind::Rules,
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.access.proxy_from,
+    },
+    Key {
+        table: "access",
         name: "max_per_ip",
         doc: "connections open at once from one address",
         kind: int(1, 65535, 8),
@@ -558,7 +569,8 @@ pub(super) const KEYS: &[Key] = &[
     Key {
         table: "access",
         name: "header_timeout_secs",
-        doc: "seconds from a file frame's first byte to the end of its header, name and tag",
+        doc: "seconds from a file frame's first byte to the end of its header, name and tag; \
+              and for a connection from access.proxy_protocol_from, to the end of its PROXY header",
         kind: int(1, 3600, 10),
         same_as: None,
         reload: Reload::Live,

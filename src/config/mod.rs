@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::rules::Rules;
+use crate::rules::{Cidr, Rules};
 
 mod check;
 mod error;
@@ -86,6 +86,8 @@ pub struct CompatConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AccessConfig {
     pub rules: Rules,
+    /// Balancers whose connections start with a PROXY protocol header; empty: none.
+    pub proxy_from: Vec<Cidr>,
     /// Connections open at once from one address.
     pub max_per_ip: u32,
     /// IPv6 peers sharing this many leading bits count as one address.
@@ -305,6 +307,7 @@ impl Config {
                     allow: v.get("access.allow")?,
                     deny: v.get("access.deny")?,
                 },
+                proxy_from: v.get("access.proxy_protocol_from")?,
                 max_per_ip: v.get("access.max_per_ip")?,
                 ipv6_prefix_len: v.get("access.ipv6_prefix_len")?,
                 max_files_per_connection: v.get("access.max_files_per_connection")?,

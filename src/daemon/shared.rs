@@ -146,8 +146,10 @@ impl Shared {
 pub struct Job {
     pub stream: TcpStream,
     pub peer: Peer,
-    /// This connection's place in its address's count (`access.max_per_ip`).
-    pub slot: Slot,
+    /// This connection's place in its address's count (`access.max_per_ip`); `None` for a
+    /// connection from a balancer in `access.proxy_protocol_from`, whose client address is known
+    /// only once a worker has read its PROXY header, and is then checked and counted there.
+    pub slot: Option<Slot>,
 }
 
 /// The stack size of worker threads (and chat writer threads), from `server.thread_stack_kib`.

@@ -32,6 +32,7 @@
 pub mod head;
 pub mod header;
 pub mod name;
+pub mod proxy;
 pub mod starstar;
 pub mod wire;
 

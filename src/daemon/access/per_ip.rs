@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::config::Config;
 use crate::daemon::access::addrgroup;
 
 /// Connections open per address.
@@ -43,6 +44,15 @@ impl PerIp {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, u32>> {
         self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The `max_per_ip` cap for `ip`: none for loopback peers under `access.exempt_loopback`.
+pub fn cap(cfg: &Config, ip: IpAddr) -> u32 {
+    if cfg.access.exempt_loopback && ip.is_loopback() {
+        u32::MAX
+    } else {
+        cfg.access.max_per_ip
     }
 }
 

@@ -32,15 +32,18 @@ pub enum Why {
     AcceptError,
     /// With `access.require_token`: no good `AUTH` line, or a frame without a good tag.
     Unauthorized,
+    /// A connection from `access.proxy_protocol_from` without a valid PROXY header in time.
+    ProxyHeader,
 }
 
-const ALL: [Why; 6] = [
+const ALL: [Why; 7] = [
     Why::Busy,
     Why::NotAllowed,
     Why::TooMany,
     Why::Descriptors,
     Why::AcceptError,
     Why::Unauthorized,
+    Why::ProxyHeader,
 ];
 
 impl Why {
@@ -53,6 +56,7 @@ impl Why {
             Why::Descriptors => "out of file descriptors",
             Why::AcceptError => "accept failed",
             Why::Unauthorized => "unauthorized",
+            Why::ProxyHeader => "no PROXY header",
         }
     }
 
@@ -64,6 +68,7 @@ impl Why {
             Why::Descriptors => 3,
             Why::AcceptError => 4,
             Why::Unauthorized => 5,
+            Why::ProxyHeader => 6,
         }
     }
 }
@@ -99,7 +104,7 @@ impl Refusals {
         Refusals {
             interval,
             window_start: now,
-            tallies: [tally(), tally(), tally(), tally(), tally(), tally()],
+            tallies: std::array::from_fn(|_| tally()),
         }
     }
 

@@ -28,6 +28,7 @@ mod compat;
 mod frame;
 mod gate;
 mod member;
+mod proxied;
 mod read;
 mod text;
 
@@ -89,13 +90,7 @@ impl fmt::Display for Reason {
 
 /// Serves one accepted connection until it ends, logging `online` and `offline`.
 pub fn serve(shared: &Shared, job: Job) {
-    // The slot keeps this connection counted against its address until `serve` returns (or
-    // unwinds).
-    let Job {
-        stream,
-        peer,
-        slot: _slot,
-    } = job;
+    let Job { stream, peer, slot } = job;
     let started = Instant::now();
     // The settings this connection lives by, taken whole: a reload mid-way does not mix them.
     let snapshot = shared.snapshot();
@@ -107,6 +102,15 @@ pub fn serve(shared: &Shared, job: Job) {
     }
     let stream = Arc::new(stream);
     let _registration = shared.conns.register(Arc::clone(&stream));
+    // The slot keeps this connection counted against its address until `serve` returns (or
+    // unwinds). From a balancer, the address is the client's, from its PROXY header.
+    let (peer, _slot, via) = match slot {
+        Some(slot) => (peer, slot, None),
+        None => match proxied::admit(shared, &cfg, &stream, peer) {
+            Some(a) => (a.peer, a.slot, Some((peer, a.version))),
+            None => return,
+        },
+    };
     // On the board, this connection may be chosen to make room while it waits on its peer.
     let place = shared.board.enter(peer.ip(), Arc::clone(&stream));
     let _open = Stats::hold(&shared.stats.open);
@@ -132,7 +136,10 @@ pub fn serve(shared: &Shared, job: Job) {
         frames: 0,
         panic_line: debug_panic_line(),
     };
-    log::info!("{peer} online");
+    match via {
+        None => log::info!("{peer} online"),
+        Some((via, v)) => log::info!("{peer} online (through {via}, PROXY v{v})"),
+    }
     let reason = conn.session(&stream);
     log_offline(&conn, started, &reason);
 }

@@ -2,7 +2,8 @@
 //! as `.ferryd-resume-<checksum>-<size>-<name tag>.partial`, found again by the size and the
 //! header's checksum field (the file's checksum, or for a trailing frame the sender's resume id
 //! for this version of the file; never by its name alone), held by one upload at a time (an exclusive
-//! `flock`, which also spans a reload's new store), and removed when they expire
+//! `flock`, which also spans a reload's new store and other ferryd processes over the same
+//! directory: a lock counts only while the name still leads to the locked file), and removed when they expire
 //! (`files.resume_keep_secs`), when the same name arrives with another checksum, or, oldest
 //! first, to keep their announced sizes within `files.resume_max_bytes`.
 //!
@@ -186,6 +187,7 @@ pub fn claim(
     };
     let file = File::from(fd);
     match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) if !still_named(dir, &file_name, &file) => Ok(Claim::Held),
         Ok(()) => Ok(Claim::Got(Claimed {
             file,
             file_name,
@@ -261,9 +263,22 @@ fn lock(dir: &File, name: &str) -> io::Result<Option<File>> {
     };
     let file = File::from(fd);
     match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(Some(file)),
-        Err(Errno::WOULDBLOCK) => Ok(None),
+        Ok(()) if still_named(dir, name, &file) => Ok(Some(file)),
+        Ok(()) | Err(Errno::WOULDBLOCK) => Ok(None),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `name` in `dir` is still `file`: another ferryd over the same directory may have
+/// removed the partial (or replaced it) between our open and our lock, and a lock on a file
+/// that has no name any more holds nothing.
+fn still_named(dir: &File, name: &str, file: &File) -> bool {
+    match (
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW),
+        rustix::fs::fstat(file),
+    ) {
+        (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+        _ => false,
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::daemon::access::addrgroup;
+use crate::daemon::access::per_ip::{self, Slot};
 use crate::daemon::access::refusals::Why;
 use crate::daemon::net::fdlimit::{self, Spare};
 use crate::daemon::net::lanes::{self, AddressLoad};
@@ -157,38 +158,22 @@ impl<'a> Acceptor<'a> {
         let cfg = shared.config();
         Stats::add(&shared.stats.accepted, 1);
         let peer = Peer::new(addr);
-        // Every connection counts, refused ones too: a crowd that churns is seen as one.
-        let group = addrgroup::of(peer.ip());
-        let now = Instant::now();
-        self.recent.record(group, now);
-        if let Err(refusal) = cfg.access.rules.check(peer.ip()) {
-            Stats::add(&shared.stats.refused_access, 1);
-            refuse(&stream, ERR_NOT_ALLOWED);
-            shared.refused(Why::NotAllowed, Some(peer.ip()), || {
-                format!("{peer} refused: not allowed: the address {refusal}")
-            });
-            return;
-        }
-        let slot = match shared
-            .per_ip
-            .acquire(peer.ip(), per_ip_cap(&cfg, peer.ip()))
-        {
-            Ok(slot) => slot,
-            Err(open) => {
-                Stats::add(&shared.stats.refused_access, 1);
-                refuse(&stream, ERR_TOO_MANY);
-                shared.refused(Why::TooMany, Some(peer.ip()), || {
-                    format!(
-                        "{peer} refused: {open} connections from this address are open, the limit of access.max_per_ip"
-                    )
-                });
-                return;
+        let (slot, lane) = if cfg.access.proxy_from.iter().any(|r| r.contains(peer.ip())) {
+            // From a balancer: its client is known once a worker has read the PROXY header,
+            // and checked and counted there (`conn::proxied`). Until then it waits in the lane
+            // of an address holding nothing, and the balancer's own address is not counted as
+            // recent connections (it would weigh as every client behind it together).
+            (None, lanes::Lane::Light)
+        } else {
+            // Every direct connection counts, refused ones too: a crowd that churns is seen.
+            let group = addrgroup::of(peer.ip());
+            let now = Instant::now();
+            self.recent.record(group, now);
+            match self.check(&stream, peer) {
+                Some(slot) => (Some(slot), self.lane_of(peer, group, now)),
+                None => return,
             }
         };
-        // Its own slot is counted already: the others are what the address holds besides.
-        let held = shared.per_ip.open_from(peer.ip()).saturating_sub(1);
-        let recent = self.recent.rank(group, now);
-        let lane = lanes::lane(AddressLoad { held, recent });
         // The queue is full (workers about to take a connection count as room): a newcomer
         // from a lighter lane than a waiting one takes the oldest one's place; otherwise it is
         // refused.
@@ -216,6 +201,45 @@ impl<'a> Acceptor<'a> {
             Err(job) => refuse_full(shared, &cfg, job),
         }
         self.make_room(cfg.server.queue_timeout);
+    }
+
+    /// The access rules and `max_per_ip` for a direct connection: its slot, or `None` once it
+    /// has been refused.
+    fn check(&self, stream: &TcpStream, peer: Peer) -> Option<Slot> {
+        let shared = self.shared;
+        let cfg = shared.config();
+        if let Err(refusal) = cfg.access.rules.check(peer.ip()) {
+            Stats::add(&shared.stats.refused_access, 1);
+            refuse(stream, ERR_NOT_ALLOWED);
+            shared.refused(Why::NotAllowed, Some(peer.ip()), || {
+                format!("{peer} refused: not allowed: the address {refusal}")
+            });
+            return None;
+        }
+        match shared
+            .per_ip
+            .acquire(peer.ip(), per_ip::cap(&cfg, peer.ip()))
+        {
+            Ok(slot) => Some(slot),
+            Err(open) => {
+                Stats::add(&shared.stats.refused_access, 1);
+                refuse(stream, ERR_TOO_MANY);
+                shared.refused(Why::TooMany, Some(peer.ip()), || {
+                    format!(
+                        "{peer} refused: {open} connections from this address are open, the limit of access.max_per_ip"
+                    )
+                });
+                None
+            }
+        }
+    }
+
+    /// The lane of a counted connection from `peer`, of address group `group`.
+    fn lane_of(&self, peer: Peer, group: IpAddr, now: Instant) -> lanes::Lane {
+        // Its own slot is counted already: the others are what the address holds besides.
+        let held = self.shared.per_ip.open_from(peer.ip()).saturating_sub(1);
+        let recent = self.recent.rank(group, now);
+        lanes::lane(AddressLoad { held, recent })
     }
 
     /// Tells `ERR busy` to the queued connections that waited `queue_timeout` for a worker, and,
@@ -268,13 +292,4 @@ fn refuse_full(shared: &Shared, cfg: &Config, job: Job) {
             cfg.max_connections, cfg.queue_depth
         )
     });
-}
-
-/// The `max_per_ip` cap for `ip`: none for loopback peers under `access.exempt_loopback`.
-fn per_ip_cap(cfg: &Config, ip: IpAddr) -> u32 {
-    if cfg.access.exempt_loopback && ip.is_loopback() {
-        u32::MAX
-    } else {
-        cfg.access.max_per_ip
-    }
 }

@@ -318,7 +318,7 @@ mod tests {
             out.push(Job {
                 stream,
                 peer: Peer::new(SocketAddr::new(ip, 1000 + i as u16)),
-                slot: per_ip.acquire(ip, 100).unwrap(),
+                slot: Some(per_ip.acquire(ip, 100).unwrap()),
             });
         }
         (out, keep)

@@ -3,7 +3,8 @@
 //!
 //! Invariant: a file under a final name is complete and verified. Until `Pending::commit`, the
 //! bytes live in `.ferryd-<random>.part`, which no upload can name and which is removed on any
-//! failure (and at start-up, if a crash left one behind).
+//! failure (and at start-up, if a crash left one behind: one its upload still holds, `flock`ed,
+//! belongs to another ferryd over the same directory and stays).
 //!
 //! Every file operation goes through one open handle on the directory (`*at` calls), so a temp
 //! file and its rename always meet in the same directory. Before each upload the handle is
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use rustix::fs::{AtFlags, FileType, RenameFlags};
+use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, RenameFlags};
 
 use crate::config::{FilesConfig, OnConflict};
 use crate::daemon::files::resume::{self, Claim, Limits};
@@ -163,8 +164,14 @@ impl Store {
                     continue;
                 }
                 let shown = name.to_string_lossy().into_owned();
+                // Held until it is removed, so that its name is not taken meanwhile.
+                let mut _held = None;
                 match entry.file_type() {
-                    Ok(t) if t.is_file() || t.is_symlink() => {}
+                    Ok(t) if t.is_file() => match lock_stale(&dir_handle, &name) {
+                        Ok(fd) => _held = fd,
+                        Err(InUse) => continue,
+                    },
+                    Ok(t) if t.is_symlink() => {}
                     Ok(_) => {
                         stale_kept.push((shown, "not a regular file".to_string()));
                         continue;
@@ -519,6 +526,27 @@ fn place_new(d: &File, temp_name: &str, target: BorrowedFd<'_>, name: &str) -> i
     Ok(())
 }
 
+/// Whether the temp file `name` belongs to an upload in progress, here or in another ferryd over
+/// the same directory (its upload holds it locked: `create_temp` locks each); if not, the lock
+/// that keeps it from being taken until it is removed (none for a file that cannot be opened).
+fn lock_stale(dir: &File, name: &OsStr) -> Result<Option<OwnedFd>, InUse> {
+    let Ok(fd) = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return Ok(None);
+    };
+    match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(InUse),
+        _ => Ok(Some(fd)),
+    }
+}
+
+/// A temp file an upload holds.
+struct InUse;
+
 /// Creates the directory if missing (mode 0750) and opens it.
 fn open_dir(dir: &Path) -> Result<File, StoreError> {
     let existed = dir.is_dir();
@@ -585,6 +613,29 @@ pub fn numbered(name: &str, n: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn start_up_leaves_the_temp_files_of_uploads_in_progress() {
+        let path = std::env::temp_dir().join(format!("ferryd-store-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).unwrap();
+        let mut cfg = Config::default().files;
+        cfg.dir = path.clone();
+        // Another ferryd's upload in progress (locked), and a crash's leftover (not locked).
+        let dir = open_dir(&path).unwrap();
+        let (held, held_name) = create_temp(&dir, 0o600).unwrap();
+        fs::write(path.join(".ferryd-0123456789abcdef.part"), b"stale").unwrap();
+        let opened = Store::open(&cfg, true).unwrap();
+        assert_eq!(opened.stale_removed, [".ferryd-0123456789abcdef.part"]);
+        assert!(opened.stale_kept.is_empty());
+        assert!(path.join(&held_name).exists());
+        // Once its upload is gone, the next start-up removes it.
+        drop(held);
+        let opened = Store::open(&cfg, true).unwrap();
+        assert_eq!(opened.stale_removed, [held_name]);
+        fs::remove_dir_all(&path).unwrap();
+    }
 
     #[test]
     fn numbered_names() {

@@ -9,7 +9,7 @@ use std::num::NonZeroU64;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
-use rustix::fs::{Advice, AtFlags, Mode, OFlags};
+use rustix::fs::{Advice, AtFlags, FlockOperation, Mode, OFlags};
 
 use super::{PART_SUFFIX, RESERVED_PREFIX, Store, StoreError, WRITEBACK_STEP, io_err};
 
@@ -148,7 +148,7 @@ impl Drop for Pending<'_> {
 }
 
 /// Creates `.ferryd-<random>.part` in `dir` exclusively (O_EXCL, not following a symlink),
-/// retrying on the rare collision; returns the file and its name.
+/// retrying on the rare collision, and locks it (`flock`); returns the file and its name.
 pub(super) fn create_temp(dir: &File, mode: u32) -> Result<(File, String), StoreError> {
     let mut last = None;
     for _ in 0..8 {
@@ -159,7 +159,24 @@ pub(super) fn create_temp(dir: &File, mode: u32) -> Result<(File, String), Store
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(mode),
         ) {
-            Ok(fd) => return Ok((File::from(fd), name)),
+            Ok(fd) => {
+                // Held while the upload lives, so that another ferryd starting over the same
+                // directory leaves it alone (`Store::open`'s clean-up skips locked temp files).
+                let file = File::from(fd);
+                match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                    // Another ferryd's start-up clean-up took it between our open and our lock:
+                    // unlinked, it is worth nothing; take another name.
+                    Ok(()) if !is_named(dir, &name, &file) => continue,
+                    Ok(()) => return Ok((file, name)),
+                    Err(rustix::io::Errno::WOULDBLOCK) => continue,
+                    Err(e) => {
+                        return Err(StoreError::Io {
+                            op: "lock a temporary file",
+                            err: e.into(),
+                        });
+                    }
+                }
+            }
             Err(rustix::io::Errno::EXIST) => last = Some(io::Error::from(rustix::io::Errno::EXIST)),
             Err(e) => {
                 return Err(StoreError::Io {
@@ -173,6 +190,17 @@ pub(super) fn create_temp(dir: &File, mode: u32) -> Result<(File, String), Store
         op: "create a temporary file",
         err: last.unwrap_or_else(|| io::Error::other("no free temporary name")),
     })
+}
+
+/// Whether `name` in `dir` still leads to `file`.
+fn is_named(dir: &File, name: &str, file: &File) -> bool {
+    match (
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW),
+        rustix::fs::fstat(file),
+    ) {
+        (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+        _ => false,
+    }
 }
 
 /// 64 random bits from the kernel (getrandom(2)). Should the call fail, a counter mixed with the
