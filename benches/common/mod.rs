@@ -18,14 +18,17 @@ pub struct Server {
 
 impl Server {
     /// Starts ferryd on a free port with the config `body(port, uploads_dir)` returns, and waits
-    /// until it listens.
+    /// until it listens. `$FERRYD_BIN` names another ferryd binary to start instead of this
+    /// build's (an older build, to compare daemons with the same bench and clients).
     pub fn ferryd(body: impl FnOnce(u16, &Path) -> String) -> Server {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("ferryd-bench-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("config.toml");
         std::fs::write(&path, body(port, &dir.join("uploads"))).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferryd"));
+        let bin = std::env::var_os("FERRYD_BIN")
+            .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ferryd")), PathBuf::from);
+        let mut cmd = Command::new(bin);
         cmd.arg("--config").arg(&path).stdout(Stdio::null());
         let mut server = Server::spawn(cmd, port, true);
         server.dir = Some(dir);
