@@ -21,11 +21,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use socket2::{Domain, Protocol, Socket, Type};
 
 mod ports;
+mod proxy;
 mod upload;
 
 // Like the dead-code allowance above: each test binary uses a different subset.
 #[allow(unused_imports)]
 pub use ports::{Handoff, Reservation, reserve_port};
+#[allow(unused_imports)]
+pub use proxy::{AtLimit, Proxy};
 #[allow(unused_imports)]
 pub use upload::{frame, header_for, is_part, ok_line, parts_in};
 
