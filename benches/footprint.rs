@@ -5,7 +5,8 @@
 //! Prints, for ferryd and, measured the same way in the same run, for `busybox nc`, `socat` and
 //! `ncat` (the anchors of README's footprint table):
 //!   1. the binary's size, stripped (`strip -o`; ferryd is built by the bench profile, which is the
-//!      release profile);
+//!      release profile), and that of the aarch64 and armv7 release builds of `bash .ci/cross`
+//!      (Debian's toolchain; stripped with the cross binutils; run it first);
 //!   2. the private memory of an idle server (Private_Clean + Private_Dirty of
 //!      `/proc/PID/smaps_rollup`, after it listens and settles): ferryd on the shipped
 //!      config/config.toml (only the port and upload directory changed), the others as listening
@@ -56,6 +57,8 @@ fn main() {
         ("socat", "socat"),
         ("ncat", "ncat"),
         ("strip", "binutils"),
+        ("aarch64-linux-gnu-strip", "binutils-aarch64-linux-gnu"),
+        ("arm-linux-gnueabihf-strip", "binutils-arm-linux-gnueabihf"),
     ] {
         let found = Command::new("sh")
             .arg("-c")
@@ -87,7 +90,7 @@ fn main() {
     ] {
         rows.push(Row {
             name,
-            binary_kib: stripped_kib(&path),
+            binary_kib: stripped_kib(&path, "strip"),
             idle_kib: Vec::new(),
             per_conn_kib: Vec::new(),
         });
@@ -142,7 +145,11 @@ fn main() {
     }
     let ours = &rows[0];
     let mut checks = vec![
-        ("binary stripped, KiB", ours.binary_kib, GOAL_BINARY_KIB),
+        (
+            "binary stripped (x86-64), KiB",
+            ours.binary_kib,
+            GOAL_BINARY_KIB,
+        ),
         (
             "idle private memory, KiB",
             median(&ours.idle_kib),
@@ -154,6 +161,13 @@ fn main() {
             GOAL_PER_CONN_KIB,
         ),
     ];
+    for (what, triple, strip) in CROSS {
+        checks.push((
+            what,
+            stripped_kib(&cross_binary(triple), strip),
+            GOAL_BINARY_KIB,
+        ));
+    }
     if let Some(secs) = build_secs {
         checks.push((
             "clean release build (CC=false CXX=false), s",
@@ -190,16 +204,47 @@ fn which(tool: &str) -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-/// Size of `path` once stripped, in KiB (a copy is stripped; the original is left alone).
-fn stripped_kib(path: &Path) -> f64 {
+/// The ARM targets `.ci/cross` builds: what the check is called, the Rust target, the strip of
+/// its cross binutils.
+const CROSS: [(&str, &str, &str); 2] = [
+    (
+        "binary stripped (aarch64), KiB",
+        "aarch64-unknown-linux-gnu",
+        "aarch64-linux-gnu-strip",
+    ),
+    (
+        "binary stripped (armv7), KiB",
+        "armv7-unknown-linux-gnueabihf",
+        "arm-linux-gnueabihf-strip",
+    ),
+];
+
+/// The release binary `.ci/cross` built for `triple` (in target/cross, or `$FERRYD_CROSS_DIR`).
+fn cross_binary(triple: &str) -> PathBuf {
+    let dir = std::env::var_os("FERRYD_CROSS_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cross"),
+        PathBuf::from,
+    );
+    let bin = dir.join(triple).join("release/ferryd");
+    assert!(
+        bin.is_file(),
+        "no {triple} build at {}: run `bash .ci/cross` first",
+        bin.display()
+    );
+    bin
+}
+
+/// Size of `path` once stripped by `strip`, in KiB (a copy is stripped; the original is left
+/// alone).
+fn stripped_kib(path: &Path, strip: &str) -> f64 {
     let out = std::env::temp_dir().join(format!("ferryd-footprint-{}", std::process::id()));
-    let status = Command::new("strip")
+    let status = Command::new(strip)
         .arg("-o")
         .arg(&out)
         .arg(path)
         .status()
         .unwrap();
-    assert!(status.success(), "strip {}", path.display());
+    assert!(status.success(), "{strip} {}", path.display());
     let len = std::fs::metadata(&out).unwrap().len();
     let _ = std::fs::remove_file(&out);
     len as f64 / 1024.0

@@ -278,10 +278,77 @@ fn parse_to(s: &str) -> Result<String, lexopt::Error> {
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, lexopt::Error> {
-    match s.parse::<f64>() {
-        Ok(secs) if secs > 0.0 && secs <= 3600.0 => Ok(Duration::from_secs_f64(secs)),
+    match decimal_nanos(s) {
+        Some(nanos) if nanos > 0 && nanos <= MAX_TIMEOUT_NANOS => Ok(Duration::from_nanos(nanos)),
         _ => Err(format!("--timeout {s}: expected seconds, more than 0 and at most 3600").into()),
     }
+}
+
+/// The longest `--timeout`, 3600 s, in nanoseconds.
+const MAX_TIMEOUT_NANOS: u64 = 3_600_000_000_000;
+
+/// A non-negative decimal number of seconds as whole nanoseconds (the rest cut off), in the
+/// forms a float literal takes (`5`, `0.25`, `.5`, `5.`, `1e3`, `2.5E-1`, an optional `+`); None
+/// if it is not one, and `u64::MAX` for anything at or over 10^10 s. By hand rather than
+/// `str::parse::<f64>`, whose decimal-to-binary tables cost ~14 KiB of the binary (issue 24).
+fn decimal_nanos(s: &str) -> Option<u64> {
+    let s = s.strip_prefix('+').unwrap_or(s);
+    let (number, exp) = match s.find(['e', 'E']) {
+        Some(i) => (&s[..i], parse_exponent(&s[i + 1..])?),
+        None => (s, 0),
+    };
+    let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+    let all_digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if int.len() + frac.len() == 0 || !all_digits(int) || !all_digits(frac) {
+        return None;
+    }
+    // The significant digits, and how many of them stand before the decimal point.
+    let digits = format!("{int}{frac}");
+    let lead = digits.len() - digits.trim_start_matches('0').len();
+    let digits = &digits[lead..];
+    let before_point = int.len() as i64 - lead as i64 + exp;
+    if digits.is_empty() {
+        return Some(0);
+    }
+    if before_point > 10 {
+        return Some(u64::MAX);
+    }
+    // Digits down to the nanosecond, padded with zeros.
+    let keep = before_point + 9;
+    if keep <= 0 {
+        return Some(0);
+    }
+    let keep = keep as usize;
+    let mut nanos: u64 = 0;
+    for i in 0..keep {
+        let d = digits.as_bytes().get(i).map_or(0, |b| u64::from(b - b'0'));
+        nanos = nanos * 10 + d;
+    }
+    // Past the nanosecond, only whether anything is left matters: 3600.0000000001 is over.
+    let rest = digits.get(keep..).unwrap_or("");
+    Some(
+        if nanos == MAX_TIMEOUT_NANOS && rest.bytes().any(|b| b != b'0') {
+            nanos + 1
+        } else {
+            nanos
+        },
+    )
+}
+
+/// An exponent (`-3`, `+2`, `12`), saturating far beyond any useful value.
+fn parse_exponent(s: &str) -> Option<i64> {
+    let (negative, digits) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n = digits
+        .bytes()
+        .fold(0i64, |n, b| (n * 10 + i64::from(b - b'0')).min(1 << 40));
+    Some(if negative { -n } else { n })
 }
 
 #[cfg(test)]
@@ -452,5 +519,80 @@ mod tests {
         for args in cases {
             assert!(parse(args.iter().copied()).is_err(), "{args:?}");
         }
+    }
+
+    /// The hand-written `--timeout` parser takes and refuses what `f64` parsing did, with the
+    /// same duration to the nanosecond (f64 rounding aside).
+    #[test]
+    fn timeouts_parse_as_f64_did() {
+        let cases = [
+            "5",
+            "0.5",
+            ".5",
+            "5.",
+            "+2",
+            "1e3",
+            "1E3",
+            "2.5e-1",
+            "3600",
+            "3600.0",
+            "3600.000000001",
+            "3601",
+            "0",
+            "0.0",
+            "-1",
+            "-0",
+            "0.000000001",
+            "1e-9",
+            "1e-10",
+            "0.0000000001",
+            "1e4",
+            "36e2",
+            "360000e-2",
+            "0036.00",
+            "1e99999999999",
+            "1e-99999999",
+            "abc",
+            "",
+            ".",
+            "e3",
+            "1e",
+            "1e+",
+            "1.2.3",
+            "1 ",
+            " 1",
+            "inf",
+            "NaN",
+            "infinity",
+            "++1",
+            "1_0",
+            "0x10",
+            "12.345678912345",
+            "0.1",
+            "0.3",
+            "7.25",
+        ];
+        for case in cases {
+            let old = match case.parse::<f64>() {
+                Ok(secs) if secs > 0.0 && secs <= 3600.0 => Some(Duration::from_secs_f64(secs)),
+                _ => None,
+            };
+            let new = parse_timeout(case).ok();
+            match (old, new) {
+                (Some(a), Some(b)) => assert!(
+                    a.abs_diff(b) <= Duration::from_nanos(1),
+                    "{case:?}: {a:?} by f64, {b:?} by hand"
+                ),
+                // A positive value under a nanosecond was a zero timeout; it is refused now.
+                (Some(a), None) => assert!(a.is_zero(), "{case:?}: refused, f64 gave {a:?}"),
+                (None, b) => assert_eq!(b, None, "{case:?}"),
+            }
+        }
+        // Past f64's precision the number itself counts: f64 rounded this one down to 3600.
+        assert!(parse_timeout("3600.0000000000001").is_err());
+        assert_eq!(
+            parse_timeout("3600.0000000000000").ok(),
+            Some(Duration::from_secs(3600))
+        );
     }
 }

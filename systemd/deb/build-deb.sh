@@ -2,8 +2,10 @@
 # Builds ferryd's Debian package from a built binary, with dpkg-deb only (no cargo-deb to
 # compile, so CI and the real-systemd test build exactly this package in a second).
 #
-#   systemd/deb/build-deb.sh [PATH_TO_FERRYD [OUT_DIR]]
-#       defaults: target/release/ferryd, target/debian; prints the path of the .deb
+#   systemd/deb/build-deb.sh [PATH_TO_FERRYD [OUT_DIR [ARCH]]]
+#       defaults: target/release/ferryd, target/debian, this machine's Debian architecture;
+#       prints the path of the .deb. ARCH arm64 or armhf packages a cross-built binary
+#       (.ci/cross does this), stripped and read with that architecture's cross binutils.
 #
 # Contents: /usr/bin/ferryd (stripped), the three units in /usr/lib/systemd/system with their
 # Exec lines pointing at /usr/bin, /etc/ferryd/config.toml (a conffile), the documented full
@@ -17,17 +19,30 @@ here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd -- "$here/../.." && pwd)
 die() { echo "build-deb.sh: $*" >&2; exit 2; }
 
-[[ $# -le 2 ]] || die "usage: $0 [PATH_TO_FERRYD [OUT_DIR]]"
+[[ $# -le 3 ]] || die "usage: $0 [PATH_TO_FERRYD [OUT_DIR [ARCH]]]"
 bin=${1:-$repo/target/release/ferryd}
 out=${2:-$repo/target/debian}
+arch=${3:-$(dpkg --print-architecture)}
 [[ -f $bin && -x $bin ]] || die "no executable at '$bin' (cargo build --release first, or pass a path)"
-for tool in dpkg-deb dpkg strip objdump gzip; do
-    command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y dpkg binutils gzip)"
+# A binary for another architecture is stripped and read by that architecture's binutils.
+binutils=binutils
+prefix=
+if [[ $arch != "$(dpkg --print-architecture)" ]]; then
+    case $arch in
+        arm64) prefix=aarch64-linux-gnu- ;;
+        armhf) prefix=arm-linux-gnueabihf- ;;
+        *) die "unsupported architecture '$arch' (amd64 builds natively; arm64, armhf cross)" ;;
+    esac
+    binutils=binutils-${prefix%-}
+fi
+strip=${prefix}strip
+objdump=${prefix}objdump
+for tool in dpkg-deb dpkg "$strip" "$objdump" gzip; do
+    command -v "$tool" >/dev/null || die "$tool not found (apt-get install -y dpkg $binutils gzip)"
 done
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$repo/Cargo.toml" | head -1)
 [[ -n $version ]] || die "no version in $repo/Cargo.toml"
-arch=$(dpkg --print-architecture)
 
 pkg=$(mktemp -d -t ferryd-deb.XXXXXXXX)
 trap 'rm -rf -- "$pkg"' EXIT
@@ -36,7 +51,7 @@ install -d -m 0755 "$pkg/DEBIAN" "$pkg/usr/bin" "$pkg/usr/lib/systemd/system" \
     "$pkg/etc/ferryd" "$pkg/usr/share/doc/ferryd" "$pkg/usr/share/man/man8" "$pkg/usr/share/man/man5"
 
 # Stripped: the release profile keeps line tables for profiling (11 MB); the package does not.
-strip --strip-all -o "$pkg/usr/bin/ferryd" "$bin"
+"$strip" --strip-all -o "$pkg/usr/bin/ferryd" "$bin"
 chmod 0755 "$pkg/usr/bin/ferryd"
 
 for unit in ferryd.service ferryd-activated.service ferryd-activated.socket; do
@@ -75,8 +90,14 @@ done
 echo /etc/ferryd/config.toml >"$pkg/DEBIAN/conffiles"
 
 # The newest glibc symbol version the binary uses, as dpkg-shlibdeps would find it.
-glibc=$(objdump -T "$pkg/usr/bin/ferryd" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -Vu | tail -1)
+glibc=$("$objdump" -T "$pkg/usr/bin/ferryd" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -Vu | tail -1)
 [[ -n $glibc ]] || die "no GLIBC_ symbol versions in the binary"
+# Relative relocations packed as DT_RELR (a build linked with -z pack-relative-relocs) need glibc
+# 2.36, which the binary
+# records as a version with no symbols (GLIBC_ABI_DT_RELR), so objdump -T does not list it.
+if "$objdump" -p "$pkg/usr/bin/ferryd" | grep 'GLIBC_ABI_DT_RELR' >/dev/null; then
+    glibc=$(printf '%s\n' "$glibc" 2.36 | sort -V | tail -1)
+fi
 size=$(du -sk --exclude=DEBIAN "$pkg" | cut -f1)
 cat >"$pkg/DEBIAN/control" <<CONTROL
 Package: ferryd

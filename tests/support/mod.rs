@@ -23,11 +23,14 @@ use nix::unistd::Pid;
 use socket2::{Domain, Protocol, Socket, Type};
 
 mod ports;
+mod proxy;
 mod upload;
 
 // Like the dead-code allowance above: each test binary uses a different subset.
 #[allow(unused_imports)]
 pub use ports::{Handoff, Reservation, reserve_port};
+#[allow(unused_imports)]
+pub use proxy::{AtLimit, Proxy};
 #[allow(unused_imports)]
 pub use upload::{frame, header_for, is_part, ok_line, parts_in};
 
