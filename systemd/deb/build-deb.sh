@@ -93,8 +93,8 @@ echo /etc/ferryd/config.toml >"$pkg/DEBIAN/conffiles"
 glibc=$("$objdump" -T "$pkg/usr/bin/ferryd" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -Vu | tail -1)
 [[ -n $glibc ]] || die "no GLIBC_ symbol versions in the binary"
 # Relative relocations packed as DT_RELR (a build linked with -z pack-relative-relocs) need glibc
-# 2.36, which the binary
-# records as a version with no symbols (GLIBC_ABI_DT_RELR), so objdump -T does not list it.
+# 2.36, which the binary records as a version with no symbols (GLIBC_ABI_DT_RELR), so objdump -T
+# does not list it.
 if "$objdump" -p "$pkg/usr/bin/ferryd" | grep 'GLIBC_ABI_DT_RELR' >/dev/null; then
     glibc=$(printf '%s\n' "$glibc" 2.36 | sort -V | tail -1)
 fi
