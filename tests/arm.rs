@@ -20,8 +20,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use support::{
-    AtLimit, Proxy, Rng, TempDir, echo_round_trip, read_line, require_tool, reserve_port,
-    run_ferryd_for, run_for, signal, stderr_of, stdout_of, wait_until,
+    AtLimit, Proxy, Rng, TempDir, echo_round_trip, need, read_line, reserve_port, run_ferryd_for,
+    run_for, signal, stderr_of, stdout_of, wait_until,
 };
 
 const TRIPLE: &str = "aarch64-unknown-linux-gnu";
@@ -241,12 +241,12 @@ fn check_resume(board: &Board, src: &TempDir) {
 #[test]
 #[cfg_attr(
     not(feature = "real-peers"),
-    ignore = "real peer: qemu-system-aarch64 (qemu-system-arm), root; run bash tests/real-peers.sh"
+    ignore = "real peer: qemu-system-aarch64 (qemu-system-arm), cpio (cpio), root; run bash tests/real-peers.sh"
 )]
 fn ferryd_serves_echo_chat_uploads_and_resumes_on_an_emulated_arm64_board() {
-    require_tool("qemu-system-aarch64", "apt-get install -y qemu-system-arm");
-    require_tool("cpio", "apt-get install -y cpio");
-    require_tool("dpkg-deb", "apt-get install -y dpkg");
+    need("qemu-system-aarch64", "qemu-system-arm");
+    need("cpio", "cpio");
+    need("dpkg-deb", "dpkg");
     let dir = TempDir::new();
     build_board(dir.path());
     let mut board = Board::boot(dir.path());

@@ -54,6 +54,9 @@ peers=(
     "ip iproute2"
     # a real HAProxy in front of three ferryd instances, send-proxy-v2 (tests/haproxy.rs)
     "haproxy haproxy"
+    # ferryd on an emulated arm64 board (tests/arm.rs; its cross build is .ci/cross's)
+    "qemu-system-aarch64 qemu-system-arm"
+    "cpio cpio"
 )
 
 # Whether program $1 is there: on PATH, or in /usr/sbin or /sbin (mosquitto), as `need` looks.

@@ -26,8 +26,10 @@ impl Server {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("config.toml");
         std::fs::write(&path, body(port, &dir.join("uploads"))).unwrap();
-        let bin = std::env::var_os("FERRYD_BIN")
-            .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ferryd")), PathBuf::from);
+        let bin = std::env::var_os("FERRYD_BIN").map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_ferryd")),
+            PathBuf::from,
+        );
         let mut cmd = Command::new(bin);
         cmd.arg("--config").arg(&path).stdout(Stdio::null());
         let mut server = Server::spawn(cmd, port, true);
