@@ -15,11 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferryd::proto::Header;
-
 use support::{
     Daemon, DaemonBuilder, Rng, TempDir, accept_queue, echo_round_trip, expect_err_then_eof, frame,
-    ip, need, ok_line, read_line, try_connect_from, wait_until,
+    ip, need, ok_line, read_line, resumable_head, try_connect_from, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -292,20 +290,6 @@ fn an_upload_cut_by_stopping_its_instance_resumes_through_haproxy_on_another() {
     );
     assert_eq!(fs::read(uploads.path().join("cut.bin")).unwrap(), body);
     assert_eq!(support::names_in(uploads.path()), ["cut.bin"]);
-}
-
-/// The header and name of `body` sent as `name`, resumable (flag bit 3).
-fn resumable_head(name: &str, body: &[u8]) -> Vec<u8> {
-    let header = Header {
-        authenticated: false,
-        name_len: u16::try_from(name.len()).unwrap(),
-        size: body.len() as u64,
-        checksum: *blake3::hash(body).as_bytes(),
-        ..Header::default()
-    };
-    let mut out = Header::with_resume_flag(header.encode()).to_vec();
-    out.extend_from_slice(name.as_bytes());
-    out
 }
 
 #[test]

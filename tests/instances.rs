@@ -12,10 +12,9 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferryd::proto::Header;
-
 use support::{
-    Daemon, DaemonBuilder, Rng, TempDir, frame, is_part, ok_line, read_line, wait_until,
+    Daemon, DaemonBuilder, Rng, TempDir, frame, is_part, ok_line, read_line, resumable_head,
+    wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -30,20 +29,6 @@ fn instance(uploads: &Path, extra: &[(&str, &str)]) -> Daemon {
         b = b.set(table, line);
     }
     b.start()
-}
-
-/// The header and name of `body` sent as `name`, resumable (flag bit 3).
-fn resumable_head(name: &str, body: &[u8]) -> Vec<u8> {
-    let header = Header {
-        authenticated: false,
-        name_len: u16::try_from(name.len()).unwrap(),
-        size: body.len() as u64,
-        checksum: *blake3::hash(body).as_bytes(),
-        ..Header::default()
-    };
-    let mut out = Header::with_resume_flag(header.encode()).to_vec();
-    out.extend_from_slice(name.as_bytes());
-    out
 }
 
 /// The length of the one partial body in `dir`, if there is one.

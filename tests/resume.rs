@@ -17,11 +17,9 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferryd::proto::Header;
-
 use support::{
     AtLimit, Daemon, DaemonBuilder, Proxy, Rng, TempDir, bin, expect_err_then_eof, log_tail,
-    read_line, run_ferryd, wait_until,
+    read_line, resumable_head, run_ferryd, wait_until,
 };
 
 const MIB: usize = 1 << 20;
@@ -230,20 +228,6 @@ fn a_changed_source_file_is_a_fresh_upload_and_drops_the_old_partial() {
         "the old partial was dropped"
     );
     d.wait_log("superseded by another version of the file", WAIT);
-}
-
-/// The header of `body` sent as `name`, resumable.
-fn resumable_head(name: &str, body: &[u8]) -> Vec<u8> {
-    let header = Header {
-        authenticated: false,
-        name_len: u16::try_from(name.len()).unwrap(),
-        size: body.len() as u64,
-        checksum: *blake3::hash(body).as_bytes(),
-        ..Header::default()
-    };
-    let mut out = Header::with_resume_flag(header.encode()).to_vec();
-    out.extend_from_slice(name.as_bytes());
-    out
 }
 
 /// The partial body's file name for `body` sent as `name` (see `daemon::resume`).

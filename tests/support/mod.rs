@@ -32,7 +32,7 @@ pub use ports::{Handoff, Reservation, reserve_port};
 #[allow(unused_imports)]
 pub use proxy::{AtLimit, Proxy};
 #[allow(unused_imports)]
-pub use upload::{frame, header_for, is_part, ok_line, parts_in};
+pub use upload::{frame, header_for, is_part, ok_line, parts_in, resumable_head};
 
 /// How long `DaemonBuilder::start` waits for the daemon to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(10);

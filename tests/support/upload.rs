@@ -19,6 +19,13 @@ pub fn header_for(name: impl AsRef<[u8]>, body: &[u8], authenticated: bool) -> [
     .encode()
 }
 
+/// The header and name of `body` sent as `name`, resumable (flag bit 3); the body follows.
+pub fn resumable_head(name: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = Header::with_resume_flag(header_for(name, body, false)).to_vec();
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
 /// Header, name and body of an unauthenticated BLAKE3 frame, in one buffer.
 pub fn frame(name: impl AsRef<[u8]>, body: &[u8]) -> Vec<u8> {
     let name = name.as_ref();
