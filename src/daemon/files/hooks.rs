@@ -89,9 +89,21 @@ struct Stop {
     at: Mutex<Option<Instant>>,
     /// Hooks taken from the queue after the stop began, not run.
     not_run: AtomicUsize,
+    /// The first of those not run, by queue order (`Run::id`), with their labels: whichever
+    /// takes them from the queue (a hook thread or `Hooks::stop`), the log names them alike.
+    skipped: Mutex<Vec<(u64, String)>>,
 }
 
 impl Stop {
+    /// Counts `run` as not run and keeps its label if it is among the first `NOT_RUN_SHOWN`.
+    fn skip(&self, run: Run) {
+        self.not_run.fetch_add(1, Ordering::Relaxed);
+        let mut skipped = self.skipped.lock().unwrap_or_else(PoisonError::into_inner);
+        skipped.push((run.id, run.label));
+        skipped.sort_unstable_by_key(|&(id, _)| id);
+        skipped.truncate(NOT_RUN_SHOWN);
+    }
+
     fn at(&self) -> Option<Instant> {
         *self.at.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -137,20 +149,20 @@ impl Hooks {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
-        let mut names = Vec::new();
-        let mut queued = 0usize;
         while let Ok(run) = self.rx.try_recv() {
-            queued += 1;
-            if names.len() < NOT_RUN_SHOWN {
-                names.push(format!("\"{}\"", run.label));
-            }
+            self.stop.skip(run);
         }
         let threads =
             std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
         for t in threads {
             let _ = t.join();
         }
-        let not_run = queued + self.stop.not_run.load(Ordering::Relaxed);
+        let not_run = self.stop.not_run.load(Ordering::Relaxed);
+        let names: Vec<String> = (self.stop.skipped.lock())
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(_, label)| format!("\"{label}\""))
+            .collect();
         if not_run > 0 {
             let more = not_run.saturating_sub(names.len());
             let more = if more > 0 {
@@ -235,9 +247,7 @@ impl Hooks {
                     loop {
                         select! {
                             recv(rx) -> run => match run {
-                                Ok(_) if stop.at().is_some() => {
-                                    stop.not_run.fetch_add(1, Ordering::Relaxed);
-                                }
+                                Ok(run) if stop.at().is_some() => stop.skip(run),
                                 Ok(run) => execute(&run, &reaper, &stop),
                                 Err(_) => return,
                             },
