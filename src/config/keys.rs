@@ -63,7 +63,9 @@ pub(super) enum Kind {
         allowed: &'static str,
     },
     /// A non-empty word such as a group name; unset unless given.
-    Text { allowed: &'static str },
+    Text {
+        allowed: &'static str,
+    },
     /// A list of addresses and CIDR ranges, empty by default.
     Rules,
     /// A command as a list of strings (program, then arguments, with `hookargs` placeholders),
@@ -129,8 +131,7 @@ pub(super) const RULES_ALLOWED: &str =
     "a list of IPv4/IPv6 addresses and CIDR ranges, e.g. [\"10.0.0.0/8\", \"::1\"]";
 const DIR_ALLOWED: &str =
     "a non-empty directory path (relative paths start at ferryd's working directory)";
-const CONTROL_SOCKET_ALLOWED: &str =
-    "the path of a Unix socket to create, in a directory the daemon may write (e.g. /run/ferryd/control.sock)";
+const CONTROL_SOCKET_ALLOWED: &str = "the path of a Unix socket to create, in a directory the daemon may write (e.g. /run/ferryd/control.sock)";
 const TOKEN_FILE_ALLOWED: &str = "the path of a file holding the shared key (16 bytes or more)";
 pub(super) const ARGV_ALLOWED: &str = "a list of strings: the program, then its arguments, which may hold \
      {path}, {name}, {size}, {checksum}, {peer} ([] for no hook)";

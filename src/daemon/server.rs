@@ -7,12 +7,14 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
 use crate::auth::{Key, KeyError};
 use crate::config::{self, Config, Origin};
+use crate::daemon::control::{Control, ControlError};
 use crate::daemon::files::hooks::Hooks;
 use crate::daemon::files::store::{Store, StoreError};
 use crate::daemon::files::streamhash::HashPool;
@@ -38,6 +40,8 @@ pub enum ServerError {
     Store(StoreError),
     /// The upload key cannot be read.
     Key(KeyError),
+    /// The control socket cannot be created.
+    Control(ControlError),
     /// A thread could not be started (usually a process or memory limit).
     Spawn {
         index: usize,
@@ -52,6 +56,7 @@ impl std::fmt::Display for ServerError {
             ServerError::Bind(e) => write!(f, "{e}"),
             ServerError::Store(e) => write!(f, "files.dir: {e}"),
             ServerError::Key(e) => write!(f, "files.token_file: {e}"),
+            ServerError::Control(e) => write!(f, "{e}"),
             ServerError::Spawn { index, total, err } => write!(
                 f,
                 "cannot start thread {index} of {total}: {err} (lower server.max_connections or raise the process/thread limits)"
@@ -67,6 +72,7 @@ pub struct Server {
     handle: Handle,
     local_addr: SocketAddr,
     udp: Option<UdpSocket>,
+    control: Option<Control>,
 }
 
 /// A cheap handle for the control paths: stop (SIGINT/SIGTERM) and reload (SIGHUP).
@@ -104,6 +110,7 @@ impl Server {
         };
         let udp = udp_socket(&config, passed_udp, activated_by_systemd)?;
         let (listener, local_addr, owns_listener) = tcp_listener(&config, tcp)?;
+        let control = Control::bind(&config.control).map_err(ServerError::Control)?;
         let hooks = Hooks::new(&config, worker_stack_bytes(&config));
         Ok(Server {
             handle: Handle {
@@ -123,6 +130,7 @@ impl Server {
             },
             local_addr,
             udp,
+            control,
         })
     }
 
@@ -140,6 +148,7 @@ impl Server {
         let mut queue = Queue::new(cfg.queue_depth, n_workers);
         // Before any other thread exists: every thread shares the limit.
         fdlimit::log_outcome(&fdlimit::ensure(fdlimit::needed(&shared.config())));
+        let control_thread = start_control(self.control.take(), shared, self.udp.as_ref())?;
         let udp_thread =
             match self.udp.take() {
                 Some(socket) => Some(udp::spawn(socket, Arc::clone(shared)).map_err(|err| {
@@ -189,6 +198,9 @@ impl Server {
         if let Some(t) = udp_thread {
             let _ = t.join();
         }
+        if let Some(t) = control_thread {
+            let _ = t.join();
+        }
         log::info!(
             "stopped: {}; {} of {started} workers joined",
             shared.stats.summary(),
@@ -196,6 +208,32 @@ impl Server {
         );
         Ok(())
     }
+}
+
+/// Starts the control socket's thread, with a clone of the UDP socket for `udp`.
+fn start_control(
+    control: Option<Control>,
+    shared: &Arc<Shared>,
+    udp: Option<&UdpSocket>,
+) -> Result<Option<JoinHandle<()>>, ServerError> {
+    let Some(control) = control else {
+        return Ok(None);
+    };
+    let udp = udp.and_then(|u| match u.try_clone() {
+        Ok(clone) => Some(clone),
+        Err(e) => {
+            log::warn!("control socket: cannot share the UDP socket: {e}; no udp command");
+            None
+        }
+    });
+    control
+        .spawn(Arc::clone(shared), udp)
+        .map(Some)
+        .map_err(|err| ServerError::Spawn {
+            index: 1,
+            total: 1,
+            err,
+        })
 }
 
 impl Handle {

@@ -16,7 +16,7 @@ use crate::daemon::chat::Room;
 use crate::daemon::files::hooks::Hooks;
 use crate::daemon::files::store::Store;
 use crate::daemon::files::streamhash::HashPool;
-use crate::daemon::registry::Registry;
+use crate::daemon::registry::{Registration, Registry};
 use crate::daemon::stats::Stats;
 use crate::peer::Peer;
 
@@ -148,6 +148,8 @@ pub struct Job {
     pub peer: Peer,
     /// This connection's place in its address's count (`access.max_per_ip`).
     pub slot: Slot,
+    /// Its entry in the registry, with its live state.
+    pub listed: Registration,
 }
 
 /// The stack size of worker threads (and chat writer threads), from `server.thread_stack_kib`.

@@ -82,6 +82,7 @@ impl Conn<'_> {
         );
         let shared = self.shared;
         let peer = self.peer;
+        self.live.begin_upload(shown.to_string(), size);
         let mut source = ConnSource::new(self, input);
         let store = Arc::clone(&source.conn.snapshot.store);
         let outcome = upload::receive_checked(
@@ -168,6 +169,8 @@ impl Conn<'_> {
         };
         let shared = self.shared;
         let peer = self.peer;
+        self.live
+            .begin_upload(escaped(name, 255).to_string(), header.size);
         let mut source = ConnSource::new(self, input);
         let store = Arc::clone(&source.conn.snapshot.store);
         let outcome = upload::receive_checked(
@@ -191,6 +194,11 @@ impl Conn<'_> {
     /// Counts an upload's outcome, announces a stored file to the chat room, and answers it;
     /// `Ok` means the connection goes on.
     pub(super) fn answer_upload(&mut self, outcome: Outcome) -> Result<(), Reason> {
+        self.live.end_upload();
+        if matches!(outcome, Outcome::Lost(_)) && self.live.kicked_by().is_some() {
+            Stats::add(&self.shared.stats.files_failed, 1);
+            return Err(self.kicked());
+        }
         let shared = self.shared;
         let peer = self.peer;
         let line = outcome.answer();
