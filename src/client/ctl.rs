@@ -62,9 +62,9 @@ pub fn ctl(path: &Path, request: &str, out: &mut dyn Write) -> Result<(), CtlErr
         .set_read_timeout(Some(ANSWER_TIME))
         .and_then(|()| stream.set_write_timeout(Some(ANSWER_TIME)))
         .map_err(io_err)?;
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .map_err(io_err)?;
+    // A daemon that refuses us answers without reading: its answer says why, so a failed write
+    // is reported only if no answer comes.
+    let sent = stream.write_all(format!("{request}\n").as_bytes());
     let _ = stream.shutdown(Shutdown::Write);
     let mut answer = Vec::new();
     (&mut stream)
@@ -73,7 +73,9 @@ pub fn ctl(path: &Path, request: &str, out: &mut dyn Write) -> Result<(), CtlErr
         .map_err(io_err)?;
     let text = String::from_utf8_lossy(&answer);
     let mut lines: Vec<&str> = text.lines().collect();
-    let last = lines.pop().ok_or(CtlError::Truncated)?;
+    let Some(last) = lines.pop() else {
+        return Err(sent.err().map_or(CtlError::Truncated, io_err));
+    };
     let mut shown = String::new();
     for line in &lines {
         push_chat_text(&mut shown, line.as_bytes());

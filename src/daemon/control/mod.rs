@@ -156,6 +156,10 @@ impl Control {
                 self.allowed.uid
             );
             let _ = stream.write_all(control::err_line(&"permission denied").as_bytes());
+            // Take the request (bounded as any) before closing: closing on unread bytes would
+            // reset the connection and lose the answer.
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            let _ = read_request(&mut stream);
             return;
         }
         let answer = match read_request(&mut stream) {
