@@ -362,3 +362,60 @@ fn an_ordinary_user_is_refused() {
     // Root still gets its answer.
     assert!(c.ctl(&["list"]).starts_with("peer "));
 }
+
+#[test]
+fn a_connection_waiting_for_a_worker_is_listed_queued() {
+    // One worker, held by an upload (a connection in a frame is never evicted to make room).
+    let c = console(
+        DaemonBuilder::new()
+            .set("server", "max_connections = 1")
+            .set("server", "queue_timeout_secs = 60"),
+    );
+    let body = vec![7u8; 1 << 20];
+    let whole = frame("held.bin", &body);
+    let head_len = whole.len() - body.len();
+    let mut up = connect(&c.d);
+    up.write_all(&whole[..head_len + 1000]).unwrap();
+    let up_peer = peer_label(&up);
+    c.row_when(&up_peer, |r| r.contains("\"state\":\"receiving\""));
+
+    let mut waiting = connect(&c.d);
+    let waiting_peer = peer_label(&waiting);
+    let row = c.row_when(&waiting_peer, |r| r.contains("\"state\":\"queued\""));
+    assert_eq!(num(&row, "bytes_in"), 0.0, "{row}");
+    let out = c.run(&["kick", &waiting_peer]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        support::stderr_of(&out).contains("is queued, not served yet"),
+        "{}",
+        describe(&out)
+    );
+
+    // The upload ends; the worker takes the waiting connection, which echoes.
+    up.write_all(&whole[head_len + 1000..]).unwrap();
+    assert_eq!(read_line(&mut up), ok_line("held.bin", &body));
+    drop(up);
+    echo_round_trip(&mut waiting, b"my turn\n");
+    c.row_when(&waiting_peer, |r| r.contains("\"state\":\"echo\""));
+}
+
+#[test]
+fn kicking_an_upload_midway_stores_nothing() {
+    let c = console(DaemonBuilder::new());
+    let body = vec![3u8; 1 << 20];
+    let whole = frame("cut.bin", &body);
+    let head_len = whole.len() - body.len();
+    let mut up = connect(&c.d);
+    up.write_all(&whole[..head_len + 4096]).unwrap();
+    let peer = peer_label(&up);
+    c.row_when(&peer, |r| r.contains("\"received\":4096"));
+    c.ctl(&["kick", &peer]);
+    let rest = read_to_eof(&mut up, IO_TIMEOUT);
+    assert_eq!(String::from_utf8_lossy(&rest), "ERR kicked by operator\n");
+    c.d.wait_log(&format!("{peer} offline"), IO_TIMEOUT);
+    assert!(
+        support::names_in(&c.d.uploads()).is_empty(),
+        "{:?}",
+        support::names_in(&c.d.uploads())
+    );
+}
