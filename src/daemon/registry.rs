@@ -315,8 +315,8 @@ impl Live {
 
     /// The operator's `line` (whole, newline-terminated) to an echo connection: sent now without
     /// blocking if the client is between lines, else kept (up to `OUTBOX_BYTES`) for the worker
-    /// to send when the current line ends. Never waits on the worker for long: if the worker
-    /// holds the wire (it is writing), the line joins the outbox when it lets go.
+    /// to send when the current line ends. Waits at most `LOCK_WAIT` for a worker that holds
+    /// the wire (it is writing to a client that does not read), then gives up (`Busy`).
     pub fn say_echo(&self, line: &[u8]) -> Said {
         let Some(stream) = self.stream.get() else {
             return Said::Dropped;
