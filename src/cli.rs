@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::client::{Form, PackOptions, SendOptions};
 use crate::proto::Algo;
+use crate::proto::control::{MAX_REQUEST, Request};
 
 /// The usage text shown by `--help`.
 pub const HELP: &str = "\
@@ -26,6 +27,14 @@ Usage:
                                          write the same frames to stdout, for netcat:
                                            ferryd pack photo.jpg | nc -N 127.0.0.1 7878
   FILE may be - for standard input (with --name): tar c dir | ferryd send --name dir.tar --to … -
+  ferryd ctl [--socket PATH] COMMAND    talk to a running daemon's control socket:
+    list [--json]                        every connection: peer, state, age, bytes in and out,
+                                         the file arriving (bytes so far of its size, rate)
+    say [--to PEER] TEXT                 a line \"[server] TEXT\" to every echo client and the
+                                         chat room, or to the one connection PEER
+    kick PEER                            end PEER's connection (it gets \"ERR kicked …\")
+    stats                                the counters behind STATUS= and the summary line
+    udp HOST:PORT TEXT                   a datagram from the daemon's UDP socket
   ferryd --help | --version
 
 Options:
@@ -44,6 +53,9 @@ Options:
                       header (before the body, hashed first); either way files of 1 MiB
                       or more are sent resumable
       --name NAME     (send, pack) send the one FILE under NAME; needed for -
+      --socket PATH   (ctl) the control socket; without it: $FERRYD_CONTROL, else
+                      /run/ferryd/control.sock (control.socket in the systemd units)
+      --json          (ctl list) one JSON object instead of columns
   -h, --help          print this help
   -V, --version       print the version
 
@@ -68,6 +80,11 @@ pub enum Command {
     Send(SendOptions),
     /// Write file frames to stdout.
     Pack(PackOptions),
+    /// Send one request line to a daemon's control socket.
+    Ctl {
+        socket: Option<PathBuf>,
+        request: String,
+    },
     Help,
     Version,
 }
@@ -128,13 +145,19 @@ impl Args {
                 Long("name") => a.name = Some(parser.value()?.string()?),
                 Short('h') | Long("help") => return Ok(ControlFlow::Break(Command::Help)),
                 Short('V') | Long("version") => return Ok(ControlFlow::Break(Command::Version)),
+                Value(v) if a.subcommand.is_none() && v == "ctl" => {
+                    if a.has_flags() {
+                        return Err("options before 'ctl' do not apply to it".into());
+                    }
+                    return ctl(&mut parser).map(ControlFlow::Break);
+                }
                 Value(v) if a.subcommand.is_none() => {
                     let name = v.string()?;
                     match name.as_str() {
                         "run" | "check-config" | "send" | "pack" => a.subcommand = Some(name),
                         _ => {
                             return Err(format!(
-                                "unknown command '{name}' (commands: run, check-config, send, pack; see --help)"
+                                "unknown command '{name}' (commands: run, check-config, send, pack, ctl; see --help)"
                             )
                             .into());
                         }
@@ -148,6 +171,18 @@ impl Args {
             }
         }
         Ok(ControlFlow::Continue(a))
+    }
+
+    fn has_flags(&self) -> bool {
+        self.config.is_some()
+            || self.to.is_some()
+            || self.timeout.is_some()
+            || self.key_file.is_some()
+            || self.recursive
+            || self.hash.is_some()
+            || self.checksum.is_some()
+            || self.name.is_some()
+            || self.quiet
     }
 
     fn sub(&self) -> &str {
@@ -245,6 +280,40 @@ impl Args {
             _ => Command::Run { config },
         })
     }
+}
+
+/// `ctl`'s arguments: `--socket PATH` (or `--socket=PATH`), then the request's words, joined
+/// by spaces into one line and checked here, so that a mistyped request never reaches the daemon.
+fn ctl(parser: &mut lexopt::Parser) -> Result<Command, lexopt::Error> {
+    let mut words = Vec::new();
+    for arg in parser.raw_args()? {
+        words.push(
+            arg.into_string()
+                .map_err(|a| format!("ctl: not UTF-8: {}", a.to_string_lossy()))?,
+        );
+    }
+    let mut socket = None;
+    match words.first().map(String::as_str) {
+        Some("--socket") if words.len() >= 2 => {
+            socket = Some(PathBuf::from(words.remove(1)));
+            words.remove(0);
+        }
+        Some("--socket") => return Err("--socket needs a PATH".into()),
+        Some(w) if w.starts_with("--socket=") => {
+            socket = Some(PathBuf::from(&w["--socket=".len()..]));
+            words.remove(0);
+        }
+        _ => {}
+    }
+    let request = words.join(" ");
+    if request.contains(['\n', '\r']) {
+        return Err("ctl: the request must be one line".into());
+    }
+    if request.len() >= MAX_REQUEST {
+        return Err(format!("ctl: request over {MAX_REQUEST} bytes").into());
+    }
+    Request::parse(request.as_bytes()).map_err(|e| format!("ctl: {e}"))?;
+    Ok(Command::Ctl { socket, request })
 }
 
 fn parse_hash(s: &str) -> Result<Algo, lexopt::Error> {

@@ -30,7 +30,7 @@ use config::reload;
 
 // What `main` needs; everything else is private, so the compiler reports what nothing uses.
 pub use cli::{Command, HELP, parse as parse_args};
-pub use client::{Form, PackOptions, SendOptions, pack, send};
+pub use client::{CtlError, Form, PackOptions, SendOptions, control_socket, ctl, pack, send};
 pub use config::{Config, ConfigError, Origin, load as load_config};
 pub use daemon::system::preflight::PreflightError;
 pub use daemon::{DaemonError, block_reload_signal, preflight, serve};

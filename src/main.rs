@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { config, quiet } => check_config(config, quiet),
         Command::Send(opts) => send(&opts),
         Command::Pack(opts) => pack(&opts),
+        Command::Ctl { socket, request } => ctl(socket, &request),
         Command::Run { config } => run(config),
     }
 }
@@ -132,6 +133,17 @@ fn pack(opts: &PackOptions) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             say(e);
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn ctl(socket: Option<PathBuf>, request: &str) -> ExitCode {
+    let path = ferryd::control_socket(socket);
+    match ferryd::ctl(&path, request, &mut io::stdout().lock()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            say(format_args!("ctl: {e}"));
             ExitCode::from(EXIT_FAILURE)
         }
     }

@@ -76,7 +76,7 @@ fn ferryd_8_names_every_flag_and_command() {
         .filter(|f| !documented.contains(*f))
         .collect();
     assert!(missing.is_empty(), "ferryd.8 does not name {missing:?}");
-    for command in ["run", "check-config", "send", "pack"] {
+    for command in ["run", "check-config", "send", "pack", "ctl"] {
         assert!(
             page.contains(&format!(".B {command}\n")),
             "ferryd.8 has no entry for the command {command}"

@@ -2,7 +2,8 @@
 //! its own systemd as PID 1 (`systemd-nspawn -b`, scripts in `tests/systemd_real/`), installs
 //! ferryd with the commands of README's install section and checks, in sequence: start after
 //! `READY=1`, echo, reload (a valid file reloads, an invalid one fails `systemctl reload` and the
-//! daemon keeps serving), `/run/lock`, `/dev/shm` and `/etc/ferryd` read-only to the service,
+//! daemon keeps serving), `ferryd ctl` on the shipped unit's control socket (list, say, a user
+//! refused), `/run/lock`, `/dev/shm` and `/etc/ferryd` read-only to the service,
 //! switching between the plain and the socket-activated setup both ways without a restart, the
 //! warning when both are enabled at boot, a watchdog restart, and the package's install, remove,
 //! reinstall and purge.
@@ -298,6 +299,7 @@ fn units_and_package_under_systemd_252() {
     eprintln!("booted after {:.1?}", t0.elapsed());
 
     install_as_readme_says(&ct);
+    console(&ct);
     reload(&ct);
     read_only_paths(&ct);
     switching(&ct);
@@ -323,6 +325,36 @@ fn install_as_readme_says(ct: &Container) {
         }
     }
     assert_eq!(ct.prop("ferryd", "NRestarts"), "0");
+}
+
+/// `ferryd ctl` with the shipped unit, its config and its sandbox: the socket sits in
+/// `RuntimeDirectory=ferryd` (writable though `/run` is read-only), mode 0600, owned by the
+/// dynamic user; root lists a held echo client and says a line to it; another user is refused.
+fn console(ct: &Container) {
+    let mode = ct.ok("stat -c '%a %U' /run/ferryd/control.sock");
+    assert!(mode.starts_with("600 "), "{mode}");
+    ct.ok(r#"systemd-run --unit=ferryd-held --collect -p StandardOutput=file:/root/held.out sh -c '(printf "held\n"; sleep 120) | nc 127.0.0.1 7878'"#);
+    ct.wait(
+        "the held client is listed",
+        "ferryd ctl list | grep -q ' echo '",
+    );
+    let list = ct.ok("ferryd ctl list");
+    assert!(list.starts_with("peer "), "{list}");
+    let json = ct.ok("ferryd ctl list --json");
+    assert!(json.contains("\"state\":\"echo\""), "{json}");
+    ct.ok("ferryd ctl say hello from systemd");
+    ct.wait(
+        "the operator's line reached the client",
+        r"grep -qx '\[server\] hello from systemd' /root/held.out",
+    );
+    let out = ct.fails("setpriv --reuid=65534 --regid=65534 --clear-groups ferryd ctl list");
+    assert!(out.contains("Permission denied"), "{out}");
+    ct.ok("systemctl stop ferryd-held");
+    let log = ct.journal("ferryd");
+    assert!(
+        log.contains("control socket on /run/ferryd/control.sock"),
+        "{log}"
+    );
 }
 
 /// A valid file reloads; an invalid one (a bad value, a missing key file) fails
@@ -390,6 +422,9 @@ fn switching(ct: &Container) {
         assert_eq!(ct.active("ferryd-activated.socket"), "active");
         ct.echo("via-socket");
         assert_eq!(ct.active("ferryd-activated.service"), "active");
+        // The activated unit has the control socket too.
+        let stats = ct.ok("ferryd ctl stats");
+        assert!(stats.contains("status: "), "{stats}");
         // Its ExecReload= check runs where it cannot make AF_INET sockets, and still passes.
         ct.ok("systemctl reload ferryd-activated.service");
 
@@ -459,6 +494,8 @@ fn package(ct: &Container, deb: &str) {
     }
     ct.ok("systemctl enable --now ferryd");
     ct.echo("packaged");
+    // The package's config sets the control socket.
+    assert!(ct.ok("ferryd ctl list").starts_with("peer "));
     // The packaged units' Exec lines (ExecReload= runs the binary too) point at /usr/bin.
     ct.ok("systemctl reload ferryd");
     ct.ok("printf 'kept\\n' > /root/kept.txt && ferryd send --to 127.0.0.1:7878 /root/kept.txt");

@@ -2,6 +2,7 @@
 //! the multi-threaded file hashing and the progress line they use.
 
 mod connection;
+mod ctl;
 pub mod filehash;
 mod options;
 mod prepared;
@@ -10,5 +11,6 @@ mod send;
 mod stdin;
 mod walk;
 
+pub use ctl::{CtlError, control_socket, ctl};
 pub use options::*;
 pub use send::*;

@@ -242,7 +242,9 @@ impl Ctx<'_> {
                 .map_err(|_| problem("not an IP address")),
             (Kind::Path { .. }, DeValue::String(s)) if s.is_empty() => Err(problem("empty path")),
             (Kind::Path { .. }, DeValue::String(s)) => Ok(Val::Path(s.as_ref().into())),
-            (Kind::Word { .. } | Kind::Ip { .. } | Kind::Path { .. }, _) => {
+            (Kind::Text { .. }, DeValue::String(s)) if s.is_empty() => Err(problem("empty")),
+            (Kind::Text { .. }, DeValue::String(s)) => Ok(Val::Text(s.to_string())),
+            (Kind::Word { .. } | Kind::Ip { .. } | Kind::Path { .. } | Kind::Text { .. }, _) => {
                 Err(wrong_type("a string"))
             }
             (Kind::Argv, DeValue::Array(items)) => {

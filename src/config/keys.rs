@@ -62,6 +62,10 @@ pub(super) enum Kind {
         default: Option<&'static str>,
         allowed: &'static str,
     },
+    /// A non-empty word such as a group name; unset unless given.
+    Text {
+        allowed: &'static str,
+    },
     /// A list of addresses and CIDR ranges, empty by default.
     Rules,
     /// A command as a list of strings (program, then arguments, with `hookargs` placeholders),
@@ -87,6 +91,7 @@ pub(super) enum Val {
     Bool(bool),
     Ip(IpAddr),
     Path(PathBuf),
+    Text(String),
     Rules(Vec<Cidr>),
     Argv(Vec<String>),
     /// An optional key that is not set.
@@ -126,12 +131,15 @@ pub(super) const RULES_ALLOWED: &str =
     "a list of IPv4/IPv6 addresses and CIDR ranges, e.g. [\"10.0.0.0/8\", \"::1\"]";
 const DIR_ALLOWED: &str =
     "a non-empty directory path (relative paths start at ferryd's working directory)";
+const CONTROL_SOCKET_ALLOWED: &str = "the path of a Unix socket to create, in a directory the daemon may write (e.g. /run/ferryd/control.sock)";
 const TOKEN_FILE_ALLOWED: &str = "the path of a file holding the shared key (16 bytes or more)";
 pub(super) const ARGV_ALLOWED: &str = "a list of strings: the program, then its arguments, which may hold \
      {path}, {name}, {size}, {checksum}, {peer} ([] for no hook)";
 
 /// The tables, in the order `check-config` prints them.
-pub(super) const TABLES: &[&str] = &["server", "udp", "files", "access", "log", "compat"];
+pub(super) const TABLES: &[&str] = &[
+    "server", "udp", "files", "access", "log", "compat", "control",
+];
 
 /// Every key, table by table in the order of config/config.toml.
 pub(super) const KEYS: &[Key] = &[
@@ -640,6 +648,30 @@ pub(super) const KEYS: &[Key] = &[
         reload: Reload::Live,
         get: |c| &c.compat.starstar_uploads,
     },
+    // [control]
+    Key {
+        table: "control",
+        name: "socket",
+        doc: "path of the operator's control socket (ferryd ctl); unset: no control socket",
+        kind: Kind::Path {
+            default: None,
+            allowed: CONTROL_SOCKET_ALLOWED,
+        },
+        same_as: None,
+        reload: Reload::Restart,
+        get: |c| &c.control.socket,
+    },
+    Key {
+        table: "control",
+        name: "group",
+        doc: "group whose members may use the control socket (mode 0660); unset: mode 0600",
+        kind: Kind::Text {
+            allowed: "a group name or number",
+        },
+        same_as: None,
+        reload: Reload::Restart,
+        get: |c| &c.control.group,
+    },
 ];
 
 /// The words `log.level` takes (the `log` crate's filter is not ours to give `WORDS`).
@@ -665,7 +697,7 @@ impl Key {
             Kind::Path {
                 default: Some(p), ..
             } => Val::Path(PathBuf::from(p)),
-            Kind::Path { default: None, .. } => Val::Unset,
+            Kind::Path { default: None, .. } | Kind::Text { .. } => Val::Unset,
             Kind::Rules => Val::Rules(Vec::new()),
             Kind::Argv => Val::Argv(Vec::new()),
         }
@@ -687,7 +719,7 @@ impl Key {
             }
             Kind::Bool { .. } => "true or false".to_string(),
             Kind::Ip { .. } => BIND_ALLOWED.to_string(),
-            Kind::Path { allowed, .. } => allowed.to_string(),
+            Kind::Path { allowed, .. } | Kind::Text { allowed } => allowed.to_string(),
             Kind::Rules => RULES_ALLOWED.to_string(),
             Kind::Argv => ARGV_ALLOWED.to_string(),
         }
@@ -795,6 +827,25 @@ impl FromVal for Option<PathBuf> {
     fn from_val(v: &Val) -> Option<Option<PathBuf>> {
         match v {
             Val::Path(p) => Some(Some(p.clone())),
+            Val::Unset => Some(None),
+            _ => None,
+        }
+    }
+}
+
+impl Setting for Option<String> {
+    fn to_val(&self) -> Val {
+        match self {
+            Some(t) => Val::Text(t.clone()),
+            None => Val::Unset,
+        }
+    }
+}
+
+impl FromVal for Option<String> {
+    fn from_val(v: &Val) -> Option<Option<String>> {
+        match v {
+            Val::Text(t) => Some(Some(t.clone())),
             Val::Unset => Some(None),
             _ => None,
         }

@@ -85,6 +85,7 @@ fn type_name(kind: &Kind) -> &'static str {
         Kind::Bool { .. } => "boolean",
         Kind::Ip { .. } => "string, an IP address",
         Kind::Path { .. } => "string, a path",
+        Kind::Text { .. } => "string",
         Kind::Rules | Kind::Argv => "array of strings",
     }
 }
@@ -98,6 +99,7 @@ fn default_text(key: &Key) -> String {
         Val::Bool(b) => b.to_string(),
         Val::Ip(ip) => format!("\"{ip}\""),
         Val::Path(p) => format!("\"{}\"", p.display()),
+        Val::Text(t) => format!("\"{t}\""),
         Val::Rules(rules) => {
             let items: Vec<String> = rules.iter().map(|r| format!("\"{r}\"")).collect();
             format!("[{}]", items.join(", "))

@@ -74,6 +74,16 @@ pub struct Config {
     pub access: AccessConfig,
     pub log: LogConfig,
     pub compat: CompatConfig,
+    pub control: ControlConfig,
+}
+
+/// The operator's control socket (`ferryd ctl`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlConfig {
+    /// Where the socket is created; `None`: no control socket.
+    pub socket: Option<PathBuf>,
+    /// The group allowed to connect (mode 0660); `None`: mode 0600.
+    pub group: Option<String>,
 }
 
 /// Compatibility with clients that do not speak the frame protocol.
@@ -325,6 +335,10 @@ impl Config {
             },
             compat: CompatConfig {
                 starstar_uploads: v.get("compat.starstar_uploads")?,
+            },
+            control: ControlConfig {
+                socket: v.get("control.socket")?,
+                group: v.get("control.group")?,
             },
         })
     }

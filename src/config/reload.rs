@@ -120,6 +120,7 @@ mod tests {
             Kind::Bool { default } => (!default).to_string(),
             Kind::Ip { .. } => "\"::1\"".to_string(),
             Kind::Path { .. } => "\"elsewhere\"".to_string(),
+            Kind::Text { .. } => "\"adm\"".to_string(),
             Kind::Rules => "[\"10.0.0.0/8\"]".to_string(),
             Kind::Argv => "[\"/bin/true\", \"{path}\"]".to_string(),
         };
@@ -188,7 +189,8 @@ mod tests {
                 }
             }
         }
-        // The listening sockets, the pool, the queue, the stacks and the mode wait for a restart.
+        // The listening sockets, the pool, the queue, the stacks, the mode and the control socket
+        // wait for a restart.
         let restart_only: Vec<String> = KEYS
             .iter()
             .filter(|k| k.reload == Reload::Restart)
@@ -209,6 +211,8 @@ mod tests {
                 "udp.port",
                 "files.hook_workers",
                 "files.hook_queue_depth",
+                "control.socket",
+                "control.group",
             ]
         );
         assert_eq!((live + restart, restart), (KEYS.len(), restart_only.len()));

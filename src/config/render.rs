@@ -38,6 +38,7 @@ pub(super) fn toml_text(key: &Key, v: &Val) -> String {
         Val::Bool(b) => b.to_string(),
         Val::Ip(ip) => format!("\"{ip}\""),
         Val::Path(p) => quoted(&p.to_string_lossy()),
+        Val::Text(t) => quoted(t),
         Val::Rules(rules) => {
             let items: Vec<String> = rules.iter().map(|r| format!("\"{r}\"")).collect();
             format!("[{}]", items.join(", "))

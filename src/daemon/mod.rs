@@ -8,6 +8,7 @@
 pub mod access;
 pub mod chat;
 pub mod conn;
+pub mod control;
 pub mod files;
 pub mod net;
 pub mod registry;

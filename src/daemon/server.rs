@@ -7,6 +7,7 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
@@ -14,6 +15,7 @@ use socket2::SockRef;
 use crate::auth::{Key, KeyError};
 use crate::config::{self, Config, Origin};
 use crate::daemon::access::addrgroup;
+use crate::daemon::control::{Control, ControlError};
 use crate::daemon::files::hooks::{self, Hooks};
 use crate::daemon::files::store::{Store, StoreError};
 use crate::daemon::files::streamhash::HashPool;
@@ -39,6 +41,8 @@ pub enum ServerError {
     Store(StoreError),
     /// The upload key cannot be read.
     Key(KeyError),
+    /// The control socket cannot be created.
+    Control(ControlError),
     /// A thread could not be started (usually a process or memory limit).
     Spawn {
         index: usize,
@@ -53,6 +57,7 @@ impl std::fmt::Display for ServerError {
             ServerError::Bind(e) => write!(f, "{e}"),
             ServerError::Store(e) => write!(f, "files.dir: {e}"),
             ServerError::Key(e) => write!(f, "files.token_file: {e}"),
+            ServerError::Control(e) => write!(f, "{e}"),
             ServerError::Spawn { index, total, err } => write!(
                 f,
                 "cannot start thread {index} of {total}: {err} (lower server.max_connections or raise the process/thread limits)"
@@ -68,6 +73,7 @@ pub struct Server {
     handle: Handle,
     local_addr: SocketAddr,
     udp: Option<UdpSocket>,
+    control: Option<Control>,
 }
 
 /// A cheap handle for the control paths: stop (SIGINT/SIGTERM) and reload (SIGHUP).
@@ -107,6 +113,7 @@ impl Server {
         };
         let udp = udp_socket(&config, passed_udp, activated_by_systemd)?;
         let (listener, local_addr, owns_listener) = tcp_listener(&config, tcp)?;
+        let control = Control::bind(&config.control).map_err(ServerError::Control)?;
         let hooks = Hooks::new(&config, worker_stack_bytes(&config));
         Ok(Server {
             handle: Handle {
@@ -126,6 +133,7 @@ impl Server {
             },
             local_addr,
             udp,
+            control,
         })
     }
 
@@ -143,6 +151,7 @@ impl Server {
         let mut queue = Queue::new(cfg.queue_depth, n_workers);
         // Before any other thread exists: every thread shares the limit.
         fdlimit::log_outcome(&fdlimit::ensure(fdlimit::needed(&shared.config())));
+        let control_thread = start_control(self.control.take(), shared, self.udp.as_ref())?;
         let udp_thread =
             match self.udp.take() {
                 Some(socket) => Some(udp::spawn(socket, Arc::clone(shared)).map_err(|err| {
@@ -194,6 +203,9 @@ impl Server {
         if let Some(t) = udp_thread {
             let _ = t.join();
         }
+        if let Some(t) = control_thread {
+            let _ = t.join();
+        }
         log::info!(
             "stopped: {}; {} of {started} workers joined",
             shared.stats.summary(),
@@ -201,6 +213,32 @@ impl Server {
         );
         Ok(())
     }
+}
+
+/// Starts the control socket's thread, with a clone of the UDP socket for `udp`.
+fn start_control(
+    control: Option<Control>,
+    shared: &Arc<Shared>,
+    udp: Option<&UdpSocket>,
+) -> Result<Option<JoinHandle<()>>, ServerError> {
+    let Some(control) = control else {
+        return Ok(None);
+    };
+    let udp = udp.and_then(|u| match u.try_clone() {
+        Ok(clone) => Some(clone),
+        Err(e) => {
+            log::warn!("control socket: cannot share the UDP socket: {e}; no udp command");
+            None
+        }
+    });
+    control
+        .spawn(Arc::clone(shared), udp)
+        .map(Some)
+        .map_err(|err| ServerError::Spawn {
+            index: 1,
+            total: 1,
+            err,
+        })
 }
 
 impl Handle {

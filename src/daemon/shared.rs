@@ -16,7 +16,7 @@ use crate::daemon::chat::Room;
 use crate::daemon::files::hooks::Hooks;
 use crate::daemon::files::store::Store;
 use crate::daemon::files::streamhash::HashPool;
-use crate::daemon::registry::Registry;
+use crate::daemon::registry::{Registration, Registry};
 use crate::daemon::stats::Stats;
 use crate::peer::Peer;
 
@@ -150,6 +150,8 @@ pub struct Job {
     /// connection from a balancer in `access.proxy_protocol_from`, whose client address is known
     /// only once a worker has read its PROXY header, and is then checked and counted there.
     pub slot: Option<Slot>,
+    /// Its entry in the registry, with its live state.
+    pub listed: Registration,
 }
 
 /// The stack size of worker threads (and chat writer threads), from `server.thread_stack_kib`.

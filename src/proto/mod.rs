@@ -29,6 +29,7 @@
 //! The server answers every frame with one line: `OK <stored-name> <size> <checksum-hex>` or
 //! `ERR <code> <reason>` (codes in `Code`).
 
+pub mod control;
 pub mod head;
 pub mod header;
 pub mod name;

@@ -63,10 +63,12 @@ pub enum Code {
     /// The connection opened with a `NAME**SIZE` upload head and `compat.starstar_uploads` is
     /// off. Closed.
     LegacyHeader,
+    /// The operator ended the connection (`ferryd ctl kick`). Closed.
+    Kicked,
 }
 
 /// Every code, for `Code::parse`.
-const ALL: [Code; 20] = [
+const ALL: [Code; 21] = [
     Code::Busy,
     Code::Shutdown,
     Code::Idle,
@@ -87,6 +89,7 @@ const ALL: [Code; 20] = [
     Code::Unauthorized,
     Code::TooManyFiles,
     Code::LegacyHeader,
+    Code::Kicked,
 ];
 
 impl Code {
@@ -112,6 +115,7 @@ impl Code {
             Code::Unauthorized => "unauthorized",
             Code::TooManyFiles => "too-many-files",
             Code::LegacyHeader => "legacy-header",
+            Code::Kicked => "kicked",
         }
     }
 
@@ -151,6 +155,14 @@ pub fn err_legacy_header() -> String {
 /// `ERR busy …`: every worker busy and the queue full.
 pub const ERR_BUSY: &[u8] = b"ERR busy server busy, try again later\n";
 /// `ERR shutdown …`: the daemon is stopping.
+/// `ERR kicked …`: the operator ended the connection (`ferryd ctl kick`).
+pub const ERR_KICKED: &[u8] = b"ERR kicked by operator\n";
+
+/// A line of the operator's (`ferryd ctl say`), already escaped to one line of printable text.
+pub fn server_say(shown: &str) -> String {
+    format!("[server] {shown}\n")
+}
+
 pub const ERR_SHUTDOWN: &[u8] = b"ERR shutdown server shutting down\n";
 /// `ERR not-allowed …`: the access rules refuse the address.
 pub const ERR_NOT_ALLOWED: &[u8] = b"ERR not-allowed not allowed\n";
@@ -327,9 +339,10 @@ mod tests {
 
     #[test]
     fn every_server_line_is_code_then_reason() {
-        let lines: [(&[u8], &str); 4] = [
+        let lines: [(&[u8], &str); 5] = [
             (ERR_BUSY, "busy"),
             (ERR_SHUTDOWN, "shutdown"),
+            (ERR_KICKED, "kicked"),
             (ERR_NOT_ALLOWED, "not-allowed"),
             (ERR_TOO_MANY, "too-many-connections"),
         ];

@@ -35,6 +35,7 @@ use crate::proto::wire;
 
 mod backlog;
 mod notices;
+mod operator;
 
 use notices::{Notice, NoticeGate};
 

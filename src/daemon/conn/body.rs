@@ -56,7 +56,9 @@ impl<'c, 'a, 'i> ConnSource<'c, 'a, 'i> {
 impl BodySource for ConnSource<'_, '_, '_> {
     fn read_into(&mut self, buf: &mut [u8]) -> Result<usize, Lost> {
         if !self.input.is_empty() {
-            return Ok(self.input.take_into(buf));
+            let n = self.input.take_into(buf);
+            self.conn.live.add_upload(n as u64);
+            return Ok(n);
         }
         loop {
             let mut deadline = self.conn.idle_deadline();
@@ -70,6 +72,7 @@ impl BodySource for ConnSource<'_, '_, '_> {
             }
             match self.conn.read_by(buf, deadline) {
                 Ok(n) => {
+                    self.conn.live.add_upload(n as u64);
                     self.window_bytes += n as u64;
                     self.check_rate()?;
                     return Ok(n);

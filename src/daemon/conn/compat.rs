@@ -86,6 +86,7 @@ impl Conn<'_> {
         };
         let shared = self.shared;
         let peer = self.peer;
+        self.live.begin_upload(shown.to_string(), size);
         let end_wait = self.cfg.access.header_timeout;
         let mut source = EndSource {
             inner: ConnSource::new(self, &mut body),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::daemon::files::upload::{self, Check, Lost, Outcome};
 use crate::daemon::stats::Stats;
 use crate::deadline::{Deadline, Why};
-use crate::escape::push_chat_text;
+use crate::escape::{escaped, push_chat_text};
 use crate::proto::header::MAX_NAME_LEN;
 use crate::proto::wire;
 use crate::proto::{Code, FrameError, FrameHead, Parsed};
@@ -99,6 +99,8 @@ impl Conn<'_> {
         };
         let shared = self.shared;
         let peer = self.peer;
+        self.live
+            .begin_upload(escaped(name, 255).to_string(), header.size);
         let mut source = ConnSource::new(self, input);
         let store = Arc::clone(&source.conn.snapshot.store);
         let outcome = upload::receive_checked(
@@ -122,6 +124,11 @@ impl Conn<'_> {
     /// Counts an upload's outcome, announces a stored file to the chat room, and answers it;
     /// `Ok` means the connection goes on.
     pub(super) fn answer_upload(&mut self, outcome: Outcome) -> Result<(), Reason> {
+        self.live.end_upload();
+        if matches!(outcome, Outcome::Lost(_)) && self.live.kicked_by().is_some() {
+            Stats::add(&self.shared.stats.files_failed, 1);
+            return Err(self.kicked());
+        }
         let shared = self.shared;
         let peer = self.peer;
         let line = outcome.answer();

@@ -71,6 +71,7 @@ impl Conn<'_> {
         };
         let (mut seat, writer) = shared.room.join(self.peer, Arc::clone(stream), limits);
         let written = Arc::new(AtomicU64::new(0));
+        self.live.count_chat_out(Arc::clone(&written));
         let stack = worker_stack_bytes(&self.cfg);
         let reason = thread::scope(|s| {
             let counter = Arc::clone(&written);

@@ -7,7 +7,7 @@
 //! limit (the socket's read timeout).
 
 use std::fmt;
-use std::io::{self, Write};
+use std::io;
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::auth::NONCE_LEN;
 use crate::config::{Config, Mode};
 use crate::daemon::access::evict::Place;
+use crate::daemon::registry::{Live, State};
 use crate::daemon::shared::{Job, Shared, Snapshot};
 use crate::daemon::stats::Stats;
 use crate::deadline::is_timeout;
@@ -67,6 +68,8 @@ pub enum Reason {
     Evicted,
     /// A text line was not complete within `line_timeout_secs` of its first byte.
     SlowLine,
+    /// The operator with this uid ended it (`ferryd ctl kick`).
+    Kicked(u32),
 }
 
 impl fmt::Display for Reason {
@@ -84,13 +87,19 @@ impl fmt::Display for Reason {
                 f.write_str("evicted: every worker busy, made room for a waiting connection")
             }
             Reason::SlowLine => f.write_str("slow line: not complete within line_timeout_secs"),
+            Reason::Kicked(uid) => write!(f, "kicked by operator (uid {uid})"),
         }
     }
 }
 
 /// Serves one accepted connection until it ends, logging `online` and `offline`.
 pub fn serve(shared: &Shared, job: Job) {
-    let Job { stream, peer, slot } = job;
+    let Job {
+        stream,
+        peer,
+        slot,
+        listed,
+    } = job;
     let started = Instant::now();
     // The settings this connection lives by, taken whole: a reload mid-way does not mix them.
     let snapshot = shared.snapshot();
@@ -101,13 +110,20 @@ pub fn serve(shared: &Shared, job: Job) {
         return;
     }
     let stream = Arc::new(stream);
-    let _registration = shared.conns.register(Arc::clone(&stream));
+    let mode = match cfg.server.mode {
+        Mode::Chat => State::Chat,
+        Mode::Echo => State::Echo,
+    };
+    listed.serve(Arc::clone(&stream), mode);
     // The slot keeps this connection counted against its address until `serve` returns (or
     // unwinds). From a balancer, the address is the client's, from its PROXY header.
     let (peer, _slot, via) = match slot {
         Some(slot) => (peer, slot, None),
         None => match proxied::admit(shared, &cfg, &stream, peer) {
-            Some(a) => (a.peer, a.slot, Some((peer, a.version))),
+            Some(a) => {
+                listed.live().set_client(a.peer);
+                (a.peer, a.slot, Some((peer, a.version)))
+            }
             None => return,
         },
     };
@@ -120,6 +136,7 @@ pub fn serve(shared: &Shared, job: Job) {
         cfg: Arc::clone(&cfg),
         snapshot: Arc::clone(&snapshot),
         stream: &stream,
+        live: listed.live(),
         place: &place,
         peer,
         bytes_in: 0,
@@ -212,6 +229,8 @@ struct Conn<'a> {
     /// The settings in force when the connection started: config, store and key.
     snapshot: Arc<Snapshot>,
     stream: &'a TcpStream,
+    /// Its live state in the registry: what `ferryd ctl` sees and does.
+    live: &'a Live,
     /// This connection on the board of those that may be chosen to make room.
     place: &'a Place<'a>,
     peer: Peer,
@@ -268,8 +287,9 @@ impl Conn<'_> {
 
 impl Conn<'_> {
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        let mut stream = self.stream;
-        stream.write_all(data)?;
+        // Under the wire lock, so that the operator's lines never land inside one of ours.
+        self.live.write_echo(self.stream, data)?;
+        self.live.add_out(data.len() as u64);
         self.bytes_out += data.len() as u64;
         Stats::add(&self.shared.stats.bytes_out, data.len() as u64);
         Ok(())

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::daemon::stats::Stats;
 use crate::deadline::{Deadline, Why, is_timeout};
 use crate::proto::Code;
-use crate::proto::wire::{self, ERR_EVICTED, ERR_SHUTDOWN};
+use crate::proto::wire::{self, ERR_EVICTED, ERR_KICKED, ERR_SHUTDOWN};
 
 use super::{Conn, Input, Reason};
 
@@ -62,6 +62,7 @@ impl Conn<'_> {
                 Ok(0) => return Err(ReadEnd::Eof),
                 Ok(n) => {
                     self.bytes_in += n as u64;
+                    self.live.add_in(n as u64);
                     Stats::add(&self.shared.stats.bytes_in, n as u64);
                     return Ok(n);
                 }
@@ -132,6 +133,7 @@ impl Conn<'_> {
     /// peer why where there is a why.
     pub(super) fn ended(&mut self, end: ReadEnd) -> Reason {
         match end {
+            ReadEnd::Eof | ReadEnd::Error(_) if self.live.kicked_by().is_some() => self.kicked(),
             ReadEnd::Eof | ReadEnd::Error(_) if self.place.is_evicted() => self.evicted(),
             ReadEnd::Eof if self.shared.is_stopping() => {
                 self.say(ERR_SHUTDOWN);
@@ -193,6 +195,15 @@ impl Conn<'_> {
             let _ = self.stream.set_nonblocking(false);
         }
         Reason::Evicted
+    }
+
+    /// The operator ended this connection (`ferryd ctl kick`): tell the client and log who did.
+    #[inline(never)]
+    pub(super) fn kicked(&mut self) -> Reason {
+        let uid = self.live.kicked_by().unwrap_or(u32::MAX);
+        log::warn!("{} kicked by the operator with uid {uid}", self.peer);
+        self.say(ERR_KICKED);
+        Reason::Kicked(uid)
     }
 
     /// The idle limit, counted from now.

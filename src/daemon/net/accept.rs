@@ -179,7 +179,14 @@ impl<'a> Acceptor<'a> {
         // refused.
         let queue = &mut *self.queue;
         let full = lanes::is_full(queue.len(), cfg.server.queue_depth, queue.free_workers());
-        let job = Job { stream, peer, slot };
+        // Listed from here: `ferryd ctl list` shows it queued until a worker takes it.
+        let listed = shared.conns.register(peer);
+        let job = Job {
+            stream,
+            peer,
+            slot,
+            listed,
+        };
         let pushed = if full {
             match queue.displace(lane) {
                 Some(w) => {

@@ -304,6 +304,7 @@ mod tests {
 
     use super::*;
     use crate::daemon::access::per_ip::PerIp;
+    use crate::daemon::registry::Registry;
     use crate::peer::Peer;
 
     /// `n` accepted connections from `ips`, and the client ends that keep them open.
@@ -315,10 +316,12 @@ mod tests {
             keep.push(TcpStream::connect(l.local_addr().unwrap()).unwrap());
             let (stream, _) = l.accept().unwrap();
             let ip: IpAddr = ip.parse().unwrap();
+            let peer = Peer::new(SocketAddr::new(ip, 1000 + i as u16));
             out.push(Job {
                 stream,
-                peer: Peer::new(SocketAddr::new(ip, 1000 + i as u16)),
+                peer,
                 slot: Some(per_ip.acquire(ip, 100).unwrap()),
+                listed: Registry::default().register(peer),
             });
         }
         (out, keep)

@@ -1,0 +1,413 @@
+//! The control socket's vocabulary, pure: a request line parsed into a `Request`, the rows of
+//! `list` rendered as text columns or as JSON (hand-written, every string escaped), and the last
+//! line of every answer (`OK …` or `ERR …`). One request per connection: the daemon answers with
+//! zero or more lines, then `OK <summary>` or `ERR <reason>`, and closes.
+
+use std::fmt::{self, Write};
+use std::net::SocketAddr;
+
+/// The longest request line, its newline included.
+pub const MAX_REQUEST: usize = 4096;
+
+/// What an operator asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// `list` or `list --json`.
+    List { json: bool },
+    /// `say TEXT`, or `say --to PEER TEXT`.
+    Say {
+        to: Option<SocketAddr>,
+        text: &'a str,
+    },
+    /// `kick PEER`.
+    Kick { peer: SocketAddr },
+    /// `stats`.
+    Stats,
+    /// `udp HOST:PORT TEXT`.
+    Udp { to: SocketAddr, text: &'a str },
+}
+
+/// Why a request line was not understood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestError {
+    NotUtf8,
+    Empty,
+    UnknownCommand,
+    MissingText,
+    BadPeer,
+    BadAddress,
+    Extra,
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RequestError::NotUtf8 => "request is not UTF-8",
+            RequestError::Empty => "empty request",
+            RequestError::UnknownCommand => {
+                "unknown command (list [--json], say [--to PEER] TEXT, kick PEER, stats, udp HOST:PORT TEXT)"
+            }
+            RequestError::MissingText => "missing text",
+            RequestError::BadPeer => "not a peer address (e.g. 127.0.0.1:5000 or [::1]:5000)",
+            RequestError::BadAddress => "not an IP address and port (e.g. 127.0.0.1:7878)",
+            RequestError::Extra => "unexpected words after the command",
+        })
+    }
+}
+
+impl Request<'_> {
+    /// Parses one request line (without its newline; a trailing `\r` is ignored).
+    pub fn parse(line: &[u8]) -> Result<Request<'_>, RequestError> {
+        let line = std::str::from_utf8(line).map_err(|_| RequestError::NotUtf8)?;
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        let (word, rest) = split_word(line);
+        match word {
+            "" => Err(RequestError::Empty),
+            "list" => match rest.trim() {
+                "" => Ok(Request::List { json: false }),
+                "--json" => Ok(Request::List { json: true }),
+                _ => Err(RequestError::Extra),
+            },
+            "stats" if rest.trim().is_empty() => Ok(Request::Stats),
+            "stats" => Err(RequestError::Extra),
+            "kick" => {
+                let (peer, extra) = split_word(rest);
+                if !extra.trim().is_empty() {
+                    return Err(RequestError::Extra);
+                }
+                Ok(Request::Kick {
+                    peer: parse_peer(peer)?,
+                })
+            }
+            "say" => {
+                let (to, text) = match split_word(rest) {
+                    ("--to", after) => {
+                        let (peer, text) = split_word(after);
+                        (Some(parse_peer(peer)?), text)
+                    }
+                    _ => (None, rest),
+                };
+                if text.is_empty() {
+                    return Err(RequestError::MissingText);
+                }
+                Ok(Request::Say { to, text })
+            }
+            "udp" => {
+                let (addr, text) = split_word(rest);
+                let to = addr.parse().map_err(|_| RequestError::BadAddress)?;
+                if text.is_empty() {
+                    return Err(RequestError::MissingText);
+                }
+                Ok(Request::Udp { to, text })
+            }
+            _ => Err(RequestError::UnknownCommand),
+        }
+    }
+}
+
+/// The first word of `s` (spaces before it skipped) and what follows the one space after it.
+fn split_word(s: &str) -> (&str, &str) {
+    let s = s.trim_start_matches(' ');
+    match s.split_once(' ') {
+        Some((word, rest)) => (word, rest),
+        None => (s, ""),
+    }
+}
+
+/// A peer as `ferryd` prints it (`[127.0.0.1:5000]`, `[::1]:5000`) or as a plain socket address.
+pub fn parse_peer(s: &str) -> Result<SocketAddr, RequestError> {
+    let inner = s
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .filter(|t| !t.contains(']'));
+    inner
+        .unwrap_or(s)
+        .parse()
+        .or_else(|_| s.parse())
+        .map_err(|_| RequestError::BadPeer)
+}
+
+/// One connection in `list`. Text fields are shown as given (the daemon escapes peer bytes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub peer: String,
+    pub state: &'static str,
+    pub age_secs: f64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub file: Option<FileRow>,
+}
+
+/// The file a connection is receiving.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileRow {
+    pub name: String,
+    pub received: u64,
+    pub size: u64,
+    /// Body bytes per second since the body began.
+    pub rate: f64,
+}
+
+/// `list` as text: a heading, then one line per connection.
+pub fn list_text(rows: &[Row]) -> String {
+    let mut out = format!(
+        "{:<24} {:<9} {:>8} {:>10} {:>10}  file\n",
+        "peer", "state", "age", "in", "out"
+    );
+    for r in rows {
+        let _ = write!(
+            out,
+            "{:<24} {:<9} {:>8} {:>10} {:>10}",
+            r.peer,
+            r.state,
+            age(r.age_secs),
+            bytes(r.bytes_in),
+            bytes(r.bytes_out)
+        );
+        if let Some(f) = &r.file {
+            let pct = if f.size == 0 {
+                100.0
+            } else {
+                f.received as f64 * 100.0 / f.size as f64
+            };
+            let _ = write!(
+                out,
+                "  \"{}\" {} of {} ({pct:.0}%) at {}/s",
+                f.name,
+                bytes(f.received),
+                bytes(f.size),
+                bytes(f.rate as u64)
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `list --json`: one object, `{"connections":[…]}`, on one line.
+pub fn list_json(rows: &[Row]) -> String {
+    let mut out = String::from("{\"connections\":[");
+    for (i, r) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(
+            out,
+            "{{\"peer\":{},\"state\":{},\"age_secs\":{:.3},\"bytes_in\":{},\"bytes_out\":{}",
+            json_string(&r.peer),
+            json_string(r.state),
+            r.age_secs,
+            r.bytes_in,
+            r.bytes_out
+        );
+        match &r.file {
+            Some(f) => {
+                let _ = write!(
+                    out,
+                    ",\"file\":{{\"name\":{},\"received\":{},\"size\":{},\"bytes_per_sec\":{:.0}}}}}",
+                    json_string(&f.name),
+                    f.received,
+                    f.size,
+                    f.rate
+                );
+            }
+            None => out.push_str(",\"file\":null}"),
+        }
+    }
+    out.push_str("]}\n");
+    out
+}
+
+/// `s` as a JSON string literal: quotes, backslashes and every control character escaped.
+pub fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 || c == '\u{7f}' || c == '\u{2028}' || c == '\u{2029}' => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The last line of a good answer.
+pub fn ok_line(summary: &str) -> String {
+    if summary.is_empty() {
+        "OK\n".to_string()
+    } else {
+        format!("OK {summary}\n")
+    }
+}
+
+/// The last line of a refused request.
+pub fn err_line(reason: &dyn fmt::Display) -> String {
+    format!("ERR {reason}\n")
+}
+
+/// A byte count the way people read it: `512 B`, `1.5 KiB`, `12.0 MiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// An age: `4.2s`, `12m05s`, `3h07m`.
+fn age(secs: f64) -> String {
+    let whole = secs as u64;
+    match whole {
+        0..60 => format!("{secs:.1}s"),
+        60..3600 => format!("{}m{:02}s", whole / 60, whole % 60),
+        _ => format!("{}h{:02}m", whole / 3600, whole / 60 % 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests() {
+        let a: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let v6: SocketAddr = "[::1]:7".parse().unwrap();
+        let good: [(&[u8], Request); 10] = [
+            (b"list", Request::List { json: false }),
+            (b"list --json\r", Request::List { json: true }),
+            (b"stats", Request::Stats),
+            (b"kick [127.0.0.1:5000]", Request::Kick { peer: a }),
+            (b"kick 127.0.0.1:5000", Request::Kick { peer: a }),
+            (b"kick [::1]:7", Request::Kick { peer: v6 }),
+            (
+                b"say hello  there",
+                Request::Say {
+                    to: None,
+                    text: "hello  there",
+                },
+            ),
+            (
+                b"say --to [127.0.0.1:5000] hi",
+                Request::Say {
+                    to: Some(a),
+                    text: "hi",
+                },
+            ),
+            (
+                b"udp 127.0.0.1:5000 ping",
+                Request::Udp {
+                    to: a,
+                    text: "ping",
+                },
+            ),
+            (
+                b"say --tomorrow",
+                Request::Say {
+                    to: None,
+                    text: "--tomorrow",
+                },
+            ),
+        ];
+        for (line, want) in good {
+            assert_eq!(Request::parse(line), Ok(want), "{line:?}");
+        }
+        let bad: [(&[u8], RequestError); 10] = [
+            (b"", RequestError::Empty),
+            (b"\xff", RequestError::NotUtf8),
+            (b"lists", RequestError::UnknownCommand),
+            (b"list --yaml", RequestError::Extra),
+            (b"stats now", RequestError::Extra),
+            (b"kick", RequestError::BadPeer),
+            (b"kick 1.2.3.4:5 6", RequestError::Extra),
+            (b"say", RequestError::MissingText),
+            (b"say --to nobody hi", RequestError::BadPeer),
+            (b"udp host:1 hi", RequestError::BadAddress),
+        ];
+        for (line, want) in bad {
+            assert_eq!(Request::parse(line), Err(want), "{line:?}");
+        }
+        assert!(matches!(
+            Request::parse(b"udp 127.0.0.1:9"),
+            Err(RequestError::MissingText)
+        ));
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let cases = [
+            ("plain", "\"plain\""),
+            ("a\"b\\c", "\"a\\\"b\\\\c\""),
+            ("l1\nl2\t\r", "\"l1\\nl2\\t\\r\""),
+            ("\u{1}\u{7f}\u{2028}", "\"\\u0001\\u007f\\u2028\""),
+            ("日本", "\"日本\""),
+        ];
+        for (s, want) in cases {
+            assert_eq!(json_string(s), want);
+        }
+    }
+
+    #[test]
+    fn list_renders() {
+        let rows = [
+            Row {
+                peer: "[127.0.0.1:5000]".into(),
+                state: "echo",
+                age_secs: 75.0,
+                bytes_in: 12,
+                bytes_out: 2048,
+                file: None,
+            },
+            Row {
+                peer: "[::1]:6".into(),
+                state: "receiving",
+                age_secs: 2.5,
+                bytes_in: 600,
+                bytes_out: 0,
+                file: Some(FileRow {
+                    name: "a\"b".into(),
+                    received: 512,
+                    size: 1024,
+                    rate: 204.8,
+                }),
+            },
+        ];
+        let text = list_text(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[1].contains("echo") && lines[1].contains("1m15s"));
+        assert!(lines[1].contains("2.0 KiB"), "{text}");
+        assert!(
+            lines[2].ends_with("\"a\"b\" 512 B of 1.0 KiB (50%) at 204 B/s"),
+            "{text}"
+        );
+        assert_eq!(
+            list_json(&rows),
+            "{\"connections\":[{\"peer\":\"[127.0.0.1:5000]\",\"state\":\"echo\",\"age_secs\":75.000,\"bytes_in\":12,\"bytes_out\":2048,\"file\":null},\
+             {\"peer\":\"[::1]:6\",\"state\":\"receiving\",\"age_secs\":2.500,\"bytes_in\":600,\"bytes_out\":0,\"file\":{\"name\":\"a\\\"b\",\"received\":512,\"size\":1024,\"bytes_per_sec\":205}}]}\n"
+        );
+    }
+
+    #[test]
+    fn sizes_and_ages() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(5 << 30), "5.0 GiB");
+        assert_eq!(age(4.25), "4.2s");
+        assert_eq!(age(3725.0), "1h02m");
+    }
+}
