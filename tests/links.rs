@@ -1,15 +1,96 @@
 //! Integration tests of issue 23, every file arrives: folders larger than a connection's file
-//! limit, `send` retrying after cuts, a silent holder of a partial taken over, partials bounded
+//! limit, `send` retrying after cuts through a relay that cuts connections, a silent holder of a partial taken over, partials bounded
 //! by count.
 
 mod support;
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
 use std::time::Duration;
 
-use support::{DaemonBuilder, TempDir, log_tail, run_ferryd_for, stdout_of};
+use support::{DaemonBuilder, Rng, TempDir, log_tail, run_ferryd_for, stdout_of};
+
+const MIB: usize = 1 << 20;
+
+/// A relay to the daemon that cuts its n-th connection (both ways, as a dropped link ends in a
+/// reset or a timeout) after `cuts[n]` bytes from the client; connections past the list are
+/// relayed whole. Counts the bytes it forwarded to the server.
+struct CuttingProxy {
+    addr: SocketAddr,
+    up: Arc<AtomicU64>,
+}
+
+impl CuttingProxy {
+    fn start(target: SocketAddr, cuts: Vec<u64>) -> CuttingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&up);
+        thread::spawn(move || {
+            for (n, client) in listener.incoming().enumerate() {
+                let Ok(client) = client else { return };
+                let server = TcpStream::connect(target).unwrap();
+                let limit = cuts.get(n).copied();
+                let counted = Arc::clone(&counted);
+                thread::spawn(move || relay(client, server, limit, &counted));
+            }
+        });
+        CuttingProxy { addr, up }
+    }
+
+    fn up(&self) -> u64 {
+        self.up.load(Ordering::SeqCst)
+    }
+}
+
+/// Relays one connection, cutting it after `limit` bytes from the client.
+fn relay(client: TcpStream, server: TcpStream, limit: Option<u64>, counted: &AtomicU64) {
+    let (mut s_read, mut c_write) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+    let back = thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = s_read.read(&mut buf) {
+            if n == 0 || c_write.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = c_write.shutdown(Shutdown::Write);
+    });
+    let (mut c_read, mut s_write) = (&client, &server);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut moved = 0u64;
+    while let Ok(n) = c_read.read(&mut buf) {
+        if n == 0 {
+            let _ = server.shutdown(Shutdown::Write);
+            break;
+        }
+        let allowed = limit.map_or(n, |l| (l.saturating_sub(moved) as usize).min(n));
+        if s_write.write_all(&buf[..allowed]).is_err() {
+            break;
+        }
+        moved += allowed as u64;
+        counted.fetch_add(allowed as u64, Ordering::SeqCst);
+        if limit.is_some_and(|l| moved >= l) {
+            let _ = server.shutdown(Shutdown::Both);
+            let _ = client.shutdown(Shutdown::Both);
+            break;
+        }
+    }
+    let _ = back.join();
+}
+
+/// The offsets of every `resumed at N bytes` in `text`.
+fn resumed_offsets(text: &str) -> Vec<u64> {
+    text.split("resumed at ")
+        .skip(1)
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect()
+}
 
 /// The names of the regular files under `root`, relative to it.
 fn stored_names(root: &Path) -> BTreeSet<String> {
@@ -86,4 +167,82 @@ fn send_r_of_10000_files_stores_every_one() {
         .count();
     assert_eq!(again, 9, "{}", log_tail(&d));
     assert_eq!(stdout.matches(": OK many/").count(), 10_000);
+}
+
+/// Point 3: `send` rides out two cuts of one file by itself: each retry is a line with its reason
+/// and pause, each resumes where the server's partial ends, and the file arrives whole having
+/// crossed the link little more than once.
+#[test]
+fn send_retries_after_cuts_and_resumes() {
+    let d = DaemonBuilder::new().start();
+    let src = TempDir::new();
+    let body = Rng::new(23).bytes(8 * MIB);
+    let file = src.path().join("image.bin");
+    fs::write(&file, &body).unwrap();
+    let proxy = CuttingProxy::start(d.addr(), vec![3 * MIB as u64, 3 * MIB as u64]);
+    let out = run_ferryd_for(
+        &[
+            "send",
+            "--to",
+            &proxy.addr.to_string(),
+            "--timeout",
+            "3",
+            file.to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(120),
+    );
+    let stdout = stdout_of(&out);
+    assert!(out.status.success(), "{stdout}{}", log_tail(&d));
+    assert_eq!(fs::read(d.uploads().join("image.bin")).unwrap(), body);
+    assert_eq!(
+        stdout.matches("; retry 1 of 8 in 0.5 s").count(),
+        2,
+        "{stdout}"
+    );
+    let offsets = resumed_offsets(&stdout);
+    assert_eq!(offsets.len(), 2, "{stdout}");
+    assert!(
+        offsets[0] > MIB as u64 && offsets[1] > offsets[0],
+        "each retry resumes further: {offsets:?}\n{stdout}"
+    );
+    let moved = proxy.up();
+    assert!(
+        moved <= body.len() as u64 + 2 * MIB as u64,
+        "{moved} bytes crossed for {} B",
+        body.len()
+    );
+}
+
+/// Point 3: `--retry 0` reports the cut itself and exits 1; the default gives up after its
+/// retries when every connection is cut, saying so.
+#[test]
+fn retries_can_be_turned_off_and_are_bounded() {
+    let d = DaemonBuilder::new().start();
+    let src = TempDir::new();
+    let file = src.path().join("small.bin");
+    fs::write(&file, Rng::new(5).bytes(100_000)).unwrap();
+    let proxy = CuttingProxy::start(d.addr(), vec![1000; 4]);
+    let to = proxy.addr.to_string();
+    let out = run_ferryd_for(
+        &["send", "--retry", "0", "--to", &to, file.to_str().unwrap()],
+        &[],
+        Duration::from_secs(60),
+    );
+    let stdout = stdout_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(!stdout.contains("retry"), "{stdout}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    // Three more cut connections: with --retry 2 the third is the last try.
+    let out = run_ferryd_for(
+        &["send", "--retry", "2", "--to", &to, file.to_str().unwrap()],
+        &[],
+        Duration::from_secs(60),
+    );
+    let stdout = stdout_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("; retry 1 of 2 in 0.5 s"), "{stdout}");
+    assert!(stdout.contains("; retry 2 of 2 in 1 s"), "{stdout}");
+    assert!(stdout.contains("(gave up after 2 retries)"), "{stdout}");
+    assert!(!d.uploads().join("small.bin").exists());
 }

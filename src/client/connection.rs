@@ -31,6 +31,13 @@ pub(super) struct Sent {
     pub(super) fate: Fate,
 }
 
+impl Sent {
+    /// An upload the link cut, with its reason.
+    pub(super) fn cut(message: String) -> Sent {
+        failed(message, Fate::Cut)
+    }
+}
+
 /// How an upload ended, for `send`'s choice of what to do next (`client::retry`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Fate {

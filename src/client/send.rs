@@ -8,6 +8,7 @@
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::thread;
 
 use crate::auth::Key;
 use crate::client::connection::{Connection, Fate, Sent};
@@ -55,6 +56,7 @@ pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, Client
         key,
         progress: io::stderr().is_terminal(),
         conn: None,
+        connected: false,
         out,
     };
     let mut results = Vec::new();
@@ -70,12 +72,15 @@ struct Run<'a> {
     key: Option<Key>,
     progress: bool,
     conn: Option<Connection>,
+    /// A connection was made once: a later failure to connect is a cut, retried like one.
+    connected: bool,
     out: &'a mut dyn Write,
 }
 
 impl Run<'_> {
-    /// Sends one file, on a new connection again when the server asks for one; whether it was
-    /// stored.
+    /// Sends one file, on a new connection again when the server asks for one, and after a
+    /// cut, pauses and tries again (`--retry`), resuming where the server's partial ends;
+    /// whether it was stored.
     fn item(&mut self, item: &Item) -> Result<bool, ClientError> {
         let path = &item.path;
         let mut prepared =
@@ -83,12 +88,22 @@ impl Run<'_> {
                 Ok(p) => p,
                 Err(e) => return Ok(report(self.out, path, false, e.detail())),
             };
-        let mut reconnects = 0;
+        let (mut reconnects, mut retries, mut furthest) = (0, 0, 0);
         loop {
-            let sent = self.attempt(&mut prepared)?;
+            let sent = match self.attempt(&mut prepared) {
+                Ok(sent) => sent,
+                // A server reached before and unreachable now: a cut like any other.
+                Err(e) if self.connected && e.is_connect() => Sent::cut(e.to_string()),
+                Err(e) => return Err(e),
+            };
             if !sent.keep {
                 // The server closes after refusing a frame; the next try gets a new connection.
                 self.conn = None;
+            }
+            if sent.from > furthest {
+                // This try got further than the last: the count starts again.
+                furthest = sent.from;
+                retries = 0;
             }
             match retry::next(sent.fate) {
                 Next::Reconnect if reconnects < retry::MAX_RECONNECTS => {
@@ -97,6 +112,24 @@ impl Run<'_> {
                         path,
                         &format!("{}; sending it again on a new connection", sent.message),
                     );
+                }
+                Next::Retry if retries < self.opts.retries => {
+                    retries += 1;
+                    let pause = retry::backoff(retries);
+                    let of = self.opts.retries;
+                    self.note(
+                        path,
+                        &format!(
+                            "{}; retry {retries} of {of} in {} s",
+                            sent.message,
+                            pause.as_secs_f64()
+                        ),
+                    );
+                    thread::sleep(pause);
+                }
+                Next::Retry if self.opts.retries > 0 => {
+                    let why = format!("{} (gave up after {retries} retries)", sent.message);
+                    return Ok(report(self.out, path, false, why));
                 }
                 _ => return Ok(report(self.out, path, sent.ok, sent.message)),
             }
@@ -145,7 +178,11 @@ impl Run<'_> {
     fn connection(&mut self) -> Result<&mut Connection, ClientError> {
         let conn = match self.conn.take() {
             Some(c) => c,
-            None => Connection::open(&self.opts.to, self.opts.timeout, self.key.as_ref())?,
+            None => {
+                let c = Connection::open(&self.opts.to, self.opts.timeout, self.key.as_ref())?;
+                self.connected = true;
+                c
+            }
         };
         Ok(self.conn.insert(conn))
     }
