@@ -1,6 +1,6 @@
 //! Integration tests of issue 23, every file arrives: folders larger than a connection's file
-//! limit, `send` retrying after cuts through a relay that cuts connections, a silent holder of a partial taken over, partials bounded
-//! by count.
+//! limit, `send` retrying after cuts through a relay that cuts connections, a silent holder of a
+//! partial taken over, partials bounded by count.
 
 mod support;
 
@@ -12,9 +12,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use support::{DaemonBuilder, Rng, TempDir, log_tail, run_ferryd_for, stdout_of};
+use ferryd::proto::Header;
+use support::{
+    DaemonBuilder, Rng, TempDir, log_tail, read_line, run_ferryd_for, stdout_of, wait_until,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -245,4 +248,91 @@ fn retries_can_be_turned_off_and_are_bounded() {
     assert!(stdout.contains("; retry 2 of 2 in 1 s"), "{stdout}");
     assert!(stdout.contains("(gave up after 2 retries)"), "{stdout}");
     assert!(!d.uploads().join("small.bin").exists());
+}
+
+/// The head of `body` sent as `name`, resumable (flag bit 3), its checksum in the header.
+fn resumable_head(name: &str, body: &[u8]) -> Vec<u8> {
+    let header = Header {
+        name_len: u16::try_from(name.len()).unwrap(),
+        size: body.len() as u64,
+        checksum: *blake3::hash(body).as_bytes(),
+        ..Header::default()
+    };
+    let mut out = Header::with_resume_flag(header.encode()).to_vec();
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
+/// The length of the one partial body in `dir`, if there is one.
+fn partial_len(dir: &Path) -> Option<u64> {
+    fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".ferryd-resume-")
+        })
+        .and_then(|e| e.metadata().ok())
+        .map(|m| m.len())
+}
+
+/// Point 4: a sender whose link went silent (no FIN: its connection stays open on the server)
+/// holds the partial; the same file sent again on a new connection ends that connection (logged
+/// with the reason), takes the partial over and resumes within a couple of seconds, instead of
+/// starting over from byte 0.
+#[test]
+fn a_silent_holder_is_taken_over_and_the_upload_resumes() {
+    let d = DaemonBuilder::new().start();
+    let body = Rng::new(4).bytes(4 * MIB);
+    let head = resumable_head("held.bin", &body);
+    let mut first = d.connect();
+    first.write_all(&head).unwrap();
+    assert_eq!(read_line(&mut first), "RESUME 0\n");
+    first.write_all(&body[..2 * MIB + 1000]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || partial_len(&d.uploads())
+            .is_some_and(|n| n >= MIB as u64)),
+        "the first connection's bytes never reached the partial{}",
+        log_tail(&d)
+    );
+    // The first sender now goes silent, its connection left open. A second one comes.
+    let started = Instant::now();
+    let mut second = d.connect();
+    second.write_all(&head).unwrap();
+    let line = read_line(&mut second);
+    let took = started.elapsed();
+    let offset: u64 = line
+        .strip_prefix("RESUME ")
+        .and_then(|n| n.trim_end().parse().ok())
+        .unwrap_or_else(|| panic!("{line:?}{}", log_tail(&d)));
+    assert!(
+        offset >= MIB as u64,
+        "resumed at {offset}, not where the silent holder stopped{}",
+        log_tail(&d)
+    );
+    assert!(
+        took < Duration::from_millis(2500),
+        "the takeover took {took:?}{}",
+        log_tail(&d)
+    );
+    second
+        .write_all(&body[usize::try_from(offset).unwrap()..])
+        .unwrap();
+    let answer = read_line(&mut second);
+    assert!(
+        answer.starts_with("OK held.bin 4194304 "),
+        "{answer}{}",
+        log_tail(&d)
+    );
+    assert_eq!(fs::read(d.uploads().join("held.bin")).unwrap(), body);
+    let log = d.wait_log("takes over partial upload", Duration::from_secs(5));
+    assert!(log.contains(", silent for "), "{log}");
+    // The silent holder's connection was ended: it reads the end of the stream.
+    first
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let ended = first.read_to_end(&mut rest).is_ok();
+    assert!(ended, "the silent holder's connection is still open");
 }

@@ -4,6 +4,7 @@
 //! how connections are accepted.
 
 pub mod bodyhash;
+pub mod holders;
 pub mod hooks;
 pub mod resume;
 pub mod store;

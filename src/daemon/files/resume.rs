@@ -50,8 +50,9 @@ pub enum Claim {
     /// This upload now holds the partial (new or continued).
     Got(Claimed),
     /// Another upload holds the partial for this file right now (often the connection that was
-    /// just cut, which the server has not finished with yet): worth trying again shortly.
-    Held,
+    /// just cut, which the server has not finished with yet): worth trying again shortly. With
+    /// the partial's file name, by which its holder is found (`holders`).
+    Held(String),
     /// This upload cannot be resumable (resuming is off, or the file is over the budget).
     No,
 }
@@ -131,7 +132,7 @@ pub fn claim(
     }
     if let Some(e) = live.iter().find(|e| e.key == key) {
         let Some(file) = lock(dir, &e.file_name)? else {
-            return Ok(Claim::Held);
+            return Ok(Claim::Held(e.file_name.clone()));
         };
         let mut offset = e.len;
         if offset > size {
@@ -181,7 +182,7 @@ pub fn claim(
     ) {
         Ok(fd) => fd,
         // Another upload of the same file started it a moment ago.
-        Err(Errno::EXIST) => return Ok(Claim::Held),
+        Err(Errno::EXIST) => return Ok(Claim::Held(file_name)),
         Err(e) => return Err(e.into()),
     };
     let file = File::from(fd);
@@ -191,7 +192,7 @@ pub fn claim(
             file_name,
             offset: 0,
         })),
-        Err(Errno::WOULDBLOCK) => Ok(Claim::Held),
+        Err(Errno::WOULDBLOCK) => Ok(Claim::Held(file_name)),
         Err(e) => Err(e.into()),
     }
 }
@@ -329,7 +330,7 @@ mod tests {
         // While held, nobody else gets it.
         assert!(matches!(
             claim(&dir, &a, 60, "one", limits, 0o600),
-            Ok(Claim::Held)
+            Ok(Claim::Held(_))
         ));
         drop(c);
         let c = got(claim(&dir, &a, 60, "one", limits, 0o600));

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use rustix::fs::{AtFlags, FileType, RenameFlags};
 
 use crate::config::{FilesConfig, OnConflict};
+use crate::daemon::files::holders::{Holder, Holders, TakeOver};
 use crate::daemon::files::resume::{self, Claim, Limits};
 use crate::daemon::files::subdir::{self, WalkError};
 use crate::proto::name::{RESERVED_PREFIX, split_path};
@@ -117,6 +118,8 @@ pub struct Store {
     /// Held while partial bodies are looked up, removed and started (`resume::claim`); holds
     /// when expired ones were last swept away.
     resume_lock: Mutex<Option<Instant>>,
+    /// Which upload holds each partial in this process; shared with the store a reload makes.
+    holders: Arc<Holders>,
 }
 
 /// What `Store::open` found.
@@ -135,19 +138,25 @@ impl Store {
     /// A stale entry that cannot be removed (a directory, an undeletable file) is reported in
     /// `stale_kept`, never an error.
     pub fn open(cfg: &FilesConfig, clean_stale: bool) -> Result<Opened, StoreError> {
-        Store::open_counting(cfg, clean_stale, Arc::new(Mutex::new(0)))
+        Store::open_counting(cfg, clean_stale, Arc::new(Mutex::new(0)), Arc::default())
     }
 
     /// `open` for a reload: the new store keeps counting the space reserved by uploads that
     /// started under `self`.
     pub fn reopen(&self, cfg: &FilesConfig) -> Result<Opened, StoreError> {
-        Store::open_counting(cfg, false, Arc::clone(&self.reserved))
+        Store::open_counting(
+            cfg,
+            false,
+            Arc::clone(&self.reserved),
+            Arc::clone(&self.holders),
+        )
     }
 
     fn open_counting(
         cfg: &FilesConfig,
         clean_stale: bool,
         reserved: Arc<Mutex<u64>>,
+        holders: Arc<Holders>,
     ) -> Result<Opened, StoreError> {
         let dir = cfg.dir.clone();
         let dir_handle = open_dir(&dir)?;
@@ -184,6 +193,7 @@ impl Store {
             cfg: cfg.clone(),
             reserved,
             resume_lock: Mutex::new(None),
+            holders,
         };
         // Fail at start-up, not on the first upload, if the directory is not writable.
         let handle = store.handle();
@@ -287,13 +297,17 @@ impl Store {
 
     /// `begin` for a resumable frame: continues the partial body kept for this size and checksum,
     /// or starts one that is kept if the upload is cut off. Returns the offset the body continues
-    /// from (0 for a new one). When the upload cannot be resumable (resuming off, over
-    /// `files.resume_max_bytes`, its partial held by another upload) it is an ordinary one from 0.
+    /// from (0 for a new one). A partial held by a connection in this process that has gone quiet
+    /// (`holders::QUIET`) is taken over: that connection is ended, and the partial continued once
+    /// its worker lets it go. When the upload cannot be resumable (resuming off, over
+    /// `files.resume_max_bytes`, its partial held by a live upload) it is an ordinary one from 0.
+    /// `holder` is this upload's connection, listed as the partial's holder while it runs.
     pub fn begin_resumable(
         &self,
         name: &str,
         size: u64,
         checksum: &[u8; 32],
+        holder: Option<Holder>,
     ) -> Result<(Pending<'_>, u64), StoreError> {
         if size > self.cfg.max_file_size {
             return Err(StoreError::TooLarge {
@@ -303,7 +317,7 @@ impl Store {
         }
         let dir = self.current_handle()?;
         self.check_name(&dir, name)?;
-        let waited_until = Instant::now() + HELD_GRACE;
+        let mut waited_until = Instant::now() + HELD_GRACE;
         let claimed = loop {
             let found = {
                 let _held = self
@@ -322,13 +336,26 @@ impl Store {
             };
             match found {
                 Claim::Got(c) => break Some(c),
-                Claim::Held if Instant::now() < waited_until => std::thread::sleep(HELD_POLL),
-                Claim::Held | Claim::No => break None,
+                Claim::Held(file_name) if Instant::now() < waited_until => {
+                    if let TakeOver::Ended { peer, quiet } =
+                        self.holders.take_over_if_quiet(&file_name)
+                    {
+                        let by = holder.as_ref().map_or("", |h| h.peer.as_str());
+                        log::warn!(
+                            "{by} takes over partial upload {file_name} from {peer}, silent for {:.1} s: that connection is ended",
+                            quiet.as_secs_f64()
+                        );
+                        waited_until = waited_until.max(Instant::now() + HELD_GRACE);
+                    }
+                    std::thread::sleep(HELD_POLL);
+                }
+                Claim::Held(_) | Claim::No => break None,
             }
         };
         let Some(claimed) = claimed else {
             return self.begin(name, size).map(|p| (p, 0));
         };
+        let held = holder.map(|h| self.holders.hold(&claimed.file_name, h));
         let offset = claimed.offset;
         // On an error the claimed file closes (unlocked) and the partial stays for later.
         let reservation = self.reserve(&dir, size - offset)?;
@@ -347,6 +374,7 @@ impl Store {
                 flushed: offset,
                 done: false,
                 keep: true,
+                _held: held,
             },
             offset,
         ))
@@ -378,6 +406,7 @@ impl Store {
             flushed: 0,
             done: false,
             keep: false,
+            _held: None,
         })
     }
 
