@@ -336,3 +336,100 @@ fn a_silent_holder_is_taken_over_and_the_upload_resumes() {
     let ended = first.read_to_end(&mut rest).is_ok();
     assert!(ended, "the silent holder's connection is still open");
 }
+
+/// Plants `n` one-byte partial bodies of other files in `dir`, as resumable uploads that were
+/// cut off leave them.
+fn plant_partials(dir: &Path, n: usize) {
+    fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        let sum = blake3::hash(format!("planted {i}").as_bytes()).to_hex();
+        let tag: String = blake3::hash(format!("name {i}").as_bytes())
+            .to_hex()
+            .chars()
+            .take(16)
+            .collect();
+        fs::write(
+            dir.join(format!(".ferryd-resume-{sum}-100-{tag}.partial")),
+            b"x",
+        )
+        .unwrap();
+    }
+}
+
+/// The median time from a resumable frame's head to its `RESUME` line, over `rounds` new files
+/// (each a new partial), each connection then closed.
+fn median_claim(d: &support::Daemon, rounds: usize, seed: u64) -> Duration {
+    let mut rng = Rng::new(seed);
+    let mut samples = Vec::new();
+    for i in 0..rounds {
+        let body = rng.bytes(64);
+        let head = resumable_head(&format!("claim-{seed}-{i}.bin"), &body);
+        let mut s = d.connect();
+        let started = Instant::now();
+        s.write_all(&head).unwrap();
+        let line = read_line(&mut s);
+        samples.push(started.elapsed());
+        assert_eq!(line, "RESUME 0\n", "{}", log_tail(d));
+    }
+    support::median(&samples)
+}
+
+/// Point 5: a claim does not list the upload directory: with 10,000 partials present it takes
+/// about as long as with none.
+#[test]
+fn claim_time_is_flat_with_10000_partials() {
+    let uploads = TempDir::new();
+    let dir_line = format!("dir = {:?}", uploads.path().display().to_string());
+    let d = DaemonBuilder::new()
+        .set("files", &dir_line)
+        .set("files", "resume_max_count = 100000")
+        .start();
+    let empty = median_claim(&d, 40, 1);
+    drop(d);
+    plant_partials(uploads.path(), 10_000);
+    let d = DaemonBuilder::new()
+        .set("files", &dir_line)
+        .set("files", "resume_max_count = 100000")
+        .start();
+    let full = median_claim(&d, 40, 2);
+    eprintln!("median claim: {empty:?} with none, {full:?} with 10,000 partials present");
+    assert!(
+        full <= empty * 3 + Duration::from_millis(2),
+        "claim time grows with the partials present: {empty:?} with none, {full:?} with 10,000"
+    );
+}
+
+/// Point 5: partials are bounded by count as well as bytes: past `files.resume_max_count` a new
+/// resumable upload removes the oldest, logged with the key.
+#[test]
+fn partials_are_bounded_by_count() {
+    let d = DaemonBuilder::new()
+        .set("files", "resume_max_count = 3")
+        .start();
+    median_claim(&d, 5, 3);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let n = fs::read_dir(d.uploads())
+                .unwrap()
+                .filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(".ferryd-resume-")
+                })
+                .count();
+            n == 3
+        }),
+        "more than 3 partials kept{}",
+        log_tail(&d)
+    );
+    let log = d.wait_log(
+        "to stay within files.resume_max_count",
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        log.matches("to stay within files.resume_max_count").count(),
+        2,
+        "{log}"
+    );
+}

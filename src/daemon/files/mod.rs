@@ -6,6 +6,7 @@
 pub mod bodyhash;
 pub mod holders;
 pub mod hooks;
+pub mod partials;
 pub mod resume;
 pub mod store;
 pub mod streamhash;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use rustix::fs::{Advice, AtFlags, Mode, OFlags};
 
 use crate::daemon::files::holders::Held;
+use crate::daemon::files::partials::Listed;
 
 use super::{PART_SUFFIX, RESERVED_PREFIX, Store, StoreError, WRITEBACK_STEP, io_err};
 
@@ -56,6 +57,8 @@ pub struct Pending<'a> {
     pub(super) keep: bool,
     /// A resumable upload's partial listed as held by this upload's connection, until dropped.
     pub(super) _held: Option<Held>,
+    /// A resumable upload's partial, taken out of the index once committed or discarded.
+    pub(super) _listed: Option<Listed>,
 }
 
 impl Pending<'_> {
