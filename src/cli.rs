@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::client::{Form, PackOptions, SendOptions};
+use crate::client::{DEFAULT_RETRIES, Form, PackOptions, SendOptions};
 use crate::proto::Algo;
 use crate::proto::control::{MAX_REQUEST, Request};
 
@@ -19,10 +19,11 @@ Usage:
                                          validate a config (and the key file, upload directory
                                          and addresses it names) and print the effective settings
   ferryd send --to HOST:PORT [--timeout SECS] [--key-file PATH] [--hash ALGO]
-              [--checksum PLACE] [--name NAME] [-r] FILE|DIR...
+              [--checksum PLACE] [--name NAME] [--retry N] [-r] FILE|DIR...
                                          upload files over one connection, one answer per file;
                                          files of 1 MiB or more are resumable: sending one again
-                                         after a cut continues where it stopped
+                                         after a cut continues where it stopped, and send
+                                         does so itself (--retry)
   ferryd pack [--hash ALGO] [--name NAME] FILE...
                                          write the same frames to stdout, for netcat:
                                            ferryd pack photo.jpg | nc -N 127.0.0.1 7878
@@ -53,6 +54,10 @@ Options:
                       header (before the body, hashed first); either way files of 1 MiB
                       or more are sent resumable
       --name NAME     (send, pack) send the one FILE under NAME; needed for -
+      --retry N       (send) after a cut (or ERR busy, a stall, a server restarting) reconnect
+                      and send the file again, resuming it, up to N times per file, pausing
+                      0.5 s, 1 s, 2 s, 4 s, then 8 s; the count restarts when a try gets
+                      further; 0 turns it off; default 8
       --socket PATH   (ctl) the control socket; without it: $FERRYD_CONTROL, else
                       /run/ferryd/control.sock (control.socket in the systemd units)
       --json          (ctl list) one JSON object instead of columns
@@ -117,6 +122,7 @@ struct Args {
     hash: Option<Algo>,
     checksum: Option<bool>,
     name: Option<String>,
+    retries: Option<u32>,
     quiet: bool,
     files: Vec<PathBuf>,
 }
@@ -143,6 +149,7 @@ impl Args {
                 Long("hash") => a.hash = Some(parse_hash(&parser.value()?.string()?)?),
                 Long("checksum") => a.checksum = Some(parse_place(&parser.value()?.string()?)?),
                 Long("name") => a.name = Some(parser.value()?.string()?),
+                Long("retry") => a.retries = Some(parse_retries(&parser.value()?.string()?)?),
                 Short('h') | Long("help") => return Ok(ControlFlow::Break(Command::Help)),
                 Short('V') | Long("version") => return Ok(ControlFlow::Break(Command::Version)),
                 Value(v) if a.subcommand.is_none() && v == "ctl" => {
@@ -208,6 +215,7 @@ impl Args {
                 matches!(sub, "send" | "pack"),
             ),
             ("--checksum", self.checksum.is_some(), sub == "send"),
+            ("--retry", self.retries.is_some(), sub == "send"),
             (
                 "--name",
                 self.name.is_some(),
@@ -245,6 +253,7 @@ impl Args {
             hash,
             checksum,
             name,
+            retries,
             quiet,
             files,
             ..
@@ -273,6 +282,7 @@ impl Args {
                     key_file,
                     recursive,
                     form,
+                    retries: retries.unwrap_or(DEFAULT_RETRIES),
                 })
             }
             "pack" if files.is_empty() => return Err("pack needs at least one FILE".into()),
@@ -314,6 +324,12 @@ fn ctl(parser: &mut lexopt::Parser) -> Result<Command, lexopt::Error> {
     }
     Request::parse(request.as_bytes()).map_err(|e| format!("ctl: {e}"))?;
     Ok(Command::Ctl { socket, request })
+}
+
+/// `--retry N`: a count, 0 for none.
+fn parse_retries(s: &str) -> Result<u32, lexopt::Error> {
+    s.parse()
+        .map_err(|_| format!("--retry {s}: expected a number of retries (0 turns them off)").into())
 }
 
 fn parse_hash(s: &str) -> Result<Algo, lexopt::Error> {
@@ -482,7 +498,12 @@ mod tests {
                 key_file: None,
                 form: form.clone(),
                 recursive,
+                retries: DEFAULT_RETRIES,
             })
+        };
+        let with_retries = |command: Command, retries: u32| match command {
+            Command::Send(opts) => Command::Send(SendOptions { retries, ..opts }),
+            other => other,
         };
         let sha_header_named = Form {
             algo: Algo::Sha256,
@@ -490,10 +511,18 @@ mod tests {
             name: Some("d.tar".into()),
             resume: true,
         };
-        let cases: [(&[&str], Command); 7] = [
+        let cases: [(&[&str], Command); 9] = [
             (
                 &["send", "--to", "h:1", "a", "b"],
                 send("h:1", 5000, &["a", "b"], &default_send, false),
+            ),
+            (
+                &["send", "--retry", "0", "--to", "h:1", "a"],
+                with_retries(send("h:1", 5000, &["a"], &default_send, false), 0),
+            ),
+            (
+                &["send", "--to", "h:1", "--retry=20", "a"],
+                with_retries(send("h:1", 5000, &["a"], &default_send, false), 20),
             ),
             (
                 &["send", "a", "--timeout", "0.5", "--to=h:2"],
@@ -555,8 +584,11 @@ mod tests {
 
     #[test]
     fn errors() {
-        let cases: [&[&str]; 28] = [
+        let cases: [&[&str]; 31] = [
             &["pack", "-r", "d"],
+            &["pack", "--retry", "2", "a"],
+            &["send", "--to", "h:1", "--retry", "-1", "a"],
+            &["send", "--to", "h:1", "--retry", "many", "a"],
             &["send", "--to", "h:1", "-"],
             &["pack", "-"],
             &["send", "--to", "h:1", "--name", "x", "a", "b"],

@@ -52,6 +52,9 @@ peers=(
     "man man-db"
     # IPv6 peers of one /64 in a network namespace (tests/hardening_peers.rs)
     "ip iproute2"
+    # a 64 MiB file over an impaired link between network namespaces (tests/links.rs)
+    "tc iproute2"
+    "nft nftables"
     # a real HAProxy in front of three ferryd instances, send-proxy-v2 (tests/haproxy.rs)
     "haproxy haproxy"
     # ferryd on an emulated arm64 board (tests/arm.rs; its cross build is .ci/cross's)

@@ -75,7 +75,10 @@ fn source(dir: &Path, name: &str, seed: u64) -> (PathBuf, Vec<u8>) {
 /// kept the partial body; returns its length.
 fn cut_upload(d: &Daemon, file: &Path, cut: u64, extra: &[&str]) -> u64 {
     let mut proxy = Proxy::start(d.addr(), Some(cut), AtLimit::Cut);
-    let (ok, text) = send_via(proxy.addr, file, extra);
+    // The proxy takes one connection: `send` must not retry by itself here.
+    let mut args = vec!["--retry", "0"];
+    args.extend_from_slice(extra);
+    let (ok, text) = send_via(proxy.addr, file, &args);
     proxy.finish();
     assert!(!ok, "the cut upload should fail: {text}");
     d.wait_log("kept for a resume", WAIT);

@@ -19,6 +19,37 @@ use crate::proto::wire::{Answer, Code, parse_answer, parse_resume};
 /// Longest answer line read from a server.
 const MAX_ANSWER: u64 = 4096;
 
+/// What became of one upload: the line to report and what it means for the next step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Sent {
+    pub(super) ok: bool,
+    pub(super) message: String,
+    /// The connection stays usable for the next file.
+    pub(super) keep: bool,
+    /// The offset a resumed upload continued from (0 if none).
+    pub(super) from: u64,
+    pub(super) fate: Fate,
+}
+
+impl Sent {
+    /// An upload the link cut, with its reason.
+    pub(super) fn cut(message: String) -> Sent {
+        failed(message, Fate::Cut)
+    }
+}
+
+/// How an upload ended, for `send`'s choice of what to do next (`client::retry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fate {
+    /// The server answered `OK`.
+    Stored,
+    /// The server answered `ERR <code>` (`None`: a code this client does not know), or the
+    /// answer made no sense.
+    Refused(Option<Code>),
+    /// The connection failed, closed or went silent before an answer: the link, not the file.
+    Cut,
+}
+
 /// A connection to a server and the lines it has sent.
 pub(super) struct Connection {
     stream: TcpStream,
@@ -156,14 +187,8 @@ impl Connection {
         })
     }
 
-    /// Sends one file and waits for its answer. Returns (ok, message, keep the connection, the
-    /// offset a resumed upload continued from).
-    pub(super) fn upload(
-        &mut self,
-        p: &mut Prepared,
-        timeout: Duration,
-        progress: bool,
-    ) -> (bool, String, bool, u64) {
+    /// Sends one file and waits for its answer.
+    pub(super) fn upload(&mut self, p: &mut Prepared, timeout: Duration, progress: bool) -> Sent {
         let bar = progress_bar(progress, p.header.size, &format!("sending {}", p.name));
         let tag = self.auth.as_mut().map(|(key, nonce, seq)| {
             p.header.authenticated = true;
@@ -179,7 +204,7 @@ impl Connection {
         if let Some(line) = self.pushed_back.take() {
             // The server already said something (e.g. `ERR busy`): do not send.
             bar.finish_and_clear();
-            return with_offset(self.conclude(line, false), 0);
+            return self.conclude(line, false);
         }
         let from = if p.resume {
             // A resumable frame: the server answers the head with `RESUME <offset>` (or refuses
@@ -188,7 +213,7 @@ impl Connection {
                 bar.finish_and_clear();
                 let line = next_answer(&self.answers, Duration::from_secs(2), &mut self.wants_key)
                     .unwrap_or(Err(e));
-                return with_offset(self.conclude(line, false), 0);
+                return self.conclude(line, false);
             }
             match self.resume_offset(answer_wait(timeout)) {
                 Ok(n) if n <= p.header.size => n,
@@ -198,17 +223,17 @@ impl Connection {
                     let why = format!(
                         "the server offered to resume at {n} bytes, past the file's {size}"
                     );
-                    return (false, why, false, 0);
+                    return failed(why, Fate::Refused(None));
                 }
                 Err(Some(line)) => {
                     bar.finish_and_clear();
-                    return with_offset(self.conclude(line, false), 0);
+                    return self.conclude(line, false);
                 }
                 Err(None) => {
                     bar.finish_and_clear();
                     let secs = answer_wait(timeout).as_secs();
                     let why = format!("no answer from the server within {secs} s");
-                    return (false, why, false, 0);
+                    return failed(why, Fate::Cut);
                 }
             }
         } else {
@@ -243,12 +268,11 @@ impl Connection {
                     Ok(line) => line,
                     Err(RecvTimeoutError::Timeout) => {
                         let secs = answer_wait(timeout).as_secs();
-                        return (
-                            false,
-                            format!("no answer from the server within {secs} s"),
-                            false,
+                        let why = format!("no answer from the server within {secs} s");
+                        return Sent {
                             from,
-                        );
+                            ..failed(why, Fate::Cut)
+                        };
                     }
                     Err(RecvTimeoutError::Disconnected) => Err(io::ErrorKind::UnexpectedEof.into()),
                 }
@@ -260,13 +284,12 @@ impl Connection {
                     .unwrap_or(Err(e))
             }
         };
-        let (ok, message, keep) = self.conclude(line, body_sent);
-        let message = if from > 0 {
-            format!("resumed at {from} bytes; {message}")
-        } else {
-            message
-        };
-        (ok, message, keep, from)
+        let mut sent = self.conclude(line, body_sent);
+        if from > 0 {
+            sent.message = format!("resumed at {from} bytes; {}", sent.message);
+            sent.from = from;
+        }
+        sent
     }
 
     /// Waits for the server's `RESUME <offset>` line: the offset, or the answer line it sent
@@ -296,40 +319,39 @@ impl Connection {
         }
     }
 
-    pub(super) fn conclude(
-        &self,
-        line: io::Result<String>,
-        body_sent: bool,
-    ) -> (bool, String, bool) {
+    pub(super) fn conclude(&self, line: io::Result<String>, body_sent: bool) -> Sent {
         match line {
             Ok(line)
                 if self.wants_key
                     && self.auth.is_none()
                     && line.starts_with("ERR unauthorized") =>
             {
-                (
-                    false,
-                    format!(
-                        "{} (the server needs an upload key: --key-file)",
-                        line.trim_end()
-                    ),
-                    false,
-                )
+                let why = format!(
+                    "{} (the server needs an upload key: --key-file)",
+                    line.trim_end()
+                );
+                failed(why, Fate::Refused(Some(Code::Unauthorized)))
             }
             Ok(line) => interpret(&line, body_sent),
-            Err(e) if is_timeout(&e) => (false, format!("timed out sending: {e}"), false),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => (
-                false,
+            Err(e) if is_timeout(&e) => failed(format!("timed out sending: {e}"), Fate::Cut),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => failed(
                 "the server closed the connection without answering".into(),
-                false,
+                Fate::Cut,
             ),
-            Err(e) => (false, format!("connection failed: {e}"), false),
+            Err(e) => failed(format!("connection failed: {e}"), Fate::Cut),
         }
     }
 }
 
-fn with_offset((ok, message, keep): (bool, String, bool), from: u64) -> (bool, String, bool, u64) {
-    (ok, message, keep, from)
+/// An upload that failed and left the connection unusable.
+fn failed(message: String, fate: Fate) -> Sent {
+    Sent {
+        ok: false,
+        message,
+        keep: false,
+        from: 0,
+        fate,
+    }
 }
 
 /// The next answer from the server: an `OK` or `ERR` line. A `NONCE` line sets `wants_key`;
@@ -354,12 +376,18 @@ fn parse_nonce(line: &str) -> Option<[u8; NONCE_LEN]> {
     auth::from_hex(hex)?.try_into().ok()
 }
 
-/// Turns the server's answer into (ok, message, keep the connection). `body_sent`: the whole
-/// body had gone out before the answer came.
-fn interpret(line: &str, body_sent: bool) -> (bool, String, bool) {
+/// Turns the server's answer into what became of the upload. `body_sent`: the whole body had
+/// gone out before the answer came.
+fn interpret(line: &str, body_sent: bool) -> Sent {
     let text = line.trim_end().to_string();
     match parse_answer(line) {
-        Some(Answer::Ok { .. }) => (true, text, true),
+        Some(Answer::Ok { .. }) => Sent {
+            ok: true,
+            message: text,
+            keep: true,
+            from: 0,
+            fate: Fate::Stored,
+        },
         Some(Answer::Err { code, .. }) => {
             let hint = match code.as_str() {
                 "busy" => " (all workers busy and the queue full: try again later)",
@@ -368,11 +396,15 @@ fn interpret(line: &str, body_sent: bool) -> (bool, String, bool) {
                 }
                 _ => "",
             };
+            let code = Code::parse(&code);
             // The server and the client go by the same rule (`Code::keeps_connection`).
-            let keep = Code::parse(&code).is_some_and(|c| c.keeps_connection(body_sent));
-            (false, format!("{text}{hint}"), keep)
+            let keep = code.is_some_and(|c| c.keeps_connection(body_sent));
+            Sent {
+                keep,
+                ..failed(format!("{text}{hint}"), Fate::Refused(code))
+            }
         }
-        None => (false, format!("unexpected answer: {text}"), false),
+        None => failed(format!("unexpected answer: {text}"), Fate::Refused(None)),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod filehash;
 mod options;
 mod prepared;
 mod progress;
+mod retry;
 mod send;
 mod stdin;
 mod walk;

@@ -18,6 +18,12 @@ use crate::proto::{Algo, name};
 /// it is hashed first. Smaller files and standard input are sent one-pass, not resumable.
 pub const RESUME_MIN: u64 = 1 << 20;
 
+/// `--retry`'s default: retries after a cut, per file, counted again from zero each time a try
+/// gets further into the file. With `retry::backoff`'s pauses (0.5 s doubling to 8 s) the last
+/// one starts about 40 s after the first cut: a Wi-Fi roam, a restarted server or a short outage
+/// is ridden out, a server gone for good is reported within the minute.
+pub const DEFAULT_RETRIES: u32 = 8;
+
 /// What `ferryd send` was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendOptions {
@@ -31,6 +37,9 @@ pub struct SendOptions {
     /// `-r`: directories among `files` are sent whole, each file named by its path relative to
     /// the directory's parent (`client::walk`).
     pub recursive: bool,
+    /// `--retry N`: after a cut (or `ERR busy`, `ERR shutdown`, a stall), send the file again up
+    /// to this many times, pausing longer each time, resuming a resumable one; 0: never.
+    pub retries: u32,
 }
 
 /// What `ferryd pack` was asked to do.
@@ -128,6 +137,18 @@ impl fmt::Display for ClientError {
 impl std::error::Error for ClientError {}
 
 impl ClientError {
+    /// Whether this is a failure to reach the server (not a file's or the key's).
+    pub(super) fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Refused { .. }
+                | ClientError::ConnectTimeout { .. }
+                | ClientError::Connect { .. }
+                | ClientError::Resolve { .. }
+                | ClientError::Io(_)
+        )
+    }
+
     /// The error without the file's path, for lines that already start with it.
     pub(super) fn detail(&self) -> String {
         match self {

@@ -2,16 +2,19 @@
 //! one answer per file) and `ferryd pack` (write the same frames to stdout for `nc`). `send`
 //! puts the checksum after the body by default, hashing beside `sendfile` instead of before it;
 //! `pack` puts it in the header. A file made ready as a frame is a `prepared::Prepared`; one
-//! connection to a server is a `connection::Connection`.
+//! connection to a server is a `connection::Connection`; whether a file is sent again, and
+//! when, is `retry`'s policy.
 
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::thread;
 
 use crate::auth::Key;
-use crate::client::connection::Connection;
+use crate::client::connection::{Connection, Fate, Sent};
 use crate::client::options::{ClientError, PackOptions, SendOptions};
 use crate::client::prepared::Prepared;
+use crate::client::retry::{self, Next};
 use crate::client::walk::{self, Item};
 use crate::escape::push_chat_text;
 
@@ -29,7 +32,6 @@ pub fn pack<W: Write + AsFd>(opts: &PackOptions, out: &mut W) -> Result<(), Clie
 /// `ferryd send`: uploads each file, printing one result line per file to `out`. Returns whether
 /// each file was stored; failing to connect is an error.
 pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, ClientError> {
-    let progress = io::stderr().is_terminal();
     let key = match &opts.key_file {
         Some(path) => Some(Key::load(path).map_err(ClientError::Key)?.0),
         None => None,
@@ -49,57 +51,146 @@ pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, Client
             })
             .collect()
     };
-    let mut conn: Option<Connection> = None;
+    let mut run = Run {
+        opts,
+        key,
+        progress: io::stderr().is_terminal(),
+        conn: None,
+        connected: false,
+        out,
+    };
     let mut results = Vec::new();
-    for Item { path, name } in &items {
-        let mut prepared = match Prepared::open(path, name.as_deref(), &opts.form, progress) {
-            Ok(p) => p,
-            Err(e) => {
-                results.push(report(out, path, false, e.detail()));
-                continue;
+    for item in &items {
+        results.push(run.item(item)?);
+    }
+    Ok(results)
+}
+
+/// One `send`: its options and the connection files go over, opened when a file needs it.
+struct Run<'a> {
+    opts: &'a SendOptions,
+    key: Option<Key>,
+    progress: bool,
+    conn: Option<Connection>,
+    /// A connection was made once: a later failure to connect is a cut, retried like one.
+    connected: bool,
+    out: &'a mut dyn Write,
+}
+
+impl Run<'_> {
+    /// Sends one file, on a new connection again when the server asks for one, and after a
+    /// cut, pauses and tries again (`--retry`), resuming where the server's partial ends;
+    /// whether it was stored.
+    fn item(&mut self, item: &Item) -> Result<bool, ClientError> {
+        let path = &item.path;
+        let mut prepared =
+            match Prepared::open(path, item.name.as_deref(), &self.opts.form, self.progress) {
+                Ok(p) => p,
+                Err(e) => return Ok(report(self.out, path, false, e.detail())),
+            };
+        let (mut reconnects, mut retries, mut furthest) = (0, 0, 0);
+        loop {
+            let sent = match self.attempt(&mut prepared) {
+                Ok(sent) => sent,
+                // A server reached before and unreachable now: a cut like any other.
+                Err(e) if self.connected && e.is_connect() => Sent::cut(e.to_string()),
+                Err(e) => return Err(e),
+            };
+            if !sent.keep {
+                // The server closes after refusing a frame; the next try gets a new connection.
+                self.conn = None;
             }
-        };
-        if conn.is_none() {
-            conn = Some(Connection::open(&opts.to, opts.timeout, key.as_ref())?);
+            if sent.from > furthest {
+                // This try got further than the last: the count starts again.
+                furthest = sent.from;
+                retries = 0;
+            }
+            match retry::next(sent.fate) {
+                Next::Reconnect if reconnects < retry::MAX_RECONNECTS => {
+                    reconnects += 1;
+                    self.note(
+                        path,
+                        &format!("{}; sending it again on a new connection", sent.message),
+                    );
+                }
+                Next::Retry if retries < self.opts.retries => {
+                    retries += 1;
+                    let pause = retry::backoff(retries);
+                    let of = self.opts.retries;
+                    self.note(
+                        path,
+                        &format!(
+                            "{}; retry {retries} of {of} in {} s",
+                            sent.message,
+                            pause.as_secs_f64()
+                        ),
+                    );
+                    thread::sleep(pause);
+                }
+                Next::Retry if self.opts.retries > 0 => {
+                    let why = format!("{} (gave up after {retries} retries)", sent.message);
+                    return Ok(report(self.out, path, false, why));
+                }
+                _ => return Ok(report(self.out, path, sent.ok, sent.message)),
+            }
         }
-        let Some(c) = conn.as_mut() else { continue };
-        let (mut ok, mut message, mut keep, resumed) =
-            c.upload(&mut prepared, opts.timeout, progress);
-        if resumed > 0 && keep && message.contains("; ERR checksum ") {
+    }
+
+    /// One try at sending `p`: the upload, and the one more try a resumed upload whose partial
+    /// failed the checksum, or an older server's refusal of a trailing resumable frame, calls for.
+    fn attempt(&mut self, p: &mut Prepared) -> Result<Sent, ClientError> {
+        let (timeout, progress) = (self.opts.timeout, self.progress);
+        let mut sent = self.connection()?.upload(p, timeout, progress);
+        if sent.from > 0 && sent.keep && sent.message.contains("; ERR checksum ") {
             // The server's partial did not belong to this file after all (it dropped it): one
             // more try, from the start.
-            let _ = writeln!(
-                out,
-                "{}: resumed at {resumed} bytes, but the whole file failed its checksum on the server (a damaged partial, dropped there); sending it again from the start",
-                path.display()
+            let resumed = sent.from;
+            self.note(
+                &p.path,
+                &format!(
+                    "resumed at {resumed} bytes, but the whole file failed its checksum on the server (a damaged partial, dropped there); sending it again from the start"
+                ),
             );
-            (ok, message, keep, _) = c.upload(&mut prepared, opts.timeout, progress);
+            sent = self.connection()?.upload(p, timeout, progress);
         }
-        if !ok && prepared.resume && prepared.header.trailing && message.contains("ERR bad-header")
+        if !sent.ok
+            && p.resume
+            && p.header.trailing
+            && sent.fate == Fate::Refused(Some(crate::proto::wire::Code::BadHeader))
         {
             // A server from before trailing resumable frames (flag bits 2 and 3 together)
             // refuses them: the same file as a one-pass frame that is not resumable.
-            let _ = writeln!(
-                out,
-                "{}: the server does not take resumable frames with a trailing checksum (an older ferryd); sending it without resuming",
-                path.display()
+            self.note(
+                &p.path,
+                "the server does not take resumable frames with a trailing checksum (an older ferryd); sending it without resuming",
             );
-            prepared.resume = false;
-            prepared.header.checksum = [0; 32];
-            if !keep {
-                conn = Some(Connection::open(&opts.to, opts.timeout, key.as_ref())?);
+            p.resume = false;
+            p.header.checksum = [0; 32];
+            if !sent.keep {
+                self.conn = None;
             }
-            if let Some(c) = conn.as_mut() {
-                (ok, message, keep, _) = c.upload(&mut prepared, opts.timeout, progress);
-            }
+            sent = self.connection()?.upload(p, timeout, progress);
         }
-        results.push(report(out, path, ok, message));
-        if !keep {
-            // The server closes after refusing a frame; the next file gets a new connection.
-            conn = None;
-        }
+        Ok(sent)
     }
-    Ok(results)
+
+    /// The open connection, or a new one.
+    fn connection(&mut self) -> Result<&mut Connection, ClientError> {
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => {
+                let c = Connection::open(&self.opts.to, self.opts.timeout, self.key.as_ref())?;
+                self.connected = true;
+                c
+            }
+        };
+        Ok(self.conn.insert(conn))
+    }
+
+    /// A line about a file that is not its result.
+    fn note(&mut self, path: &Path, text: &str) {
+        report(self.out, path, false, text.to_string());
+    }
 }
 
 /// Prints one result line. The message may quote the server, so its control characters are

@@ -445,6 +445,16 @@ pub(super) const KEYS: &[Key] = &[
     },
     Key {
         table: "files",
+        name: "resume_max_count",
+        doc: "how many partial bodies are kept at most; a new resumable upload removes the oldest \
+              free one to fit; 0 turns resuming off",
+        kind: int(0, 1_000_000, 1000),
+        same_as: None,
+        reload: Reload::Live,
+        get: |c| &c.files.resume_max_count,
+    },
+    Key {
+        table: "files",
         name: "allow_subdirs",
         doc: "accept names with subdirectories (photos/2024/a.jpg, from ferryd send -r), \
               creating the directories beneath files.dir",

@@ -186,6 +186,8 @@ pub struct FilesConfig {
     pub resume_keep: Duration,
     /// Total announced size of the partial bodies kept; 0: resuming is off.
     pub resume_max_bytes: u64,
+    /// How many partial bodies are kept at most; 0: resuming is off.
+    pub resume_max_count: usize,
     /// Names may hold subdirectories (`photos/2024/a.jpg`).
     pub allow_subdirs: bool,
     /// The command run for each stored file (checked by `hookargs::check`); empty: none.
@@ -306,6 +308,7 @@ impl Config {
                 token_file: v.get("files.token_file")?,
                 resume_keep: v.get("files.resume_keep_secs")?,
                 resume_max_bytes: v.get("files.resume_max_bytes")?,
+                resume_max_count: v.get("files.resume_max_count")?,
                 allow_subdirs: v.get("files.allow_subdirs")?,
                 on_stored: v.get("files.on_stored")?,
                 hook_workers: v.get("files.hook_workers")?,

@@ -1,8 +1,10 @@
 //! A frame's body as `files::upload` reads it: what is left in the input buffer, then reads
 //! straight from the socket under the idle deadline and the minimum upload rate.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::daemon::files::holders::{Heard, Holder};
 use crate::daemon::files::upload::{BodySource, Lost};
 use crate::deadline::{Deadline, Why};
 
@@ -20,6 +22,9 @@ pub(super) struct ConnSource<'c, 'a, 'i> {
     pub(super) window: Duration,
     pub(super) window_start: Instant,
     pub(super) window_bytes: u64,
+    /// When body bytes last came, for `holders` (a newer upload of the same file may end this
+    /// connection once it has gone quiet).
+    pub(super) heard: Arc<Heard>,
 }
 
 impl<'c, 'a, 'i> ConnSource<'c, 'a, 'i> {
@@ -35,6 +40,7 @@ impl<'c, 'a, 'i> ConnSource<'c, 'a, 'i> {
             window,
             window_start: Instant::now(),
             window_bytes: 0,
+            heard: Heard::now(),
         }
     }
 
@@ -73,6 +79,7 @@ impl BodySource for ConnSource<'_, '_, '_> {
             match self.conn.read_by(buf, deadline) {
                 Ok(n) => {
                     self.conn.live.add_upload(n as u64);
+                    self.heard.touch();
                     self.window_bytes += n as u64;
                     self.check_rate()?;
                     return Ok(n);
@@ -91,6 +98,17 @@ impl BodySource for ConnSource<'_, '_, '_> {
         // The body starts after the peer has read this: the rate window starts now.
         self.window_start = Instant::now();
         self.window_bytes = 0;
+        self.heard.touch();
         Ok(())
+    }
+
+    fn holder(&self) -> Option<Holder> {
+        // A second descriptor on the same socket: shutting it down ends this connection.
+        let stream = self.conn.stream.try_clone().ok()?;
+        Some(Holder {
+            stream: Arc::new(stream),
+            peer: self.conn.peer.to_string(),
+            heard: Arc::clone(&self.heard),
+        })
     }
 }

@@ -7,6 +7,8 @@ use std::io::{self, Read};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use socket2::{SockRef, TcpKeepalive};
+
 use crate::daemon::stats::Stats;
 use crate::deadline::{Deadline, Why, is_timeout};
 use crate::proto::Code;
@@ -29,14 +31,37 @@ pub(super) enum ReadEnd {
     Error(io::Error),
 }
 
+/// TCP keepalive on every accepted connection: after this long without a byte from the peer the
+/// kernel starts probing it...
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// ...every this long...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// ...and gives up after this many probes unanswered: a peer gone without a FIN (cable pulled,
+/// Wi-Fi gone, NAT entry dropped) is found in `KEEPALIVE_IDLE` + 3 × `KEEPALIVE_INTERVAL` = 25 s
+/// even when the connection is idle and no deadline of ours runs.
+pub const KEEPALIVE_PROBES: u32 = 3;
+/// `TCP_USER_TIMEOUT`: data the server sent that stays unacknowledged this long ends the
+/// connection (without it, retransmissions to a vanished peer go on for about 15 minutes); it
+/// also caps the keepalive probing above.
+pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Sets the options every accepted connection gets: no Nagle delay (echo and replies go out at
-/// once) and read and write timeouts, so that no read or write can block forever. The write
-/// timeout (`server.write_timeout_secs`) is short: a peer that does not read cannot hold a
+/// once), read and write timeouts, so that no read or write can block forever, and TCP
+/// keepalive with `TCP_USER_TIMEOUT`, so that a peer that vanished is found without traffic. The
+/// write timeout (`server.write_timeout_secs`) is short: a peer that does not read cannot hold a
 /// worker in a blocked write for long.
 pub fn prepare_stream(stream: &TcpStream, read: Duration, write: Duration) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(read))?;
-    stream.set_write_timeout(Some(write))
+    stream.set_write_timeout(Some(write))?;
+    let sock = SockRef::from(stream);
+    sock.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES),
+    )?;
+    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))
 }
 
 impl Conn<'_> {
@@ -209,5 +234,27 @@ impl Conn<'_> {
     /// The idle limit, counted from now.
     pub(super) fn idle_deadline(&self) -> Deadline {
         Deadline::after(self.cfg.server.idle_timeout, Why::Idle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn accepted_streams_get_keepalive_and_a_user_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        prepare_stream(&server, Duration::from_secs(7), Duration::from_secs(3)).unwrap();
+        let sock = SockRef::from(&server);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
+        assert!(server.nodelay().unwrap());
+        assert_eq!(server.read_timeout().unwrap(), Some(Duration::from_secs(7)));
     }
 }

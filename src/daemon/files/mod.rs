@@ -4,8 +4,10 @@
 //! how connections are accepted.
 
 pub mod bodyhash;
+pub mod holders;
 pub mod hookreap;
 pub mod hooks;
+pub mod partials;
 pub mod resume;
 pub mod store;
 pub mod streamhash;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{Key, TAG_LEN};
 use crate::daemon::files::bodyhash::BodyHash;
+use crate::daemon::files::holders::Holder;
 use crate::daemon::files::store::{Pending, Store, StoreError};
 use crate::daemon::files::streamhash::HashPool;
 use crate::daemon::files::subdir::WalkError;
@@ -26,6 +27,11 @@ pub trait BodySource {
     fn read_into(&mut self, buf: &mut [u8]) -> Result<usize, Lost>;
     /// Sends `line` to the peer before the body (a resumable frame's `RESUME <offset>`).
     fn tell(&mut self, line: &str) -> Result<(), Lost>;
+    /// The connection the body comes over, listed as the holder of a resumable upload's
+    /// partial so that a newer upload of the same file can end it once it goes quiet.
+    fn holder(&self) -> Option<Holder> {
+        None
+    }
 }
 
 /// Why the body stopped arriving.
@@ -188,7 +194,8 @@ pub fn receive_checked(
         Err(refused) => return refused,
     };
     let size = header.size;
-    let (mut pending, offset) = match begin(store, name, header, resumable, &shown, peer) {
+    let holder = source.holder();
+    let (mut pending, offset) = match begin(store, name, header, resumable, holder, &shown, peer) {
         Ok(p) => p,
         Err(refused) => return refused,
     };
@@ -273,12 +280,13 @@ fn begin<'s>(
     name: &str,
     header: &Header,
     resumable: bool,
+    holder: Option<Holder>,
     shown: &dyn fmt::Display,
     peer: &dyn fmt::Display,
 ) -> Result<(Pending<'s>, u64), Outcome> {
     let size = header.size;
     let begun = if resumable {
-        store.begin_resumable(name, size, &header.checksum)
+        store.begin_resumable(name, size, &header.checksum, holder)
     } else {
         store.begin(name, size).map(|p| (p, 0))
     };

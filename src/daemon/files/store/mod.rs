@@ -22,27 +22,22 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, RenameFlags};
 
 use crate::config::{FilesConfig, OnConflict};
-use crate::daemon::files::resume::{self, Claim, Limits};
+use crate::daemon::files::holders::Holders;
+use crate::daemon::files::partials::Index;
 use crate::daemon::files::subdir::{self, WalkError};
 use crate::proto::name::{RESERVED_PREFIX, split_path};
 
 mod pending;
+mod resumable;
 
 pub use pending::Pending;
 use pending::{Reservation, create_temp};
 
-/// How long a resumable upload waits for the partial body it would continue while another
-/// connection still holds it (typically the one just cut, not yet given up by the server).
-const HELD_GRACE: Duration = Duration::from_secs(3);
-/// How often it looks again meanwhile.
-const HELD_POLL: Duration = Duration::from_millis(20);
-/// How often, at most, uploads sweep expired partial bodies away.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Suffix of temporary files.
 const PART_SUFFIX: &str = ".part";
 /// Mode of the upload directory when ferryd creates it.
@@ -117,9 +112,20 @@ pub struct Store {
     /// Bytes promised to uploads in progress and not yet written; shared with the store a reload
     /// replaces this one with, so uploads in flight stay counted.
     reserved: Arc<Mutex<u64>>,
-    /// Held while partial bodies are looked up, removed and started (`resume::claim`); holds
-    /// when expired ones were last swept away.
-    resume_lock: Mutex<Option<Instant>>,
+    /// When expired partial bodies were last swept away (and the index rebuilt).
+    last_sweep: Mutex<Option<Instant>>,
+    /// The partial bodies in the directory (`partials::Index`); shared with the store a reload
+    /// makes for the same directory.
+    partials: Arc<Index>,
+    /// Which upload holds each partial in this process; shared with the store a reload makes.
+    holders: Arc<Holders>,
+}
+
+/// What the stores a reload makes share with the one they replace.
+struct Shared {
+    reserved: Arc<Mutex<u64>>,
+    holders: Arc<Holders>,
+    partials: Arc<Index>,
 }
 
 /// What `Store::open` found.
@@ -138,20 +144,40 @@ impl Store {
     /// A stale entry that cannot be removed (a directory, an undeletable file) is reported in
     /// `stale_kept`, never an error.
     pub fn open(cfg: &FilesConfig, clean_stale: bool) -> Result<Opened, StoreError> {
-        Store::open_counting(cfg, clean_stale, Arc::new(Mutex::new(0)))
+        let shared = Shared {
+            reserved: Arc::new(Mutex::new(0)),
+            holders: Arc::default(),
+            partials: Arc::default(),
+        };
+        Store::open_counting(cfg, clean_stale, shared)
     }
 
     /// `open` for a reload: the new store keeps counting the space reserved by uploads that
     /// started under `self`.
     pub fn reopen(&self, cfg: &FilesConfig) -> Result<Opened, StoreError> {
-        Store::open_counting(cfg, false, Arc::clone(&self.reserved))
+        let shared = Shared {
+            reserved: Arc::clone(&self.reserved),
+            holders: Arc::clone(&self.holders),
+            // Another directory has other partials: its index is built by its first sweep.
+            partials: if cfg.dir == self.dir {
+                Arc::clone(&self.partials)
+            } else {
+                Arc::default()
+            },
+        };
+        Store::open_counting(cfg, false, shared)
     }
 
     fn open_counting(
         cfg: &FilesConfig,
         clean_stale: bool,
-        reserved: Arc<Mutex<u64>>,
+        shared: Shared,
     ) -> Result<Opened, StoreError> {
+        let Shared {
+            reserved,
+            holders,
+            partials,
+        } = shared;
         let dir = cfg.dir.clone();
         let dir_handle = open_dir(&dir)?;
         let mut stale_removed = Vec::new();
@@ -192,7 +218,9 @@ impl Store {
             dir_handle: RwLock::new(Arc::new(dir_handle)),
             cfg: cfg.clone(),
             reserved,
-            resume_lock: Mutex::new(None),
+            last_sweep: Mutex::new(None),
+            holders,
+            partials,
         };
         // Fail at start-up, not on the first upload, if the directory is not writable.
         let handle = store.handle();
@@ -253,114 +281,6 @@ impl Store {
         self.cfg.allow_subdirs
     }
 
-    /// How long partial bodies of resumable uploads are kept, and how many bytes they may claim.
-    pub fn resume_limits(&self) -> Limits {
-        Limits {
-            keep: self.cfg.resume_keep,
-            max_bytes: self.cfg.resume_max_bytes,
-        }
-    }
-
-    /// At start-up: removes expired partial bodies; returns their names and how many were kept.
-    pub fn sweep_partials(&self) -> Result<(Vec<String>, usize), StoreError> {
-        let dir = self.current_handle()?;
-        let mut last = self
-            .resume_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *last = Some(Instant::now());
-        resume::sweep(&dir, self.resume_limits()).map_err(io_err("clean up partial uploads"))
-    }
-
-    /// Removes expired partial bodies (all of them when resuming is off) at most once every
-    /// `SWEEP_EVERY`, so they go even when no resumable upload comes: one listing of the
-    /// directory per minute at most, on the uploading worker.
-    fn sweep_now_and_then(&self, dir: &File) {
-        let mut last = self
-            .resume_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if last.is_some_and(|t| t.elapsed() < SWEEP_EVERY) {
-            return;
-        }
-        *last = Some(Instant::now());
-        match resume::sweep(dir, self.resume_limits()) {
-            Ok((removed, _)) => {
-                for name in removed {
-                    log::info!("removed expired partial upload {name}");
-                }
-            }
-            Err(e) => log::warn!("cannot clean up partial uploads: {e}"),
-        }
-    }
-
-    /// `begin` for a resumable frame: continues the partial body kept for this size and checksum,
-    /// or starts one that is kept if the upload is cut off. Returns the offset the body continues
-    /// from (0 for a new one). When the upload cannot be resumable (resuming off, over
-    /// `files.resume_max_bytes`, its partial held by another upload) it is an ordinary one from 0.
-    pub fn begin_resumable(
-        &self,
-        name: &str,
-        size: u64,
-        checksum: &[u8; 32],
-    ) -> Result<(Pending<'_>, u64), StoreError> {
-        if size > self.cfg.max_file_size {
-            return Err(StoreError::TooLarge {
-                size,
-                max: self.cfg.max_file_size,
-            });
-        }
-        let dir = self.current_handle()?;
-        self.check_name(&dir, name)?;
-        let waited_until = Instant::now() + HELD_GRACE;
-        let claimed = loop {
-            let found = {
-                let _held = self
-                    .resume_lock
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                resume::claim(
-                    &dir,
-                    checksum,
-                    size,
-                    name,
-                    self.resume_limits(),
-                    self.cfg.file_mode,
-                )
-                .map_err(io_err("keep a partial upload"))?
-            };
-            match found {
-                Claim::Got(c) => break Some(c),
-                Claim::Held if Instant::now() < waited_until => std::thread::sleep(HELD_POLL),
-                Claim::Held | Claim::No => break None,
-            }
-        };
-        let Some(claimed) = claimed else {
-            return self.begin(name, size).map(|p| (p, 0));
-        };
-        let offset = claimed.offset;
-        // On an error the claimed file closes (unlocked) and the partial stays for later.
-        let reservation = self.reserve(&dir, size - offset)?;
-        let mut file = claimed.file;
-        io::Seek::seek(&mut file, io::SeekFrom::Start(offset))
-            .map_err(io_err("continue a partial upload"))?;
-        Ok((
-            Pending {
-                reservation,
-                dir,
-                file,
-                temp_name: claimed.file_name,
-                name: name.to_string(),
-                size,
-                written: offset,
-                flushed: offset,
-                done: false,
-                keep: true,
-            },
-            offset,
-        ))
-    }
-
     /// Checks an announced upload against the limits and, if it may go ahead, opens its temp
     /// file. Nothing of the body has been read yet.
     pub fn begin(&self, name: &str, size: u64) -> Result<Pending<'_>, StoreError> {
@@ -387,6 +307,8 @@ impl Store {
             flushed: 0,
             done: false,
             keep: false,
+            _held: None,
+            _listed: None,
         })
     }
 

@@ -11,6 +11,9 @@ use std::sync::Arc;
 
 use rustix::fs::{Advice, AtFlags, FlockOperation, Mode, OFlags};
 
+use crate::daemon::files::holders::Held;
+use crate::daemon::files::partials::Listed;
+
 use super::{PART_SUFFIX, RESERVED_PREFIX, Store, StoreError, WRITEBACK_STEP, io_err};
 
 /// Free space set aside for one upload and not yet written. Written bytes are given back as they
@@ -52,6 +55,10 @@ pub struct Pending<'a> {
     /// A resumable upload's partial body: left in place, not removed, if the upload ends
     /// without `commit` (unless `discard` was called).
     pub(super) keep: bool,
+    /// A resumable upload's partial listed as held by this upload's connection, until dropped.
+    pub(super) _held: Option<Held>,
+    /// A resumable upload's partial, taken out of the index once committed or discarded.
+    pub(super) _listed: Option<Listed>,
 }
 
 impl Pending<'_> {
