@@ -40,6 +40,9 @@ enum HeadEnd {
 /// Reads the PROXY header of a connection from the balancer `via` and lets its client in, or
 /// tells it why not (one `ERR` line) and returns `None`. Every refusal is logged through
 /// `Shared::refused`, under the client's address when it is known.
+// Not inlined, so that its header buffer takes stack only while it runs, never under a worker
+// that waits for an idle peer's next line.
+#[inline(never)]
 pub(super) fn admit(
     shared: &Shared,
     cfg: &Config,
