@@ -124,12 +124,16 @@ pub fn claim(
     let wanted = file_name(checksum, size, name);
     let mut idx = index.lock();
     remove_expired(&mut idx, dir, now, limits.keep)?;
-    if let Some(old) = idx.by_tag(&tag).map(str::to_string)
-        && old != wanted
-        && remove_if_free(dir, &old)?
-    {
-        idx.remove(&old);
-        log::info!("removed partial upload {old} (superseded by another version of the file)");
+    // Another version of the same file (its name tag, another checksum or size) is superseded.
+    let superseded = idx
+        .by_tag(&tag)
+        .filter(|old| *old != wanted)
+        .map(str::to_string);
+    if let Some(old) = superseded {
+        if remove_if_free(dir, &old)? {
+            idx.remove(&old);
+            log::info!("removed partial upload {old} (superseded by another version of the file)");
+        }
     }
     let entry = Entry {
         tag,
