@@ -429,7 +429,11 @@ fn member(d: &Daemon) -> TcpStream {
     let mut s = d.connect();
     let nonce = read_nonce(d, &mut s);
     let tag = ferryd::auth::Key::from_bytes(KEY.as_bytes()).auth_tag(&nonce);
-    let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = tag.iter().fold(String::new(), |mut out, b| {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{b:02x}");
+        out
+    });
     s.write_all(format!("AUTH {hex}\n").as_bytes()).unwrap();
     assert_eq!(support::read_line(&mut s), "OK authenticated\n");
     s
