@@ -269,7 +269,8 @@ impl Notify {
                         .map_or(String::new(), |ok| format!(" (port open: {ok})"))
                 )
             })
-            .collect()
+            .collect::<Vec<String>>()
+            .concat()
     }
 }
 
