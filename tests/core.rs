@@ -493,7 +493,10 @@ fn split_and_merged_writes_echo_byte_for_byte() {
     expect_then_eof(&d, &mut s, b"", Duration::from_secs(10), "after 1 MiB");
 
     // (c) 500 lines in one write.
-    let lines: String = (0..500).map(|i| format!("line {i} of 500\n")).collect();
+    let lines: String = (0..500)
+        .map(|i| format!("line {i} of 500\n"))
+        .collect::<Vec<_>>()
+        .concat();
     echo_exactly(&d, lines.as_bytes(), "500 lines in one write");
 
     // (d) Five connections in turn, each getting exactly its own bytes once.
