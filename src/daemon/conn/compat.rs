@@ -55,13 +55,28 @@ impl Conn<'_> {
                 }
             }
         };
-        let mut name_buf = [0u8; MAX_NAME_LEN as usize];
+        // The name is where the head starts: the first `name_len` bytes of `input`'s data.
         let name_len = head.name.len();
-        name_buf[..name_len].copy_from_slice(head.name);
-        let (head_len, first_digits) = (head.len, head.digits);
+        self.starstar_upload(input, name_len, head.len, head.digits, line)
+    }
+
+    /// A recognised `NAME**SIZE` head (its name the first `name_len` bytes of `input`'s data,
+    /// `head_len` bytes up to SIZE's first digit), refused or received. Out of line, like every rare or large path here, so
+    /// that its buffers never sit under a worker waiting on an idle peer (see `READ_BUF`).
+    #[inline(never)]
+    fn starstar_upload(
+        &mut self,
+        input: &mut Input,
+        name_len: usize,
+        head_len: usize,
+        first_digits: usize,
+        line: Deadline,
+    ) -> Result<Option<Deadline>, Reason> {
+        let mut name_buf = [0u8; MAX_NAME_LEN as usize];
+        name_buf[..name_len].copy_from_slice(&input.data()[..name_len]);
         let name = &name_buf[..name_len];
         let shown = escaped(name, 255);
-        if !compat {
+        if !self.cfg.compat.starstar_uploads {
             let digits = &input.data()[head_len..head_len + first_digits];
             log::warn!(
                 "{} refused: legacy-header: the connection opened with a NAME**SIZE upload (\"{shown}\", {} B) and compat.starstar_uploads is off",

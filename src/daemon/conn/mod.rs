@@ -153,12 +153,18 @@ pub fn serve(shared: &Shared, job: Job) {
         frames: 0,
         panic_line: debug_panic_line(),
     };
+    log_online(peer, via);
+    let reason = conn.session(&stream);
+    log_offline(&conn, started, &reason);
+}
+
+/// The `online` line, out of line for the same reason as `log_offline`.
+#[inline(never)]
+fn log_online(peer: Peer, via: Option<(Peer, u8)>) {
     match via {
         None => log::info!("{peer} online"),
         Some((via, v)) => log::info!("{peer} online (through {via}, PROXY v{v})"),
     }
-    let reason = conn.session(&stream);
-    log_offline(&conn, started, &reason);
 }
 
 /// The `offline` line. Out of line, like every rare or large path here, so that the stack of a

@@ -257,6 +257,9 @@ impl Worker {
     /// The wait for the next connection, the lightest lane first. `None` once the queue is
     /// closed, or when none came within `keep`: the worker has then retired (it is no longer
     /// counted) and its thread ends.
+    // Not inlined: `select_biased!` builds its operations on the stack, which would otherwise
+    // stay in the worker's frame under every connection it serves (see `conn::READ_BUF`).
+    #[inline(never)]
     pub fn next(&mut self, keep: Duration) -> Option<Waiting> {
         let pool = &*self.pool;
         if !self.idle {
