@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use rustix::net::RecvFlags;
+
 use crate::daemon::access::addrgroup;
 
 /// In a file frame, or otherwise not to be disturbed.
@@ -123,7 +125,8 @@ impl Board {
                 .values()
                 .filter_map(|e| {
                     let s = e.state.load(Ordering::SeqCst);
-                    (s != BUSY && s != EVICTED && s >> 1 <= latest).then_some((e, s))
+                    let waited = s != BUSY && s != EVICTED && s >> 1 <= latest;
+                    (waited && !has_unread(&e.stream)).then_some((e, s))
                 })
                 .max_by_key(|(e, s)| (held.get(&e.ip).copied().unwrap_or(0), u64::MAX - (s >> 1)));
             let (entry, seen) = chosen?;
@@ -164,6 +167,15 @@ impl Board {
         // Every critical section is one insert, remove or scan: the map stays consistent.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Whether the peer's bytes wait in the socket for the worker to read them: then it is not the
+/// peer that keeps the connection waiting but the worker (a loaded machine), and the bytes may
+/// begin a file frame, which is never cut.
+fn has_unread(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = RecvFlags::PEEK | RecvFlags::DONTWAIT;
+    matches!(rustix::net::recv(stream, &mut byte, flags), Ok((n, _)) if n > 0)
 }
 
 impl Place<'_> {

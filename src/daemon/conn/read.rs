@@ -86,6 +86,10 @@ impl Conn<'_> {
             match self.stream.read(buf) {
                 Ok(0) => return Err(ReadEnd::Eof),
                 Ok(n) => {
+                    // Bytes came: the worker no longer waits on its peer, so the connection is
+                    // not one to choose to make room (`access::evict`), however long this worker
+                    // then waits for a CPU. The text loop says again when it waits.
+                    let _ = self.place.busy();
                     self.bytes_in += n as u64;
                     self.live.add_in(n as u64);
                     Stats::add(&self.shared.stats.bytes_in, n as u64);
