@@ -120,25 +120,10 @@ fn is_plain(b: u8) -> bool {
 
 /// `s` as a double-quoted string literal valid both as a TOML basic string and as a JSON
 /// string: `"` and `\\` escaped, newline, return and tab as `\\n`, `\\r`, `\\t`, every other
-/// control character as `\\uXXXX`.
+/// control character (and the line and paragraph separators) as `\\uXXXX`. One rule for logs,
+/// rendered config and the control socket's JSON: `proto::control::json_string`.
 pub fn quoted(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    crate::proto::control::json_string(s)
 }
 
 #[cfg(test)]

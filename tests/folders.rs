@@ -42,26 +42,13 @@ fn with_subdirs() -> DaemonBuilder {
 
 /// Every regular file under `root` (not following symlinks), by relative path, with its bytes.
 fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).unwrap() {
-            let entry = entry.unwrap();
-            let kind = entry.file_type().unwrap();
-            if kind.is_dir() {
-                stack.push(entry.path());
-            } else if kind.is_file() {
-                let rel = entry
-                    .path()
-                    .strip_prefix(root)
-                    .unwrap()
-                    .display()
-                    .to_string();
-                out.insert(rel, fs::read(entry.path()).unwrap());
-            }
-        }
-    }
-    out
+    support::files_under(root)
+        .into_iter()
+        .map(|rel| {
+            let bytes = fs::read(root.join(&rel)).unwrap();
+            (rel, bytes)
+        })
+        .collect()
 }
 
 /// Asserts that nothing but `allowed` exists in `dir`.

@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -95,25 +94,6 @@ fn resumed_offsets(text: &str) -> Vec<u64> {
         .collect()
 }
 
-/// The names of the regular files under `root`, relative to it.
-fn stored_names(root: &Path) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut todo = vec![root.to_path_buf()];
-    while let Some(dir) = todo.pop() {
-        for entry in fs::read_dir(&dir).unwrap() {
-            let entry = entry.unwrap();
-            let kind = entry.file_type().unwrap();
-            if kind.is_dir() {
-                todo.push(entry.path());
-            } else if kind.is_file() {
-                let rel = entry.path().strip_prefix(root).unwrap().to_path_buf();
-                out.insert(rel.to_string_lossy().into_owned());
-            }
-        }
-    }
-    out
-}
-
 /// Point 1: the 1,001st file of a connection is refused with "reconnect"; `send -r` sends it
 /// again on a new connection, so a folder of 10,000 files (ten connections' worth under the
 /// default `access.max_files_per_connection = 1000`) arrives whole and `send` exits 0.
@@ -154,8 +134,8 @@ fn send_r_of_10000_files_stores_every_one() {
             .join("\n"),
         log_tail(&d)
     );
-    let sent = stored_names(src.path());
-    let stored = stored_names(&d.uploads());
+    let sent = support::files_under(src.path());
+    let stored = support::files_under(&d.uploads());
     assert_eq!(sent.len(), 10_000);
     let missing: Vec<_> = sent.difference(&stored).take(5).collect();
     assert!(missing.is_empty(), "missing on the server: {missing:?}");

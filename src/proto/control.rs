@@ -218,7 +218,8 @@ pub fn list_json(rows: &[Row]) -> String {
     out
 }
 
-/// `s` as a JSON string literal: quotes, backslashes and every control character escaped.
+/// `s` as a JSON string literal, also valid as a TOML basic string: quotes, backslashes, every
+/// control character and the line and paragraph separators escaped (`escape::quoted` is this).
 pub fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
@@ -229,7 +230,7 @@ pub fn json_string(s: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 || c == '\u{7f}' || c == '\u{2028}' || c == '\u{2029}' => {
+            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
                 let _ = write!(out, "\\u{:04x}", u32::from(c));
             }
             c => out.push(c),
