@@ -434,33 +434,37 @@ fn must(args: &[&str]) {
     );
 }
 
-/// A client network namespace joined to this one by a veth pair (`SERVER_IP` here, `CLIENT_IP`
-/// there), with random loss both ways (nft) and a rate limit on the client's sending side (tc
+/// A client network namespace joined to this one by a veth pair (`server_ip` here, `client_ip`
+/// there, in a /24 of 10.223.0.0/16 chosen by the process id, as the names are, so that two runs
+/// at once, on this host or in a container sharing its network, do not meet), with random loss both ways (nft) and a rate limit on the client's sending side (tc
 /// tbf); removed, with the pair, when dropped.
 struct ImpairedLink {
+    server_ip: String,
+    client_ip: String,
     ns: String,
     here: String,
     there: String,
 }
 
-const SERVER_IP: &str = "10.223.23.1";
-const CLIENT_IP: &str = "10.223.23.2";
-
 impl ImpairedLink {
     fn build() -> ImpairedLink {
         let id = std::process::id() % 100_000;
+        let subnet = format!("10.223.{}", id % 250 + 1);
         let link = ImpairedLink {
+            server_ip: format!("{subnet}.1"),
+            client_ip: format!("{subnet}.2"),
             ns: format!("ferryd-links-{id}"),
             here: format!("fl23s{id}"),
             there: format!("fl23c{id}"),
         };
         let (ns, here, there) = (&link.ns, &link.here, &link.there);
+        let (server_ip, client_ip) = (&link.server_ip, &link.client_ip);
         must(&["ip", "netns", "add", ns]);
         must(&[
             "ip", "link", "add", here, "type", "veth", "peer", "name", there,
         ]);
         must(&["ip", "link", "set", there, "netns", ns]);
-        must(&["ip", "addr", "add", &format!("{SERVER_IP}/24"), "dev", here]);
+        must(&["ip", "addr", "add", &format!("{server_ip}/24"), "dev", here]);
         must(&["ip", "link", "set", here, "up"]);
         must(&[
             "ip",
@@ -468,7 +472,7 @@ impl ImpairedLink {
             ns,
             "addr",
             "add",
-            &format!("{CLIENT_IP}/24"),
+            &format!("{client_ip}/24"),
             "dev",
             there,
         ]);
@@ -553,7 +557,7 @@ fn a_64_mib_file_crosses_an_impaired_link_intact() {
     );
     let link = ImpairedLink::build();
     let d = DaemonBuilder::new()
-        .set("server", &format!("bind = \"{SERVER_IP}\""))
+        .set("server", &format!("bind = \"{}\"", link.server_ip))
         .set("udp", "enabled = false")
         .bind_own_port()
         .start();
@@ -562,7 +566,7 @@ fn a_64_mib_file_crosses_an_impaired_link_intact() {
     let file = src.path().join("big.bin");
     fs::write(&file, &body).unwrap();
     let before = link.client_tx_bytes();
-    let to = format!("{SERVER_IP}:{}", d.port());
+    let to = format!("{}:{}", link.server_ip, d.port());
     let client = std::process::Command::new("ip")
         .args([
             "netns",
