@@ -126,7 +126,10 @@ impl Board {
                 .filter_map(|e| {
                     let s = e.state.load(Ordering::SeqCst);
                     let waited = s != BUSY && s != EVICTED && s >> 1 <= latest;
-                    (waited && !has_unread(&e.stream)).then_some((e, s))
+                    // Unread bytes matter only to a worker waiting to read: one stuck writing
+                    // to a peer that does not read has them piling up behind it.
+                    let reading = s & WRITING == 0;
+                    (waited && !(reading && has_unread(&e.stream))).then_some((e, s))
                 })
                 .max_by_key(|(e, s)| (held.get(&e.ip).copied().unwrap_or(0), u64::MAX - (s >> 1)));
             let (entry, seen) = chosen?;
@@ -169,7 +172,7 @@ impl Board {
     }
 }
 
-/// Whether the peer's bytes wait in the socket for the worker to read them: then it is not the
+/// Whether the peer's bytes wait in the socket for a worker waiting to read: then it is not the
 /// peer that keeps the connection waiting but the worker (a loaded machine), and the bytes may
 /// begin a file frame, which is never cut.
 fn has_unread(stream: &TcpStream) -> bool {
@@ -242,6 +245,48 @@ mod tests {
             epoch,
             ..Board::default()
         }
+    }
+
+    #[test]
+    fn unread_bytes_keep_a_reader_but_not_a_stuck_writer() {
+        use std::io::Write;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let board = board();
+        let t0 = board.epoch + Duration::from_secs(10);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        // Waiting to read, but its peer's bytes have come (the worker has not had a CPU yet):
+        // it is not the peer that keeps it waiting.
+        let (s, mut reader_peer) = pair(&l);
+        let reader = board.enter(a, s);
+        reader.reading_since(t0);
+        reader_peer.write_all(b"a frame's first bytes").unwrap();
+        // Stuck writing to a peer that does not read, while that peer's bytes pile up.
+        let (s, mut writer_peer) = pair(&l);
+        let writer = board.enter(a, s);
+        writer.set(((board.since(t0) + 1) << 1) | WRITING);
+        writer_peer.write_all(b"more and more").unwrap();
+        let arrived = (0..500).any(|_| {
+            let both = has_unread(&board.lock().entries[&0].stream)
+                && has_unread(&board.lock().entries[&1].stream);
+            both || {
+                std::thread::sleep(Duration::from_millis(10));
+                false
+            }
+        });
+        assert!(arrived, "the bytes never reached the server's sockets");
+        assert_eq!(
+            board.evict_one(Duration::ZERO),
+            Some(Evicted {
+                ip: a,
+                writing: true
+            })
+        );
+        assert!(writer.is_evicted() && !reader.is_evicted());
+        assert_eq!(
+            board.evict_one(Duration::ZERO),
+            None,
+            "the reader has bytes to read"
+        );
     }
 
     #[test]
