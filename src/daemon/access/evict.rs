@@ -200,6 +200,11 @@ impl Place<'_> {
         self.set(BUSY)
     }
 
+    /// Whether the worker said it is in the middle of something not to be cut.
+    pub fn is_busy(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == BUSY
+    }
+
     pub fn is_evicted(&self) -> bool {
         self.state.load(Ordering::SeqCst) == EVICTED
     }

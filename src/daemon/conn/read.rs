@@ -11,8 +11,8 @@ use socket2::{SockRef, TcpKeepalive};
 
 use crate::daemon::stats::Stats;
 use crate::deadline::{Deadline, Why, is_timeout};
-use crate::proto::Code;
 use crate::proto::wire::{self, ERR_EVICTED, ERR_KICKED, ERR_SHUTDOWN};
+use crate::proto::{Code, MAGIC};
 
 use super::{Conn, Input, Reason};
 
@@ -86,10 +86,13 @@ impl Conn<'_> {
             match self.stream.read(buf) {
                 Ok(0) => return Err(ReadEnd::Eof),
                 Ok(n) => {
-                    // Bytes came: the worker no longer waits on its peer, so the connection is
-                    // not one to choose to make room (`access::evict`), however long this worker
-                    // then waits for a CPU. The text loop says again when it waits.
-                    let _ = self.place.busy();
+                    // Bytes that may begin a file frame: from here the connection is not one
+                    // to choose to make room (`access::evict`), however long this worker then
+                    // waits for a CPU before `frame` says so too. Text (a trickler's too) leaves
+                    // it a candidate; the text loop says again when it waits.
+                    if !self.place.is_busy() && buf[..n].contains(&MAGIC[0]) {
+                        let _ = self.place.busy();
+                    }
                     self.bytes_in += n as u64;
                     self.live.add_in(n as u64);
                     Stats::add(&self.shared.stats.bytes_in, n as u64);
