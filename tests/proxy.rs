@@ -2,7 +2,8 @@
 //! the test (the HAProxy test is `tests/haproxy.rs`): the carried client address is the one the
 //! access rules, `max_per_ip`, the log lines, chat welcomes and the hook's `{peer}` see; a
 //! balancer's connection without a valid header in time is told so and closed; direct
-//! connections from elsewhere are unchanged; a client's bytes right behind the header are kept.
+//! connections from elsewhere are unchanged; a client's bytes right behind the header are kept;
+//! the queue orders a balancer's connections by their clients, as it does direct ones.
 
 mod support;
 
@@ -11,8 +12,8 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use support::{
-    Daemon, DaemonBuilder, connect_from, echo_round_trip, expect_err_then_eof, frame, ip, ok_line,
-    read_line, wait_until,
+    Daemon, DaemonBuilder, connect_from, echo_round_trip, expect_err_then_eof, expect_then_eof,
+    frame, ip, ok_line, path_str, read_line, run_ferryd, stdout_of, wait_until,
 };
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -180,5 +181,79 @@ fn chat_welcomes_and_hook_peers_name_the_client() {
     assert_eq!(
         std::fs::read_to_string(&peers).unwrap(),
         "203.0.113.30:3333\n"
+    );
+}
+
+/// The busy client and the quiet one of the queue test.
+const BUSY: &str = "203.0.113.40";
+const QUIET: &str = "203.0.113.41";
+
+#[test]
+fn behind_a_balancer_a_quiet_client_goes_before_a_busy_clients_later_connections() {
+    let ctl = support::TempDir::new();
+    let sock = ctl.path().join("control.sock");
+    let control = format!("socket = {:?}", path_str(&sock));
+    let d = daemon(&[
+        ("server", "max_connections = 1"),
+        ("server", "queue_depth = 32"),
+        ("server", "queue_timeout_secs = 60"),
+        ("access", "max_per_ip = 32"),
+        ("control", &control),
+        ("log", "level = \"debug\""),
+    ]);
+    // The one worker is held by the busy client's upload in progress (a frame is never cut to
+    // make room).
+    let body = vec![5u8; 100_000];
+    let whole = frame("held.bin", &body);
+    let head_len = whole.len() - body.len();
+    let mut holder = through(&d, &v2(&format!("{BUSY}:30000")), &whole[..head_len + 1000]);
+    d.wait_log(&format!("[{BUSY}:30000] online"), IO_TIMEOUT);
+    // Eight more connections of the busy client, then one of the quiet client, all through the
+    // balancer. Each sends one line and ends its sending side, so that once served it ends at
+    // once and the worker goes on to the next.
+    let clients: Vec<String> = (1..=8)
+        .map(|i| format!("{BUSY}:{}", 30000 + i))
+        .chain([format!("{QUIET}:40000")])
+        .collect();
+    let mut waiting: Vec<TcpStream> = clients
+        .iter()
+        .map(|c| {
+            let s = through(&d, &v2(c), format!("from {c}\n").as_bytes());
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            s
+        })
+        .collect();
+    let mut status = String::new();
+    let all_queued = wait_until(IO_TIMEOUT, || {
+        let out = run_ferryd(&["ctl", "--socket", path_str(&sock), "stats"], &[]);
+        status = stdout_of(&out);
+        status.contains("status: 1 open, 9 queued")
+    });
+    assert!(
+        all_queued,
+        "not all queued: {status}{}",
+        support::log_tail(&d)
+    );
+    // The upload ends and its connection closes: the worker takes the waiting ones.
+    holder.write_all(&whole[head_len + 1000..]).unwrap();
+    assert_eq!(read_line(&mut holder), ok_line("held.bin", &body));
+    drop(holder);
+    for (c, s) in clients.iter().zip(&mut waiting) {
+        let line = format!("from {c}\n");
+        expect_then_eof(&d, s, line.as_bytes(), IO_TIMEOUT, c);
+    }
+    // The order in which they were served: their `online` lines.
+    let log = d.log();
+    let online = |c: &String| {
+        log.find(&format!("[{c}] online (through"))
+            .unwrap_or_else(|| panic!("no online line for {c}\n{log}"))
+    };
+    let quiet_at = online(&clients[8]);
+    let busy_before = clients[..8].iter().filter(|c| online(c) < quiet_at).count();
+    // Its first waiting connection may find the busy client still light (its upload's ended);
+    // the later ones wait behind the quiet client, as direct connections would.
+    assert!(
+        busy_before <= 1,
+        "{busy_before} of the busy client's 8 waiting connections were served before the quiet one\n{log}"
     );
 }

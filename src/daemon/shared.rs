@@ -144,14 +144,39 @@ impl Shared {
 
 /// An accepted connection waiting for a worker.
 pub struct Job {
-    pub stream: TcpStream,
+    /// Shared with its registry entry once a worker reads from it (shutdown reaches it there).
+    pub stream: Arc<TcpStream>,
+    /// Its address: the socket's, or the client's once a worker has read its PROXY header.
     pub peer: Peer,
-    /// This connection's place in its address's count (`access.max_per_ip`); `None` for a
-    /// connection from a balancer in `access.proxy_protocol_from`, whose client address is known
-    /// only once a worker has read its PROXY header, and is then checked and counted there.
-    pub slot: Option<Slot>,
+    /// Whose connection it is, as far as is known, and its count against `access.max_per_ip`.
+    pub client: Client,
     /// Its entry in the registry, with its live state.
     pub listed: Registration,
+}
+
+/// Whose connection a job is, as far as is known.
+pub enum Client {
+    /// A direct connection: its peer is the client, counted against `max_per_ip` by the
+    /// accept thread (the slot keeps it counted until the job or its session ends).
+    Direct(Slot),
+    /// From a balancer in `access.proxy_protocol_from`, its PROXY header not read yet: the
+    /// client is unknown and not counted.
+    Unread,
+    /// From a balancer, its header read by a worker, which checked and counted the client.
+    Proxied(Box<Proxied>),
+}
+
+/// What a worker learnt from a balancer connection's PROXY header, kept while the connection
+/// waits again (`net::lanes::wait_again`) and then served by.
+pub struct Proxied {
+    /// The client's count against `max_per_ip`.
+    pub slot: Slot,
+    /// The balancer's end of the connection.
+    pub via: Peer,
+    /// The header's version (1 or 2).
+    pub version: u8,
+    /// The settings the connection took when its header was read, which it keeps.
+    pub snapshot: Arc<Snapshot>,
 }
 
 /// The stack size of worker threads (and chat writer threads), from `server.thread_stack_kib`.

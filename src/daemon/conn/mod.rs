@@ -16,7 +16,7 @@ use crate::auth::NONCE_LEN;
 use crate::config::{Config, Mode};
 use crate::daemon::access::evict::Place;
 use crate::daemon::registry::{Live, State};
-use crate::daemon::shared::{Job, Shared, Snapshot};
+use crate::daemon::shared::{Client, Job, Proxied, Shared, Snapshot};
 use crate::daemon::stats::Stats;
 use crate::deadline::is_timeout;
 use crate::peer::Peer;
@@ -92,41 +92,54 @@ impl fmt::Display for Reason {
     }
 }
 
-/// Serves one accepted connection until it ends, logging `online` and `offline`.
+/// Serves one accepted connection until it ends, logging `online` and `offline`. A balancer's
+/// connection whose PROXY header no worker has read yet is admitted first (`admit_proxied`).
 pub fn serve(shared: &Shared, job: Job) {
     let Job {
         stream,
         peer,
-        slot,
+        client,
         listed,
     } = job;
     let started = Instant::now();
-    // The settings this connection lives by, taken whole: a reload mid-way does not mix them.
-    let snapshot = shared.snapshot();
+    // The settings this connection lives by, taken whole: a reload mid-way does not mix them. A
+    // proxied connection took them when its header was read.
+    // The slot keeps this connection counted against its address (from a balancer, the
+    // client's, from its PROXY header) until `serve` returns (or unwinds).
+    let (_slot, via, snapshot) = match client {
+        Client::Direct(slot) => (slot, None, shared.snapshot()),
+        Client::Proxied(p) => {
+            let Proxied {
+                slot,
+                via,
+                version,
+                snapshot,
+            } = *p;
+            (slot, Some((via, version)), snapshot)
+        }
+        Client::Unread => {
+            let job = Job {
+                stream,
+                peer,
+                client,
+                listed,
+            };
+            if let Some(job) = admit_proxied(shared, job) {
+                serve(shared, job);
+            }
+            return;
+        }
+    };
     let cfg = Arc::clone(&snapshot.config);
     let s = &cfg.server;
-    if let Err(e) = prepare_stream(&stream, s.idle_timeout, s.write_timeout) {
-        log::warn!("{peer} cannot set socket options: {e}; closing");
-        return;
+    // A proxied connection's options were set before its header was read.
+    if via.is_none() {
+        if let Err(e) = prepare_stream(&stream, s.idle_timeout, s.write_timeout) {
+            log::warn!("{peer} cannot set socket options: {e}; closing");
+            return;
+        }
     }
-    let stream = Arc::new(stream);
-    let mode = match cfg.server.mode {
-        Mode::Chat => State::Chat,
-        Mode::Echo => State::Echo,
-    };
-    listed.serve(Arc::clone(&stream), mode);
-    // The slot keeps this connection counted against its address until `serve` returns (or
-    // unwinds). From a balancer, the address is the client's, from its PROXY header.
-    let (peer, _slot, via) = match slot {
-        Some(slot) => (peer, slot, None),
-        None => match proxied::admit(shared, &cfg, &stream, peer) {
-            Some(a) => {
-                listed.live().set_client(a.peer);
-                (a.peer, a.slot, Some((peer, a.version)))
-            }
-            None => return,
-        },
-    };
+    listed.serve(Arc::clone(&stream), base_state(&cfg));
     // On the board, this connection may be chosen to make room while it waits on its peer.
     let place = shared.board.enter(peer.ip(), Arc::clone(&stream));
     let _open = Stats::hold(&shared.stats.open);
@@ -164,6 +177,44 @@ fn log_online(peer: Peer, via: Option<(Peer, u8)>) {
     match via {
         None => log::info!("{peer} online"),
         Some((via, v)) => log::info!("{peer} online (through {via}, PROXY v{v})"),
+    }
+}
+
+/// A balancer's connection whose PROXY header is not read yet: takes the settings it will live
+/// by, reads the header within `access.header_timeout_secs` and checks and counts the client it
+/// carries (`proxied::admit`). Returns the job as its client's (`Client::Proxied`), or `None`
+/// once it has been told why not. The registry reaches its stream from here on, so that a stop
+/// wakes a worker waiting for the header.
+pub fn admit_proxied(shared: &Shared, job: Job) -> Option<Job> {
+    let snapshot = shared.snapshot();
+    let cfg = &snapshot.config;
+    let s = &cfg.server;
+    let via = job.peer;
+    if let Err(e) = prepare_stream(&job.stream, s.idle_timeout, s.write_timeout) {
+        log::warn!("{via} cannot set socket options: {e}; closing");
+        return None;
+    }
+    job.listed.serve(Arc::clone(&job.stream), base_state(cfg));
+    let a = proxied::admit(shared, cfg, &job.stream, via)?;
+    job.listed.live().set_client(a.peer);
+    let proxied = Proxied {
+        slot: a.slot,
+        via,
+        version: a.version,
+        snapshot: Arc::clone(&snapshot),
+    };
+    Some(Job {
+        peer: a.peer,
+        client: Client::Proxied(Box::new(proxied)),
+        ..job
+    })
+}
+
+/// The state a served connection shows between frames: its mode.
+fn base_state(cfg: &Config) -> State {
+    match cfg.server.mode {
+        Mode::Chat => State::Chat,
+        Mode::Echo => State::Echo,
     }
 }
 

@@ -8,7 +8,7 @@
 //! and do the above, so a hung accept loop stops the watchdog and gets the service restarted.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -18,12 +18,11 @@ use crate::daemon::access::addrgroup;
 use crate::daemon::access::per_ip::{self, Slot};
 use crate::daemon::access::refusals::Why;
 use crate::daemon::net::fdlimit::{self, Spare};
-use crate::daemon::net::lanes::{self, AddressLoad};
-use crate::daemon::net::pool::Hiring;
+use crate::daemon::net::lanes;
+use crate::daemon::net::pool::{Hiring, lane_of};
 use crate::daemon::net::queue::Queue;
-use crate::daemon::net::recent::Recent;
 use crate::daemon::net::refuse::{refuse, refuse_waiting};
-use crate::daemon::shared::{Job, Shared};
+use crate::daemon::shared::{Client, Job, Shared};
 use crate::daemon::stats::Stats;
 use crate::daemon::system::notify::Notifier;
 use crate::deadline::is_timeout;
@@ -48,8 +47,6 @@ pub struct Acceptor<'a> {
     listener: &'a TcpListener,
     notifier: &'a Notifier,
     queue: &'a mut Queue,
-    /// Recent connections per address group, which order the lanes (`net::recent`).
-    recent: Recent,
     spare: Spare,
     hiring: Hiring,
     watchdog: Option<Duration>,
@@ -69,7 +66,6 @@ impl<'a> Acceptor<'a> {
             listener,
             notifier,
             queue,
-            recent: Recent::default(),
             spare: Spare::new(listener),
             hiring: Hiring::default(),
             watchdog: notifier.watchdog_interval(),
@@ -158,19 +154,17 @@ impl<'a> Acceptor<'a> {
         let cfg = shared.config();
         Stats::add(&shared.stats.accepted, 1);
         let peer = Peer::new(addr);
-        let (slot, lane) = if cfg.access.proxy_from.iter().any(|r| r.contains(peer.ip())) {
+        let (client, lane) = if cfg.access.proxy_from.iter().any(|r| r.contains(peer.ip())) {
             // From a balancer: its client is known once a worker has read the PROXY header,
-            // and checked and counted there (`conn::proxied`). Until then it waits in the lane
-            // of an address holding nothing, and the balancer's own address is not counted as
-            // recent connections (it would weigh as every client behind it together).
-            (None, lanes::Lane::Light)
+            // and checked, counted and sorted into its lane there (`net::pool`). Until then it
+            // waits in the unread lane, and the balancer's own address is not counted as recent
+            // connections (it would weigh as every client behind it together).
+            (Client::Unread, lanes::Lane::Unread)
         } else {
             // Every direct connection counts, refused ones too: a crowd that churns is seen.
-            let group = addrgroup::of(peer.ip());
-            let now = Instant::now();
-            self.recent.record(group, now);
+            let rank = self.queue.record(addrgroup::of(peer.ip()), Instant::now());
             match self.check(&stream, peer) {
-                Some(slot) => (Some(slot), self.lane_of(peer, group, now)),
+                Some(slot) => (Client::Direct(slot), lane_of(shared, peer, rank)),
                 None => return,
             }
         };
@@ -182,9 +176,9 @@ impl<'a> Acceptor<'a> {
         // Listed from here: `ferryd ctl list` shows it queued until a worker takes it.
         let listed = shared.conns.register(peer);
         let job = Job {
-            stream,
+            stream: Arc::new(stream),
             peer,
-            slot,
+            client,
             listed,
         };
         let pushed = if full {
@@ -239,14 +233,6 @@ impl<'a> Acceptor<'a> {
                 None
             }
         }
-    }
-
-    /// The lane of a counted connection from `peer`, of address group `group`.
-    fn lane_of(&self, peer: Peer, group: IpAddr, now: Instant) -> lanes::Lane {
-        // Its own slot is counted already: the others are what the address holds besides.
-        let held = self.shared.per_ip.open_from(peer.ip()).saturating_sub(1);
-        let recent = self.recent.rank(group, now);
-        lanes::lane(AddressLoad { held, recent })
     }
 
     /// Tells `ERR busy` to the queued connections that waited `queue_timeout` for a worker, and,

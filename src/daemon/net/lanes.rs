@@ -7,6 +7,11 @@
 //! order): a client from a quiet address does not wait behind a crowd from a busy one, and a
 //! newcomer (no connection held, hardly any made recently: `net::recent`) goes before addresses
 //! that churn, so that 200 addresses reconnecting as fast as they can do not shut it out.
+//!
+//! A connection from a balancer (`access.proxy_protocol_from`) arrives with its client unknown:
+//! it waits in its own lane (`Lane::Unread`) until a worker has read its PROXY header, which
+//! names the client; then the worker sorts it by its client as above (`wait_again`): served at
+//! once, or back in its client's lane, behind whoever may be lighter.
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +34,10 @@ pub const FRESH_RANK: u64 = 6;
 pub enum Lane {
     /// The address holds no other connection and made hardly any recently: a newcomer.
     Fresh,
+    /// From a balancer, its PROXY header not read yet: its client, so its lane, is unknown.
+    /// A worker takes these after the newcomers, reads the header and sorts the connection by
+    /// its client (`wait_again`).
+    Unread,
     /// The address holds no other connection.
     Light,
     /// The address holds others already.
@@ -36,18 +45,49 @@ pub enum Lane {
 }
 
 /// How many lanes there are.
-pub const LANES: usize = 3;
+pub const LANES: usize = 4;
 
 impl Lane {
-    /// Every lane, lightest first.
-    pub const ALL: [Lane; LANES] = [Lane::Fresh, Lane::Light, Lane::Heavy];
+    /// Every lane, in the order workers take from them.
+    pub const ALL: [Lane; LANES] = [Lane::Fresh, Lane::Unread, Lane::Light, Lane::Heavy];
 
     /// The lane's place in `ALL`.
     pub fn index(self) -> usize {
         match self {
             Lane::Fresh => 0,
-            Lane::Light => 1,
+            Lane::Unread => 1,
+            Lane::Light => 2,
+            Lane::Heavy => 3,
+        }
+    }
+
+    /// The lane's name in the logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Fresh => "fresh",
+            Lane::Unread => "unread",
+            Lane::Light => "light",
+            Lane::Heavy => "heavy",
+        }
+    }
+
+    /// What a connection of this lane weighs when the full queue chooses whom to refuse: an
+    /// unread one from a balancer as much as one from an address holding nothing else (as
+    /// before its header is read nothing more is known of it).
+    fn weight(self) -> u8 {
+        match self {
+            Lane::Fresh => 0,
+            Lane::Unread | Lane::Light => 1,
             Lane::Heavy => 2,
+        }
+    }
+
+    /// The lightest lane a connection waiting here may turn out to belong to: an unread one's
+    /// client may be a newcomer.
+    fn at_best(self) -> Lane {
+        match self {
+            Lane::Unread => Lane::Fresh,
+            l => l,
         }
     }
 }
@@ -74,12 +114,24 @@ pub fn is_full(waiting: usize, depth: usize, free_workers: usize) -> bool {
 
 /// When the queue is full: the lane from which the oldest waiting connection is told `ERR busy`
 /// so that a newcomer of lane `newcomer` can wait in its place. The heaviest lane that holds
-/// someone and is heavier than the newcomer's; `None` refuses the newcomer instead.
+/// someone and weighs more than the newcomer's (among equals, a known light address before an
+/// unread balancer connection); `None` refuses the newcomer instead.
 pub fn displace(newcomer: Lane, waiting: [usize; LANES]) -> Option<Lane> {
+    [Lane::Heavy, Lane::Light, Lane::Unread, Lane::Fresh]
+        .into_iter()
+        .find(|&l| l.weight() > newcomer.weight() && waiting[l.index()] > 0)
+}
+
+/// Once a worker has read a balancer connection's PROXY header and found its client's lane
+/// `client` (from `lane`, as for a direct connection): whether the connection waits again, at
+/// the back of that lane, instead of being served now, while `waiting` connections wait in each
+/// lane (itself not counted). It waits again when someone who may be lighter waits: in a lighter
+/// lane, or unread (a newcomer, perhaps) unless its own client is a newcomer. A worker serves a
+/// connection whose header was read when it takes it again, so each waits again at most once.
+pub fn wait_again(client: Lane, waiting: [usize; LANES]) -> bool {
     Lane::ALL
         .into_iter()
-        .rev()
-        .find(|&l| l > newcomer && waiting[l.index()] > 0)
+        .any(|l| waiting[l.index()] > 0 && l.at_best() < client)
 }
 
 /// Whether the pool hires one more worker: more connections wait than workers are idle, and the
@@ -106,7 +158,8 @@ mod tests {
         for (held, recent, want) in table {
             assert_eq!(lane(AddressLoad { held, recent }), want, "{held} {recent}");
         }
-        assert!(Lane::Fresh < Lane::Light && Lane::Light < Lane::Heavy);
+        assert!(Lane::Fresh < Lane::Unread && Lane::Unread < Lane::Light);
+        assert!(Lane::Light < Lane::Heavy);
         for (i, l) in Lane::ALL.into_iter().enumerate() {
             assert_eq!(l.index(), i);
         }
@@ -143,18 +196,26 @@ mod tests {
 
     #[test]
     fn a_newcomer_displaces_only_a_heavier_lane() {
-        use Lane::{Fresh, Heavy, Light};
+        use Lane::{Fresh, Heavy, Light, Unread};
+        // Waiting in [fresh, unread, light, heavy].
         let table = [
-            (Light, [0, 0, 3], Some(Heavy)),
-            (Light, [0, 5, 1], Some(Heavy)),
-            (Light, [0, 5, 0], None),
-            (Light, [2, 0, 0], None),
-            (Heavy, [0, 5, 3], None),
-            (Heavy, [0, 0, 0], None),
-            (Light, [0, 0, 0], None),
-            (Fresh, [4, 2, 1], Some(Heavy)),
-            (Fresh, [4, 2, 0], Some(Light)),
-            (Fresh, [4, 0, 0], None),
+            (Light, [0, 0, 0, 3], Some(Heavy)),
+            (Light, [0, 0, 5, 1], Some(Heavy)),
+            (Light, [0, 0, 5, 0], None),
+            (Light, [2, 0, 0, 0], None),
+            (Heavy, [0, 0, 5, 3], None),
+            (Heavy, [0, 0, 0, 0], None),
+            (Light, [0, 0, 0, 0], None),
+            (Fresh, [4, 0, 2, 1], Some(Heavy)),
+            (Fresh, [4, 0, 2, 0], Some(Light)),
+            (Fresh, [4, 0, 0, 0], None),
+            // An unread balancer connection weighs as a light address, either way.
+            (Light, [0, 3, 0, 0], None),
+            (Unread, [0, 0, 3, 0], None),
+            (Unread, [0, 2, 0, 1], Some(Heavy)),
+            (Unread, [5, 0, 0, 0], None),
+            (Fresh, [0, 3, 0, 0], Some(Unread)),
+            (Fresh, [0, 3, 1, 0], Some(Light)),
         ];
         for (newcomer, waiting, want) in table {
             assert_eq!(
@@ -162,6 +223,32 @@ mod tests {
                 want,
                 "{newcomer:?} {waiting:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_proxied_connection_waits_again_only_behind_someone_who_may_be_lighter() {
+        use Lane::{Fresh, Heavy, Light};
+        // Waiting in [fresh, unread, light, heavy], the connection itself aside.
+        let table = [
+            // Its client is a newcomer: served at once, whoever waits.
+            (Fresh, [0, 0, 0, 0], false),
+            (Fresh, [3, 3, 3, 3], false),
+            // An address holding nothing else, but not new: behind a newcomer, or behind an
+            // unread connection (which may be one), not behind its equals or heavier.
+            (Light, [0, 0, 0, 0], false),
+            (Light, [1, 0, 0, 0], true),
+            (Light, [0, 1, 0, 0], true),
+            (Light, [0, 0, 4, 4], false),
+            // An address holding others: behind anyone not heavy.
+            (Heavy, [0, 0, 0, 0], false),
+            (Heavy, [0, 0, 0, 7], false),
+            (Heavy, [1, 0, 0, 7], true),
+            (Heavy, [0, 1, 0, 0], true),
+            (Heavy, [0, 0, 1, 7], true),
+        ];
+        for (client, waiting, want) in table {
+            assert_eq!(wait_again(client, waiting), want, "{client:?} {waiting:?}");
         }
     }
 

@@ -1,18 +1,23 @@
 //! The worker pool's threads: starting one for the accept thread (`Hiring`), and the loop each
 //! runs (`work`): take a connection from the queue, serve it with panics caught, and end after
-//! `WORKER_KEEP` without one, so an idle daemon holds no worker stacks.
+//! `WORKER_KEEP` without one, so an idle daemon holds no worker stacks. A connection from a
+//! balancer is first admitted by its PROXY header and sorted by its client (`sort`): served, or
+//! put back in its client's lane when someone who may be lighter waits.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::daemon::access::addrgroup;
 use crate::daemon::conn;
-use crate::daemon::net::lanes;
+use crate::daemon::net::lanes::{self, AddressLoad, Lane};
 use crate::daemon::net::queue::{Queue, Waiting, Worker};
 use crate::daemon::net::refuse::{refuse, refuse_waiting};
-use crate::daemon::shared::{Job, Shared, worker_stack_bytes};
+use crate::daemon::registry::State;
+use crate::daemon::shared::{Client, Job, Shared, worker_stack_bytes};
 use crate::daemon::stats::Stats;
+use crate::peer::Peer;
 use crate::proto::wire::ERR_SHUTDOWN;
 
 /// How long a worker without a connection waits for one before its thread ends. Long enough
@@ -60,26 +65,94 @@ impl Hiring {
 }
 
 /// A worker thread: serves connections from the queue until it closes, or until none came for
-/// `WORKER_KEEP`. A connection that waited past `queue_timeout_secs` is told `ERR busy` at once,
-/// and one taken while the server stops is told it is shutting down.
+/// `WORKER_KEEP`.
 fn work(shared: &Shared, mut worker: Worker) {
     while let Some(Waiting { since, job }) = worker.next(WORKER_KEEP) {
-        if shared.is_stopping() {
+        if let Some(job) = sort(shared, &worker, since, job) {
             Stats::sub(&shared.stats.queued, 1);
-            refuse(&job.stream, ERR_SHUTDOWN);
-            continue;
+            serve_caught(shared, job);
         }
-        let timeout = shared.config().server.queue_timeout;
-        if lanes::expired(since, Instant::now(), timeout) {
-            refuse_waiting(
-                shared,
-                job,
-                "no worker freed up within server.queue_timeout_secs",
-            );
-            continue;
-        }
+    }
+}
+
+/// What a worker does with a connection it took, before serving it: one taken while the server
+/// stops is told so, and one that waited past `queue_timeout_secs` is told `ERR busy`. One from
+/// a balancer whose header nobody has read yet is admitted by it (`conn::admit_proxied`), then
+/// counted among its client's recent connections and given its client's lane; if someone who
+/// may be lighter waits (`lanes::wait_again`), it goes back to wait in that lane with its
+/// arrival time, else (or if that lane is full) it is served now. Returns the connection to
+/// serve, or `None` when it was answered or put back.
+fn sort(shared: &Shared, worker: &Worker, since: Instant, job: Job) -> Option<Job> {
+    if shared.is_stopping() {
         Stats::sub(&shared.stats.queued, 1);
-        serve_caught(shared, job);
+        refuse(&job.stream, ERR_SHUTDOWN);
+        return None;
+    }
+    let timeout = shared.config().server.queue_timeout;
+    if lanes::expired(since, Instant::now(), timeout) {
+        refuse_waiting(
+            shared,
+            job,
+            "no worker freed up within server.queue_timeout_secs",
+        );
+        return None;
+    }
+    if !matches!(job.client, Client::Unread) {
+        return Some(job);
+    }
+    let Some(job) = admit_caught(shared, job) else {
+        Stats::sub(&shared.stats.queued, 1);
+        return None;
+    };
+    let rank = worker.record(addrgroup::of(job.peer.ip()), Instant::now());
+    let lane = lane_of(shared, job.peer, rank);
+    if !lanes::wait_again(lane, worker.per_lane()) {
+        return Some(job);
+    }
+    // Listed as queued again until a worker takes it; `conn::serve` sets its mode back.
+    job.listed.live().set_base(State::Queued);
+    let peer = job.peer;
+    match worker.put_back(lane, Waiting { since, job }) {
+        Ok(()) => {
+            log::debug!(
+                "{peer} waits again, in the {} lane: connections that may be lighter wait",
+                lane.as_str()
+            );
+            None
+        }
+        // The lane is full or the queue closed: served now rather than dropped, unless the
+        // server stops.
+        Err(w) if shared.is_stopping() => {
+            Stats::sub(&shared.stats.queued, 1);
+            refuse(&w.job.stream, ERR_SHUTDOWN);
+            None
+        }
+        Err(w) => Some(w.job),
+    }
+}
+
+/// The lane of a connection from `peer`, counted against `max_per_ip` already, whose address
+/// group has the recent rank `recent`: for a direct connection when it is accepted, for one from
+/// a balancer when a worker has read its client's address.
+pub fn lane_of(shared: &Shared, peer: Peer, recent: u64) -> Lane {
+    // Its own slot is counted already: the others are what the address holds besides.
+    let held = shared.per_ip.open_from(peer.ip()).saturating_sub(1);
+    lanes::lane(AddressLoad { held, recent })
+}
+
+/// Admits a balancer's connection by its PROXY header (`conn::admit_proxied`), with a panic
+/// caught and logged like one in serving it.
+#[inline(never)]
+fn admit_caught(shared: &Shared, job: Job) -> Option<Job> {
+    let via = job.peer;
+    match panic::catch_unwind(AssertUnwindSafe(|| conn::admit_proxied(shared, job))) {
+        Ok(admitted) => admitted,
+        Err(_) => {
+            log::error!(
+                "{via} handler panicked reading its PROXY header; connection closed, worker continues"
+            );
+            None
+        }
     }
 }
 

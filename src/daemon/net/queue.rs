@@ -1,9 +1,11 @@
 //! The work queue: accepted connections waiting for a worker, in bounded crossbeam channels, one
 //! per lane (`net::lanes`), and the worker pool's counts. The accept thread sends into the lanes
 //! and holds receivers too, so that it can take back the connections that waited
-//! `server.queue_timeout_secs` (the oldest of each lane is at its head) and, when the queue is
-//! full, the oldest of a heavier lane for a newcomer to wait in its place. Workers take with
-//! `select_biased!`, the lightest lane first.
+//! `server.queue_timeout_secs` and, when the queue is full, the oldest of a heavier lane for a
+//! newcomer to wait in its place. Workers take with `select_biased!`, the lightest lane first.
+//! A worker that has read a balancer connection's PROXY header may put it back, in its client's
+//! lane with its arrival time (`Worker::put_back`); every send, the accept thread's and the
+//! workers', goes through one lock (`Sending`) that keeps the arrival times in the lanes' order.
 //!
 //! Workers are started on demand: a connection queued while more connections wait than workers
 //! are idle hires one (a `Worker`, up to `max_workers`), which the accept thread starts on its own
@@ -12,16 +14,21 @@
 //! the only queue is the channels.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select_biased};
 
 use crate::daemon::net::lanes::{self, LANES, Lane};
+use crate::daemon::net::recent::Recent;
 use crate::daemon::shared::Job;
 
-/// A connection in the queue, with when it was queued.
+// `Worker::next` has one `recv` arm per lane.
+const _: () = assert!(LANES == 4);
+
+/// A connection in the queue, with when it arrived (kept when a worker puts it back).
 pub struct Waiting {
     pub since: Instant,
     pub job: Job,
@@ -29,22 +36,28 @@ pub struct Waiting {
 
 /// The accept thread's side of the queue.
 pub struct Queue {
-    senders: Option<[Sender<Waiting>; LANES]>,
-    lanes: [LaneEnd; LANES],
     pool: Arc<Pool>,
 }
 
-/// The accept thread's receiver of one lane, and when each connection still in it was queued,
-/// oldest first. Only the accept thread sends, so the connections in a lane are the last
-/// `len()` it sent, in order.
-struct LaneEnd {
-    rx: Receiver<Waiting>,
-    queued_at: VecDeque<Instant>,
+/// The sending side of the lanes. Each send happens under its lock together with the entry in
+/// `queued_at`, so that the entries stay in each lane's order.
+struct Sending {
+    /// `None` once the queue is closed.
+    tx: Option<[Sender<Waiting>; LANES]>,
+    /// When each connection sent into a lane arrived, in the lane's order. Workers take from the
+    /// heads without the lock, so the connections still in a lane are its last `len()` entries
+    /// (`Pool::trim` drops the others).
+    queued_at: [VecDeque<Instant>; LANES],
 }
 
-/// What the workers share: the lanes' receivers and the pool's counts.
+/// What the accept thread and the workers share: the lanes, their sending side, the recent
+/// connections that order them and the pool's counts.
 struct Pool {
     lanes: [Receiver<Waiting>; LANES],
+    sending: Mutex<Sending>,
+    /// Recent connections per address group (`net::recent`): the accept thread counts direct
+    /// connections, workers the clients of connections from a balancer.
+    recent: Mutex<Recent>,
     max_workers: usize,
     /// Workers hired and not yet retired.
     live: AtomicUsize,
@@ -78,15 +91,14 @@ impl Queue {
         let receivers: [Receiver<Waiting>; LANES] =
             receivers.try_into().unwrap_or_else(|_| unreachable!());
         let (gone_tx, gone_rx) = bounded(1);
-        let end = |rx: &Receiver<Waiting>| LaneEnd {
-            rx: rx.clone(),
-            queued_at: VecDeque::new(),
-        };
         Queue {
-            lanes: receivers.each_ref().map(end),
-            senders: Some(senders),
             pool: Arc::new(Pool {
                 lanes: receivers,
+                sending: Mutex::new(Sending {
+                    tx: Some(senders),
+                    queued_at: Default::default(),
+                }),
+                recent: Mutex::new(Recent::default()),
                 max_workers,
                 live: AtomicUsize::new(0),
                 idle: AtomicUsize::new(0),
@@ -100,14 +112,17 @@ impl Queue {
     /// Queues a connection in `lane`; gives it back if the lane is full or the queue closed.
     /// Returns a new worker (counted live and idle) for the caller to start when one is needed.
     pub fn push(&mut self, lane: Lane, job: Job, now: Instant) -> Result<Option<Worker>, Job> {
-        let Some(senders) = &self.senders else {
-            return Err(job);
-        };
-        match senders[lane.index()].try_send(Waiting { since: now, job }) {
-            Ok(()) => self.lanes[lane.index()].queued_at.push_back(now),
-            Err(TrySendError::Full(w) | TrySendError::Disconnected(w)) => return Err(w.job),
-        }
+        self.pool
+            .lock_sending()
+            .send(lane, Waiting { since: now, job })
+            .map_err(|w| w.job)?;
         Ok(self.hire())
+    }
+
+    /// Counts a connection of address group `group` at `now` among the recent ones, and returns
+    /// the group's rank (`net::recent::Recent::rank`) with it.
+    pub fn record(&self, group: IpAddr, now: Instant) -> u64 {
+        self.pool.record(group, now)
     }
 
     /// A new worker if more connections wait than workers are idle and the pool is not full.
@@ -128,11 +143,6 @@ impl Queue {
     /// How many connections wait.
     pub fn len(&self) -> usize {
         self.pool.waiting()
-    }
-
-    /// How many connections wait in each lane.
-    pub fn per_lane(&self) -> [usize; LANES] {
-        Lane::ALL.map(|l| self.pool.lanes[l.index()].len())
     }
 
     /// Workers that could take a connection now or soon: the idle ones and those the pool may
@@ -159,25 +169,39 @@ impl Queue {
         }
     }
 
-    /// Takes back the connections that have waited `timeout` or longer: the heads of the lanes.
+    /// Takes back the connections that have waited `timeout` or longer. They are at the heads
+    /// of the lanes, except one a worker put back (it keeps its arrival time), which may be
+    /// behind younger ones: then the whole lane is taken and the others go back in their order.
     pub fn expired(&mut self, now: Instant, timeout: Duration) -> Vec<Job> {
+        let pool = &*self.pool;
+        let late = |t: &Instant| lanes::expired(*t, now, timeout);
+        let mut s = pool.lock_sending();
         let mut out = Vec::new();
-        for i in 0..LANES {
-            while self.lanes[i]
-                .oldest()
-                .is_some_and(|since| lanes::expired(since, now, timeout))
-            {
-                let Some(w) = self.lanes[i].take() else {
+        for lane in Lane::ALL {
+            let i = lane.index();
+            pool.trim(&mut s, i);
+            let times = &s.queued_at[i];
+            let head = times.iter().take_while(|t| late(t)).count();
+            let n = if times.iter().skip(head).any(late) {
+                times.len()
+            } else {
+                head
+            };
+            let mut keep = Vec::new();
+            for _ in 0..n {
+                let Some(w) = pool.take(&mut s, i) else {
                     break;
                 };
-                if lanes::expired(w.since, now, timeout) {
+                if late(&w.since) {
                     out.push(w.job);
                 } else {
-                    // A worker took the expired head first; this one goes back, behind.
-                    if let Err(job) = self.push(Lane::ALL[i], w.job, w.since) {
-                        out.push(job);
-                    }
-                    break;
+                    // Not expired (or a worker took the expired head first): back, in order.
+                    keep.push(w);
+                }
+            }
+            for w in keep {
+                if let Err(w) = s.send(lane, w) {
+                    out.push(w.job);
                 }
             }
         }
@@ -187,17 +211,22 @@ impl Queue {
     /// When the queue is full: takes back the oldest connection of a lane heavier than the
     /// newcomer's (`net::lanes::displace`), so that the newcomer can wait in its place.
     pub fn displace(&mut self, newcomer: Lane) -> Option<Job> {
-        let lane = lanes::displace(newcomer, self.per_lane())?;
-        self.lanes[lane.index()].take().map(|w| w.job)
+        let pool = &*self.pool;
+        let lane = lanes::displace(newcomer, pool.per_lane())?;
+        let mut s = pool.lock_sending();
+        pool.take(&mut s, lane.index()).map(|w| w.job)
     }
 
-    /// Closes the queue: workers waiting or coming back get `None`. Returns what was waiting.
+    /// Closes the queue: workers waiting or coming back get `None`, and a worker's `put_back`
+    /// fails. Returns what was waiting.
     pub fn close(&mut self) -> Vec<Job> {
-        self.pool.closed.store(true, Ordering::SeqCst);
-        self.senders = None;
+        let pool = &*self.pool;
+        pool.closed.store(true, Ordering::SeqCst);
+        let mut s = pool.lock_sending();
+        s.tx = None;
         let mut out = Vec::new();
-        for lane in &mut self.lanes {
-            while let Some(w) = lane.take() {
+        for i in 0..LANES {
+            while let Some(w) = pool.take(&mut s, i) {
                 out.push(w.job);
             }
         }
@@ -205,28 +234,58 @@ impl Queue {
     }
 }
 
-impl LaneEnd {
-    /// When the connection at the head was queued, as far as the accept thread knows.
-    fn oldest(&mut self) -> Option<Instant> {
-        // Workers took the ones before: forget their times.
-        let len = self.rx.len();
-        while self.queued_at.len() > len {
-            self.queued_at.pop_front();
+impl Sending {
+    /// Sends a connection into `lane`, recording its arrival time; gives it back if the lane is
+    /// full or the queue closed.
+    fn send(&mut self, lane: Lane, w: Waiting) -> Result<(), Waiting> {
+        let Some(tx) = &self.tx else {
+            return Err(w);
+        };
+        let since = w.since;
+        match tx[lane.index()].try_send(w) {
+            Ok(()) => {
+                self.queued_at[lane.index()].push_back(since);
+                Ok(())
+            }
+            Err(TrySendError::Full(w) | TrySendError::Disconnected(w)) => Err(w),
         }
-        self.queued_at.front().copied()
-    }
-
-    /// Takes the connection at the head, if any is left.
-    fn take(&mut self) -> Option<Waiting> {
-        let w = self.rx.try_recv().ok()?;
-        self.queued_at.pop_front();
-        Some(w)
     }
 }
 
 impl Pool {
     fn waiting(&self) -> usize {
         self.lanes.iter().map(Receiver::len).sum()
+    }
+
+    fn per_lane(&self) -> [usize; LANES] {
+        Lane::ALL.map(|l| self.lanes[l.index()].len())
+    }
+
+    fn lock_sending(&self) -> MutexGuard<'_, Sending> {
+        // The state under the lock is consistent between statements; a panic elsewhere
+        // does not spoil it.
+        self.sending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, group: IpAddr, now: Instant) -> u64 {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.record(group, now);
+        recent.rank(group, now)
+    }
+
+    /// Forgets the arrival times of the connections workers took from lane `i`.
+    fn trim(&self, s: &mut Sending, i: usize) {
+        let len = self.lanes[i].len();
+        while s.queued_at[i].len() > len {
+            s.queued_at[i].pop_front();
+        }
+    }
+
+    /// Takes the connection at the head of lane `i`, if any is left.
+    fn take(&self, s: &mut Sending, i: usize) -> Option<Waiting> {
+        let w = self.lanes[i].try_recv().ok()?;
+        s.queued_at[i].pop_front();
+        Some(w)
     }
 
     /// Counts one worker more, live and idle, unless the pool is full.
@@ -271,6 +330,7 @@ impl Worker {
                 recv(pool.lanes[0]) -> w => w.ok(),
                 recv(pool.lanes[1]) -> w => w.ok(),
                 recv(pool.lanes[2]) -> w => w.ok(),
+                recv(pool.lanes[3]) -> w => w.ok(),
                 default(keep) => None,
             };
             if let Some(w) = got {
@@ -291,6 +351,22 @@ impl Worker {
             self.idle = true;
         }
     }
+
+    /// Puts a connection this worker took back at the end of `lane`, keeping its arrival time;
+    /// gives it back if the lane is full or the queue closed.
+    pub fn put_back(&self, lane: Lane, w: Waiting) -> Result<(), Waiting> {
+        self.pool.lock_sending().send(lane, w)
+    }
+
+    /// How many connections wait in each lane.
+    pub fn per_lane(&self) -> [usize; LANES] {
+        self.pool.per_lane()
+    }
+
+    /// `Queue::record`, for the client of a connection from a balancer.
+    pub fn record(&self, group: IpAddr, now: Instant) -> u64 {
+        self.pool.record(group, now)
+    }
 }
 
 impl Drop for Worker {
@@ -308,6 +384,7 @@ mod tests {
     use super::*;
     use crate::daemon::access::per_ip::PerIp;
     use crate::daemon::registry::Registry;
+    use crate::daemon::shared::Client;
     use crate::peer::Peer;
 
     /// `n` accepted connections from `ips`, and the client ends that keep them open.
@@ -321,9 +398,9 @@ mod tests {
             let ip: IpAddr = ip.parse().unwrap();
             let peer = Peer::new(SocketAddr::new(ip, 1000 + i as u16));
             out.push(Job {
-                stream,
+                stream: Arc::new(stream),
                 peer,
-                slot: Some(per_ip.acquire(ip, 100).unwrap()),
+                client: Client::Direct(per_ip.acquire(ip, 100).unwrap()),
                 listed: Registry::default().register(peer),
             });
         }
@@ -362,7 +439,7 @@ mod tests {
         // A worker takes the light lane first, then the oldest of the heavy one.
         assert_eq!(peer(w.next(keep)), "[10.0.0.2:1002]");
         assert_eq!(peer(w.next(keep)), "[10.0.0.1:1000]");
-        assert_eq!((q.len(), q.per_lane()), (3, [0, 0, 3]));
+        assert_eq!((q.len(), q.pool.per_lane()), (3, [0, 0, 0, 3]));
         // A light newcomer displaces the heavy lane's oldest (port 1001); a heavy one nobody.
         assert!(q.displace(Lane::Heavy).is_none());
         let gone = q.displace(Lane::Light).unwrap();
@@ -405,6 +482,54 @@ mod tests {
         assert!(q.expired(at, Duration::from_secs(2)).is_empty());
         assert_eq!(peer(w.next(Duration::ZERO)), "[10.0.0.1:1001]");
         assert_eq!(peer(w.next(Duration::ZERO)), "[10.0.0.1:1002]");
+    }
+
+    #[test]
+    fn a_connection_put_back_keeps_its_arrival_time_and_expires_from_behind_younger_ones() {
+        let per_ip = Arc::new(PerIp::default());
+        let mut q = Queue::new(2, 1);
+        let t0 = Instant::now();
+        let keep = Duration::from_secs(60);
+        let ips = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"];
+        let (js, _keep) = jobs(&ips, &per_ip);
+        let mut js = js.into_iter();
+        // The first, from a balancer, arrives at t0 and a worker takes it; two more arrive at
+        // t0 + 3 s and t0 + 4 s in the heavy lane.
+        let first = js.next().unwrap();
+        let mut w = q
+            .push(Lane::Unread, first, t0)
+            .ok()
+            .flatten()
+            .expect("hired");
+        let taken = w.next(keep).unwrap();
+        assert_eq!(taken.since, t0);
+        for (i, job) in js.by_ref().take(2).enumerate() {
+            let at = t0 + Duration::from_secs(3 + i as u64);
+            assert!(q.push(Lane::Heavy, job, at).is_ok());
+        }
+        // The worker puts it back behind them, with its arrival time.
+        assert!(w.put_back(Lane::Heavy, taken).is_ok());
+        assert_eq!(q.pool.per_lane(), [0, 0, 0, 3]);
+        // At t0 + 5 s with a 5 s timeout only it has waited that long: it is taken back from
+        // behind the younger ones, which keep their order.
+        let expired = q.expired(t0 + Duration::from_secs(5), Duration::from_secs(5));
+        let expired: Vec<String> = expired.iter().map(|j| j.peer.to_string()).collect();
+        assert_eq!(expired, ["[10.0.0.1:1000]"]);
+        assert_eq!(q.pool.per_lane(), [0, 0, 0, 2]);
+        let second = w.next(keep).unwrap();
+        assert_eq!(second.job.peer.to_string(), "[10.0.0.2:1001]");
+        // A full lane (two places beyond the one worker: three) gives it back.
+        for job in js {
+            assert!(q.push(Lane::Heavy, job, t0).is_ok());
+        }
+        let second = match w.put_back(Lane::Heavy, second) {
+            Err(w) => w,
+            Ok(()) => panic!("put back into a full lane"),
+        };
+        assert_eq!(peer(w.next(keep)), "[10.0.0.3:1002]");
+        // So does a closed queue.
+        assert_eq!(q.close().len(), 2);
+        assert!(w.put_back(Lane::Light, second).is_err());
     }
 
     #[test]
