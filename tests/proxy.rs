@@ -208,9 +208,9 @@ fn behind_a_balancer_a_quiet_client_goes_before_a_busy_clients_later_connections
     let head_len = whole.len() - body.len();
     let mut holder = through(&d, &v2(&format!("{BUSY}:30000")), &whole[..head_len + 1000]);
     d.wait_log(&format!("[{BUSY}:30000] online"), IO_TIMEOUT);
-    // Eight more connections of the busy client, then one of the quiet client, all through the
-    // balancer. Each sends one line and ends its sending side, so that once served it ends at
-    // once and the worker goes on to the next.
+    // Eight more connections of the busy client (PROXY v2), then one of the quiet client (v1),
+    // all through the balancer. Each sends one line and ends its sending side, so that once
+    // served it ends at once and the worker goes on to the next.
     let clients: Vec<String> = (1..=8)
         .map(|i| format!("{BUSY}:{}", 30000 + i))
         .chain([format!("{QUIET}:40000")])
@@ -218,7 +218,8 @@ fn behind_a_balancer_a_quiet_client_goes_before_a_busy_clients_later_connections
     let mut waiting: Vec<TcpStream> = clients
         .iter()
         .map(|c| {
-            let s = through(&d, &v2(c), format!("from {c}\n").as_bytes());
+            let header = if c.starts_with(QUIET) { v1(c) } else { v2(c) };
+            let s = through(&d, &header, format!("from {c}\n").as_bytes());
             s.shutdown(std::net::Shutdown::Write).unwrap();
             s
         })
@@ -242,7 +243,11 @@ fn behind_a_balancer_a_quiet_client_goes_before_a_busy_clients_later_connections
         let line = format!("from {c}\n");
         expect_then_eof(&d, s, line.as_bytes(), IO_TIMEOUT, c);
     }
-    // The order in which they were served: their `online` lines.
+    // The order in which they were served: their `online` lines (the log is read by another
+    // thread: wait until it has them all).
+    for c in &clients {
+        d.wait_log(&format!("[{c}] online (through"), IO_TIMEOUT);
+    }
     let log = d.log();
     let online = |c: &String| {
         log.find(&format!("[{c}] online (through"))
