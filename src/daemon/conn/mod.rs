@@ -95,6 +95,13 @@ impl fmt::Display for Reason {
 /// Serves one accepted connection until it ends, logging `online` and `offline`. A balancer's
 /// connection whose PROXY header no worker has read yet is admitted first (`admit_proxied`).
 pub fn serve(shared: &Shared, job: Job) {
+    let job = match job.client {
+        Client::Unread => match admit_proxied(shared, job) {
+            Ok(job) => job,
+            Err(_) => return,
+        },
+        _ => job,
+    };
     let Job {
         stream,
         peer,
@@ -103,9 +110,8 @@ pub fn serve(shared: &Shared, job: Job) {
     } = job;
     let started = Instant::now();
     // The settings this connection lives by, taken whole: a reload mid-way does not mix them. A
-    // proxied connection took them when its header was read.
-    // The slot keeps this connection counted against its address (from a balancer, the
-    // client's, from its PROXY header) until `serve` returns (or unwinds).
+    // proxied connection took them when its header was read. The slot keeps it counted against
+    // its address (from a balancer, the client's) until `serve` returns (or unwinds).
     let (_slot, via, snapshot) = match client {
         Client::Direct(slot) => (slot, None, shared.snapshot()),
         Client::Proxied(p) => {
@@ -117,18 +123,8 @@ pub fn serve(shared: &Shared, job: Job) {
             } = *p;
             (slot, Some((via, version)), snapshot)
         }
-        Client::Unread => {
-            let job = Job {
-                stream,
-                peer,
-                client,
-                listed,
-            };
-            if let Some(job) = admit_proxied(shared, job) {
-                serve(shared, job);
-            }
-            return;
-        }
+        // Admitted above.
+        Client::Unread => return,
     };
     let cfg = Arc::clone(&snapshot.config);
     let s = &cfg.server;
@@ -182,17 +178,20 @@ fn log_online(peer: Peer, via: Option<(Peer, u8)>) {
 
 /// A balancer's connection whose PROXY header is not read yet: takes the settings it will live
 /// by, reads the header within `access.header_timeout_secs` and checks and counts the client it
-/// carries (`proxied::admit`). Returns the job as its client's (`Client::Proxied`), or `None`
-/// once it has been told why not. The registry reaches its stream from here on, so that a stop
-/// wakes a worker waiting for the header.
-pub fn admit_proxied(shared: &Shared, job: Job) -> Option<Job> {
+/// carries (`proxied::admit`). Returns the job as its client's (`Client::Proxied`), or, once it
+/// has been told why not, the client's address if the client itself was refused (access rules,
+/// `max_per_ip`). The registry reaches its stream from here on, so that a stop wakes a worker
+/// waiting for the header. Out of line, so that its frame is not part of `serve`'s, under a
+/// worker that waits for an idle peer's next line.
+#[inline(never)]
+pub fn admit_proxied(shared: &Shared, job: Job) -> Result<Job, Option<Peer>> {
     let snapshot = shared.snapshot();
     let cfg = &snapshot.config;
     let s = &cfg.server;
     let via = job.peer;
     if let Err(e) = prepare_stream(&job.stream, s.idle_timeout, s.write_timeout) {
         log::warn!("{via} cannot set socket options: {e}; closing");
-        return None;
+        return Err(None);
     }
     job.listed.serve(Arc::clone(&job.stream), base_state(cfg));
     let a = proxied::admit(shared, cfg, &job.stream, via)?;
@@ -203,7 +202,7 @@ pub fn admit_proxied(shared: &Shared, job: Job) -> Option<Job> {
         version: a.version,
         snapshot: Arc::clone(&snapshot),
     };
-    Some(Job {
+    Ok(Job {
         peer: a.peer,
         client: Client::Proxied(Box::new(proxied)),
         ..job

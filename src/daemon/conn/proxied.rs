@@ -38,8 +38,10 @@ enum HeadEnd {
 }
 
 /// Reads the PROXY header of a connection from the balancer `via` and lets its client in, or
-/// tells it why not (one `ERR` line) and returns `None`. Every refusal is logged through
-/// `Shared::refused`, under the client's address when it is known.
+/// tells it why not (one `ERR` line). Every refusal is logged through `Shared::refused`, under
+/// the client's address when it is known; the error carries that address when the client itself
+/// was refused (access rules, `max_per_ip`), so that the queue counts the attempt as it counts a
+/// refused direct connection.
 // Not inlined, so that its header buffer takes stack only while it runs, never under a worker
 // that waits for an idle peer's next line.
 #[inline(never)]
@@ -48,13 +50,13 @@ pub(super) fn admit(
     cfg: &Config,
     stream: &TcpStream,
     via: Peer,
-) -> Option<Admitted> {
+) -> Result<Admitted, Option<Peer>> {
     let limit = cfg.access.header_timeout;
     let header = match read_header(stream, Deadline::after(limit, deadline::Why::Header)) {
         Ok(h) => h,
         Err(end) => {
             refuse_header(shared, stream, via, limit, &end);
-            return None;
+            return Err(None);
         }
     };
     let peer = header.source.map_or(via, Peer::new);
@@ -63,11 +65,11 @@ pub(super) fn admit(
         .set_read_timeout(Some(cfg.server.idle_timeout))
         .is_err()
     {
-        return None;
+        return Err(None);
     }
     if shared.is_stopping() {
         say(stream, ERR_SHUTDOWN);
-        return None;
+        return Err(None);
     }
     if let Err(refusal) = cfg.access.rules.check(peer.ip()) {
         Stats::add(&shared.stats.refused_access, 1);
@@ -75,13 +77,13 @@ pub(super) fn admit(
         shared.refused(Why::NotAllowed, Some(peer.ip()), || {
             format!("{peer} refused: not allowed: the address {refusal} (through {via})")
         });
-        return None;
+        return Err(Some(peer));
     }
     match shared
         .per_ip
         .acquire(peer.ip(), per_ip::cap(cfg, peer.ip()))
     {
-        Ok(slot) => Some(Admitted {
+        Ok(slot) => Ok(Admitted {
             peer,
             slot,
             version: header.version,
@@ -94,7 +96,7 @@ pub(super) fn admit(
                     "{peer} refused: {open} connections from this address are open, the limit of access.max_per_ip (through {via})"
                 )
             });
-            None
+            Err(Some(peer))
         }
     }
 }

@@ -81,7 +81,9 @@ fn work(shared: &Shared, mut worker: Worker) {
 /// counted among its client's recent connections and given its client's lane; if someone who
 /// may be lighter waits (`lanes::wait_again`), it goes back to wait in that lane with its
 /// arrival time, else (or if that lane is full) it is served now. Returns the connection to
-/// serve, or `None` when it was answered or put back.
+/// serve, or `None` when it was answered or put back. Out of line, like `serve_caught`, so that
+/// its frame is not kept under the connection being served.
+#[inline(never)]
 fn sort(shared: &Shared, worker: &Worker, since: Instant, job: Job) -> Option<Job> {
     if shared.is_stopping() {
         Stats::sub(&shared.stats.queued, 1);
@@ -100,9 +102,17 @@ fn sort(shared: &Shared, worker: &Worker, since: Instant, job: Job) -> Option<Jo
     if !matches!(job.client, Client::Unread) {
         return Some(job);
     }
-    let Some(job) = admit_caught(shared, job) else {
-        Stats::sub(&shared.stats.queued, 1);
-        return None;
+    let job = match admit_caught(shared, job) {
+        Ok(job) => job,
+        Err(refused) => {
+            Stats::sub(&shared.stats.queued, 1);
+            // A refused client counts among its recent connections, as a refused direct
+            // connection does: a client that keeps retrying is seen.
+            if let Some(client) = refused {
+                worker.record(addrgroup::of(client.ip()), Instant::now());
+            }
+            return None;
+        }
     };
     let rank = worker.record(addrgroup::of(job.peer.ip()), Instant::now());
     let lane = lane_of(shared, job.peer, rank);
@@ -143,7 +153,7 @@ pub fn lane_of(shared: &Shared, peer: Peer, recent: u64) -> Lane {
 /// Admits a balancer's connection by its PROXY header (`conn::admit_proxied`), with a panic
 /// caught and logged like one in serving it.
 #[inline(never)]
-fn admit_caught(shared: &Shared, job: Job) -> Option<Job> {
+fn admit_caught(shared: &Shared, job: Job) -> Result<Job, Option<Peer>> {
     let via = job.peer;
     match panic::catch_unwind(AssertUnwindSafe(|| conn::admit_proxied(shared, job))) {
         Ok(admitted) => admitted,
@@ -151,7 +161,7 @@ fn admit_caught(shared: &Shared, job: Job) -> Option<Job> {
             log::error!(
                 "{via} handler panicked reading its PROXY header; connection closed, worker continues"
             );
-            None
+            Err(None)
         }
     }
 }
