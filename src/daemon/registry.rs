@@ -291,6 +291,11 @@ impl Live {
         let Some(stream) = self.stream.get() else {
             return false;
         };
+        // A connection from a balancer that a worker put back in the queue after reading its
+        // PROXY header (its stream is set) waits like any other queued one.
+        if self.state() == State::Queued {
+            return false;
+        }
         self.kicked_by
             .store(uid.saturating_add(1), Ordering::SeqCst);
         let _ = stream.shutdown(Shutdown::Read);
@@ -385,4 +390,33 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section is a single insert, remove, swap or iteration (or a write whose
     // failure ends the connection): the data stays consistent even if a holder panicked.
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, TcpListener};
+
+    use super::*;
+
+    #[test]
+    fn a_connection_is_kicked_only_while_served() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (stream, _) = l.accept().unwrap();
+        let registry = Registry::default();
+        let peer = Peer::new(SocketAddr::from(([192, 0, 2, 1], 1000)));
+        let listed = registry.register(peer);
+        let live = Arc::clone(listed.live());
+        // Queued: no worker has it yet.
+        assert!(!live.kick(0));
+        // A worker reads from it (a PROXY header) and puts it back in the queue: still queued.
+        listed.serve(Arc::new(stream), State::Echo);
+        live.set_base(State::Queued);
+        assert!(!live.kick(0));
+        assert_eq!(live.kicked_by(), None);
+        // Served again.
+        live.set_base(State::Echo);
+        assert!(live.kick(7));
+        assert_eq!(live.kicked_by(), Some(7));
+    }
 }
