@@ -21,6 +21,7 @@ use crate::daemon::stats::Stats;
 use crate::deadline::is_timeout;
 use crate::peer::Peer;
 use crate::proto;
+use crate::proto::decimal::Fixed;
 use crate::proto::starstar;
 use crate::proto::wire::ERR_SHUTDOWN;
 
@@ -166,11 +167,11 @@ pub fn serve(shared: &Shared, job: Job) {
 #[inline(never)]
 fn log_offline(conn: &Conn<'_>, started: Instant, reason: &Reason) {
     log::info!(
-        "{} offline (in {} B, out {} B, {:.1} s, reason: {reason})",
+        "{} offline (in {} B, out {} B, {} s, reason: {reason})",
         conn.peer,
         conn.bytes_in,
         conn.bytes_out,
-        started.elapsed().as_secs_f64()
+        Fixed::secs(started.elapsed(), 1)
     );
 }
 

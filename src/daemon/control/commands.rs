@@ -42,23 +42,16 @@ fn list(shared: &Shared, json: bool) -> String {
 }
 
 fn row(live: &Live, now: Instant) -> Row {
-    let file = live.upload().map(|(up, received)| {
-        let secs = now.saturating_duration_since(up.started).as_secs_f64();
-        FileRow {
-            name: up.name,
-            received,
-            size: up.size,
-            rate: if secs > 0.0 {
-                received as f64 / secs
-            } else {
-                0.0
-            },
-        }
+    let file = live.upload().map(|(up, received)| FileRow {
+        name: up.name,
+        received,
+        size: up.size,
+        elapsed: now.saturating_duration_since(up.started),
     });
     Row {
         peer: live.peer().to_string(),
         state: live.state().as_str(),
-        age_secs: now.saturating_duration_since(live.since).as_secs_f64(),
+        age: now.saturating_duration_since(live.since),
         bytes_in: live.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
         bytes_out: live.sent(),
         file,

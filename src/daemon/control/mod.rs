@@ -24,6 +24,7 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use crate::config::ControlConfig;
 use crate::daemon::shared::Shared;
 use crate::proto::control::{self, MAX_REQUEST, Request};
+use crate::threads;
 
 /// How long a control client has to send its whole request line.
 const REQUEST_TIME: Duration = Duration::from_secs(2);
@@ -104,9 +105,11 @@ impl Control {
     /// `udp` is a clone of the daemon's UDP socket, for `udp HOST:PORT TEXT`.
     pub fn spawn(self, shared: Arc<Shared>, udp: Option<UdpSocket>) -> io::Result<JoinHandle<()>> {
         log::info!("control socket on {}", self.path.display());
-        thread::Builder::new()
-            .name("control".into())
-            .spawn(move || self.run(&shared, udp.as_ref()))
+        threads::spawn(
+            "control".into(),
+            None,
+            Box::new(move || self.run(&shared, udp.as_ref())),
+        )
     }
 
     fn run(self, shared: &Shared, udp: Option<&UdpSocket>) {

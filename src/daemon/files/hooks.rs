@@ -34,7 +34,9 @@ use crate::config::Config;
 use crate::daemon::files::hookreap::{self, RUN_ENV, Reaper};
 use crate::escape::escaped;
 use crate::hookargs::{self, Stored};
+use crate::proto::decimal::Fixed;
 use crate::proto::wire;
+use crate::threads;
 
 /// Bytes of a hook's output (stdout and stderr together) kept for the log; the rest is read
 /// and counted, never stored.
@@ -240,10 +242,10 @@ impl Hooks {
             let stop_rx = self.stop_rx.clone();
             let stop = Arc::clone(&self.stop);
             let reaper = Arc::clone(&self.reaper);
-            let spawned = thread::Builder::new()
-                .name(format!("hook-{index}"))
-                .stack_size(self.stack)
-                .spawn(move || {
+            let spawned = threads::spawn(
+                format!("hook-{index}"),
+                Some(self.stack),
+                Box::new(move || {
                     loop {
                         select! {
                             recv(rx) -> run => match run {
@@ -254,7 +256,8 @@ impl Hooks {
                             recv(stop_rx) -> _ => return,
                         }
                     }
-                });
+                }),
+            );
             match spawned {
                 Ok(t) => {
                     threads.push(t);
@@ -399,16 +402,16 @@ fn execute(run: &Run, reaper: &Reaper, stop: &Stop) {
 /// Logs how a hook ended and its output.
 fn log_end(run: &Run, program: &dyn std::fmt::Display, started: Instant, end: &End, out: &Output) {
     let label = &run.label;
-    let took = started.elapsed().as_secs_f64();
+    let took = Fixed::secs(started.elapsed(), 2);
     let limit = run.timeout.as_secs();
     let failed = match end {
         End::Exited(status) if status.success() => {
-            log::info!("hook for \"{label}\": {program} exited 0 in {took:.2} s");
+            log::info!("hook for \"{label}\": {program} exited 0 in {took} s");
             false
         }
         End::Exited(status) => {
             log::warn!(
-                "hook for \"{label}\": {program} {} in {took:.2} s; the file stays stored",
+                "hook for \"{label}\": {program} {} in {took} s; the file stays stored",
                 describe(*status)
             );
             true

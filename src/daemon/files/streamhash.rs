@@ -15,6 +15,8 @@ use blake3::hazmat::{
 };
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::threads;
+
 /// Piece size: a power of two multiple of BLAKE3's 1 KiB chunk, so that every piece but the last
 /// is a complete subtree.
 pub const PIECE: usize = 1 << 20;
@@ -71,14 +73,15 @@ impl HashPool {
         let mut started = 0;
         for i in 0..threads {
             let rx = rx.clone();
-            let spawned = thread::Builder::new()
-                .name(format!("hash-{i}"))
-                .stack_size(self.stack)
-                .spawn(move || {
+            let spawned = threads::spawn(
+                format!("hash-{i}"),
+                Some(self.stack),
+                Box::new(move || {
                     for job in rx.iter() {
                         job();
                     }
-                });
+                }),
+            );
             match spawned {
                 Ok(_) => started += 1,
                 Err(e) => log::warn!("cannot start hashing thread {}: {e}", i + 1),

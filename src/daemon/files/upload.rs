@@ -13,6 +13,7 @@ use crate::daemon::files::store::{Pending, Store, StoreError};
 use crate::daemon::files::streamhash::HashPool;
 use crate::daemon::files::subdir::WalkError;
 use crate::escape::{Escaped, escaped};
+use crate::proto::decimal::Fixed;
 use crate::proto::header::CHECKSUM_LEN;
 use crate::proto::name::NameError;
 use crate::proto::wire::{self as answer, Code, ERR_SHUTDOWN};
@@ -359,10 +360,10 @@ impl Receiving<'_> {
                 last_progress = Instant::now();
                 let done = pending.written();
                 log::info!(
-                    "{peer} receiving \"{shown}\": {} of {size} B ({:.0}%), {:.1} MB/s",
+                    "{peer} receiving \"{shown}\": {} of {size} B ({}%), {} MB/s",
                     done,
-                    done as f64 * 100.0 / size as f64,
-                    mb_per_s(done, self.started.elapsed())
+                    Fixed::percent(done, size),
+                    Fixed::mb_per_s(done, self.started.elapsed())
                 );
             }
         }
@@ -530,11 +531,11 @@ impl Receiving<'_> {
             Ok(stored_name) => {
                 let took = self.started.elapsed();
                 log::info!(
-                    "{peer} stored \"{shown}\" as \"{}\" ({size} B, {algo} {}, {how}{:.2} s, {:.1} MB/s)",
+                    "{peer} stored \"{shown}\" as \"{}\" ({size} B, {algo} {}, {how}{} s, {} MB/s)",
                     escaped(stored_name.as_bytes(), 255),
                     answer::hex(&got),
-                    took.as_secs_f64(),
-                    mb_per_s(size, took)
+                    Fixed::secs(took, 2),
+                    Fixed::mb_per_s(size, took)
                 );
                 Outcome::Stored {
                     stored_name,
@@ -558,8 +559,4 @@ impl Receiving<'_> {
             }
         }
     }
-}
-
-fn mb_per_s(bytes: u64, took: Duration) -> f64 {
-    bytes as f64 / took.as_secs_f64().max(1e-6) / 1e6
 }

@@ -4,7 +4,6 @@
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::daemon::conn;
@@ -14,6 +13,7 @@ use crate::daemon::net::refuse::{refuse, refuse_waiting};
 use crate::daemon::shared::{Job, Shared, worker_stack_bytes};
 use crate::daemon::stats::Stats;
 use crate::proto::wire::ERR_SHUTDOWN;
+use crate::threads;
 
 /// How long a worker without a connection waits for one before its thread ends. Long enough
 /// that a steady trickle of connections reuses threads; short enough that the stacks of a
@@ -37,10 +37,11 @@ impl Hiring {
     pub fn start(&mut self, shared: &Arc<Shared>, queue: &Queue, worker: Worker) {
         let stack = worker_stack_bytes(&shared.config());
         let thread_shared = Arc::clone(shared);
-        let spawned = thread::Builder::new()
-            .name(format!("worker-{}", self.n_started))
-            .stack_size(stack)
-            .spawn(move || work(&thread_shared, worker));
+        let spawned = threads::spawn(
+            format!("worker-{}", self.n_started),
+            Some(stack),
+            Box::new(move || work(&thread_shared, worker)),
+        );
         match spawned {
             Ok(_) => self.n_started += 1,
             Err(e) => {

@@ -5,7 +5,7 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -18,6 +18,7 @@ use crate::daemon::stats::Stats;
 use crate::deadline::is_timeout;
 use crate::escape::escaped;
 use crate::peer::Peer;
+use crate::threads;
 
 /// The receive buffer: larger than any UDP payload, so nothing is ever truncated unseen.
 const BUF: usize = 64 * 1024;
@@ -66,10 +67,11 @@ pub fn spawn(socket: UdpSocket, shared: Arc<Shared>) -> io::Result<JoinHandle<()
             RCVBUF * 2 / 1024
         );
     }
-    thread::Builder::new()
-        .name("udp".into())
-        .stack_size(128 * 1024)
-        .spawn(move || run(&socket, &shared))
+    threads::spawn(
+        "udp".into(),
+        Some(128 * 1024),
+        Box::new(move || run(&socket, &shared)),
+    )
 }
 
 #[derive(Default)]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::daemon::files::holders::{Holder, TakeOver};
 use crate::daemon::files::resume::{self, Claim, Limits};
+use crate::proto::decimal::Fixed;
 
 use super::{Pending, Store, StoreError, io_err};
 
@@ -108,8 +109,8 @@ impl Store {
                     {
                         let by = holder.as_ref().map_or("", |h| h.peer.as_str());
                         log::warn!(
-                            "{by} takes over partial upload {file_name} from {peer}, silent for {:.1} s: that connection is ended",
-                            quiet.as_secs_f64()
+                            "{by} takes over partial upload {file_name} from {peer}, silent for {} s: that connection is ended",
+                            Fixed::secs(quiet, 1)
                         );
                         waited_until = waited_until.max(Instant::now() + HELD_GRACE);
                     }
