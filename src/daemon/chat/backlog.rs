@@ -6,6 +6,7 @@ use std::net::{IpAddr, Shutdown};
 use std::time::{Duration, Instant};
 
 use crate::daemon::access::addrgroup;
+use crate::logger;
 use crate::proto::wire;
 
 use super::notices::Notice;
@@ -138,7 +139,7 @@ impl State {
         // Wakes both of its threads: the writer blocked on a full socket, the reader.
         let _ = m.stream.shutdown(Shutdown::Both);
         let peer = m.peer;
-        log::warn!("{peer} dropped from the chat: {why}");
+        logger::warn!("{peer} dropped from the chat: {why}");
         m.dropped = Some(why);
         m.announced = true;
         self.notice(

@@ -14,6 +14,7 @@ use crate::daemon::chat::{ChatLimits, Seat};
 use crate::daemon::shared::worker_stack_bytes;
 use crate::daemon::stats::Stats;
 use crate::escape::push_chat_text;
+use crate::logger;
 use crate::proto::wire;
 use crate::threads;
 
@@ -186,7 +187,7 @@ impl Conn<'_> {
             chat.seat.broadcast(out.as_bytes(), chat.limits, &give_up);
         }
         if too_long {
-            log::warn!(
+            logger::warn!(
                 "{} chat line over server.max_line_bytes = {max}; refused",
                 self.peer
             );

@@ -19,6 +19,7 @@ use crate::daemon::registry::{Live, State};
 use crate::daemon::shared::{Job, Shared, Snapshot};
 use crate::daemon::stats::Stats;
 use crate::deadline::is_timeout;
+use crate::logger;
 use crate::peer::Peer;
 use crate::proto;
 use crate::proto::decimal::Fixed;
@@ -107,7 +108,7 @@ pub fn serve(shared: &Shared, job: Job) {
     let cfg = Arc::clone(&snapshot.config);
     let s = &cfg.server;
     if let Err(e) = prepare_stream(&stream, s.idle_timeout, s.write_timeout) {
-        log::warn!("{peer} cannot set socket options: {e}; closing");
+        logger::warn!("{peer} cannot set socket options: {e}; closing");
         return;
     }
     let stream = Arc::new(stream);
@@ -155,8 +156,8 @@ pub fn serve(shared: &Shared, job: Job) {
         panic_line: debug_panic_line(),
     };
     match via {
-        None => log::info!("{peer} online"),
-        Some((via, v)) => log::info!("{peer} online (through {via}, PROXY v{v})"),
+        None => logger::info!("{peer} online"),
+        Some((via, v)) => logger::info!("{peer} online (through {via}, PROXY v{v})"),
     }
     let reason = conn.session(&stream);
     log_offline(&conn, started, &reason);
@@ -166,7 +167,7 @@ pub fn serve(shared: &Shared, job: Job) {
 /// worker waiting on an idle peer stays small (see `READ_BUF`).
 #[inline(never)]
 fn log_offline(conn: &Conn<'_>, started: Instant, reason: &Reason) {
-    log::info!(
+    logger::info!(
         "{} offline (in {} B, out {} B, {} s, reason: {reason})",
         conn.peer,
         conn.bytes_in,

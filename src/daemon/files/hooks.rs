@@ -34,6 +34,7 @@ use crate::config::Config;
 use crate::daemon::files::hookreap::{self, RUN_ENV, Reaper};
 use crate::escape::escaped;
 use crate::hookargs::{self, Stored};
+use crate::logger;
 use crate::proto::decimal::Fixed;
 use crate::proto::wire;
 use crate::threads;
@@ -172,7 +173,7 @@ impl Hooks {
             } else {
                 String::new()
             };
-            log::warn!(
+            logger::warn!(
                 "daemon stopping: {not_run} queued hook(s) not run (files.on_stored), for {}{more}; the files stay stored",
                 names.join(", ")
             );
@@ -216,13 +217,13 @@ impl Hooks {
         self.start();
         match self.tx.try_send(run) {
             Ok(()) => {}
-            Err(TrySendError::Full(run)) => log::warn!(
+            Err(TrySendError::Full(run)) => logger::warn!(
                 "hook for \"{}\" not run: {} files already wait for a hook (files.hook_queue_depth); the file stays stored",
                 run.label,
                 self.depth
             ),
             Err(TrySendError::Disconnected(run)) => {
-                log::warn!("hook for \"{}\" not run: no hook thread", run.label)
+                logger::warn!("hook for \"{}\" not run: no hook thread", run.label)
             }
         }
     }
@@ -263,10 +264,10 @@ impl Hooks {
                     threads.push(t);
                     running += 1;
                 }
-                Err(e) => log::error!("cannot start hook thread {}: {e}", index + 1),
+                Err(e) => logger::error!("cannot start hook thread {}: {e}", index + 1),
             }
         }
-        log::info!(
+        logger::info!(
             "started {running} hook thread(s) (files.hook_workers = {})",
             self.workers
         );
@@ -338,7 +339,7 @@ fn execute(run: &Run, reaper: &Reaper, stop: &Stop) {
     let (mut pipe, mut child) = match spawn(program, args, &run.env, reaper) {
         Ok(p) => p,
         Err(e) => {
-            log::warn!("hook for \"{label}\": cannot run {shown_program}: {e}");
+            logger::warn!("hook for \"{label}\": cannot run {shown_program}: {e}");
             return;
         }
     };
@@ -373,7 +374,7 @@ fn execute(run: &Run, reaper: &Reaper, stop: &Stop) {
                 reaper.leader_done(pgid);
             }
             if reaper.kill_all(pgid, run.id) {
-                log::warn!(
+                logger::warn!(
                     "hook for \"{label}\": processes of run {} survive SIGKILL",
                     run.id
                 );
@@ -406,11 +407,11 @@ fn log_end(run: &Run, program: &dyn std::fmt::Display, started: Instant, end: &E
     let limit = run.timeout.as_secs();
     let failed = match end {
         End::Exited(status) if status.success() => {
-            log::info!("hook for \"{label}\": {program} exited 0 in {took} s");
+            logger::info!("hook for \"{label}\": {program} exited 0 in {took} s");
             false
         }
         End::Exited(status) => {
-            log::warn!(
+            logger::warn!(
                 "hook for \"{label}\": {program} {} in {took} s; the file stays stored",
                 describe(*status)
             );
@@ -423,18 +424,18 @@ fn log_end(run: &Run, program: &dyn std::fmt::Display, started: Instant, end: &E
                 format!("after files.hook_timeout_secs = {limit} s")
             };
             match status {
-                Some(st) => log::warn!(
+                Some(st) => logger::warn!(
                     "hook for \"{label}\": {program} {} but what it started was still running {when}; killed it all; the file stays stored",
                     describe(*st)
                 ),
-                None => log::warn!(
+                None => logger::warn!(
                     "hook for \"{label}\": {program} still running {when}; killed its process group and all it started; the file stays stored"
                 ),
             }
             true
         }
         End::Lost(e) => {
-            log::warn!("hook for \"{label}\": cannot wait for {program}: {e}; killed it");
+            logger::warn!("hook for \"{label}\": cannot wait for {program}: {e}; killed it");
             true
         }
     };
@@ -483,7 +484,7 @@ fn log_output(label: &str, out: &Output, failed: bool) {
     let mut shown_bytes = 0u64;
     for line in lines.by_ref().take(OUTPUT_LINES) {
         shown_bytes += line.len() as u64 + 1;
-        log::log!(
+        logger::log!(
             level,
             "hook for \"{label}\" output: {}",
             escaped(line, LINE_WIDTH)
@@ -491,7 +492,7 @@ fn log_output(label: &str, out: &Output, failed: bool) {
     }
     let left = out.total.saturating_sub(shown_bytes);
     if lines.next().is_some() || out.total > out.kept.len() as u64 {
-        log::log!(
+        logger::log!(
             level,
             "hook for \"{label}\" output: … ({left} more bytes not logged)"
         );

@@ -15,6 +15,7 @@ use blake3::hazmat::{
 };
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::logger;
 use crate::threads;
 
 /// Piece size: a power of two multiple of BLAKE3's 1 KiB chunk, so that every piece but the last
@@ -84,11 +85,11 @@ impl HashPool {
             );
             match spawned {
                 Ok(_) => started += 1,
-                Err(e) => log::warn!("cannot start hashing thread {}: {e}", i + 1),
+                Err(e) => logger::warn!("cannot start hashing thread {}: {e}", i + 1),
             }
         }
         if started == 0 {
-            log::warn!("no hashing thread could start; uploads are hashed by their worker");
+            logger::warn!("no hashing thread could start; uploads are hashed by their worker");
             return None;
         }
         Some(tx)

@@ -12,6 +12,7 @@ use crate::daemon::net::queue::{Queue, Waiting, Worker};
 use crate::daemon::net::refuse::{refuse, refuse_waiting};
 use crate::daemon::shared::{Job, Shared, worker_stack_bytes};
 use crate::daemon::stats::Stats;
+use crate::logger;
 use crate::proto::wire::ERR_SHUTDOWN;
 use crate::threads;
 
@@ -50,7 +51,7 @@ impl Hiring {
                     .is_none_or(|t| t.elapsed() >= SPAWN_WARN_EVERY)
                 {
                     self.last_warning = Some(Instant::now());
-                    log::warn!(
+                    logger::warn!(
                         "cannot start a worker thread: {e}; {} worker(s) serve, the connection waits (lower server.max_connections or raise the process/thread limits)",
                         queue.live_workers()
                     );
@@ -91,6 +92,6 @@ fn work(shared: &Shared, mut worker: Worker) {
 fn serve_caught(shared: &Shared, job: Job) {
     let peer = job.peer;
     if panic::catch_unwind(AssertUnwindSafe(|| conn::serve(shared, job))).is_err() {
-        log::error!("{peer} handler panicked; connection closed, worker continues");
+        logger::error!("{peer} handler panicked; connection closed, worker continues");
     }
 }

@@ -5,6 +5,7 @@
 
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::logger;
 use crate::threads;
 
 /// Exit code when a second SIGINT/SIGTERM arrives during the shutdown.
@@ -26,7 +27,7 @@ where
 {
     ctrlc::set_handler(move || {
         if !stop() {
-            log::warn!("second signal during shutdown: exiting now");
+            logger::warn!("second signal during shutdown: exiting now");
             std::process::exit(EXIT_SECOND_SIGNAL);
         }
     })
@@ -42,7 +43,7 @@ where
                     Ok(Signal::SIGHUP) => reload(),
                     Ok(_) => {}
                     Err(e) => {
-                        log::error!("waiting for SIGHUP failed: {e}; reload disabled");
+                        logger::error!("waiting for SIGHUP failed: {e}; reload disabled");
                         return;
                     }
                 }
