@@ -102,16 +102,15 @@ fn render(what: &str, pos: u64, len: u64, elapsed: Duration) -> String {
         bar.push('>');
         bar.push_str(&" ".repeat(BAR_WIDTH - filled - 1));
     }
-    // The rate is pos / elapsed bytes per second, kept as that exact ratio.
-    let nanos = elapsed.as_nanos();
-    let eta = if pos > 0 && nanos > 0 {
-        // The time left at this rate, rounded up to whole seconds.
-        let left = u128::from(len - pos) * nanos;
-        let per_sec = u128::from(pos) * NANOS;
-        format!("{}s", left.div_ceil(per_sec))
+    let secs = elapsed.as_secs_f64();
+    let per_sec = if secs > 0.0 { pos as f64 / secs } else { 0.0 };
+    let eta = if per_sec > 0.0 {
+        format!("{}s", ((len - pos) as f64 / per_sec).ceil() as u64)
     } else {
         "?".to_string()
     };
+    // The rate shown is pos / elapsed bytes per second, kept as that exact ratio.
+    let nanos = elapsed.as_nanos();
     let rate = if nanos > 0 {
         bytes(u128::from(pos) * NANOS, nanos)
     } else {

@@ -12,13 +12,16 @@ const NANOS: u128 = 1_000_000_000;
 /// A non-negative number with `places` decimals, shown as `int.frac`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fixed {
-    /// The value times 10^places, rounded.
-    scaled: u128,
+    /// The value times 10^places, rounded (at most `u64::MAX`: every figure ferryd shows fits,
+    /// and 64-bit arithmetic is much smaller than 128-bit on 32-bit boards).
+    scaled: u64,
     places: u32,
 }
 
 impl Fixed {
-    /// `num / den` with `places` decimals (at most 9); zero when `den` is zero.
+    /// `num / den` with `places` decimals (at most 9); zero when `den` is zero. Out of line:
+    /// 128-bit division is large code on 32-bit targets.
+    #[inline(never)]
     pub fn ratio(num: u128, den: u128, places: u32) -> Fixed {
         let scale = 10u128.pow(places);
         if den == 0 {
@@ -32,7 +35,7 @@ impl Fixed {
             std::cmp::Ordering::Less => false,
         };
         Fixed {
-            scaled: q + u128::from(up),
+            scaled: u64::try_from(q + u128::from(up)).unwrap_or(u64::MAX),
             places,
         }
     }
@@ -59,13 +62,12 @@ impl Fixed {
 
 impl fmt::Display for Fixed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scale = 10u128.pow(self.places);
-        // Below 2^64 (every figure ferryd shows) the 64-bit digits are printed.
-        let int = u64::try_from(self.scaled / scale).unwrap_or(u64::MAX);
+        let scale = 10u64.pow(self.places);
+        let int = self.scaled / scale;
         if self.places == 0 {
             return write!(f, "{int}");
         }
-        let frac = (self.scaled % scale) as u64;
+        let frac = self.scaled % scale;
         write!(f, "{int}.{frac:0width$}", width = self.places as usize)
     }
 }
