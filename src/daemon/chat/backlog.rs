@@ -44,7 +44,7 @@ impl State {
             if *group == 0 {
                 self.n_senders += 1;
             }
-            *group += len;
+            *group += len as u64;
             m.in_log += len;
             // A sender that has taken everything skips its own line at once: otherwise its
             // writer, which is not woken for it, would hold the log back until it looks again.
@@ -165,7 +165,7 @@ impl State {
         let Some(bytes) = self.group_bytes.get_mut(&group) else {
             return;
         };
-        *bytes = bytes.saturating_sub(len);
+        *bytes = bytes.saturating_sub(len as u64);
         if *bytes == 0 {
             self.group_bytes.remove(&group);
             self.n_senders -= 1;
