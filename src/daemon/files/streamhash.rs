@@ -13,8 +13,9 @@ use std::thread;
 use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
 };
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 
+use crate::daemon::files::oneshot;
 use crate::logger;
 use crate::threads;
 
@@ -124,7 +125,7 @@ struct Pooled<'p> {
     /// Complete pieces pushed onto the stack so far.
     pushed: u64,
     /// Results still to come, in piece order, with each piece's buffer.
-    inflight: VecDeque<(Receiver<ChainingValue>, Arc<Vec<u8>>)>,
+    inflight: VecDeque<(oneshot::Receiver<ChainingValue>, Arc<Vec<u8>>)>,
     /// Buffers ready to be filled again.
     spare: Vec<Arc<Vec<u8>>>,
     /// The last piece's chaining value, once known.
@@ -221,18 +222,18 @@ impl<'p> StreamHash<'p> {
 
 impl Pooled<'_> {
     fn feed(&mut self, piece: Arc<Vec<u8>>, offset: u64) {
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, rx) = oneshot::pair();
         let shared = Arc::clone(&piece);
         let job: Job = Box::new(move || {
             let cv = subtree_cv(&shared, offset);
             // Release the buffer before reporting, so the caller can reuse it at once.
             drop(shared);
-            let _ = tx.send(cv);
+            tx.send(cv);
         });
         if self.broken || !self.pool.submit(job) {
             self.broken = true;
-            let (tx, rx2) = crossbeam_channel::bounded(1);
-            let _ = tx.send(subtree_cv(&piece, offset));
+            let (tx, rx2) = oneshot::pair();
+            tx.send(subtree_cv(&piece, offset));
             self.inflight.push_back((rx2, piece));
         } else {
             self.inflight.push_back((rx, piece));
@@ -245,7 +246,7 @@ impl Pooled<'_> {
             return;
         };
         // A pool thread always answers; should one die, hash here rather than hang.
-        let cv = rx.recv().unwrap_or_else(|_| {
+        let cv = rx.recv().unwrap_or_else(|| {
             let offset = self.pushed * PIECE as u64;
             subtree_cv(&buf, offset)
         });
