@@ -24,6 +24,7 @@ mod hookargs;
 mod logger;
 mod peer;
 mod rules;
+mod threads;
 
 // The reload plan lives with the key declarations it is derived from.
 use config::reload;

@@ -4,7 +4,6 @@
 
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::thread;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -15,6 +14,7 @@ use crate::client::prepared::progress_bar;
 use crate::client::prepared::{Prepared, TrailerTag};
 use crate::deadline::is_timeout;
 use crate::proto::wire::{Answer, Code, parse_answer, parse_resume};
+use crate::threads;
 
 /// Longest answer line read from a server.
 const MAX_ANSWER: u64 = 4096;
@@ -154,30 +154,35 @@ impl Connection {
         stream.set_write_timeout(Some(timeout))?;
         let reader = stream.try_clone()?;
         let (tx, rx) = crossbeam_channel::bounded(16);
-        thread::spawn(move || {
-            let mut reader = BufReader::new(reader);
-            loop {
-                let mut line = Vec::new();
-                match (&mut reader).take(MAX_ANSWER).read_until(b'\n', &mut line) {
-                    Ok(0) => {
-                        let _ = tx.send(Err(io::ErrorKind::UnexpectedEof.into()));
-                        return;
-                    }
-                    Ok(_) => {
-                        // Bytes that are not UTF-8 are shown as U+FFFD; control characters are
-                        // escaped where the line is printed.
-                        let line = String::from_utf8_lossy(&line).into_owned();
-                        if tx.send(Ok(line)).is_err() {
+        // The thread could not start: the connection cannot see its answers.
+        threads::spawn(
+            "answers".into(),
+            None,
+            Box::new(move || {
+                let mut reader = BufReader::new(reader);
+                loop {
+                    let mut line = Vec::new();
+                    match (&mut reader).take(MAX_ANSWER).read_until(b'\n', &mut line) {
+                        Ok(0) => {
+                            let _ = tx.send(Err(io::ErrorKind::UnexpectedEof.into()));
+                            return;
+                        }
+                        Ok(_) => {
+                            // Bytes that are not UTF-8 are shown as U+FFFD; control characters are
+                            // escaped where the line is printed.
+                            let line = String::from_utf8_lossy(&line).into_owned();
+                            if tx.send(Ok(line)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
                             return;
                         }
                     }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
                 }
-            }
-        });
+            }),
+        )?;
         Ok(Connection {
             stream,
             answers: rx,

@@ -11,6 +11,7 @@ use std::thread;
 use sha2::{Digest, Sha256};
 
 use crate::proto::Algo;
+use crate::threads;
 
 use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
@@ -66,13 +67,8 @@ pub fn hash_file(
         return Ok(*hasher.finalize().as_bytes());
     }
     let left_len = left_subtree_len(len);
-    let (left, right) = thread::scope(|s| {
-        let right = s.spawn(|| subtree(file, left_len, len - left_len, depth - 1, progress));
-        let left = subtree(file, 0, left_len, depth - 1, progress);
-        (left, right.join())
-    });
-    let right = right.map_err(|_| io::Error::other("hashing thread panicked"))??;
-    Ok(*merge_subtrees_root(&left?, &right, Mode::Hash).as_bytes())
+    let (left, right) = halves(file, 0, len, left_len, depth, progress);
+    Ok(*merge_subtrees_root(&left?, &right?, Mode::Hash).as_bytes())
 }
 
 /// The chaining value of the subtree covering `file[offset..offset + len]`, which must be a
@@ -91,14 +87,45 @@ fn subtree(
         return Ok(hasher.finalize_non_root());
     }
     let left_len = left_subtree_len(len);
-    let (left, right) = thread::scope(|s| {
-        let right =
-            s.spawn(|| subtree(file, offset + left_len, len - left_len, depth - 1, progress));
+    let (left, right) = halves(file, offset, len, left_len, depth, progress);
+    Ok(merge_subtrees_non_root(&left?, &right?, Mode::Hash))
+}
+
+/// The chaining values of the two halves of `file[offset..offset + len]`, split after
+/// `left_len` bytes: the right one on a thread of its own, the left one on this thread.
+fn halves(
+    file: &File,
+    offset: u64,
+    len: u64,
+    left_len: u64,
+    depth: u32,
+    progress: &(dyn Fn(u64) + Sync),
+) -> (io::Result<ChainingValue>, io::Result<ChainingValue>) {
+    let mut right = None;
+    let (left, joined) = thread::scope(|s| {
+        let spawned = threads::spawn_scoped(
+            s,
+            None,
+            None,
+            Box::new(|| {
+                right = Some(subtree(
+                    file,
+                    offset + left_len,
+                    len - left_len,
+                    depth - 1,
+                    progress,
+                ));
+            }),
+        );
         let left = subtree(file, offset, left_len, depth - 1, progress);
-        (left, right.join())
+        (left, spawned.map(|h| h.join()))
     });
-    let right = right.map_err(|_| io::Error::other("hashing thread panicked"))??;
-    Ok(merge_subtrees_non_root(&left?, &right, Mode::Hash))
+    let right = match (joined, right) {
+        (Ok(Ok(())), Some(right)) => right,
+        (Err(e), _) => Err(e),
+        _ => Err(io::Error::other("hashing thread panicked")),
+    };
+    (left, right)
 }
 
 fn feed(

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::auth::KeyError;
 use crate::client::stdin;
+use crate::proto::decimal::Secs;
 use crate::proto::{Algo, name};
 
 /// Files at least this large are sent resumable (header flag bit 3) by default: the server keeps
@@ -108,11 +109,7 @@ impl fmt::Display for ClientError {
                 )
             }
             ClientError::ConnectTimeout { to, timeout } => {
-                write!(
-                    f,
-                    "timed out after {} s connecting to {to}",
-                    timeout.as_secs_f64()
-                )
+                write!(f, "timed out after {} s connecting to {to}", Secs(*timeout))
             }
             ClientError::Connect { to, err } => write!(f, "cannot connect to {to}: {err}"),
             ClientError::File { path, err } => write!(f, "{}: {err}", path.display()),

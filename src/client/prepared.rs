@@ -13,6 +13,7 @@ use crate::client::options::{ClientError, Form, RESUME_MIN};
 use crate::client::progress::Progress;
 use crate::client::{filehash, stdin};
 use crate::proto::{HEADER_LEN, Header, name};
+use crate::threads;
 
 /// Buffer size for the read/write fallback when sendfile(2) cannot be used.
 const CHUNK: usize = 1 << 20;
@@ -190,23 +191,35 @@ impl Prepared {
             return self.write_body(out, from, tick);
         }
         let (algo, size, known) = (self.header.algo, self.header.size, self.known);
-        let (sent, sum) = thread::scope(|s| {
-            let file = &self.file;
+        let file = &self.file;
+        let mut hashed = None;
+        let (sent, joined) = thread::scope(|s| {
             let hasher = match known {
                 Some(_) => None,
-                None => Some(s.spawn(move || {
-                    filehash::checksum_file(algo, file, size, hash_depth(), &|_| {})
-                })),
+                None => Some(threads::spawn_scoped(
+                    s,
+                    None,
+                    None,
+                    Box::new(|| {
+                        hashed = Some(filehash::checksum_file(
+                            algo,
+                            file,
+                            size,
+                            hash_depth(),
+                            &|_| {},
+                        ));
+                    }),
+                )),
             };
             let sent = self.write_body(out, from, tick);
-            let sum = match hasher {
-                Some(h) => h
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("hashing thread panicked"))),
-                None => known.ok_or_else(|| io::Error::other("no checksum")),
-            };
-            (sent, sum)
+            (sent, hasher.map(|h| h.map(|h| h.join())))
         });
+        let sum = match joined {
+            Some(Ok(Ok(()))) => hashed.unwrap_or_else(|| Err(io::Error::other("no checksum"))),
+            Some(Ok(Err(_))) => Err(io::Error::other("hashing thread panicked")),
+            Some(Err(e)) => Err(e),
+            None => known.ok_or_else(|| io::Error::other("no checksum")),
+        };
         if !sent? {
             return Ok(false);
         }

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::proto::decimal::Fixed;
+
 /// Shortest time between two redraws.
 const REDRAW_EVERY: Duration = Duration::from_millis(100);
 /// Width of the bar, in cells.
@@ -101,33 +103,42 @@ fn render(what: &str, pos: u64, len: u64, elapsed: Duration) -> String {
         bar.push_str(&" ".repeat(BAR_WIDTH - filled - 1));
     }
     let secs = elapsed.as_secs_f64();
-    let rate = if secs > 0.0 { pos as f64 / secs } else { 0.0 };
-    let eta = if rate > 0.0 {
-        format!("{}s", ((len - pos) as f64 / rate).ceil() as u64)
+    let per_sec = if secs > 0.0 { pos as f64 / secs } else { 0.0 };
+    let eta = if per_sec > 0.0 {
+        format!("{}s", ((len - pos) as f64 / per_sec).ceil() as u64)
     } else {
         "?".to_string()
     };
+    // The rate shown is pos / elapsed bytes per second, kept as that exact ratio.
+    let nanos = elapsed.as_nanos();
+    let rate = if nanos > 0 {
+        bytes(u128::from(pos) * NANOS, nanos)
+    } else {
+        bytes(0, 1)
+    };
     format!(
-        "\r{what:<WHAT_WIDTH$} [{bar}] {}/{} {}/s {eta}\x1b[K",
-        bytes(pos as f64),
-        bytes(len as f64),
-        bytes(rate)
+        "\r{what:<WHAT_WIDTH$} [{bar}] {}/{} {rate}/s {eta}\x1b[K",
+        bytes(u128::from(pos), 1),
+        bytes(u128::from(len), 1),
     )
 }
 
-/// A byte count in binary units, e.g. `1.50 MiB`.
-fn bytes(n: f64) -> String {
+/// Nanoseconds in a second.
+const NANOS: u128 = 1_000_000_000;
+
+/// A byte count `num / den` in binary units, e.g. `1.50 MiB`.
+fn bytes(num: u128, den: u128) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut n = n;
+    let mut den = den;
     let mut unit = 0;
-    while n >= 1024.0 && unit + 1 < UNITS.len() {
-        n /= 1024.0;
+    while num >= den * 1024 && unit + 1 < UNITS.len() {
+        den *= 1024;
         unit += 1;
     }
     if unit == 0 {
-        format!("{n:.0} B")
+        format!("{} B", Fixed::ratio(num, den, 0))
     } else {
-        format!("{n:.2} {}", UNITS[unit])
+        format!("{} {}", Fixed::ratio(num, den, 2), UNITS[unit])
     }
 }
 
@@ -138,17 +149,14 @@ mod tests {
     #[test]
     fn bytes_in_binary_units() {
         for (n, want) in [
-            (0.0, "0 B"),
-            (1023.0, "1023 B"),
-            (1024.0, "1.00 KiB"),
-            (1536.0, "1.50 KiB"),
-            (1048576.0, "1.00 MiB"),
-            (
-                5.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0,
-                "5120.00 TiB",
-            ),
+            (0, "0 B"),
+            (1023, "1023 B"),
+            (1024, "1.00 KiB"),
+            (1536, "1.50 KiB"),
+            (1048576, "1.00 MiB"),
+            (5 * 1024 * 1024 * 1024 * 1024 * 1024, "5120.00 TiB"),
         ] {
-            assert_eq!(bytes(n), want, "{n}");
+            assert_eq!(bytes(n, 1), want, "{n}");
         }
     }
 

@@ -17,6 +17,7 @@ use crate::client::prepared::Prepared;
 use crate::client::retry::{self, Next};
 use crate::client::walk::{self, Item};
 use crate::escape::push_chat_text;
+use crate::proto::decimal::Secs;
 
 /// `ferryd pack FILE...`: writes one frame per file to `out`.
 pub fn pack<W: Write + AsFd>(opts: &PackOptions, out: &mut W) -> Result<(), ClientError> {
@@ -122,7 +123,7 @@ impl Run<'_> {
                         &format!(
                             "{}; retry {retries} of {of} in {} s",
                             sent.message,
-                            pause.as_secs_f64()
+                            Secs(pause)
                         ),
                     );
                     thread::sleep(pause);

@@ -61,7 +61,8 @@ fn walk(dir: &Path, prefix: &str, depth: usize, items: &mut Vec<Item>, notes: &m
             return;
         }
     };
-    entries.sort_by_key(|e| e.file_name());
+    // Names in one directory are unique: an unstable sort gives the same order.
+    entries.sort_unstable_by_key(|e| e.file_name());
     for entry in entries {
         let path = entry.path();
         let name = format!("{prefix}/{}", entry.file_name().to_string_lossy());

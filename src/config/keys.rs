@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::proto::decimal::Secs;
 use crate::rules::Cidr;
 
 use super::{Config, LogFormat, Mode, OnConflict};
@@ -99,9 +100,24 @@ pub(super) enum Val {
 }
 
 /// A field of `Config` that a key fills: it converts to and from `Val` (without `as` casts) and
-/// prints itself with `Debug` in the reload log.
-pub(super) trait Setting: fmt::Debug {
+/// shows itself in the reload log as `Debug` does.
+pub(super) trait Setting {
     fn to_val(&self) -> Val;
+    /// The value as `{:?}` shows it (not `Debug` itself, so that the vtables do not pull in
+    /// `Duration`'s decimal `Debug` code for durations that are whole seconds).
+    fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result;
+    /// `{:?}` itself, which the reload tests hold `show` to.
+    #[cfg(test)]
+    fn debug(&self) -> String;
+}
+
+/// A setting shown as its `show` says, for `{}`.
+pub(super) struct Shown<'a>(pub &'a dyn Setting);
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.show(f)
+    }
 }
 
 /// The way back from `Val` to a field's type (by reference, so that only the types that own
@@ -750,6 +766,13 @@ macro_rules! int_setting {
             fn to_val(&self) -> Val {
                 Val::Int(u64::try_from(*self).unwrap_or(u64::MAX))
             }
+            #[cfg(test)]
+            fn debug(&self) -> String {
+                format!("{self:?}")
+            }
+            fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(self, f)
+            }
         }
         impl FromVal for $t {
             fn from_val(v: &Val) -> Option<$t> {
@@ -768,6 +791,18 @@ impl Setting for Duration {
     fn to_val(&self) -> Val {
         Val::Int(self.as_secs())
     }
+    #[cfg(test)]
+    fn debug(&self) -> String {
+        format!("{self:?}")
+    }
+    fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // As `Debug` shows the whole seconds a duration setting holds: `300s`, zero as
+        // `0ns`.
+        if self.is_zero() {
+            return f.write_str("0ns");
+        }
+        write!(f, "{}s", Secs(*self))
+    }
 }
 
 impl FromVal for Duration {
@@ -782,6 +817,13 @@ impl FromVal for Duration {
 impl Setting for bool {
     fn to_val(&self) -> Val {
         Val::Bool(*self)
+    }
+    #[cfg(test)]
+    fn debug(&self) -> String {
+        format!("{self:?}")
+    }
+    fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
     }
 }
 
@@ -798,6 +840,13 @@ impl Setting for IpAddr {
     fn to_val(&self) -> Val {
         Val::Ip(*self)
     }
+    #[cfg(test)]
+    fn debug(&self) -> String {
+        format!("{self:?}")
+    }
+    fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
 }
 
 impl FromVal for IpAddr {
@@ -812,6 +861,13 @@ impl FromVal for IpAddr {
 impl Setting for PathBuf {
     fn to_val(&self) -> Val {
         Val::Path(self.clone())
+    }
+    #[cfg(test)]
+    fn debug(&self) -> String {
+        format!("{self:?}")
+    }
+    fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
     }
 }
 
@@ -830,6 +886,13 @@ impl Setting for Option<PathBuf> {
             Some(p) => Val::Path(p.clone()),
             None => Val::Unset,
         }
+    }
+    #[cfg(test)]
+    fn debug(&self) -> String {
+        format!("{self:?}")
+    }
+    fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
     }
 }
 
@@ -850,6 +913,13 @@ impl Setting for Option<String> {
             None => Val::Unset,
         }
     }
+    #[cfg(test)]
+    fn debug(&self) -> String {
+        format!("{self:?}")
+    }
+    fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
 }
 
 impl FromVal for Option<String> {
@@ -866,6 +936,13 @@ impl Setting for Vec<Cidr> {
     fn to_val(&self) -> Val {
         Val::Rules(self.clone())
     }
+    #[cfg(test)]
+    fn debug(&self) -> String {
+        format!("{self:?}")
+    }
+    fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
 }
 
 impl FromVal for Vec<Cidr> {
@@ -880,6 +957,13 @@ impl FromVal for Vec<Cidr> {
 impl Setting for Vec<String> {
     fn to_val(&self) -> Val {
         Val::Argv(self.clone())
+    }
+    #[cfg(test)]
+    fn debug(&self) -> String {
+        format!("{self:?}")
+    }
+    fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
     }
 }
 
@@ -897,6 +981,13 @@ macro_rules! word_setting {
         impl Setting for $t {
             fn to_val(&self) -> Val {
                 Val::Word(self.as_str())
+            }
+            #[cfg(test)]
+            fn debug(&self) -> String {
+                format!("{self:?}")
+            }
+            fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(self, f)
             }
         }
         impl FromVal for $t {
@@ -921,6 +1012,13 @@ impl Setting for log::LevelFilter {
             log::LevelFilter::Debug => "debug",
             log::LevelFilter::Trace => "trace",
         })
+    }
+    #[cfg(test)]
+    fn debug(&self) -> String {
+        format!("{self:?}")
+    }
+    fn show(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
     }
 }
 

@@ -3,7 +3,7 @@
 //! log. Pure: no I/O.
 
 use super::check::Values;
-use super::keys::{KEYS, Reload};
+use super::keys::{KEYS, Reload, Shown};
 use crate::config::Config;
 
 /// The outcome of comparing two configurations.
@@ -31,7 +31,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
             kept.push(now_val);
             continue;
         }
-        let change = format!("{}: {was:?} -> {now:?}", key.path());
+        let change = format!("{}: {} -> {}", key.path(), Shown(was), Shown(now));
         match key.reload {
             Reload::Live => {
                 applied.push(change);
@@ -155,7 +155,7 @@ mod tests {
                     assert_eq!(effective, now.to_val(), "{src:?}: {}", k.path());
                     continue;
                 }
-                let line = format!("{}: {was:?} -> {now:?}", k.path());
+                let line = format!("{}: {} -> {}", k.path(), was.debug(), now.debug());
                 match k.reload {
                     Reload::Live => {
                         assert_eq!(effective, now.to_val(), "{src:?}: {} applies", k.path());

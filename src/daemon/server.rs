@@ -105,7 +105,7 @@ impl Server {
         let (tcp, passed_udp) = match activated {
             Some(a) => {
                 for line in &a.described {
-                    log::info!("socket activation: {line}");
+                    logger::info!("socket activation: {line}");
                 }
                 (a.tcp, a.udp)
             }
@@ -165,11 +165,11 @@ impl Server {
             };
         // The accept loop wakes every TICK even when nobody connects.
         if let Err(e) = SockRef::from(&*self.handle.listener).set_read_timeout(Some(TICK)) {
-            log::warn!(
+            logger::warn!(
                 "cannot set the listener's wake-up timeout: {e}; the watchdog is fed only when clients connect"
             );
         }
-        log::info!(
+        logger::info!(
             "listening on {} (mode {}, up to {} workers, queue {}, idle timeout {} s)",
             self.local_addr,
             cfg.mode.as_str(),
@@ -191,7 +191,7 @@ impl Server {
         let started = queue.live_workers();
         let mut left = queue.wait_workers_gone(Instant::now() + grace);
         if left > 0 {
-            log::warn!(
+            logger::warn!(
                 "{left} connection(s) still open after the {} s grace period; closing them",
                 grace.as_secs()
             );
@@ -206,7 +206,7 @@ impl Server {
         if let Some(t) = control_thread {
             let _ = t.join();
         }
-        log::info!(
+        logger::info!(
             "stopped: {}; {} of {started} workers joined",
             shared.stats.summary(),
             started.saturating_sub(left)
@@ -227,7 +227,7 @@ fn start_control(
     let udp = udp.and_then(|u| match u.try_clone() {
         Ok(clone) => Some(clone),
         Err(e) => {
-            log::warn!("control socket: cannot share the UDP socket: {e}; no udp command");
+            logger::warn!("control socket: cannot share the UDP socket: {e}; no udp command");
             None
         }
     });
@@ -249,7 +249,7 @@ impl Handle {
             return false;
         }
         self.notifier.stopping();
-        log::info!(
+        logger::info!(
             "shutting down: closing {} connection(s)",
             self.shared.conns.count()
         );
@@ -268,10 +268,12 @@ impl Handle {
     /// file is refused and the running configuration stays in force.
     pub fn reload(&self) {
         self.notifier.reloading();
-        log::info!("reloading configuration from {}", self.origin);
+        logger::info!("reloading configuration from {}", self.origin);
         match config::load(&self.origin) {
             Ok(new) => self.apply(new),
-            Err(e) => log::error!("reload refused, the running configuration stays in force: {e}"),
+            Err(e) => {
+                logger::error!("reload refused, the running configuration stays in force: {e}")
+            }
         }
         self.notifier.ready(&self.shared.status());
     }
@@ -283,7 +285,7 @@ impl Handle {
         let key = match load_key(&plan.effective) {
             Ok(k) => k,
             Err(e) => {
-                log::error!(
+                logger::error!(
                     "reload refused, the running configuration stays in force: files.token_file: {e}"
                 );
                 return;
@@ -297,7 +299,7 @@ impl Handle {
             match self.shared.snapshot().store.reopen(&plan.effective.files) {
                 Ok(opened) => Arc::new(opened.store),
                 Err(e) => {
-                    log::error!(
+                    logger::error!(
                         "reload refused, the running configuration stays in force: files.dir: {e}"
                     );
                     return;
@@ -314,12 +316,12 @@ impl Handle {
             key,
         });
         for change in &plan.needs_restart {
-            log::warn!("reload: {change} needs a restart; the running value stays");
+            logger::warn!("reload: {change} needs a restart; the running value stays");
         }
         if plan.applied.is_empty() {
-            log::info!("reloaded: nothing that can change while running changed");
+            logger::info!("reloaded: nothing that can change while running changed");
         } else {
-            log::info!("reloaded: {}", plan.applied.join(", "));
+            logger::info!("reloaded: {}", plan.applied.join(", "));
         }
     }
 }
@@ -330,7 +332,9 @@ fn start_hash_pool(config: &Config) -> Option<HashPool> {
     match HashPool::start(worker_stack_bytes(config)) {
         Ok(pool) => Some(pool),
         Err(e) => {
-            log::warn!("cannot start the hashing threads: {e}; uploads are hashed by their worker");
+            logger::warn!(
+                "cannot start the hashing threads: {e}; uploads are hashed by their worker"
+            );
             None
         }
     }
@@ -341,13 +345,13 @@ fn start_hash_pool(config: &Config) -> Option<HashPool> {
 fn open_store(config: &Config) -> Result<Store, ServerError> {
     let opened = Store::open(&config.files, true).map_err(ServerError::Store)?;
     for name in &opened.stale_removed {
-        log::warn!(
+        logger::warn!(
             "removed stale partial upload {}/{name} (left by an earlier crash or kill)",
             config.files.dir.display()
         );
     }
     for (name, why) in &opened.stale_kept {
-        log::warn!(
+        logger::warn!(
             "cannot remove stale entry {}/{name}: {why}; left it in place (remove it by hand)",
             config.files.dir.display()
         );
@@ -356,18 +360,18 @@ fn open_store(config: &Config) -> Result<Store, ServerError> {
     match opened.store.sweep_partials() {
         Ok((removed, kept)) => {
             for name in &removed {
-                log::info!(
+                logger::info!(
                     "removed expired partial upload {}/{name}",
                     config.files.dir.display()
                 );
             }
             if kept > 0 {
-                log::info!("kept {kept} partial upload(s) for resuming");
+                logger::info!("kept {kept} partial upload(s) for resuming");
             }
         }
-        Err(e) => log::warn!("partial uploads: {e}"),
+        Err(e) => logger::warn!("partial uploads: {e}"),
     }
-    log::info!(
+    logger::info!(
         "storing uploads in {} (on_conflict {}, max {} B per file)",
         opened.store.dir().display(),
         config.files.on_conflict.as_str(),
@@ -385,20 +389,20 @@ fn udp_socket(
 ) -> Result<Option<UdpSocket>, ServerError> {
     Ok(match passed_udp {
         Some((socket, addr)) if config.udp.enabled => {
-            log::info!(
+            logger::info!(
                 "udp echo on the socket passed by systemd ({addr}); udp.bind and udp.port are not used"
             );
             Some(socket)
         }
         Some((_, addr)) => {
-            log::info!("udp.enabled = false: closing the UDP socket passed by systemd ({addr})");
+            logger::info!("udp.enabled = false: closing the UDP socket passed by systemd ({addr})");
             None
         }
         // Socket-activated, ferryd binds nothing itself (under PrivateNetwork it could not be
         // reached anyway): no datagram socket passed means no UDP echo.
         None if activated_by_systemd => {
             if config.udp.enabled {
-                log::info!(
+                logger::info!(
                     "udp echo off: systemd passed no datagram socket (add ListenDatagram= to the .socket unit)"
                 );
             }
@@ -407,7 +411,7 @@ fn udp_socket(
         None if config.udp.enabled => {
             let addr = SocketAddr::new(config.udp.bind, config.udp.port);
             let socket = udp::bind(addr).map_err(ServerError::Bind)?;
-            log::info!("udp echo on {}", socket.local_addr().unwrap_or(addr));
+            logger::info!("udp echo on {}", socket.local_addr().unwrap_or(addr));
             Some(socket)
         }
         None => None,
@@ -422,7 +426,7 @@ fn tcp_listener(
 ) -> Result<(TcpListener, SocketAddr, bool), ServerError> {
     Ok(match tcp {
         Some((listener, addr)) => {
-            log::info!(
+            logger::info!(
                 "serving on the socket passed by systemd ({addr}); server.bind and server.port are not used"
             );
             (listener, addr, false)
@@ -444,12 +448,12 @@ fn load_key(cfg: &Config) -> Result<Option<Arc<Key>>, KeyError> {
     };
     let (key, exposed) = Key::load(path)?;
     if exposed {
-        log::warn!(
+        logger::warn!(
             "files.token_file {} is readable by group or others; chmod 600 it",
             path.display()
         );
     }
-    log::info!(
+    logger::info!(
         "uploads need the key in {}{}",
         path.display(),
         if cfg.access.require_token {

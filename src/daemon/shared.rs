@@ -18,6 +18,7 @@ use crate::daemon::files::store::Store;
 use crate::daemon::files::streamhash::HashPool;
 use crate::daemon::registry::{Registration, Registry};
 use crate::daemon::stats::Stats;
+use crate::logger;
 use crate::peer::Peer;
 
 /// Smallest worker stack in a debug build, in KiB.
@@ -107,7 +108,7 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
             .note(why, ip, Instant::now());
         if log_it {
-            log::warn!("{}", line());
+            logger::warn!("{}", line());
         }
     }
 
@@ -119,7 +120,7 @@ impl Shared {
             r.due(Instant::now())
         };
         for line in lines {
-            log::warn!("{line}");
+            logger::warn!("{line}");
         }
     }
 

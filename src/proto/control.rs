@@ -5,6 +5,9 @@
 
 use std::fmt::{self, Write};
 use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::decimal::Fixed;
 
 /// The longest request line, its newline included.
 pub const MAX_REQUEST: usize = 4096;
@@ -132,7 +135,8 @@ pub fn parse_peer(s: &str) -> Result<SocketAddr, RequestError> {
 pub struct Row {
     pub peer: String,
     pub state: &'static str,
-    pub age_secs: f64,
+    /// How long ago the connection was accepted.
+    pub age: Duration,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub file: Option<FileRow>,
@@ -144,8 +148,23 @@ pub struct FileRow {
     pub name: String,
     pub received: u64,
     pub size: u64,
-    /// Body bytes per second since the body began.
-    pub rate: f64,
+    /// How long ago the body began (the rate shown is `received` over it).
+    pub elapsed: Duration,
+}
+
+/// Nanoseconds in a second.
+const NANOS: u128 = 1_000_000_000;
+
+impl FileRow {
+    /// Body bytes per second since the body began, the fraction cut off; zero before any time
+    /// has passed.
+    fn whole_per_sec(&self) -> u64 {
+        let nanos = self.elapsed.as_nanos();
+        if nanos == 0 {
+            return 0;
+        }
+        u64::try_from(u128::from(self.received) * NANOS / nanos).unwrap_or(u64::MAX)
+    }
 }
 
 /// `list` as text: a heading, then one line per connection.
@@ -160,23 +179,19 @@ pub fn list_text(rows: &[Row]) -> String {
             "{:<24} {:<9} {:>8} {:>10} {:>10}",
             r.peer,
             r.state,
-            age(r.age_secs),
+            age(r.age),
             bytes(r.bytes_in),
             bytes(r.bytes_out)
         );
         if let Some(f) = &r.file {
-            let pct = if f.size == 0 {
-                100.0
-            } else {
-                f.received as f64 * 100.0 / f.size as f64
-            };
             let _ = write!(
                 out,
-                "  \"{}\" {} of {} ({pct:.0}%) at {}/s",
+                "  \"{}\" {} of {} ({}%) at {}/s",
                 f.name,
                 bytes(f.received),
                 bytes(f.size),
-                bytes(f.rate as u64)
+                Fixed::percent(f.received, f.size),
+                bytes(f.whole_per_sec())
             );
         }
         out.push('\n');
@@ -193,10 +208,10 @@ pub fn list_json(rows: &[Row]) -> String {
         }
         let _ = write!(
             out,
-            "{{\"peer\":{},\"state\":{},\"age_secs\":{:.3},\"bytes_in\":{},\"bytes_out\":{}",
+            "{{\"peer\":{},\"state\":{},\"age_secs\":{},\"bytes_in\":{},\"bytes_out\":{}",
             json_string(&r.peer),
             json_string(r.state),
-            r.age_secs,
+            Fixed::secs(r.age, 3),
             r.bytes_in,
             r.bytes_out
         );
@@ -204,11 +219,11 @@ pub fn list_json(rows: &[Row]) -> String {
             Some(f) => {
                 let _ = write!(
                     out,
-                    ",\"file\":{{\"name\":{},\"received\":{},\"size\":{},\"bytes_per_sec\":{:.0}}}}}",
+                    ",\"file\":{{\"name\":{},\"received\":{},\"size\":{},\"bytes_per_sec\":{}}}}}",
                     json_string(&f.name),
                     f.received,
                     f.size,
-                    f.rate
+                    Fixed::ratio(u128::from(f.received) * NANOS, f.elapsed.as_nanos(), 0)
                 );
             }
             None => out.push_str(",\"file\":null}"),
@@ -260,20 +275,20 @@ pub fn bytes(n: u64) -> String {
     if n < 1024 {
         return format!("{n} B");
     }
-    let mut v = n as f64 / 1024.0;
+    let mut den = 1024u128;
     let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
+    while u128::from(n) >= den * 1024 && unit + 1 < UNITS.len() {
+        den *= 1024;
         unit += 1;
     }
-    format!("{v:.1} {}", UNITS[unit])
+    format!("{} {}", Fixed::ratio(u128::from(n), den, 1), UNITS[unit])
 }
 
 /// An age: `4.2s`, `12m05s`, `3h07m`.
-fn age(secs: f64) -> String {
-    let whole = secs as u64;
+fn age(age: Duration) -> String {
+    let whole = age.as_secs();
     match whole {
-        0..60 => format!("{secs:.1}s"),
+        0..60 => format!("{}s", Fixed::secs(age, 1)),
         60..3600 => format!("{}m{:02}s", whole / 60, whole % 60),
         _ => format!("{}h{:02}m", whole / 3600, whole / 60 % 60),
     }
@@ -367,7 +382,7 @@ mod tests {
             Row {
                 peer: "[127.0.0.1:5000]".into(),
                 state: "echo",
-                age_secs: 75.0,
+                age: Duration::from_secs(75),
                 bytes_in: 12,
                 bytes_out: 2048,
                 file: None,
@@ -375,14 +390,14 @@ mod tests {
             Row {
                 peer: "[::1]:6".into(),
                 state: "receiving",
-                age_secs: 2.5,
+                age: Duration::from_millis(2500),
                 bytes_in: 600,
                 bytes_out: 0,
                 file: Some(FileRow {
                     name: "a\"b".into(),
                     received: 512,
                     size: 1024,
-                    rate: 204.8,
+                    elapsed: Duration::from_millis(2500),
                 }),
             },
         ];
@@ -408,7 +423,7 @@ mod tests {
         assert_eq!(bytes(1023), "1023 B");
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(bytes(5 << 30), "5.0 GiB");
-        assert_eq!(age(4.25), "4.2s");
-        assert_eq!(age(3725.0), "1h02m");
+        assert_eq!(age(Duration::from_millis(4250)), "4.2s");
+        assert_eq!(age(Duration::from_secs(3725)), "1h02m");
     }
 }

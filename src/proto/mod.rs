@@ -30,6 +30,7 @@
 //! `ERR <code> <reason>` (codes in `Code`).
 
 pub mod control;
+pub mod decimal;
 pub mod head;
 pub mod header;
 pub mod name;

@@ -11,6 +11,9 @@
 //! the name. Names never contain control characters, so an answer is always one line.
 
 use std::fmt;
+use std::time::Duration;
+
+use super::decimal::Fixed;
 
 /// Why something was refused. The `as_str` form is the second word of the `ERR` line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,9 +225,10 @@ pub fn chat_left(peer: &dyn fmt::Display, reason: &dyn fmt::Display) -> String {
 }
 
 /// Chat: the joins and leaves not shown one by one (notices are rate-limited).
-pub fn chat_summary(joined: u64, left: u64, secs: f64) -> String {
+pub fn chat_summary(joined: u64, left: u64, window: Duration) -> String {
     format!(
-        "* {joined} more joined and {left} more left in the last {secs:.1} s (too many to list)\n"
+        "* {joined} more joined and {left} more left in the last {} s (too many to list)\n",
+        Fixed::secs(window, 1)
     )
 }
 

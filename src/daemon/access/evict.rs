@@ -111,8 +111,9 @@ impl Board {
             .checked_sub(min_wait)
             .map_or(0, |t| self.since(t));
         let inner = self.lock();
-        // Workers held per address, not counting those already leaving.
-        let mut held: HashMap<IpAddr, usize> = HashMap::new();
+        // Workers held per address, not counting those already leaving. (u64 counts: the same
+        // map type as the refusal log's, one copy of the hash table code for both.)
+        let mut held: HashMap<IpAddr, u64> = HashMap::new();
         for e in inner.entries.values() {
             if e.state.load(Ordering::SeqCst) != EVICTED {
                 *held.entry(e.ip).or_insert(0) += 1;

@@ -11,7 +11,9 @@ use crate::daemon::access::addrgroup;
 /// Connections open per address.
 #[derive(Debug, Default)]
 pub struct PerIp {
-    counts: Mutex<HashMap<IpAddr, u32>>,
+    /// Counts as u64 (they never pass `u32::MAX`, the largest cap): the same map type as the
+    /// refusal log's, so the hash table code is in the binary once for both.
+    counts: Mutex<HashMap<IpAddr, u64>>,
 }
 
 /// One counted connection; dropping it uncounts it.
@@ -27,8 +29,8 @@ impl PerIp {
         let ip = addrgroup::of(ip);
         let mut counts = self.lock();
         let n = counts.entry(ip).or_insert(0);
-        if *n >= max {
-            return Err(*n);
+        if *n >= u64::from(max) {
+            return Err(u32::try_from(*n).unwrap_or(u32::MAX));
         }
         *n += 1;
         Ok(Slot {
@@ -39,10 +41,11 @@ impl PerIp {
 
     /// Connections open (served or queued) from `ip`.
     pub fn open_from(&self, ip: IpAddr) -> u32 {
-        self.lock().get(&addrgroup::of(ip)).copied().unwrap_or(0)
+        let n = self.lock().get(&addrgroup::of(ip)).copied().unwrap_or(0);
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, u32>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, u64>> {
         self.counts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

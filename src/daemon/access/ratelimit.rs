@@ -75,9 +75,8 @@ impl Limiter {
         if self.peers.len() <= target {
             return;
         }
-        let mut lasts: Vec<Instant> = self.peers.values().map(|b| b.last).collect();
-        let cut = lasts.len() - target;
-        let (_, &mut threshold, _) = lasts.select_nth_unstable(cut - 1);
+        let cut = self.peers.len() - target;
+        let threshold = nth_oldest(&self.peers, cut);
         let mut to_remove = cut;
         self.peers.retain(|_, b| {
             if to_remove > 0 && b.last <= threshold {
@@ -90,6 +89,29 @@ impl Limiter {
     }
 }
 
+/// The `n`th least recent `last` (1-based; `n` at most the table's size): the least time `t`
+/// that at least `n` buckets were last seen at or before, found by halving the span between the
+/// oldest and the newest (at most 64 passes over the table, and no selection or sorting code in
+/// the binary for it).
+fn nth_oldest(peers: &HashMap<IpAddr, Bucket>, n: usize) -> Instant {
+    let oldest = peers.values().map(|b| b.last).min();
+    let Some(oldest) = oldest else {
+        return Instant::now();
+    };
+    let age =
+        |b: &Bucket| u64::try_from(b.last.duration_since(oldest).as_nanos()).unwrap_or(u64::MAX);
+    let (mut lo, mut hi) = (0u64, peers.values().map(age).max().unwrap_or(0));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if peers.values().filter(|b| age(b) <= mid).count() >= n {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    oldest + std::time::Duration::from_nanos(lo)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -98,6 +120,23 @@ mod tests {
 
     fn ip(n: u32) -> IpAddr {
         IpAddr::from(n.to_be_bytes())
+    }
+
+    #[test]
+    fn nth_oldest_is_the_nth_in_time_order() {
+        let t0 = Instant::now();
+        let mut peers = HashMap::new();
+        let mut lasts = Vec::new();
+        // Ties included: 7 appears twice.
+        for (i, ms) in [40u64, 7, 300, 7, 1, 99, 1000, 250].into_iter().enumerate() {
+            let last = t0 + Duration::from_millis(ms);
+            lasts.push(last);
+            peers.insert(ip(i as u32), Bucket { tokens: 0.0, last });
+        }
+        lasts.sort();
+        for n in 1..=lasts.len() {
+            assert_eq!(nth_oldest(&peers, n), lasts[n - 1], "n = {n}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::net::{IpAddr, Shutdown};
 use std::time::{Duration, Instant};
 
 use crate::daemon::access::addrgroup;
+use crate::logger;
 use crate::proto::wire;
 
 use super::notices::Notice;
@@ -43,7 +44,7 @@ impl State {
             if *group == 0 {
                 self.n_senders += 1;
             }
-            *group += len;
+            *group += len as u64;
             m.in_log += len;
             // A sender that has taken everything skips its own line at once: otherwise its
             // writer, which is not woken for it, would hold the log back until it looks again.
@@ -138,7 +139,7 @@ impl State {
         // Wakes both of its threads: the writer blocked on a full socket, the reader.
         let _ = m.stream.shutdown(Shutdown::Both);
         let peer = m.peer;
-        log::warn!("{peer} dropped from the chat: {why}");
+        logger::warn!("{peer} dropped from the chat: {why}");
         m.dropped = Some(why);
         m.announced = true;
         self.notice(
@@ -164,7 +165,7 @@ impl State {
         let Some(bytes) = self.group_bytes.get_mut(&group) else {
             return;
         };
-        *bytes = bytes.saturating_sub(len);
+        *bytes = bytes.saturating_sub(len as u64);
         if *bytes == 0 {
             self.group_bytes.remove(&group);
             self.n_senders -= 1;

@@ -111,8 +111,9 @@ struct State {
     /// Address groups (`addrgroup`: an IPv6 peer's /64 by default) with bytes of their own in
     /// the log: the fair share is per group, so many connections from one host get one share.
     n_senders: usize,
-    /// Bytes in the log per address group of the members that sent them.
-    group_bytes: HashMap<IpAddr, usize>,
+    /// Bytes in the log per address group of the members that sent them (u64: the same map
+    /// type as the access counts', one copy of the hash table code for all of them).
+    group_bytes: HashMap<IpAddr, u64>,
     notices: NoticeGate,
 }
 
@@ -332,7 +333,8 @@ impl Seat<'_> {
                 return false;
             }
             let group_in_log = st.group_bytes.get(&addrgroup::of(m.peer.ip())).copied();
-            if st.fits(len, group_in_log.unwrap_or(0), limits.queue_bytes) {
+            let group_in_log = group_in_log.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
+            if st.fits(len, group_in_log, limits.queue_bytes) {
                 st.append(Some(self.id), message, now);
                 return true;
             }

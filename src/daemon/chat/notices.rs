@@ -69,10 +69,8 @@ impl NoticeGate {
         if !self.summary_due(now) {
             return None;
         }
-        let secs = now
-            .saturating_duration_since(self.window_start)
-            .as_secs_f64();
-        let line = wire::chat_summary(self.joined, self.left, secs);
+        let window = now.saturating_duration_since(self.window_start);
+        let line = wire::chat_summary(self.joined, self.left, window);
         self.window_start = now;
         self.shown = 0;
         self.joined = 0;

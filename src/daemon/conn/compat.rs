@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::daemon::files::upload::{self, BodySource, Check, Lost, Outcome};
 use crate::deadline::{Deadline, Why};
 use crate::escape::escaped;
+use crate::logger;
 use crate::proto::header::MAX_NAME_LEN;
 use crate::proto::starstar::{self, After, Detect, LOOKAHEAD, Size};
 use crate::proto::wire::{self, Code};
@@ -78,7 +79,7 @@ impl Conn<'_> {
         let shown = escaped(name, 255);
         if !self.cfg.compat.starstar_uploads {
             let digits = &input.data()[head_len..head_len + first_digits];
-            log::warn!(
+            logger::warn!(
                 "{} refused: legacy-header: the connection opened with a NAME**SIZE upload (\"{shown}\", {} B) and compat.starstar_uploads is off",
                 self.peer,
                 escaped(digits, 20)
@@ -89,7 +90,7 @@ impl Conn<'_> {
         input.consume(input.data().len());
         let (digits, size, ended) = self.size_ahead(&mut ahead, first_digits, line, name)?;
         self.frames += 1;
-        log::info!(
+        logger::info!(
             "{} NAME**SIZE upload \"{shown}\" ({size} B): no checksum, storing unverified",
             self.peer
         );
@@ -112,7 +113,7 @@ impl Conn<'_> {
         if size == 0 && !source.ended {
             // No body byte to read: the end of the stream is checked here.
             if let Err(lost) = source.expect_end() {
-                log::warn!(
+                logger::warn!(
                     "{peer} NAME**SIZE upload \"{shown}\" (0 B) refused: {lost}; nothing stored"
                 );
                 return self.answer_upload(Outcome::Lost(lost)).map(|()| None);
@@ -155,7 +156,7 @@ impl Conn<'_> {
                     exact,
                 } => return Ok((digits, size, exact)),
                 Size::Wrong(e) => {
-                    log::warn!(
+                    logger::warn!(
                         "{} refused: bad-header: NAME**SIZE upload \"{}\": {e}",
                         self.peer,
                         escaped(name, 255)

@@ -10,6 +10,7 @@ use crate::daemon::files::upload::{self, Check, Lost, Outcome};
 use crate::daemon::stats::Stats;
 use crate::deadline::{Deadline, Why};
 use crate::escape::{escaped, push_chat_text};
+use crate::logger;
 use crate::proto::header::MAX_NAME_LEN;
 use crate::proto::wire;
 use crate::proto::{Code, FrameError, FrameHead, Parsed};
@@ -39,7 +40,7 @@ impl Conn<'_> {
         self.frames += 1;
         let max_files = self.cfg.access.max_files_per_connection;
         if self.frames > max_files {
-            log::warn!(
+            logger::warn!(
                 "{} refused: more than access.max_files_per_connection = {max_files} files",
                 self.peer
             );
@@ -70,7 +71,7 @@ impl Conn<'_> {
                     self.fill_more(input, deadline)?;
                 }
                 Err(e) => {
-                    log::warn!("{} bad frame header: {e}", self.peer);
+                    logger::warn!("{} bad frame header: {e}", self.peer);
                     return Err(self.refuse(&wire::err_line(code_for(e), &e)));
                 }
             }

@@ -8,6 +8,7 @@ use crate::auth::{self, Key, NONCE_LEN};
 use crate::daemon::access::refusals;
 use crate::deadline::{Deadline, Why};
 use crate::escape::escaped;
+use crate::logger;
 use crate::proto::wire::{self, OK_AUTH};
 use crate::proto::{self, Code};
 
@@ -33,7 +34,7 @@ impl Conn<'_> {
         match auth::new_nonce() {
             Ok(nonce) => auth.nonce = nonce,
             Err(e) => {
-                log::error!("{} no random nonce: {e}; closing", self.peer);
+                logger::error!("{} no random nonce: {e}; closing", self.peer);
                 return Err(Reason::Error(e));
             }
         }
@@ -82,7 +83,7 @@ impl Conn<'_> {
                 .position(|&b| b == b'\n')
                 .map_or(n, |i| i + 1);
             let text = &data[..n];
-            log::debug!("{} req {}", self.peer, escaped(text, LOG_WIDTH));
+            logger::debug!("{} req {}", self.peer, escaped(text, LOG_WIDTH));
             self.auth_text(text)?;
             input.consume(n);
         }
@@ -117,7 +118,7 @@ impl Conn<'_> {
                 .unauthorized("the AUTH tag does not match this connection's nonce and the key"));
         }
         self.text_locked = false;
-        log::info!("{} authenticated", self.peer);
+        logger::info!("{} authenticated", self.peer);
         self.say(OK_AUTH);
         Ok(())
     }

@@ -14,7 +14,9 @@ use crate::daemon::chat::{ChatLimits, Seat};
 use crate::daemon::shared::worker_stack_bytes;
 use crate::daemon::stats::Stats;
 use crate::escape::push_chat_text;
+use crate::logger;
 use crate::proto::wire;
+use crate::threads;
 
 use super::{Conn, Input, Reason};
 
@@ -75,10 +77,12 @@ impl Conn<'_> {
         let stack = worker_stack_bytes(&self.cfg);
         let reason = thread::scope(|s| {
             let counter = Arc::clone(&written);
-            let spawned = thread::Builder::new()
-                .name("chat-writer".into())
-                .stack_size(stack)
-                .spawn_scoped(s, move || writer.run(&counter));
+            let spawned = threads::spawn_scoped(
+                s,
+                Some("chat-writer".into()),
+                Some(stack),
+                Box::new(move || writer.run(&counter)),
+            );
             if let Err(e) = spawned {
                 seat.leave("server error");
                 return Reason::Error(e);
@@ -183,7 +187,7 @@ impl Conn<'_> {
             chat.seat.broadcast(out.as_bytes(), chat.limits, &give_up);
         }
         if too_long {
-            log::warn!(
+            logger::warn!(
                 "{} chat line over server.max_line_bytes = {max}; refused",
                 self.peer
             );

@@ -19,8 +19,10 @@ use crate::daemon::registry::{Live, State};
 use crate::daemon::shared::{Client, Job, Proxied, Shared, Snapshot};
 use crate::daemon::stats::Stats;
 use crate::deadline::is_timeout;
+use crate::logger;
 use crate::peer::Peer;
 use crate::proto;
+use crate::proto::decimal::Fixed;
 use crate::proto::starstar;
 use crate::proto::wire::ERR_SHUTDOWN;
 
@@ -136,7 +138,7 @@ pub fn serve(shared: &Shared, job: Job) {
     // A proxied connection's options were set before its header was read.
     if via.is_none() {
         if let Err(e) = prepare_stream(&stream, s.idle_timeout, s.write_timeout) {
-            log::warn!("{peer} cannot set socket options: {e}; closing");
+            logger::warn!("{peer} cannot set socket options: {e}; closing");
             return;
         }
     }
@@ -176,8 +178,8 @@ pub fn serve(shared: &Shared, job: Job) {
 #[inline(never)]
 fn log_online(peer: Peer, via: Option<(Peer, u8)>) {
     match via {
-        None => log::info!("{peer} online"),
-        Some((via, v)) => log::info!("{peer} online (through {via}, PROXY v{v})"),
+        None => logger::info!("{peer} online"),
+        Some((via, v)) => logger::info!("{peer} online (through {via}, PROXY v{v})"),
     }
 }
 
@@ -195,7 +197,7 @@ pub fn admit_proxied(shared: &Shared, job: Job) -> Result<Job, Option<Peer>> {
     let s = &cfg.server;
     let via = job.peer;
     if let Err(e) = prepare_stream(&job.stream, s.idle_timeout, s.write_timeout) {
-        log::warn!("{via} cannot set socket options: {e}; closing");
+        logger::warn!("{via} cannot set socket options: {e}; closing");
         return Err(None);
     }
     job.listed.serve(Arc::clone(&job.stream), base_state(cfg));
@@ -235,12 +237,12 @@ fn base_state(cfg: &Config) -> State {
 /// worker waiting on an idle peer stays small (see `READ_BUF`).
 #[inline(never)]
 fn log_offline(conn: &Conn<'_>, started: Instant, reason: &Reason) {
-    log::info!(
-        "{} offline (in {} B, out {} B, {:.1} s, reason: {reason})",
+    logger::info!(
+        "{} offline (in {} B, out {} B, {} s, reason: {reason})",
         conn.peer,
         conn.bytes_in,
         conn.bytes_out,
-        started.elapsed().as_secs_f64()
+        Fixed::secs(started.elapsed(), 1)
     );
 }
 

@@ -11,6 +11,7 @@ use socket2::{SockRef, TcpKeepalive};
 
 use crate::daemon::stats::Stats;
 use crate::deadline::{Deadline, Why, is_timeout};
+use crate::logger;
 use crate::proto::wire::{self, ERR_EVICTED, ERR_KICKED, ERR_SHUTDOWN};
 use crate::proto::{Code, MAGIC};
 
@@ -179,7 +180,7 @@ impl Conn<'_> {
             }
             ReadEnd::Timeout(Why::Header) => {
                 let secs = self.cfg.access.header_timeout.as_secs();
-                log::warn!(
+                logger::warn!(
                     "{} frame header not complete within access.header_timeout_secs = {secs}",
                     self.peer
                 );
@@ -222,7 +223,7 @@ impl Conn<'_> {
             self.say(ERR_EVICTED);
         } else if self.stream.set_nonblocking(true).is_ok() {
             if self.write_all(ERR_EVICTED).is_err() {
-                log::debug!("{} could not be told why it was ended", self.peer);
+                logger::debug!("{} could not be told why it was ended", self.peer);
             }
             let _ = self.stream.set_nonblocking(false);
         }
@@ -233,7 +234,7 @@ impl Conn<'_> {
     #[inline(never)]
     pub(super) fn kicked(&mut self) -> Reason {
         let uid = self.live.kicked_by().unwrap_or(u32::MAX);
-        log::warn!("{} kicked by the operator with uid {uid}", self.peer);
+        logger::warn!("{} kicked by the operator with uid {uid}", self.peer);
         self.say(ERR_KICKED);
         Reason::Kicked(uid)
     }

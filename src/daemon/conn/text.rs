@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::deadline::{Deadline, Why};
 use crate::escape::escaped;
+use crate::logger;
 use crate::proto;
 
 use super::{Conn, Input, LOG_WIDTH, Reason};
@@ -76,7 +77,7 @@ impl Conn<'_> {
                 let began = first_line.take().filter(|_| !text.contains(&b'\n'));
                 line_deadline = Some(began.unwrap_or_else(|| Deadline::after(limit, Why::Line)));
             }
-            log::debug!("{} req {}", self.peer, escaped(text, LOG_WIDTH));
+            logger::debug!("{} req {}", self.peer, escaped(text, LOG_WIDTH));
             if self.text_locked {
                 if let Err(reason) = self.auth_text(text) {
                     return reason;
@@ -94,7 +95,7 @@ impl Conn<'_> {
                     }
                     return Reason::Error(e);
                 }
-                log::debug!("{} resp {}", self.peer, escaped(text, LOG_WIDTH));
+                logger::debug!("{} resp {}", self.peer, escaped(text, LOG_WIDTH));
             }
             input.consume(n);
         }

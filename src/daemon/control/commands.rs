@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::daemon::registry::{Live, Said, State};
 use crate::daemon::shared::Shared;
 use crate::escape::push_chat_text;
+use crate::logger;
 use crate::proto::control::{self, FileRow, Request, Row};
 use crate::proto::wire;
 
@@ -42,23 +43,16 @@ fn list(shared: &Shared, json: bool) -> String {
 }
 
 fn row(live: &Live, now: Instant) -> Row {
-    let file = live.upload().map(|(up, received)| {
-        let secs = now.saturating_duration_since(up.started).as_secs_f64();
-        FileRow {
-            name: up.name,
-            received,
-            size: up.size,
-            rate: if secs > 0.0 {
-                received as f64 / secs
-            } else {
-                0.0
-            },
-        }
+    let file = live.upload().map(|(up, received)| FileRow {
+        name: up.name,
+        received,
+        size: up.size,
+        elapsed: now.saturating_duration_since(up.started),
     });
     Row {
         peer: live.peer().to_string(),
         state: live.state().as_str(),
-        age_secs: now.saturating_duration_since(live.since).as_secs_f64(),
+        age: now.saturating_duration_since(live.since),
         bytes_in: live.bytes_in.load(std::sync::atomic::Ordering::Relaxed),
         bytes_out: live.sent(),
         file,
@@ -122,7 +116,7 @@ fn say(shared: &Shared, to: Option<SocketAddr>, text: &str, uid: u32) -> String 
             room = shared.room.announce(line.as_bytes());
         }
     }
-    log::info!(
+    logger::info!(
         "control: uid {uid} said {:?} to {}",
         shown,
         to.map_or_else(|| "everyone".to_string(), |a| a.to_string())
@@ -149,7 +143,7 @@ fn kick(shared: &Shared, addr: SocketAddr, uid: u32) -> String {
             live.peer()
         ));
     }
-    log::info!("control: uid {uid} kicks {}", live.peer());
+    logger::info!("control: uid {uid} kicks {}", live.peer());
     control::ok_line(&format!("kicked {}", live.peer()))
 }
 
@@ -170,7 +164,7 @@ fn send_udp(udp: Option<&UdpSocket>, to: SocketAddr, text: &str, uid: u32) -> St
     // here rather than waiting.
     match socket.send_to(text.as_bytes(), to) {
         Ok(n) => {
-            log::info!("control: uid {uid} sent a {n} B datagram to {to}");
+            logger::info!("control: uid {uid} sent a {n} B datagram to {to}");
             control::ok_line(&format!("sent {n} B to {to}"))
         }
         Err(e) => control::err_line(&format_args!("cannot send to {to}: {e}")),

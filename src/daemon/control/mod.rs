@@ -23,7 +23,9 @@ use rustix::event::{PollFd, PollFlags, Timespec, poll};
 
 use crate::config::ControlConfig;
 use crate::daemon::shared::Shared;
+use crate::logger;
 use crate::proto::control::{self, MAX_REQUEST, Request};
+use crate::threads;
 
 /// How long a control client has to send its whole request line.
 const REQUEST_TIME: Duration = Duration::from_secs(2);
@@ -103,10 +105,12 @@ impl Control {
     /// Serves requests on a thread of its own until the daemon stops, then removes the socket.
     /// `udp` is a clone of the daemon's UDP socket, for `udp HOST:PORT TEXT`.
     pub fn spawn(self, shared: Arc<Shared>, udp: Option<UdpSocket>) -> io::Result<JoinHandle<()>> {
-        log::info!("control socket on {}", self.path.display());
-        thread::Builder::new()
-            .name("control".into())
-            .spawn(move || self.run(&shared, udp.as_ref()))
+        logger::info!("control socket on {}", self.path.display());
+        threads::spawn(
+            "control".into(),
+            None,
+            Box::new(move || self.run(&shared, udp.as_ref())),
+        )
     }
 
     fn run(self, shared: &Shared, udp: Option<&UdpSocket>) {
@@ -120,7 +124,7 @@ impl Control {
                 Ok(0) => continue,
                 Ok(_) => {}
                 Err(e) => {
-                    log::warn!("control socket: poll: {e}");
+                    logger::warn!("control socket: poll: {e}");
                     thread::sleep(TICK);
                     continue;
                 }
@@ -128,7 +132,7 @@ impl Control {
             match self.listener.accept() {
                 Ok((stream, _)) => self.serve(shared, udp, stream),
                 Err(e) => {
-                    log::warn!("control socket: accept: {e}");
+                    logger::warn!("control socket: accept: {e}");
                     thread::sleep(TICK);
                 }
             }
@@ -141,7 +145,7 @@ impl Control {
         let cred = match rustix::net::sockopt::socket_peercred(stream.as_fd()) {
             Ok(c) => c,
             Err(e) => {
-                log::warn!("control socket: cannot read the peer's credentials: {e}");
+                logger::warn!("control socket: cannot read the peer's credentials: {e}");
                 return;
             }
         };
@@ -150,7 +154,7 @@ impl Control {
             return;
         }
         if !(uid == 0 || uid == self.allowed.uid || self.allowed.gid == Some(gid)) {
-            log::warn!(
+            logger::warn!(
                 "control socket: refused uid {uid} (pid {}): only root and uid {} may use it",
                 cred.pid.as_raw_nonzero(),
                 self.allowed.uid
@@ -168,12 +172,12 @@ impl Control {
                 Err(e) => control::err_line(&e),
             },
             Err(why) => {
-                log::warn!("control socket: uid {uid}: {why}");
+                logger::warn!("control socket: uid {uid}: {why}");
                 control::err_line(&why)
             }
         };
         if let Err(e) = stream.write_all(answer.as_bytes()) {
-            log::warn!("control socket: uid {uid} did not take its answer: {e}");
+            logger::warn!("control socket: uid {uid} did not take its answer: {e}");
         }
     }
 }

@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
-use crossbeam_channel::Receiver;
 use sha2::{Digest, Sha256};
 
+use crate::daemon::files::oneshot;
 use crate::daemon::files::streamhash::{HashPool, PIECE, StreamHash};
 use crate::proto::header::Algo;
 
@@ -59,7 +59,7 @@ impl<'p> BodyHash<'p> {
 }
 
 /// A piece on the pool: where the state comes back, and the piece's buffer.
-type InFlight = (Receiver<Box<Sha256>>, Arc<Vec<u8>>);
+type InFlight = (oneshot::Receiver<Box<Sha256>>, Arc<Vec<u8>>);
 
 /// SHA-256 of a body, each piece hashed on the pool while it is written out and the next one
 /// is received; at most one piece is in flight, so pieces are hashed in order.
@@ -99,19 +99,19 @@ impl ShaStream<'_> {
             self.state = Some(state);
             return piece;
         };
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, rx) = oneshot::pair();
         let shared = Arc::clone(&piece);
         let job = Box::new(move || {
             state.update(&shared[..]);
             drop(shared);
-            let _ = tx.send(state);
+            tx.send(state);
         });
         match pool.submit_back(job) {
             Ok(()) => self.inflight = Some((rx, Arc::clone(&piece))),
             // The pool is gone (never expected): hash here.
             Err(job) => {
                 job();
-                self.state = rx.recv().ok();
+                self.state = rx.recv();
             }
         }
         piece
@@ -124,7 +124,7 @@ impl ShaStream<'_> {
         };
         // A pool thread always answers; should one die, the state is lost with it, and the
         // checksum cannot match: the upload is refused, never stored unverified.
-        self.state = rx.recv().ok();
+        self.state = rx.recv();
         if self.state.is_none() {
             self.state = Some(Box::new(Sha256::new_with_prefix(b"lost")));
         }

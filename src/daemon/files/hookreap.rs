@@ -30,6 +30,8 @@ use rustix::process::{
     test_kill_process_group, waitpgid, waitpid,
 };
 
+use crate::logger;
+
 /// The environment variable that ties a hook's processes to its run.
 pub const RUN_ENV: &str = "FERRYD_HOOK_RUN";
 /// How long `kill_all` keeps killing what reappears (adopted children of killed parents).
@@ -46,7 +48,7 @@ impl Reaper {
     /// Makes the daemon a child subreaper (once, when the first hook thread starts).
     pub fn adopt_orphans() {
         if let Err(e) = set_child_subreaper(Some(getpid())) {
-            log::warn!(
+            logger::warn!(
                 "cannot become a child subreaper: {e}; a hook's process that leaves its process group with setsid may outlive files.hook_timeout_secs"
             );
         }
@@ -91,7 +93,7 @@ impl Reaper {
                 Some(r) if r == run => alive = true,
                 Some(_) => {}
                 None => {
-                    log::warn!(
+                    logger::warn!(
                         "killing process {} left by a hook: it cleared {RUN_ENV} from its environment, so no hook's limit can hold it",
                         child.pid
                     );

@@ -34,7 +34,10 @@ use crate::config::Config;
 use crate::daemon::files::hookreap::{self, RUN_ENV, Reaper};
 use crate::escape::escaped;
 use crate::hookargs::{self, Stored};
+use crate::logger;
+use crate::proto::decimal::Fixed;
 use crate::proto::wire;
+use crate::threads;
 
 /// Bytes of a hook's output (stdout and stderr together) kept for the log; the rest is read
 /// and counted, never stored.
@@ -99,8 +102,9 @@ impl Stop {
     fn skip(&self, run: Run) {
         self.not_run.fetch_add(1, Ordering::Relaxed);
         let mut skipped = self.skipped.lock().unwrap_or_else(PoisonError::into_inner);
-        skipped.push((run.id, run.label));
-        skipped.sort_unstable_by_key(|&(id, _)| id);
+        // Kept in id order (ids are unique) by inserting in place: no sort code for this one.
+        let at = skipped.partition_point(|&(id, _)| id < run.id);
+        skipped.insert(at, (run.id, run.label));
         skipped.truncate(NOT_RUN_SHOWN);
     }
 
@@ -170,7 +174,7 @@ impl Hooks {
             } else {
                 String::new()
             };
-            log::warn!(
+            logger::warn!(
                 "daemon stopping: {not_run} queued hook(s) not run (files.on_stored), for {}{more}; the files stay stored",
                 names.join(", ")
             );
@@ -214,13 +218,13 @@ impl Hooks {
         self.start();
         match self.tx.try_send(run) {
             Ok(()) => {}
-            Err(TrySendError::Full(run)) => log::warn!(
+            Err(TrySendError::Full(run)) => logger::warn!(
                 "hook for \"{}\" not run: {} files already wait for a hook (files.hook_queue_depth); the file stays stored",
                 run.label,
                 self.depth
             ),
             Err(TrySendError::Disconnected(run)) => {
-                log::warn!("hook for \"{}\" not run: no hook thread", run.label)
+                logger::warn!("hook for \"{}\" not run: no hook thread", run.label)
             }
         }
     }
@@ -240,10 +244,10 @@ impl Hooks {
             let stop_rx = self.stop_rx.clone();
             let stop = Arc::clone(&self.stop);
             let reaper = Arc::clone(&self.reaper);
-            let spawned = thread::Builder::new()
-                .name(format!("hook-{index}"))
-                .stack_size(self.stack)
-                .spawn(move || {
+            let spawned = threads::spawn(
+                format!("hook-{index}"),
+                Some(self.stack),
+                Box::new(move || {
                     loop {
                         select! {
                             recv(rx) -> run => match run {
@@ -254,16 +258,17 @@ impl Hooks {
                             recv(stop_rx) -> _ => return,
                         }
                     }
-                });
+                }),
+            );
             match spawned {
                 Ok(t) => {
                     threads.push(t);
                     running += 1;
                 }
-                Err(e) => log::error!("cannot start hook thread {}: {e}", index + 1),
+                Err(e) => logger::error!("cannot start hook thread {}: {e}", index + 1),
             }
         }
-        log::info!(
+        logger::info!(
             "started {running} hook thread(s) (files.hook_workers = {})",
             self.workers
         );
@@ -335,7 +340,7 @@ fn execute(run: &Run, reaper: &Reaper, stop: &Stop) {
     let (mut pipe, mut child) = match spawn(program, args, &run.env, reaper) {
         Ok(p) => p,
         Err(e) => {
-            log::warn!("hook for \"{label}\": cannot run {shown_program}: {e}");
+            logger::warn!("hook for \"{label}\": cannot run {shown_program}: {e}");
             return;
         }
     };
@@ -370,7 +375,7 @@ fn execute(run: &Run, reaper: &Reaper, stop: &Stop) {
                 reaper.leader_done(pgid);
             }
             if reaper.kill_all(pgid, run.id) {
-                log::warn!(
+                logger::warn!(
                     "hook for \"{label}\": processes of run {} survive SIGKILL",
                     run.id
                 );
@@ -399,16 +404,16 @@ fn execute(run: &Run, reaper: &Reaper, stop: &Stop) {
 /// Logs how a hook ended and its output.
 fn log_end(run: &Run, program: &dyn std::fmt::Display, started: Instant, end: &End, out: &Output) {
     let label = &run.label;
-    let took = started.elapsed().as_secs_f64();
+    let took = Fixed::secs(started.elapsed(), 2);
     let limit = run.timeout.as_secs();
     let failed = match end {
         End::Exited(status) if status.success() => {
-            log::info!("hook for \"{label}\": {program} exited 0 in {took:.2} s");
+            logger::info!("hook for \"{label}\": {program} exited 0 in {took} s");
             false
         }
         End::Exited(status) => {
-            log::warn!(
-                "hook for \"{label}\": {program} {} in {took:.2} s; the file stays stored",
+            logger::warn!(
+                "hook for \"{label}\": {program} {} in {took} s; the file stays stored",
                 describe(*status)
             );
             true
@@ -420,18 +425,18 @@ fn log_end(run: &Run, program: &dyn std::fmt::Display, started: Instant, end: &E
                 format!("after files.hook_timeout_secs = {limit} s")
             };
             match status {
-                Some(st) => log::warn!(
+                Some(st) => logger::warn!(
                     "hook for \"{label}\": {program} {} but what it started was still running {when}; killed it all; the file stays stored",
                     describe(*st)
                 ),
-                None => log::warn!(
+                None => logger::warn!(
                     "hook for \"{label}\": {program} still running {when}; killed its process group and all it started; the file stays stored"
                 ),
             }
             true
         }
         End::Lost(e) => {
-            log::warn!("hook for \"{label}\": cannot wait for {program}: {e}; killed it");
+            logger::warn!("hook for \"{label}\": cannot wait for {program}: {e}; killed it");
             true
         }
     };
@@ -480,7 +485,7 @@ fn log_output(label: &str, out: &Output, failed: bool) {
     let mut shown_bytes = 0u64;
     for line in lines.by_ref().take(OUTPUT_LINES) {
         shown_bytes += line.len() as u64 + 1;
-        log::log!(
+        logger::log!(
             level,
             "hook for \"{label}\" output: {}",
             escaped(line, LINE_WIDTH)
@@ -488,7 +493,7 @@ fn log_output(label: &str, out: &Output, failed: bool) {
     }
     let left = out.total.saturating_sub(shown_bytes);
     if lines.next().is_some() || out.total > out.kept.len() as u64 {
-        log::log!(
+        logger::log!(
             level,
             "hook for \"{label}\" output: … ({left} more bytes not logged)"
         );

@@ -7,6 +7,7 @@ pub mod bodyhash;
 pub mod holders;
 pub mod hookreap;
 pub mod hooks;
+pub mod oneshot;
 pub mod partials;
 pub mod resume;
 pub mod store;

@@ -23,6 +23,7 @@ use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::daemon::files::partials::{Entry, Index, Inner};
+use crate::logger;
 use crate::proto::wire::hex;
 
 /// Prefix of partial bodies (inside the reserved `.ferryd-` space, so no upload can take it).
@@ -132,7 +133,9 @@ pub fn claim(
     if let Some(old) = superseded {
         if remove_if_free(dir, &old)? {
             idx.remove(&old);
-            log::info!("removed partial upload {old} (superseded by another version of the file)");
+            logger::info!(
+                "removed partial upload {old} (superseded by another version of the file)"
+            );
         }
     }
     let entry = Entry {
@@ -197,7 +200,7 @@ fn remove_expired(idx: &mut Inner, dir: &File, now: SystemTime, keep: Duration) 
             break;
         }
         if remove_if_free(dir, &name)? {
-            log::info!("removed partial upload {name} (expired)");
+            logger::info!("removed partial upload {name} (expired)");
             idx.remove(&name);
         } else if is_gone(dir, &name) {
             idx.remove(&name);
@@ -226,7 +229,7 @@ fn make_room(idx: &mut Inner, dir: &File, size: u64, limits: Limits) -> io::Resu
             } else {
                 "files.resume_max_bytes"
             };
-            log::info!("removed partial upload {name} to stay within {budget}");
+            logger::info!("removed partial upload {name} to stay within {budget}");
             idx.remove(&name);
         } else if is_gone(dir, &name) {
             idx.remove(&name);

@@ -13,7 +13,11 @@ use std::thread;
 use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
 };
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
+
+use crate::daemon::files::oneshot;
+use crate::logger;
+use crate::threads;
 
 /// Piece size: a power of two multiple of BLAKE3's 1 KiB chunk, so that every piece but the last
 /// is a complete subtree.
@@ -71,21 +75,22 @@ impl HashPool {
         let mut started = 0;
         for i in 0..threads {
             let rx = rx.clone();
-            let spawned = thread::Builder::new()
-                .name(format!("hash-{i}"))
-                .stack_size(self.stack)
-                .spawn(move || {
+            let spawned = threads::spawn(
+                format!("hash-{i}"),
+                Some(self.stack),
+                Box::new(move || {
                     for job in rx.iter() {
                         job();
                     }
-                });
+                }),
+            );
             match spawned {
                 Ok(_) => started += 1,
-                Err(e) => log::warn!("cannot start hashing thread {}: {e}", i + 1),
+                Err(e) => logger::warn!("cannot start hashing thread {}: {e}", i + 1),
             }
         }
         if started == 0 {
-            log::warn!("no hashing thread could start; uploads are hashed by their worker");
+            logger::warn!("no hashing thread could start; uploads are hashed by their worker");
             return None;
         }
         Some(tx)
@@ -120,7 +125,7 @@ struct Pooled<'p> {
     /// Complete pieces pushed onto the stack so far.
     pushed: u64,
     /// Results still to come, in piece order, with each piece's buffer.
-    inflight: VecDeque<(Receiver<ChainingValue>, Arc<Vec<u8>>)>,
+    inflight: VecDeque<(oneshot::Receiver<ChainingValue>, Arc<Vec<u8>>)>,
     /// Buffers ready to be filled again.
     spare: Vec<Arc<Vec<u8>>>,
     /// The last piece's chaining value, once known.
@@ -217,18 +222,18 @@ impl<'p> StreamHash<'p> {
 
 impl Pooled<'_> {
     fn feed(&mut self, piece: Arc<Vec<u8>>, offset: u64) {
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, rx) = oneshot::pair();
         let shared = Arc::clone(&piece);
         let job: Job = Box::new(move || {
             let cv = subtree_cv(&shared, offset);
             // Release the buffer before reporting, so the caller can reuse it at once.
             drop(shared);
-            let _ = tx.send(cv);
+            tx.send(cv);
         });
         if self.broken || !self.pool.submit(job) {
             self.broken = true;
-            let (tx, rx2) = crossbeam_channel::bounded(1);
-            let _ = tx.send(subtree_cv(&piece, offset));
+            let (tx, rx2) = oneshot::pair();
+            tx.send(subtree_cv(&piece, offset));
             self.inflight.push_back((rx2, piece));
         } else {
             self.inflight.push_back((rx, piece));
@@ -241,7 +246,7 @@ impl Pooled<'_> {
             return;
         };
         // A pool thread always answers; should one die, hash here rather than hang.
-        let cv = rx.recv().unwrap_or_else(|_| {
+        let cv = rx.recv().unwrap_or_else(|| {
             let offset = self.pushed * PIECE as u64;
             subtree_cv(&buf, offset)
         });

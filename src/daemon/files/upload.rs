@@ -13,6 +13,8 @@ use crate::daemon::files::store::{Pending, Store, StoreError};
 use crate::daemon::files::streamhash::HashPool;
 use crate::daemon::files::subdir::WalkError;
 use crate::escape::{Escaped, escaped};
+use crate::logger;
+use crate::proto::decimal::Fixed;
 use crate::proto::header::CHECKSUM_LEN;
 use crate::proto::name::NameError;
 use crate::proto::wire::{self as answer, Code, ERR_SHUTDOWN};
@@ -199,7 +201,7 @@ pub fn receive_checked(
         Ok(p) => p,
         Err(refused) => return refused,
     };
-    log::debug!("{peer} receiving \"{shown}\" ({size} B)");
+    logger::debug!("{peer} receiving \"{shown}\" ({size} B)");
     let up = Receiving {
         peer,
         shown,
@@ -210,11 +212,11 @@ pub fn receive_checked(
     if resumable {
         // The peer waits for this line before it sends the body from `offset` on.
         if let Err(lost) = source.tell(&answer::resume_line(offset)) {
-            log::warn!("{peer} file \"{}\" lost before its body: {lost}", up.shown);
+            logger::warn!("{peer} file \"{}\" lost before its body: {lost}", up.shown);
             return Outcome::Lost(lost);
         }
         if offset > 0 {
-            log::info!("{peer} resuming \"{}\" at {offset} of {size} B", up.shown);
+            logger::info!("{peer} resuming \"{}\" at {offset} of {size} B", up.shown);
         }
     }
     let got = match up.body(&mut pending, source, header.algo, pool) {
@@ -264,7 +266,7 @@ fn checked_name<'n>(
             if e == NameError::Separator && raw_name.contains(&b'/') {
                 reason.push_str("; this server takes no subdirectories (files.allow_subdirs)");
             }
-            log::warn!("{peer} file \"{shown}\" refused: bad-name: {reason}");
+            logger::warn!("{peer} file \"{shown}\" refused: bad-name: {reason}");
             Err(Outcome::Refused {
                 code: Code::BadName,
                 reason,
@@ -300,7 +302,7 @@ fn begin<'s>(
             StoreError::Path(WalkError::Symlink(_)) => Code::BadName,
             StoreError::Io { .. } | StoreError::Path(WalkError::Io { .. }) => Code::Io,
         };
-        log::warn!("{peer} file \"{shown}\" ({size} B) refused: {code}: {e}");
+        logger::warn!("{peer} file \"{shown}\" ({size} B) refused: {code}: {e}");
         Outcome::Refused {
             code,
             reason: e.to_string(),
@@ -348,7 +350,7 @@ impl Receiving<'_> {
             fed += piece.len() as u64;
             if let Err(e) = pending.write(piece.get(skip..).unwrap_or(&[])) {
                 pending.discard();
-                log::error!("{peer} file \"{shown}\" failed: {e}; nothing stored");
+                logger::error!("{peer} file \"{shown}\" failed: {e}; nothing stored");
                 return Err(Outcome::Failed {
                     code: Code::Io,
                     reason: e.to_string(),
@@ -358,11 +360,11 @@ impl Receiving<'_> {
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
                 let done = pending.written();
-                log::info!(
-                    "{peer} receiving \"{shown}\": {} of {size} B ({:.0}%), {:.1} MB/s",
+                logger::info!(
+                    "{peer} receiving \"{shown}\": {} of {size} B ({}%), {} MB/s",
                     done,
-                    done as f64 * 100.0 / size as f64,
-                    mb_per_s(done, self.started.elapsed())
+                    Fixed::percent(done, size),
+                    Fixed::mb_per_s(done, self.started.elapsed())
                 );
             }
         }
@@ -390,7 +392,7 @@ impl Receiving<'_> {
                 _ => {
                     pending.discard();
                     let reason = format!("partial upload unreadable at byte {at}");
-                    log::error!("{peer} file \"{shown}\" failed: {reason}; partial dropped");
+                    logger::error!("{peer} file \"{shown}\" failed: {reason}; partial dropped");
                     return Err(Outcome::Failed {
                         code: Code::Io,
                         reason,
@@ -426,12 +428,12 @@ impl Receiving<'_> {
             }
         }
         if pending.is_kept() {
-            log::warn!(
+            logger::warn!(
                 "{peer} file \"{shown}\" lost after {got} of {size} B: {lost}; {} B kept for a resume",
                 pending.written()
             );
         } else {
-            log::warn!(
+            logger::warn!(
                 "{peer} file \"{shown}\" lost after {got} of {size} B: {lost}; nothing stored"
             );
         }
@@ -462,7 +464,7 @@ impl Receiving<'_> {
                     } else {
                         "nothing stored".to_string()
                     };
-                    log::warn!(
+                    logger::warn!(
                         "{peer} file \"{shown}\" lost after its {size} B body, in its trailing checksum: {lost}; {kept}"
                     );
                     return Err(Outcome::Lost(lost));
@@ -477,7 +479,7 @@ impl Receiving<'_> {
                 .verify_trailer(&a.first_tag, &sum, &trailer[CHECKSUM_LEN..len])
             {
                 let reason = "the tag after the trailing checksum does not match it, the frame's tag and the key";
-                log::warn!(
+                logger::warn!(
                     "{peer} file \"{shown}\" ({size} B) refused: unauthorized: {reason}; nothing stored"
                 );
                 return Err(Outcome::Refused {
@@ -511,7 +513,7 @@ impl Receiving<'_> {
             String::new()
         };
         pending.discard();
-        log::warn!(
+        logger::warn!(
             "{peer} file \"{shown}\" ({size} B) refused: checksum: {reason}; nothing stored{dropped}"
         );
         Outcome::Mismatch { reason }
@@ -529,12 +531,12 @@ impl Receiving<'_> {
         match pending.commit() {
             Ok(stored_name) => {
                 let took = self.started.elapsed();
-                log::info!(
-                    "{peer} stored \"{shown}\" as \"{}\" ({size} B, {algo} {}, {how}{:.2} s, {:.1} MB/s)",
+                logger::info!(
+                    "{peer} stored \"{shown}\" as \"{}\" ({size} B, {algo} {}, {how}{} s, {} MB/s)",
                     escaped(stored_name.as_bytes(), 255),
                     answer::hex(&got),
-                    took.as_secs_f64(),
-                    mb_per_s(size, took)
+                    Fixed::secs(took, 2),
+                    Fixed::mb_per_s(size, took)
                 );
                 Outcome::Stored {
                     stored_name,
@@ -549,7 +551,7 @@ impl Receiving<'_> {
                     | StoreError::Path(WalkError::NotADirectory(_)) => Code::Exists,
                     _ => Code::Io,
                 };
-                log::error!("{peer} file \"{shown}\" not stored: {code}: {e}");
+                logger::error!("{peer} file \"{shown}\" not stored: {code}: {e}");
                 Outcome::Failed {
                     code,
                     reason: e.to_string(),
@@ -558,8 +560,4 @@ impl Receiving<'_> {
             }
         }
     }
-}
-
-fn mb_per_s(bytes: u64, took: Duration) -> f64 {
-    bytes as f64 / took.as_secs_f64().max(1e-6) / 1e6
 }

@@ -26,6 +26,7 @@ use crate::daemon::shared::{Client, Job, Shared};
 use crate::daemon::stats::Stats;
 use crate::daemon::system::notify::Notifier;
 use crate::deadline::is_timeout;
+use crate::logger;
 use crate::peer::Peer;
 use crate::proto::wire::{ERR_BUSY, ERR_NOT_ALLOWED, ERR_SHUTDOWN, ERR_TOO_MANY};
 
@@ -258,7 +259,7 @@ impl<'a> Acceptor<'a> {
         for _ in free..waiting {
             // The chosen connection's `offline` line says why it ended.
             match shared.board.evict_one(EVICT_AFTER) {
-                Some(e) => log::debug!(
+                Some(e) => logger::debug!(
                     "making room for a waiting connection: ending one from {} that {}",
                     e.ip,
                     if e.writing {

@@ -10,6 +10,7 @@ use std::os::fd::OwnedFd;
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 use crate::config::Config;
+use crate::logger;
 
 /// Descriptors the daemon holds whatever the load: stdio, the listener and the UDP socket, the
 /// spare, the signal and notify sockets, a log pipe, and a margin.
@@ -74,11 +75,11 @@ pub fn log_outcome(outcome: &Outcome) {
     match outcome {
         Outcome::Enough { .. } => {}
         Outcome::Raised { from, to } => {
-            log::info!("raised the descriptor limit (RLIMIT_NOFILE) from {from} to {to}");
+            logger::info!("raised the descriptor limit (RLIMIT_NOFILE) from {from} to {to}");
         }
         Outcome::Short { soft, hard, need } => {
             let hard = hard.map_or("unlimited".to_string(), |h| h.to_string());
-            log::warn!(
+            logger::warn!(
                 "the descriptor limit (RLIMIT_NOFILE) is {soft} (hard {hard}), but server.max_connections and server.queue_depth need about {need}; connections beyond it are refused with ERR busy (raise LimitNOFILE= or ulimit -n, or lower those limits)"
             );
         }

@@ -6,7 +6,6 @@
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::daemon::access::addrgroup;
@@ -17,8 +16,10 @@ use crate::daemon::net::refuse::{refuse, refuse_waiting};
 use crate::daemon::registry::State;
 use crate::daemon::shared::{Client, Job, Shared, worker_stack_bytes};
 use crate::daemon::stats::Stats;
+use crate::logger;
 use crate::peer::Peer;
 use crate::proto::wire::ERR_SHUTDOWN;
+use crate::threads;
 
 /// How long a worker without a connection waits for one before its thread ends. Long enough
 /// that a steady trickle of connections reuses threads; short enough that the stacks of a
@@ -42,10 +43,11 @@ impl Hiring {
     pub fn start(&mut self, shared: &Arc<Shared>, queue: &Queue, worker: Worker) {
         let stack = worker_stack_bytes(&shared.config());
         let thread_shared = Arc::clone(shared);
-        let spawned = thread::Builder::new()
-            .name(format!("worker-{}", self.n_started))
-            .stack_size(stack)
-            .spawn(move || work(&thread_shared, worker));
+        let spawned = threads::spawn(
+            format!("worker-{}", self.n_started),
+            Some(stack),
+            Box::new(move || work(&thread_shared, worker)),
+        );
         match spawned {
             Ok(_) => self.n_started += 1,
             Err(e) => {
@@ -54,7 +56,7 @@ impl Hiring {
                     .is_none_or(|t| t.elapsed() >= SPAWN_WARN_EVERY)
                 {
                     self.last_warning = Some(Instant::now());
-                    log::warn!(
+                    logger::warn!(
                         "cannot start a worker thread: {e}; {} worker(s) serve, the connection waits (lower server.max_connections or raise the process/thread limits)",
                         queue.live_workers()
                     );
@@ -124,7 +126,7 @@ fn sort(shared: &Shared, worker: &Worker, since: Instant, job: Job) -> Option<Jo
     let peer = job.peer;
     match worker.put_back(lane, Waiting { since, job }) {
         Ok(()) => {
-            log::debug!(
+            logger::debug!(
                 "{peer} waits again, in the {} lane: connections that may be lighter wait",
                 lane.as_str()
             );
@@ -158,7 +160,7 @@ fn admit_caught(shared: &Shared, job: Job) -> Result<Job, Option<Peer>> {
     match panic::catch_unwind(AssertUnwindSafe(|| conn::admit_proxied(shared, job))) {
         Ok(admitted) => admitted,
         Err(_) => {
-            log::error!(
+            logger::error!(
                 "{via} handler panicked reading its PROXY header; connection closed, worker continues"
             );
             Err(None)
@@ -173,6 +175,6 @@ fn admit_caught(shared: &Shared, job: Job) -> Result<Job, Option<Peer>> {
 fn serve_caught(shared: &Shared, job: Job) {
     let peer = job.peer;
     if panic::catch_unwind(AssertUnwindSafe(|| conn::serve(shared, job))).is_err() {
-        log::error!("{peer} handler panicked; connection closed, worker continues");
+        logger::error!("{peer} handler panicked; connection closed, worker continues");
     }
 }

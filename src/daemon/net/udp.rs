@@ -5,7 +5,7 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -17,7 +17,9 @@ use crate::daemon::shared::Shared;
 use crate::daemon::stats::Stats;
 use crate::deadline::is_timeout;
 use crate::escape::escaped;
+use crate::logger;
 use crate::peer::Peer;
+use crate::threads;
 
 /// The receive buffer: larger than any UDP payload, so nothing is ever truncated unseen.
 const BUF: usize = 64 * 1024;
@@ -57,19 +59,20 @@ pub fn spawn(socket: UdpSocket, shared: Arc<Shared>) -> io::Result<JoinHandle<()
     socket.set_read_timeout(Some(TICK))?;
     let sock = SockRef::from(&socket);
     if let Err(e) = sock.set_recv_buffer_size(RCVBUF) {
-        log::warn!("udp: cannot enlarge the receive buffer: {e}; bursts may be dropped");
+        logger::warn!("udp: cannot enlarge the receive buffer: {e}; bursts may be dropped");
     }
     if let Ok(got) = sock.recv_buffer_size() {
-        log::info!(
+        logger::info!(
             "udp receive buffer {} KiB (asked {} KiB; the kernel caps it at net.core.rmem_max)",
             got / 1024,
             RCVBUF * 2 / 1024
         );
     }
-    thread::Builder::new()
-        .name("udp".into())
-        .stack_size(128 * 1024)
-        .spawn(move || run(&socket, &shared))
+    threads::spawn(
+        "udp".into(),
+        Some(128 * 1024),
+        Box::new(move || run(&socket, &shared)),
+    )
 }
 
 #[derive(Default)]
@@ -109,7 +112,7 @@ fn run(socket: &UdpSocket, shared: &Shared) {
             }
             Err(e) => {
                 // E.g. ECONNREFUSED reported for an earlier send: it concerns that datagram only.
-                log::debug!("udp receive failed: {e}");
+                logger::debug!("udp receive failed: {e}");
                 continue;
             }
         };
@@ -119,12 +122,12 @@ fn run(socket: &UdpSocket, shared: &Shared) {
         // make ferryd a reflector.
         if let Err(refusal) = cfg.access.rules.check(peer.ip()) {
             counts.refused += 1;
-            log::debug!("{peer} udp {n} B dropped: not allowed: the address {refusal}");
+            logger::debug!("{peer} udp {n} B dropped: not allowed: the address {refusal}");
             continue;
         }
         if n > cfg.udp.max_datagram_bytes {
             counts.oversize += 1;
-            log::debug!(
+            logger::debug!(
                 "{peer} udp {n} B dropped: over udp.max_datagram_bytes = {}",
                 cfg.udp.max_datagram_bytes
             );
@@ -136,12 +139,12 @@ fn run(socket: &UdpSocket, shared: &Shared) {
             continue;
         }
         let data = &buf[..n];
-        log::debug!("{peer} udp {n} B: {}", escaped(data, LOG_WIDTH));
+        logger::debug!("{peer} udp {n} B: {}", escaped(data, LOG_WIDTH));
         match socket.send_to(data, from) {
             Ok(_) => counts.echoed += 1,
             Err(e) => {
                 counts.failed += 1;
-                log::debug!("{peer} udp echo failed: {e}");
+                logger::debug!("{peer} udp echo failed: {e}");
             }
         }
     }
@@ -153,7 +156,7 @@ fn summarise(counts: &mut Counts, limiter: &Limiter) {
     if c.echoed + c.refused + c.limited + c.oversize + c.failed == 0 {
         return;
     }
-    log::info!(
+    logger::info!(
         "udp: {} datagrams echoed, {} refused by the access rules, {} dropped by the rate limit, {} oversize, {} failed to send ({} addresses tracked)",
         c.echoed,
         c.refused,

@@ -7,6 +7,8 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
 
+use crate::logger;
+
 /// Where notifications go, if anywhere.
 #[derive(Debug)]
 pub struct Notifier {
@@ -37,7 +39,7 @@ impl Notifier {
         let target = socket.and_then(|s| match connect(s) {
             Ok(t) => Some(t),
             Err(e) => {
-                log::warn!("NOTIFY_SOCKET={s} unusable: {e}; not notifying systemd");
+                logger::warn!("NOTIFY_SOCKET={s} unusable: {e}; not notifying systemd");
                 None
             }
         });
@@ -65,7 +67,7 @@ impl Notifier {
             return;
         };
         if let Err(e) = sock.send_to_addr(state.as_bytes(), addr) {
-            log::debug!("sd_notify {state:?} failed: {e}");
+            logger::debug!("sd_notify {state:?} failed: {e}");
         }
     }
 

@@ -3,9 +3,10 @@
 //! taken synchronously with sigwait(2) by a thread of its own, so no handler — not even the one
 //! ctrlc also installs for SIGHUP — ever runs for it.
 
-use std::thread;
-
 use nix::sys::signal::{SigSet, Signal};
+
+use crate::logger;
+use crate::threads;
 
 /// Exit code when a second SIGINT/SIGTERM arrives during the shutdown.
 pub const EXIT_SECOND_SIGNAL: i32 = 130;
@@ -26,29 +27,30 @@ where
 {
     ctrlc::set_handler(move || {
         if !stop() {
-            log::warn!("second signal during shutdown: exiting now");
+            logger::warn!("second signal during shutdown: exiting now");
             std::process::exit(EXIT_SECOND_SIGNAL);
         }
     })
     .map_err(|e| format!("cannot install the SIGINT/SIGTERM handler: {e}"))?;
-    thread::Builder::new()
-        .name("sighup".into())
-        // A reload parses the config file (toml): generous for an unoptimised build too.
-        .stack_size(256 * 1024)
-        .spawn(move || {
+    // A reload parses the config file (toml): a stack generous for an unoptimised build too.
+    threads::spawn(
+        "sighup".into(),
+        Some(256 * 1024),
+        Box::new(move || {
             let set = hup_set();
             loop {
                 match set.wait() {
                     Ok(Signal::SIGHUP) => reload(),
                     Ok(_) => {}
                     Err(e) => {
-                        log::error!("waiting for SIGHUP failed: {e}; reload disabled");
+                        logger::error!("waiting for SIGHUP failed: {e}; reload disabled");
                         return;
                     }
                 }
             }
-        })
-        .map_err(|e| format!("cannot start the SIGHUP thread: {e}"))?;
+        }),
+    )
+    .map_err(|e| format!("cannot start the SIGHUP thread: {e}"))?;
     Ok(())
 }
 

@@ -30,6 +30,7 @@ use crate::config::{FilesConfig, OnConflict};
 use crate::daemon::files::holders::Holders;
 use crate::daemon::files::partials::Index;
 use crate::daemon::files::subdir::{self, WalkError};
+use crate::logger;
 use crate::proto::name::{RESERVED_PREFIX, split_path};
 
 mod pending;
@@ -264,7 +265,7 @@ impl Store {
             return Ok(Arc::clone(&slot));
         }
         let fresh = Arc::new(open_dir(&self.dir)?);
-        log::warn!(
+        logger::warn!(
             "upload directory {} was removed or replaced while running; using the directory now at that path",
             self.dir.display()
         );

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::daemon::files::holders::{Holder, TakeOver};
 use crate::daemon::files::resume::{self, Claim, Limits};
+use crate::logger;
+use crate::proto::decimal::Fixed;
 
 use super::{Pending, Store, StoreError, io_err};
 
@@ -59,10 +61,10 @@ impl Store {
         match resume::sweep(&self.partials, dir, self.resume_limits()) {
             Ok((removed, _)) => {
                 for name in removed {
-                    log::info!("removed expired partial upload {name}");
+                    logger::info!("removed expired partial upload {name}");
                 }
             }
-            Err(e) => log::warn!("cannot clean up partial uploads: {e}"),
+            Err(e) => logger::warn!("cannot clean up partial uploads: {e}"),
         }
     }
 
@@ -107,9 +109,9 @@ impl Store {
                         self.holders.take_over_if_quiet(&file_name)
                     {
                         let by = holder.as_ref().map_or("", |h| h.peer.as_str());
-                        log::warn!(
-                            "{by} takes over partial upload {file_name} from {peer}, silent for {:.1} s: that connection is ended",
-                            quiet.as_secs_f64()
+                        logger::warn!(
+                            "{by} takes over partial upload {file_name} from {peer}, silent for {} s: that connection is ended",
+                            Fixed::secs(quiet, 1)
                         );
                         waited_until = waited_until.max(Instant::now() + HELD_GRACE);
                     }
