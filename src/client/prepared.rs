@@ -141,6 +141,17 @@ impl Prepared {
         })
     }
 
+    /// Computes a trailing checksum now, on this thread, when it is not known yet: for a small
+    /// file sent in `send`'s window, where a hashing thread beside `sendfile` costs more than it
+    /// saves.
+    pub(super) fn hash_now(&mut self) -> io::Result<()> {
+        if self.known.is_none() {
+            let (algo, size) = (self.header.algo, self.header.size);
+            self.known = Some(filehash::checksum_file(algo, &self.file, size, 0, &|_| {})?);
+        }
+        Ok(())
+    }
+
     /// The header as sent: with the resume flag when `resume`.
     pub(super) fn raw_header(&self) -> [u8; HEADER_LEN] {
         let raw = self.header.encode();
