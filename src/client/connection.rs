@@ -2,7 +2,7 @@
 //! resolves to), the nonce and the key, a thread that reads the server's lines, one upload with
 //! its `RESUME` offset and its answer, and what an answer line means.
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::thread;
 use std::time::Duration;
@@ -199,8 +199,8 @@ impl Connection {
     }
 
     /// Sends one whole frame (head, body, trailing checksum and its tag) without looking at any
-    /// answer: a file in `send`'s window, whose answer is taken later (`next_line`). A trailing
-    /// checksum must be known already (`Prepared::hash_now`).
+    /// answer: a file in `send`'s window, whose answer is taken later (`next_line`), made ready
+    /// by `Prepared::load_for_window` (a small one goes in one write).
     pub(super) fn send_frame(&mut self, p: &mut Prepared) -> io::Result<()> {
         let tag = self.next_tag(p);
         let key = self.auth.as_ref().map(|(key, ..)| key.clone());
@@ -210,6 +210,9 @@ impl Connection {
         };
         let trailer_tag: Option<TrailerTag<'_>> = tag.is_some().then_some(&trailer);
         let tag = tag.as_ref().map(|t| &t[..]);
+        if let Some(frame) = p.inline_frame(tag, trailer_tag) {
+            return self.stream.write_all(&frame);
+        }
         p.write_to(&mut self.stream, tag, trailer_tag, &mut |_| true)
             .map(drop)
     }

@@ -103,7 +103,7 @@ impl Run<'_> {
 
     /// Sends one file's frame on the connection (opened if need be) and puts it in flight.
     fn launch(&mut self, mut job: Job) -> Result<(), ClientError> {
-        if let Err(e) = job.prepared.hash_now() {
+        if let Err(e) = job.prepared.load_for_window() {
             let why = format!("cannot read the file: {e}");
             self.results[job.idx] = report(self.out, &job.prepared.path, false, why);
             return Ok(());

@@ -191,3 +191,55 @@ fn verdict(f: &About, placed: Result<Placed, StoreError>, peer: &dyn fmt::Displa
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, OnConflict};
+    use crate::daemon::files::store::Store;
+
+    #[test]
+    fn a_file_that_fails_its_commit_costs_only_itself_and_outcomes_keep_their_order() {
+        let path = std::env::temp_dir().join(format!("ferryd-batch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        let mut cfg = Config::default().files;
+        cfg.dir = path.clone();
+        cfg.on_conflict = OnConflict::Reject;
+        let store = Store::open(&cfg, true).unwrap().store;
+        let mut batch = Batch::default();
+        for name in ["a", "b", "c"] {
+            let mut pending = store.begin(name, 3).unwrap();
+            pending.write(name.repeat(3).as_bytes()).unwrap();
+            batch.push(Verified {
+                pending,
+                about: About {
+                    shown: name.to_string(),
+                    size: 3,
+                    algo: Algo::Blake3,
+                    checksum: [0; CHECKSUM_LEN],
+                    how: "",
+                    started: Instant::now(),
+                },
+            });
+        }
+        assert!(!batch.is_full() && !batch.is_empty());
+        // Taken after its name was checked and before its commit: the rename will not clobber it.
+        std::fs::write(path.join("b"), b"old").unwrap();
+        let out = batch.commit(&"test");
+        assert!(batch.is_empty());
+        let names: Vec<String> = out
+            .iter()
+            .map(|c| match c {
+                Committed::Stored { stored_name, .. } => format!("stored {stored_name}"),
+                Committed::Failed { code, .. } => format!("failed {code}"),
+            })
+            .collect();
+        assert_eq!(names, ["stored a", "failed exists", "stored c"]);
+        for (name, want) in [("a", "aaa"), ("b", "old"), ("c", "ccc")] {
+            assert_eq!(std::fs::read(path.join(name)).unwrap(), want.as_bytes());
+        }
+        // Nothing else: the failed file's temp file is gone.
+        assert_eq!(std::fs::read_dir(&path).unwrap().count(), 3);
+        std::fs::remove_dir_all(&path).unwrap();
+    }
+}
