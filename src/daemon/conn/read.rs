@@ -72,9 +72,7 @@ impl Conn<'_> {
     /// readable right now, so no answer waits on the peer, or when the first of them has waited
     /// `batch::MAX_HOLD` while bytes keep coming.
     pub(super) fn read_by(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<usize, ReadEnd> {
-        if !self.batch.is_empty() && (self.batch.is_due() || !self.readable_now()) {
-            self.commit_batch();
-        }
+        self.commit_unless_busy();
         loop {
             let left = deadline.left();
             if left.is_zero() {
@@ -102,6 +100,14 @@ impl Conn<'_> {
                 Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(ReadEnd::Error(e)),
             }
+        }
+    }
+
+    /// Commits the files waiting in the batch (and answers them) unless more bytes are already
+    /// arriving and the first of them has waited less than `batch::MAX_HOLD`.
+    pub(super) fn commit_unless_busy(&mut self) {
+        if !self.batch.is_empty() && (self.batch.is_due() || !self.readable_now()) {
+            self.commit_batch();
         }
     }
 

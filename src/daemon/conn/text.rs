@@ -43,6 +43,8 @@ impl Conn<'_> {
         let mut line_deadline: Option<Deadline> = None;
         loop {
             if input.is_empty() {
+                // Answered before the connection may be chosen to make room while it waits.
+                self.commit_unless_busy();
                 self.waiting_on_peer(last_line);
                 if let Err(reason) = self.fill(input, line_deadline) {
                     return reason;
