@@ -2,7 +2,7 @@
 //! resolves to), the nonce and the key, a thread that reads the server's lines, one upload with
 //! its `RESUME` offset and its answer, and what an answer line means.
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
@@ -192,15 +192,56 @@ impl Connection {
         })
     }
 
-    /// Sends one file and waits for its answer.
-    pub(super) fn upload(&mut self, p: &mut Prepared, timeout: Duration, progress: bool) -> Sent {
-        let bar = progress_bar(progress, p.header.size, &format!("sending {}", p.name));
-        let tag = self.auth.as_mut().map(|(key, nonce, seq)| {
+    /// The tag of the next frame on this connection, with a key (which marks the frame
+    /// authenticated); each call counts one frame.
+    fn next_tag(&mut self, p: &mut Prepared) -> Option<[u8; 32]> {
+        self.auth.as_mut().map(|(key, nonce, seq)| {
             p.header.authenticated = true;
             let tag = key.upload_tag(nonce, *seq, &p.raw_header(), p.name.as_bytes());
             *seq += 1;
             tag
-        });
+        })
+    }
+
+    /// Sends one whole frame (head, body, trailing checksum and its tag) without looking at any
+    /// answer: a file in `send`'s window, whose answer is taken later (`next_line`), made ready
+    /// by `Prepared::load_for_window` (a small one goes in one write).
+    pub(super) fn send_frame(&mut self, p: &mut Prepared) -> io::Result<()> {
+        let tag = self.next_tag(p);
+        let key = self.auth.as_ref().map(|(key, ..)| key.clone());
+        let trailer = |sum: &[u8; 32]| match (&key, &tag) {
+            (Some(key), Some(tag)) => key.trailer_tag(tag, sum),
+            _ => [0; 32],
+        };
+        let trailer_tag: Option<TrailerTag<'_>> = tag.is_some().then_some(&trailer);
+        let tag = tag.as_ref().map(|t| &t[..]);
+        if let Some(frame) = p.inline_frame(tag, trailer_tag) {
+            return self.stream.write_all(&frame);
+        }
+        p.write_to(&mut self.stream, tag, trailer_tag, &mut |_| true)
+            .map(drop)
+    }
+
+    /// Whether the server said something before the first frame (e.g. `ERR busy`).
+    pub(super) fn spoke_first(&self) -> bool {
+        self.pushed_back.is_some()
+    }
+
+    /// The next `OK` or `ERR` line, within `wait`.
+    pub(super) fn next_line(
+        &mut self,
+        wait: Duration,
+    ) -> Result<io::Result<String>, RecvTimeoutError> {
+        if let Some(line) = self.pushed_back.take() {
+            return Ok(line);
+        }
+        next_answer(&self.answers, wait, &mut self.wants_key)
+    }
+
+    /// Sends one file and waits for its answer.
+    pub(super) fn upload(&mut self, p: &mut Prepared, timeout: Duration, progress: bool) -> Sent {
+        let bar = progress_bar(progress, p.header.size, &format!("sending {}", p.name));
+        let tag = self.next_tag(p);
         let key = self.auth.as_ref().map(|(key, ..)| key.clone());
         let trailer = |sum: &[u8; 32]| match (&key, &tag) {
             (Some(key), Some(tag)) => key.trailer_tag(tag, sum),
@@ -414,6 +455,6 @@ fn interpret(line: &str, body_sent: bool) -> Sent {
 }
 
 /// How long to wait for the answer after the last body byte: the server fsyncs the file first.
-fn answer_wait(timeout: Duration) -> Duration {
+pub(super) fn answer_wait(timeout: Duration) -> Duration {
     (timeout * 12).max(Duration::from_secs(60))
 }

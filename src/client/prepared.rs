@@ -9,10 +9,12 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::thread;
 
+use sha2::{Digest, Sha256};
+
 use crate::client::options::{ClientError, Form, RESUME_MIN};
 use crate::client::progress::Progress;
 use crate::client::{filehash, stdin};
-use crate::proto::{HEADER_LEN, Header, name};
+use crate::proto::{Algo, HEADER_LEN, Header, name};
 use crate::threads;
 
 /// Buffer size for the read/write fallback when sendfile(2) cannot be used.
@@ -20,6 +22,10 @@ const CHUNK: usize = 1 << 20;
 
 /// Bytes per sendfile(2) call (progress is updated after each).
 const SEND_CHUNK: u64 = 8 << 20;
+
+/// A body of at most this many bytes, sent in `send`'s window, is read into memory and sent with
+/// its head in one write.
+const INLINE_MAX: u64 = 64 << 10;
 
 /// A file ready to go: opened, measured, and hashed unless the checksum trails the body.
 pub(super) struct Prepared {
@@ -31,6 +37,9 @@ pub(super) struct Prepared {
     pub(super) known: Option<[u8; 32]>,
     /// Sent with the resume flag (`Form::resume`, files of `RESUME_MIN` bytes or more).
     pub(super) resume: bool,
+    /// A small body read into memory to be sent with its head in one write
+    /// (`load_for_window`).
+    pub(super) inline: Option<Vec<u8>>,
 }
 
 /// The resume id of a trailing resumable frame: what names this version of the file to the
@@ -139,7 +148,64 @@ impl Prepared {
             name,
             known,
             resume,
+            inline: None,
         })
+    }
+
+    /// Makes a file ready for `send`'s window: a body of at most `INLINE_MAX` bytes is read into
+    /// memory (and its trailing checksum computed from those bytes), to go out with its head in
+    /// one write; a larger one gets its trailing checksum computed now, on this thread, where a
+    /// hashing thread beside `sendfile` would cost more than it saves.
+    pub(super) fn load_for_window(&mut self) -> io::Result<()> {
+        let (algo, size) = (self.header.algo, self.header.size);
+        if size > INLINE_MAX {
+            if self.known.is_none() {
+                self.known = Some(filehash::checksum_file(algo, &self.file, size, 0, &|_| {})?);
+            }
+            return Ok(());
+        }
+        if self.inline.is_some() {
+            return Ok(());
+        }
+        let mut body = vec![0u8; size as usize];
+        self.file.read_exact_at(&mut body, 0).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                io::Error::other(format!("{} shrank while being read", self.path.display()))
+            } else {
+                e
+            }
+        })?;
+        if self.known.is_none() {
+            self.known = Some(match algo {
+                Algo::Blake3 => *blake3::hash(&body).as_bytes(),
+                Algo::Sha256 => Sha256::digest(&body).into(),
+            });
+        }
+        self.inline = Some(body);
+        Ok(())
+    }
+
+    /// A frame whose body was read into memory (`load_for_window`): head, tag, body and, when it
+    /// trails, the checksum and its tag, in one buffer; `None` for a frame that was not.
+    pub(super) fn inline_frame(
+        &self,
+        tag: Option<&[u8]>,
+        trailer_tag: Option<TrailerTag<'_>>,
+    ) -> Option<Vec<u8>> {
+        let body = self.inline.as_ref()?;
+        let mut out = Vec::with_capacity(HEADER_LEN + self.name.len() + body.len() + 128);
+        out.extend_from_slice(&self.raw_header());
+        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(tag.unwrap_or_default());
+        out.extend_from_slice(body);
+        if self.header.trailing {
+            let sum = self.known?;
+            out.extend_from_slice(&sum);
+            if let Some(trailer_tag) = trailer_tag {
+                out.extend_from_slice(&trailer_tag(&sum));
+            }
+        }
+        Some(out)
     }
 
     /// The header as sent: with the resume flag when `resume`.

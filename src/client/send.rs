@@ -1,9 +1,10 @@
 //! The client half of the file protocol: `ferryd send` (upload files to a server, one connection,
-//! one answer per file) and `ferryd pack` (write the same frames to stdout for `nc`). `send`
-//! puts the checksum after the body by default, hashing beside `sendfile` instead of before it;
-//! `pack` puts it in the header. A file made ready as a frame is a `prepared::Prepared`; one
-//! connection to a server is a `connection::Connection`; whether a file is sent again, and
-//! when, is `retry`'s policy.
+//! one answer per file, in order) and `ferryd pack` (write the same frames to stdout for `nc`).
+//! `send` puts the checksum after the body by default, hashing beside `sendfile` instead of
+//! before it; `pack` puts it in the header. A file made ready as a frame is a
+//! `prepared::Prepared`; one connection to a server is a `connection::Connection`; small files
+//! go through a window of frames in flight (`pipeline`), a resumable one alone; whether a file
+//! is sent again, and when, is `retry`'s policy.
 
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
@@ -16,8 +17,12 @@ use crate::client::options::{ClientError, PackOptions, SendOptions};
 use crate::client::prepared::Prepared;
 use crate::client::retry::{self, Next};
 use crate::client::walk::{self, Item};
+
+mod pipeline;
+
 use crate::escape::push_chat_text;
 use crate::proto::decimal::Secs;
+use pipeline::Window;
 
 /// `ferryd pack FILE...`: writes one frame per file to `out`.
 pub fn pack<W: Write + AsFd>(opts: &PackOptions, out: &mut W) -> Result<(), ClientError> {
@@ -59,12 +64,43 @@ pub fn send(opts: &SendOptions, out: &mut dyn Write) -> Result<Vec<bool>, Client
         conn: None,
         connected: false,
         out,
+        window: Window::default(),
+        results: vec![false; items.len()],
     };
-    let mut results = Vec::new();
-    for item in &items {
-        results.push(run.item(item)?);
+    for (idx, item) in items.iter().enumerate() {
+        let opened = Prepared::open(&item.path, item.name.as_deref(), &opts.form, run.progress);
+        match opened {
+            // A resumable file waits for its `RESUME` line: it goes alone, after the window.
+            Ok(mut prepared) if prepared.resume => {
+                run.drain()?;
+                run.results[idx] = run.item(&mut prepared)?;
+            }
+            Ok(prepared) => run.pipelined(idx, prepared)?,
+            Err(e) => {
+                // Reported in its place among the others.
+                run.drain()?;
+                run.results[idx] = report(run.out, &item.path, false, e.detail());
+            }
+        }
     }
-    Ok(results)
+    run.drain()?;
+    Ok(run.results)
+}
+
+/// How often one file was sent again, and how far its furthest try got.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tries {
+    reconnects: u32,
+    retries: u32,
+    furthest: u64,
+}
+
+/// What became of a file after one try.
+enum Settled {
+    /// Reported: stored (`true`) or not.
+    Done(bool),
+    /// To be sent again.
+    Again,
 }
 
 /// One `send`: its options and the connection files go over, opened when a file needs it.
@@ -76,22 +112,20 @@ struct Run<'a> {
     /// A connection was made once: a later failure to connect is a cut, retried like one.
     connected: bool,
     out: &'a mut dyn Write,
+    /// The files in flight without waiting for each answer, and those queued for it.
+    window: Window,
+    /// Each file's result, in the order given.
+    results: Vec<bool>,
 }
 
 impl Run<'_> {
-    /// Sends one file, on a new connection again when the server asks for one, and after a
-    /// cut, pauses and tries again (`--retry`), resuming where the server's partial ends;
-    /// whether it was stored.
-    fn item(&mut self, item: &Item) -> Result<bool, ClientError> {
-        let path = &item.path;
-        let mut prepared =
-            match Prepared::open(path, item.name.as_deref(), &self.opts.form, self.progress) {
-                Ok(p) => p,
-                Err(e) => return Ok(report(self.out, path, false, e.detail())),
-            };
-        let (mut reconnects, mut retries, mut furthest) = (0, 0, 0);
+    /// Sends one file on its own, on a new connection again when the server asks for one, and
+    /// after a cut, pauses and tries again (`--retry`), resuming where the server's partial
+    /// ends, until `settle` says it is done; whether it was stored.
+    fn item(&mut self, prepared: &mut Prepared) -> Result<bool, ClientError> {
+        let mut tries = Tries::default();
         loop {
-            let sent = match self.attempt(&mut prepared) {
+            let sent = match self.attempt(prepared) {
                 Ok(sent) => sent,
                 // A server reached before and unreachable now: a cut like any other.
                 Err(e) if self.connected && e.is_connect() => Sent::cut(e.to_string()),
@@ -101,39 +135,50 @@ impl Run<'_> {
                 // The server closes after refusing a frame; the next try gets a new connection.
                 self.conn = None;
             }
-            if sent.from > furthest {
-                // This try got further than the last: the count starts again.
-                furthest = sent.from;
-                retries = 0;
+            if let Settled::Done(ok) = self.settle(&prepared.path, sent, &mut tries) {
+                return Ok(ok);
             }
-            match retry::next(sent.fate) {
-                Next::Reconnect if reconnects < retry::MAX_RECONNECTS => {
-                    reconnects += 1;
-                    self.note(
-                        path,
-                        &format!("{}; sending it again on a new connection", sent.message),
-                    );
-                }
-                Next::Retry if retries < self.opts.retries => {
-                    retries += 1;
-                    let pause = retry::backoff(retries);
-                    let of = self.opts.retries;
-                    self.note(
-                        path,
-                        &format!(
-                            "{}; retry {retries} of {of} in {} s",
-                            sent.message,
-                            Secs(pause)
-                        ),
-                    );
-                    thread::sleep(pause);
-                }
-                Next::Retry if self.opts.retries > 0 => {
-                    let why = format!("{} (gave up after {retries} retries)", sent.message);
-                    return Ok(report(self.out, path, false, why));
-                }
-                _ => return Ok(report(self.out, path, sent.ok, sent.message)),
+        }
+    }
+
+    /// After one try at a file: reports it when it is done (stored, refused for good, out of
+    /// tries), or notes why it goes again and, for a retry, pauses first.
+    fn settle(&mut self, path: &Path, sent: Sent, tries: &mut Tries) -> Settled {
+        if sent.from > tries.furthest {
+            // This try got further than the last: the count starts again.
+            tries.furthest = sent.from;
+            tries.retries = 0;
+        }
+        match retry::next(sent.fate) {
+            Next::Reconnect if tries.reconnects < retry::MAX_RECONNECTS => {
+                tries.reconnects += 1;
+                self.note(
+                    path,
+                    &format!("{}; sending it again on a new connection", sent.message),
+                );
+                Settled::Again
             }
+            Next::Retry if tries.retries < self.opts.retries => {
+                tries.retries += 1;
+                let pause = retry::backoff(tries.retries);
+                let of = self.opts.retries;
+                self.note(
+                    path,
+                    &format!(
+                        "{}; retry {} of {of} in {} s",
+                        sent.message,
+                        tries.retries,
+                        Secs(pause)
+                    ),
+                );
+                thread::sleep(pause);
+                Settled::Again
+            }
+            Next::Retry if self.opts.retries > 0 => {
+                let why = format!("{} (gave up after {} retries)", sent.message, tries.retries);
+                Settled::Done(report(self.out, path, false, why))
+            }
+            _ => Settled::Done(report(self.out, path, sent.ok, sent.message)),
         }
     }
 

@@ -119,9 +119,9 @@ impl Conn<'_> {
                 return self.answer_upload(Outcome::Lost(lost)).map(|()| None);
             }
         }
-        let store = std::sync::Arc::clone(&source.inner.conn.snapshot.store);
+        let store = source.inner.conn.store;
         let outcome = upload::receive_checked(
-            &store,
+            store,
             Check::Unverified { size },
             name,
             &mut source,

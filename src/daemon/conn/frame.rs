@@ -102,10 +102,10 @@ impl Conn<'_> {
         let peer = self.peer;
         self.live
             .begin_upload(escaped(name, 255).to_string(), header.size);
+        let store = self.store;
         let mut source = ConnSource::new(self, input);
-        let store = Arc::clone(&source.conn.snapshot.store);
-        let outcome = upload::receive_checked(
-            &store,
+        let received = upload::receive_verified(
+            store,
             Check::Frame {
                 header: &header,
                 trailer_auth: trailer_key.as_ref().map(|(key, tag)| upload::TrailerAuth {
@@ -119,56 +119,46 @@ impl Conn<'_> {
             shared.hash_pool(),
             &peer,
         );
-        self.answer_upload(outcome)
+        match received {
+            Ok(file) => {
+                // Answered once it is durable, with the files that come right after it.
+                self.live.end_upload();
+                self.batch.push(file);
+                if self.batch.is_full() {
+                    self.commit_batch();
+                }
+                Ok(())
+            }
+            Err(outcome) => self.answer_upload(outcome),
+        }
     }
 
-    /// Counts an upload's outcome, announces a stored file to the chat room, and answers it;
-    /// `Ok` means the connection goes on.
+    /// Commits the files waiting in the batch together and answers each, in order (`OK`, or
+    /// the `ERR` of a file that could not be stored, which keeps the connection).
+    pub(super) fn commit_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        for committed in self.batch.commit(&self.peer) {
+            self.answer_kept(committed.into());
+        }
+    }
+
+    /// Counts an upload's outcome, announces a stored file to the chat room, and answers it
+    /// (after the answers of the files waiting in the batch); `Ok` means the connection goes on.
     pub(super) fn answer_upload(&mut self, outcome: Outcome) -> Result<(), Reason> {
         self.live.end_upload();
         if matches!(outcome, Outcome::Lost(_)) && self.live.kicked_by().is_some() {
             Stats::add(&self.shared.stats.files_failed, 1);
             return Err(self.kicked());
         }
-        let shared = self.shared;
-        let peer = self.peer;
-        let line = outcome.answer();
-        match &outcome {
-            Outcome::Stored {
-                stored_name, size, ..
-            } => {
-                Stats::add(&shared.stats.files_stored, 1);
-                if let Some(chat) = &self.chat {
-                    let mut shown = String::new();
-                    push_chat_text(&mut shown, stored_name.as_bytes());
-                    let notice = wire::chat_uploaded(&peer, &shown, *size);
-                    chat.seat
-                        .broadcast(notice.as_bytes(), chat.limits, &|| shared.is_stopping());
-                }
-            }
-            _ => Stats::add(&shared.stats.files_failed, 1),
-        }
+        self.commit_batch();
         if outcome.keeps_connection() {
-            self.say(line.as_bytes());
-            // After the answer, so a hook never delays the client.
-            if let Outcome::Stored {
-                stored_name,
-                size,
-                checksum,
-            } = &outcome
-            {
-                let snapshot = &self.snapshot;
-                shared.hooks.stored(
-                    &snapshot.config,
-                    snapshot.store.dir(),
-                    stored_name,
-                    *size,
-                    checksum,
-                    peer.addr(),
-                );
-            }
+            self.answer_kept(outcome);
             return Ok(());
         }
+        Stats::add(&self.shared.stats.files_failed, 1);
+        let line = outcome.answer();
         Err(match outcome {
             Outcome::Lost(Lost::Shutdown) => {
                 self.say(line.as_bytes());
@@ -190,6 +180,42 @@ impl Conn<'_> {
             }
             _ => self.refuse(&line),
         })
+    }
+
+    /// Answers an outcome after which the connection goes on: counts it, announces a stored
+    /// file to the chat room, sends the line, then queues the file's hook.
+    fn answer_kept(&mut self, outcome: Outcome) {
+        let shared = self.shared;
+        let peer = self.peer;
+        let Outcome::Stored {
+            stored_name,
+            size,
+            checksum,
+        } = &outcome
+        else {
+            Stats::add(&shared.stats.files_failed, 1);
+            self.say_now(outcome.answer().as_bytes());
+            return;
+        };
+        Stats::add(&shared.stats.files_stored, 1);
+        if let Some(chat) = &self.chat {
+            let mut shown = String::new();
+            push_chat_text(&mut shown, stored_name.as_bytes());
+            let notice = wire::chat_uploaded(&peer, &shown, *size);
+            chat.seat
+                .broadcast(notice.as_bytes(), chat.limits, &|| shared.is_stopping());
+        }
+        self.say_now(outcome.answer().as_bytes());
+        // After the answer, so a hook never delays the client.
+        let snapshot = &self.snapshot;
+        shared.hooks.stored(
+            &snapshot.config,
+            snapshot.store.dir(),
+            stored_name,
+            *size,
+            checksum,
+            peer.addr(),
+        );
     }
 
     /// Answers a refused frame and prepares to close: the rest of its bytes cannot be told apart

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use crate::auth::NONCE_LEN;
 use crate::config::{Config, Mode};
 use crate::daemon::access::evict::Place;
+use crate::daemon::files::batch::Batch;
+use crate::daemon::files::store::Store;
 use crate::daemon::registry::{Live, State};
 use crate::daemon::shared::{Client, Job, Proxied, Shared, Snapshot};
 use crate::daemon::stats::Stats;
@@ -151,6 +153,8 @@ pub fn serve(shared: &Shared, job: Job) {
         shared,
         cfg: Arc::clone(&cfg),
         snapshot: Arc::clone(&snapshot),
+        store: &snapshot.store,
+        batch: Batch::default(),
         stream: &stream,
         live: listed.live(),
         place: &place,
@@ -300,6 +304,13 @@ struct Conn<'a> {
     cfg: Arc<Config>,
     /// The settings in force when the connection started: config, store and key.
     snapshot: Arc<Snapshot>,
+    /// The snapshot's store, borrowed for as long as the connection lives, so that files
+    /// waiting in `batch` can be held across frames.
+    store: &'a Store,
+    /// Verified files of earlier frames whose commit (and `OK`) waits to be shared with the
+    /// next ones; committed before anything else is sent, before a read would wait, and when
+    /// full or due (`files::batch`).
+    batch: Batch<'a>,
     stream: &'a TcpStream,
     /// Its live state in the registry: what `ferryd ctl` sees and does.
     live: &'a Live,
@@ -370,8 +381,14 @@ impl Conn<'_> {
     /// Sends a line of our own (an answer or a notice). In chat mode it goes to the client's
     /// private queue, which its writer sends before the room's lines; a client with
     /// `chat::PRIVATE_BYTES` of them unsent is not reading them. A peer that is gone cannot be
-    /// told, which is not an error.
+    /// told, which is not an error. The answers of the files waiting in the batch go first.
     fn say(&mut self, line: &[u8]) {
+        self.commit_batch();
+        self.say_now(line);
+    }
+
+    /// `say` without committing the batch first: for the batch's own answers.
+    fn say_now(&mut self, line: &[u8]) {
         match &self.chat {
             Some(chat) => chat.seat.tell(line),
             // A peer that does not read may be chosen to make room while this blocks (and one

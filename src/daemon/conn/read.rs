@@ -7,6 +7,7 @@ use std::io::{self, Read};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use rustix::net::RecvFlags;
 use socket2::{SockRef, TcpKeepalive};
 
 use crate::daemon::stats::Stats;
@@ -68,7 +69,11 @@ pub fn prepare_stream(stream: &TcpStream, read: Duration, write: Duration) -> io
 impl Conn<'_> {
     /// The one place that reads from the socket: at most `buf.len()` bytes, by `deadline`, whose
     /// reason comes back if it passes first.
+    /// Files waiting in the batch are committed (and answered) first when nothing more is
+    /// readable right now, so no answer waits on the peer, or when the first of them has waited
+    /// `batch::MAX_HOLD` while bytes keep coming.
     pub(super) fn read_by(&mut self, buf: &mut [u8], deadline: Deadline) -> Result<usize, ReadEnd> {
+        self.commit_unless_busy();
         loop {
             let left = deadline.left();
             if left.is_zero() {
@@ -104,6 +109,26 @@ impl Conn<'_> {
                 Err(e) => return Err(ReadEnd::Error(e)),
             }
         }
+    }
+
+    /// Commits the files waiting in the batch (and answers them) unless more bytes are already
+    /// arriving and the first of them has waited less than `batch::MAX_HOLD`.
+    pub(super) fn commit_unless_busy(&mut self) {
+        if !self.batch.is_empty() && (self.batch.is_due() || !self.readable_now()) {
+            self.commit_batch();
+        }
+    }
+
+    /// Whether bytes from the peer wait to be read (not its end of stream): a peek that never
+    /// blocks and takes nothing.
+    fn readable_now(&self) -> bool {
+        let mut byte = [0u8; 1];
+        let peeked = rustix::net::recv(
+            self.stream,
+            &mut byte[..],
+            RecvFlags::PEEK | RecvFlags::DONTWAIT,
+        );
+        matches!(peeked, Ok((n, _)) if n > 0)
     }
 
     /// Reads more bytes into an empty `input` by the idle deadline (or `limit`, if it comes

@@ -12,7 +12,15 @@ use crate::proto;
 use super::{Conn, Input, LOG_WIDTH, Reason};
 
 impl Conn<'_> {
+    /// Text and frames until the connection ends; the files still waiting in the batch are
+    /// committed and answered then (a peer that only half-closed still reads the answers).
     pub(super) fn run(&mut self, input: &mut Input) -> Reason {
+        let reason = self.run_input(input);
+        self.commit_batch();
+        reason
+    }
+
+    fn run_input(&mut self, input: &mut Input) -> Reason {
         // A NAME**SIZE head can only open a connection: not after an AUTH line whose following
         // bytes wait in `input` (and those must not be dropped). `first_line` is the limit of
         // the line the connection's first byte began, which a slow head counts toward.
@@ -36,6 +44,8 @@ impl Conn<'_> {
         let mut line_deadline: Option<Deadline> = None;
         loop {
             if input.is_empty() {
+                // Answered before the connection may be chosen to make room while it waits.
+                self.commit_unless_busy();
                 self.waiting_on_peer(last_line);
                 if let Err(reason) = self.fill(input, line_deadline) {
                     return reason;
@@ -77,6 +87,8 @@ impl Conn<'_> {
                 let began = first_line.take().filter(|_| !text.contains(&b'\n'));
                 line_deadline = Some(began.unwrap_or_else(|| Deadline::after(limit, Why::Line)));
             }
+            // Text goes nowhere before the answers to the frames that came before it.
+            self.commit_batch();
             logger::debug!("{} req {}", self.peer, escaped(text, LOG_WIDTH));
             if self.text_locked {
                 if let Err(reason) = self.auth_text(text) {

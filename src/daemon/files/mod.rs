@@ -3,6 +3,7 @@
 //! (`resume`), and the `files.on_stored` hook (`hooks`). Nothing here knows about chat or about
 //! how connections are accepted.
 
+pub mod batch;
 pub mod bodyhash;
 pub mod holders;
 pub mod hookreap;

@@ -7,6 +7,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::auth::{Key, TAG_LEN};
+use crate::daemon::files::batch::{About, Batch, Committed, Verified};
 use crate::daemon::files::bodyhash::BodyHash;
 use crate::daemon::files::holders::Holder;
 use crate::daemon::files::store::{Pending, Store, StoreError};
@@ -162,10 +163,7 @@ pub enum Check<'k> {
     Unverified { size: u64 },
 }
 
-/// Receives an upload whose head (for a frame: header, raw `name` and first tag, already
-/// checked) has been read, checked as `check` says. `peer` only labels logs. The steps: the
-/// name, the temp file (or the partial it resumes), the body into it while hashing, the
-/// checksum to compare with (trailing, or the header's), the verdict.
+/// Receives an upload and commits it on its own (`receive_verified`, then a batch of one).
 pub fn receive_checked(
     store: &Store,
     check: Check<'_>,
@@ -174,6 +172,36 @@ pub fn receive_checked(
     pool: Option<&HashPool>,
     peer: &dyn fmt::Display,
 ) -> Outcome {
+    match receive_verified(store, check, raw_name, source, pool, peer) {
+        Ok(file) => {
+            let mut batch = Batch::default();
+            batch.push(file);
+            match batch.commit(peer).pop() {
+                Some(committed) => committed.into(),
+                None => Outcome::Failed {
+                    code: Code::Io,
+                    reason: "the file was not committed".to_string(),
+                    in_sync: true,
+                },
+            }
+        }
+        Err(outcome) => outcome,
+    }
+}
+
+/// Receives an upload whose head (for a frame: header, raw `name` and first tag, already
+/// checked) has been read, checked as `check` says, up to a verified file in its temp file, to
+/// be committed (`batch`); any other ending is the `Outcome` to answer. `peer` only labels
+/// logs. The steps: the name, the temp file (or the partial it resumes), the body into it
+/// while hashing, the checksum to compare with (trailing, or the header's), the verdict.
+pub fn receive_verified<'s>(
+    store: &'s Store,
+    check: Check<'_>,
+    raw_name: &[u8],
+    source: &mut dyn BodySource,
+    pool: Option<&HashPool>,
+    peer: &dyn fmt::Display,
+) -> Result<Verified<'s>, Outcome> {
     let unverified_header;
     let (header, trailer_auth, verified, resumable) = match check {
         Check::Frame {
@@ -191,16 +219,11 @@ pub fn receive_checked(
     };
     let started = Instant::now();
     let shown = escaped(raw_name, 255);
-    let name = match checked_name(store, raw_name, &shown, peer) {
-        Ok(n) => n,
-        Err(refused) => return refused,
-    };
+    let name = checked_name(store, raw_name, &shown, peer)?;
     let size = header.size;
-    let holder = source.holder();
-    let (mut pending, offset) = match begin(store, name, header, resumable, holder, &shown, peer) {
-        Ok(p) => p,
-        Err(refused) => return refused,
-    };
+    // Only a resumable upload lists its connection as its partial's holder.
+    let holder = if resumable { source.holder() } else { None };
+    let (mut pending, offset) = begin(store, name, header, resumable, holder, &shown, peer)?;
     logger::debug!("{peer} receiving \"{shown}\" ({size} B)");
     let up = Receiving {
         peer,
@@ -213,29 +236,26 @@ pub fn receive_checked(
         // The peer waits for this line before it sends the body from `offset` on.
         if let Err(lost) = source.tell(&answer::resume_line(offset)) {
             logger::warn!("{peer} file \"{}\" lost before its body: {lost}", up.shown);
-            return Outcome::Lost(lost);
+            return Err(Outcome::Lost(lost));
         }
         if offset > 0 {
             logger::info!("{peer} resuming \"{}\" at {offset} of {size} B", up.shown);
         }
     }
-    let got = match up.body(&mut pending, source, header.algo, pool) {
-        Ok(got) => got,
-        Err(outcome) => return outcome,
-    };
+    let got = up.body(&mut pending, source, header.algo, pool)?;
     let (want, said) = if !verified {
         (got, "")
     } else if header.trailing {
         // The checksum (and, with a key, the tag binding it) follows the body.
         match up.trailer(&pending, source, trailer_auth.as_ref()) {
             Ok(sum) => (sum, "the trailing checksum says"),
-            Err(outcome) => return outcome,
+            Err(outcome) => return Err(outcome),
         }
     } else {
         (header.checksum, "header says")
     };
     if got != want {
-        return up.mismatch(pending, header.algo, &got, &want, said);
+        return Err(up.mismatch(pending, header.algo, &got, &want, said));
     }
     let how = if !verified {
         "unverified (NAME**SIZE upload, no checksum), "
@@ -244,7 +264,7 @@ pub fn receive_checked(
     } else {
         ""
     };
-    up.commit(pending, header.algo, got, how)
+    Ok(up.verified(pending, header.algo, got, how))
 }
 
 /// The upload's name, checked by the rules of the store (with or without subdirectories).
@@ -519,45 +539,45 @@ impl Receiving<'_> {
         Outcome::Mismatch { reason }
     }
 
-    /// The verdict for a body whose checksum matched: the file goes under its final name.
-    fn commit(
-        &self,
-        pending: Pending<'_>,
+    /// The verdict for a body whose checksum matched: a verified file, to be committed.
+    fn verified<'s>(
+        self,
+        pending: Pending<'s>,
         algo: Algo,
         got: [u8; CHECKSUM_LEN],
-        how: &str,
-    ) -> Outcome {
-        let (peer, shown, size) = (self.peer, &self.shown, self.size);
-        match pending.commit() {
-            Ok(stored_name) => {
-                let took = self.started.elapsed();
-                logger::info!(
-                    "{peer} stored \"{shown}\" as \"{}\" ({size} B, {algo} {}, {how}{} s, {} MB/s)",
-                    escaped(stored_name.as_bytes(), 255),
-                    answer::hex(&got),
-                    Fixed::secs(took, 2),
-                    Fixed::mb_per_s(size, took)
-                );
-                Outcome::Stored {
-                    stored_name,
-                    size,
-                    checksum: got,
-                }
-            }
-            Err(e) => {
-                let code = match e {
-                    StoreError::Exists(_)
-                    | StoreError::NoFreeName(_)
-                    | StoreError::Path(WalkError::NotADirectory(_)) => Code::Exists,
-                    _ => Code::Io,
-                };
-                logger::error!("{peer} file \"{shown}\" not stored: {code}: {e}");
-                Outcome::Failed {
-                    code,
-                    reason: e.to_string(),
-                    in_sync: true,
-                }
-            }
+        how: &'static str,
+    ) -> Verified<'s> {
+        Verified {
+            pending,
+            about: About {
+                shown: self.shown.to_string(),
+                size: self.size,
+                algo,
+                checksum: got,
+                how,
+                started: self.started,
+            },
+        }
+    }
+}
+
+impl From<Committed> for Outcome {
+    fn from(c: Committed) -> Outcome {
+        match c {
+            Committed::Stored {
+                stored_name,
+                size,
+                checksum,
+            } => Outcome::Stored {
+                stored_name,
+                size,
+                checksum,
+            },
+            Committed::Failed { code, reason } => Outcome::Failed {
+                code,
+                reason,
+                in_sync: true,
+            },
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The upload directory: where a file's bytes go while they arrive (an exclusive hidden temp file)
 //! and how a complete, verified file gets its final name without ever clobbering another.
 //!
-//! Invariant: a file under a final name is complete and verified. Until `Pending::commit`, the
+//! Invariant: a file under a final name is complete and verified. Until `Pending::place`, the
 //! bytes live in `.ferryd-<random>.part`, which no upload can name and which is removed on any
 //! failure (and at start-up, if a crash left one behind: one its upload still holds, `flock`ed,
 //! belongs to another ferryd over the same directory and stays).
@@ -36,7 +36,7 @@ use crate::proto::name::{RESERVED_PREFIX, split_path};
 mod pending;
 mod resumable;
 
-pub use pending::Pending;
+pub use pending::{Pending, Placed};
 use pending::{Reservation, create_temp};
 
 /// Suffix of temporary files.
@@ -339,7 +339,7 @@ impl Store {
         *reserved = reserved.saturating_sub(n);
     }
 
-    /// Early answers save the transfer; `commit` still refuses atomically if a name is taken
+    /// Early answers save the transfer; `place` still refuses atomically if a name is taken
     /// meanwhile. For a name with subdirectories, a symlink or a file on the way to its
     /// directory is refused here (nothing is created); a name that is a directory is refused
     /// unless `rename` can pick another.
