@@ -4,9 +4,10 @@
 //!
 //! Prints, for ferryd and, measured the same way in the same run, for `busybox nc`, `socat` and
 //! `ncat` (the anchors of README's footprint table):
-//!   1. the binary's size, stripped (`strip -o`; ferryd is built by the bench profile, which is the
-//!      release profile), and that of the aarch64 and armv7 release builds of `bash .ci/cross`
-//!      (Debian's toolchain; stripped with the cross binutils; run it first);
+//!   1. the binary's size, stripped (`strip -o`): ferryd's board build (`cargo build --profile
+//!      embedded`, which this bench runs: the release build with panics that abort), and the
+//!      aarch64 and armv7 board builds of `bash .ci/cross` (Debian's toolchain; stripped with the
+//!      cross binutils; run it first); the memory figures below are the release build's;
 //!   2. the private memory of an idle server (Private_Clean + Private_Dirty of
 //!      `/proc/PID/smaps_rollup`, after it listens and settles): ferryd on the shipped
 //!      config/config.toml (only the port and upload directory changed), the others as listening
@@ -71,14 +72,14 @@ fn main() {
             "{tool} is missing: apt-get install -y --no-install-recommends {package}"
         );
     }
-    let ferryd = args
+    let given = args
         .iter()
         .position(|a| a == "--ferryd")
         .and_then(|i| args.get(i + 1))
-        .map_or_else(
-            || PathBuf::from(env!("CARGO_BIN_EXE_ferryd")),
-            PathBuf::from,
-        );
+        .map(PathBuf::from);
+    // The size is the board build's; the memory, the release build's (the same code, unwinding).
+    let sized = given.clone().unwrap_or_else(embedded_binary);
+    let ferryd = given.unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ferryd")));
     println!("ferryd footprint benchmark: {ROUNDS} rounds per memory figure, servers alternated");
 
     let mut rows: Vec<Row> = Vec::new();
@@ -88,9 +89,10 @@ fn main() {
         ("socat", which("socat")),
         ("ncat", which("ncat")),
     ] {
+        let sized = if name == "ferryd" { &sized } else { &path };
         rows.push(Row {
             name,
-            binary_kib: stripped_kib(&path, "strip"),
+            binary_kib: stripped_kib(sized, "strip"),
             idle_kib: Vec::new(),
             per_conn_kib: Vec::new(),
         });
@@ -219,19 +221,37 @@ const CROSS: [(&str, &str, &str); 2] = [
     ),
 ];
 
-/// The release binary `.ci/cross` built for `triple` (in target/cross, or `$FERRYD_CROSS_DIR`).
+/// The board binary `.ci/cross` built for `triple` (in target/cross, or `$FERRYD_CROSS_DIR`).
 fn cross_binary(triple: &str) -> PathBuf {
     let dir = std::env::var_os("FERRYD_CROSS_DIR").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/cross"),
         PathBuf::from,
     );
-    let bin = dir.join(triple).join("release/ferryd");
+    let bin = dir.join(triple).join("embedded/ferryd");
     assert!(
         bin.is_file(),
         "no {triple} build at {}: run `bash .ci/cross` first",
         bin.display()
     );
     bin
+}
+
+/// Builds the board binary for this machine (`cargo build --profile embedded`, no C compiler) and
+/// returns its path.
+fn embedded_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
+        PathBuf::from,
+    );
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--profile", "embedded", "--quiet"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("CC", "false")
+        .env("CXX", "false")
+        .status()
+        .unwrap();
+    assert!(status.success(), "cargo build --profile embedded failed");
+    target.join("embedded/ferryd")
 }
 
 /// Size of `path` once stripped by `strip`, in KiB (a copy is stripped; the original is left

@@ -133,7 +133,7 @@ fn build_board(dir: &Path) {
     );
     let cross_dir = std::env::var_os("FERRYD_CROSS_DIR")
         .map_or_else(|| repo().join("target/cross"), PathBuf::from);
-    let ferryd = cross_dir.join(TRIPLE).join("release/ferryd.stripped");
+    let ferryd = cross_dir.join(TRIPLE).join("embedded/ferryd.stripped");
     let mut make = Command::new("bash");
     make.arg(repo().join("tests/arm/make-initramfs.sh"))
         .arg(&ferryd)
