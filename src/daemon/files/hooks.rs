@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, select};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::pipe::{PipeFlags, pipe_with};
 
@@ -70,7 +70,9 @@ struct Run {
 /// The hook queue and its threads.
 #[derive(Debug)]
 pub struct Hooks {
-    tx: Sender<Run>,
+    /// Dropped at daemon stop: the hook threads take what is left (not running it) and, once
+    /// the queue is empty, see the disconnection and end.
+    tx: Mutex<Option<Sender<Run>>>,
     rx: Receiver<Run>,
     workers: usize,
     depth: usize,
@@ -79,9 +81,6 @@ pub struct Hooks {
     next_id: AtomicU64,
     reaper: Arc<Reaper>,
     stop: Arc<Stop>,
-    /// Dropped at daemon stop: the hook threads see the disconnection and end.
-    stop_tx: Mutex<Option<Sender<()>>>,
-    stop_rx: Receiver<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -125,9 +124,8 @@ impl Hooks {
     pub fn new(cfg: &Config, stack: usize) -> Hooks {
         let depth = cfg.files.hook_queue_depth.max(1);
         let (tx, rx) = crossbeam_channel::bounded(depth);
-        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         Hooks {
-            tx,
+            tx: Mutex::new(Some(tx)),
             rx,
             workers: cfg.files.hook_workers.max(1),
             depth,
@@ -136,8 +134,6 @@ impl Hooks {
             next_id: AtomicU64::new(1),
             reaper: Arc::default(),
             stop: Arc::default(),
-            stop_tx: Mutex::new(Some(stop_tx)),
-            stop_rx,
             threads: Mutex::new(Vec::new()),
         }
     }
@@ -148,7 +144,7 @@ impl Hooks {
     pub fn stop(&self, grace: Duration) {
         *self.stop.at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + grace);
         drop(
-            self.stop_tx
+            self.tx
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
@@ -216,7 +212,12 @@ impl Hooks {
             label: escaped(stored_name.as_bytes(), 255).to_string(),
         };
         self.start();
-        match self.tx.try_send(run) {
+        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        // After the daemon's stop a hook is not queued (nor counted: the count is logged).
+        let Some(tx) = tx.as_ref() else {
+            return;
+        };
+        match tx.try_send(run) {
             Ok(()) => {}
             Err(TrySendError::Full(run)) => logger::warn!(
                 "hook for \"{}\" not run: {} files already wait for a hook (files.hook_queue_depth); the file stays stored",
@@ -241,21 +242,17 @@ impl Hooks {
         let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
         for index in 0..self.workers {
             let rx = self.rx.clone();
-            let stop_rx = self.stop_rx.clone();
             let stop = Arc::clone(&self.stop);
             let reaper = Arc::clone(&self.reaper);
             let spawned = threads::spawn(
                 format!("hook-{index}"),
                 Some(self.stack),
                 Box::new(move || {
-                    loop {
-                        select! {
-                            recv(rx) -> run => match run {
-                                Ok(run) if stop.at().is_some() => stop.skip(run),
-                                Ok(run) => execute(&run, &reaper, &stop),
-                                Err(_) => return,
-                            },
-                            recv(stop_rx) -> _ => return,
+                    for run in rx.iter() {
+                        if stop.at().is_some() {
+                            stop.skip(run);
+                        } else {
+                            execute(&run, &reaper, &stop);
                         }
                     }
                 }),
