@@ -4,7 +4,7 @@
 //! a tag of its name): built by listing it at start-up and at each sweep, kept current by the
 //! claims in between, so that a claim opens one computed name and never lists the directory.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
@@ -113,10 +113,10 @@ impl Inner {
 
     /// The oldest partial not in `skip`, with when it was last claimed (one pass over the
     /// index, which `files.resume_max_count` bounds).
-    pub fn oldest_except(&self, skip: &HashSet<String>) -> Option<(SystemTime, String)> {
+    pub fn oldest_except(&self, skip: &[String]) -> Option<(SystemTime, String)> {
         self.entries
             .iter()
-            .filter(|(name, _)| !skip.contains(*name))
+            .filter(|(name, _)| !skip.contains(name))
             .map(|(name, e)| (e.since, name))
             .min()
             .map(|(since, name)| (since, name.clone()))
@@ -161,9 +161,9 @@ mod tests {
         i.insert("c".into(), entry("t1", 5, 2));
         assert_eq!((i.count(), i.bytes()), (3, 35));
         assert_eq!(i.by_tag("t1"), Some("c"));
-        let none = HashSet::new();
+        let none = [];
         assert_eq!(i.oldest_except(&none).map(|(_, n)| n), Some("b".into()));
-        let skip: HashSet<String> = ["b".to_string()].into();
+        let skip = ["b".to_string()];
         assert_eq!(i.oldest_except(&skip).map(|(_, n)| n), Some("c".into()));
         // Replacing an entry does not count it twice.
         i.insert("b".into(), entry("t2", 20, 9));
