@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select_biased};
@@ -63,9 +63,10 @@ struct Pool {
     live: AtomicUsize,
     /// Workers without a connection: starting, or waiting for one.
     idle: AtomicUsize,
-    /// A worker left the pool (at most one signal pending; the waiter counts `live` again).
-    gone_tx: Sender<()>,
-    gone_rx: Receiver<()>,
+    /// Notified when a worker leaves the pool (under `gone_lock`, so that `wait_workers_gone`,
+    /// which counts `live` under it, never misses one).
+    gone: Condvar,
+    gone_lock: Mutex<()>,
     /// Set by `close`: a worker that retires does not come back.
     closed: AtomicBool,
 }
@@ -90,7 +91,6 @@ impl Queue {
             senders.try_into().unwrap_or_else(|_| unreachable!());
         let receivers: [Receiver<Waiting>; LANES] =
             receivers.try_into().unwrap_or_else(|_| unreachable!());
-        let (gone_tx, gone_rx) = bounded(1);
         Queue {
             pool: Arc::new(Pool {
                 lanes: receivers,
@@ -102,8 +102,8 @@ impl Queue {
                 max_workers,
                 live: AtomicUsize::new(0),
                 idle: AtomicUsize::new(0),
-                gone_tx,
-                gone_rx,
+                gone: Condvar::new(),
+                gone_lock: Mutex::new(()),
                 closed: AtomicBool::new(false),
             }),
         }
@@ -161,11 +161,20 @@ impl Queue {
     /// Waits until every worker has left the pool or `deadline` passes; returns how many are
     /// still in it.
     pub fn wait_workers_gone(&self, deadline: Instant) -> usize {
+        let pool = &self.pool;
+        let mut lock = pool
+            .gone_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         loop {
             let live = self.live_workers();
-            if live == 0 || self.pool.gone_rx.recv_deadline(deadline).is_err() {
-                return self.live_workers();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if live == 0 || left.is_zero() {
+                return live;
             }
+            lock = (pool.gone.wait_timeout(lock, left))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -308,7 +317,11 @@ impl Pool {
             self.idle.fetch_sub(1, Ordering::SeqCst);
         }
         self.live.fetch_sub(1, Ordering::SeqCst);
-        let _ = self.gone_tx.try_send(());
+        let _lock = self
+            .gone_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.gone.notify_all();
     }
 }
 
