@@ -2,7 +2,7 @@
 //! per lane (`net::lanes`), and the worker pool's counts. The accept thread sends into the lanes
 //! and holds receivers too, so that it can take back the connections that waited
 //! `server.queue_timeout_secs` and, when the queue is full, the oldest of a heavier lane for a
-//! newcomer to wait in its place. Workers take with `select_biased!`, the lightest lane first.
+//! newcomer to wait in its place. Workers take with a biased `Select`, the lightest lane first.
 //! A worker that has read a balancer connection's PROXY header may put it back, in its client's
 //! lane with its arrival time (`Worker::put_back`); every send, the accept thread's and the
 //! workers', goes through one lock (`Sending`) that keeps the arrival times in the lanes' order.
@@ -19,14 +19,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select_biased};
+use crossbeam_channel::{Receiver, Select, Sender, TrySendError, bounded};
 
 use crate::daemon::net::lanes::{self, LANES, Lane};
 use crate::daemon::net::recent::Recent;
 use crate::daemon::shared::Job;
-
-// `Worker::next` has one `recv` arm per lane.
-const _: () = assert!(LANES == 4);
 
 /// A connection in the queue, with when it arrived (kept when a worker puts it back).
 pub struct Waiting {
@@ -329,8 +326,8 @@ impl Worker {
     /// The wait for the next connection, the lightest lane first. `None` once the queue is
     /// closed, or when none came within `keep`: the worker has then retired (it is no longer
     /// counted) and its thread ends.
-    // Not inlined: `select_biased!` builds its operations on the stack, which would otherwise
-    // stay in the worker's frame under every connection it serves (see `conn::READ_BUF`).
+    // Not inlined: the selection's state would otherwise stay in the worker's frame under
+    // every connection it serves (see `conn::READ_BUF`).
     #[inline(never)]
     pub fn next(&mut self, keep: Duration) -> Option<Waiting> {
         let pool = &*self.pool;
@@ -339,12 +336,16 @@ impl Worker {
             self.idle = true;
         }
         loop {
-            let got = select_biased! {
-                recv(pool.lanes[0]) -> w => w.ok(),
-                recv(pool.lanes[1]) -> w => w.ok(),
-                recv(pool.lanes[2]) -> w => w.ok(),
-                recv(pool.lanes[3]) -> w => w.ok(),
-                default(keep) => None,
+            let mut sel = Select::new_biased();
+            for lane in &pool.lanes {
+                sel.recv(lane);
+            }
+            let got = match sel.select_timeout(keep) {
+                Ok(op) => {
+                    let lane = op.index();
+                    op.recv(&pool.lanes[lane]).ok()
+                }
+                Err(_) => None,
             };
             if let Some(w) = got {
                 pool.idle.fetch_sub(1, Ordering::SeqCst);
