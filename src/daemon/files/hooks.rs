@@ -37,7 +37,7 @@ use crate::hookargs::{self, Stored};
 use crate::logger;
 use crate::proto::decimal::Fixed;
 use crate::proto::wire;
-use crate::threads;
+use crate::threads::{self, Body};
 
 /// Bytes of a hook's output (stdout and stderr together) kept for the log; the rest is read
 /// and counted, never stored.
@@ -70,10 +70,11 @@ struct Run {
 /// The hook queue and its threads.
 #[derive(Debug)]
 pub struct Hooks {
-    /// Dropped at daemon stop: the hook threads take what is left (not running it) and, once
-    /// the queue is empty, see the disconnection and end.
-    tx: Mutex<Option<Sender<Run>>>,
-    rx: Receiver<Run>,
+    /// Each queued hook is a job that runs it (`execute`) or, once the daemon stops, only counts
+    /// it as not run (`Stop::skip`). Dropped at daemon stop: the hook threads take what is left
+    /// and, once the queue is empty, see the disconnection and end.
+    tx: Mutex<Option<Sender<Body>>>,
+    rx: Receiver<Body>,
     workers: usize,
     depth: usize,
     stack: usize,
@@ -149,8 +150,9 @@ impl Hooks {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
-        while let Ok(run) = self.rx.try_recv() {
-            self.stop.skip(run);
+        // Each job left finds the stop set and only counts its hook as not run.
+        while let Ok(job) = self.rx.try_recv() {
+            job();
         }
         let threads =
             std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
@@ -212,20 +214,28 @@ impl Hooks {
             label: escaped(stored_name.as_bytes(), 255).to_string(),
         };
         self.start();
+        let label = run.label.clone();
+        let (stop, reaper) = (Arc::clone(&self.stop), Arc::clone(&self.reaper));
+        let job: Body = Box::new(move || {
+            if stop.at().is_some() {
+                stop.skip(run);
+            } else {
+                execute(&run, &reaper, &stop);
+            }
+        });
         let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
         // After the daemon's stop a hook is not queued (nor counted: the count is logged).
         let Some(tx) = tx.as_ref() else {
             return;
         };
-        match tx.try_send(run) {
+        match tx.try_send(job) {
             Ok(()) => {}
-            Err(TrySendError::Full(run)) => logger::warn!(
-                "hook for \"{}\" not run: {} files already wait for a hook (files.hook_queue_depth); the file stays stored",
-                run.label,
+            Err(TrySendError::Full(_)) => logger::warn!(
+                "hook for \"{label}\" not run: {} files already wait for a hook (files.hook_queue_depth); the file stays stored",
                 self.depth
             ),
-            Err(TrySendError::Disconnected(run)) => {
-                logger::warn!("hook for \"{}\" not run: no hook thread", run.label)
+            Err(TrySendError::Disconnected(_)) => {
+                logger::warn!("hook for \"{label}\" not run: no hook thread")
             }
         }
     }
@@ -242,18 +252,12 @@ impl Hooks {
         let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
         for index in 0..self.workers {
             let rx = self.rx.clone();
-            let stop = Arc::clone(&self.stop);
-            let reaper = Arc::clone(&self.reaper);
             let spawned = threads::spawn(
                 format!("hook-{index}"),
                 Some(self.stack),
                 Box::new(move || {
-                    for run in rx.iter() {
-                        if stop.at().is_some() {
-                            stop.skip(run);
-                        } else {
-                            execute(&run, &reaper, &stop);
-                        }
+                    for job in rx.iter() {
+                        job();
                     }
                 }),
             );
