@@ -17,6 +17,7 @@ pub mod proto;
 mod cli;
 mod client;
 mod config;
+mod cpus;
 mod daemon;
 mod deadline;
 mod escape;

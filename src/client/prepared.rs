@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::client::options::{ClientError, Form, RESUME_MIN};
 use crate::client::progress::Progress;
 use crate::client::{filehash, stdin};
+use crate::cpus;
 use crate::proto::{Algo, HEADER_LEN, Header, name};
 use crate::threads;
 
@@ -352,7 +353,7 @@ impl Prepared {
 /// How many times to halve the file's hash tree for parallel hashing: enough subtrees for every
 /// core, twice over, so that uneven halves still keep all cores busy.
 pub(super) fn hash_depth() -> u32 {
-    let cores = thread::available_parallelism().map_or(1, usize::from) as u32;
+    let cores = cpus::count() as u32;
     if cores <= 1 {
         0
     } else {

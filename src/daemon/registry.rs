@@ -5,7 +5,6 @@
 //! (queued) to its end; its worker updates the live state with relaxed atomics, once per read or
 //! write, never per byte.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
@@ -28,7 +27,8 @@ pub struct Registry {
 #[derive(Debug, Default)]
 struct Inner {
     next_id: u64,
-    conns: HashMap<u64, Arc<Live>>,
+    /// In id order, so oldest first: ids grow, and each is pushed under the lock that gave it.
+    conns: Vec<Arc<Live>>,
 }
 
 /// What a connection is doing, as `ferryd ctl list` shows it.
@@ -154,7 +154,7 @@ impl Registry {
             chat_out: OnceLock::new(),
             wire: Mutex::new(Wire::default()),
         });
-        inner.conns.insert(id, Arc::clone(&live));
+        inner.conns.push(Arc::clone(&live));
         Registration {
             inner: Arc::clone(&self.inner),
             live,
@@ -165,23 +165,20 @@ impl Registry {
     pub fn count(&self) -> usize {
         lock(&self.inner)
             .conns
-            .values()
+            .iter()
             .filter(|l| l.stream.get().is_some())
             .count()
     }
 
     /// Every listed connection, oldest first.
     pub fn snapshot(&self) -> Vec<Arc<Live>> {
-        let mut all: Vec<Arc<Live>> = lock(&self.inner).conns.values().cloned().collect();
-        // Ids are unique: an unstable sort gives the same order, with the code the other sorts use.
-        all.sort_unstable_by_key(|l| l.id);
-        all
+        lock(&self.inner).conns.clone()
     }
 
     /// Shuts the read side of every served connection: a worker blocked in `read` sees end of
     /// input at once, and can still write its goodbye line.
     pub fn wake_readers(&self) {
-        for live in lock(&self.inner).conns.values() {
+        for live in &lock(&self.inner).conns {
             if let Some(stream) = live.stream.get() {
                 let _ = stream.shutdown(Shutdown::Read);
             }
@@ -190,7 +187,7 @@ impl Registry {
 
     /// Shuts both directions of every served connection, waking workers blocked in `write` too.
     pub fn close_all(&self) {
-        for live in lock(&self.inner).conns.values() {
+        for live in &lock(&self.inner).conns {
             if let Some(stream) = live.stream.get() {
                 let _ = stream.shutdown(Shutdown::Both);
             }
@@ -213,7 +210,10 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&self.inner).conns.remove(&self.live.id);
+        let mut inner = lock(&self.inner);
+        if let Ok(at) = inner.conns.binary_search_by_key(&self.live.id, |l| l.id) {
+            inner.conns.remove(at);
+        }
     }
 }
 

@@ -38,11 +38,13 @@ pub struct Board {
 #[derive(Debug, Default)]
 struct Inner {
     next_id: u64,
-    entries: HashMap<u64, Entry>,
+    /// In id order: ids grow, and each is pushed under the lock that gave it.
+    entries: Vec<Entry>,
 }
 
 #[derive(Debug)]
 struct Entry {
+    id: u64,
     ip: IpAddr,
     stream: Arc<TcpStream>,
     state: Arc<AtomicU64>,
@@ -82,15 +84,13 @@ impl Board {
         let mut inner = self.lock();
         let id = inner.next_id;
         inner.next_id += 1;
-        inner.entries.insert(
+        inner.entries.push(Entry {
             id,
-            Entry {
-                // The heaviest address is the heaviest group (an IPv6 peer's /64 by default).
-                ip: addrgroup::of(ip),
-                stream,
-                state: Arc::clone(&state),
-            },
-        );
+            // The heaviest address is the heaviest group (an IPv6 peer's /64 by default).
+            ip: addrgroup::of(ip),
+            stream,
+            state: Arc::clone(&state),
+        });
         Place {
             board: self,
             id,
@@ -114,7 +114,7 @@ impl Board {
         // Workers held per address, not counting those already leaving. (u64 counts: the same
         // map type as the refusal log's, one copy of the hash table code for both.)
         let mut held: HashMap<IpAddr, u64> = HashMap::new();
-        for e in inner.entries.values() {
+        for e in &inner.entries {
             if e.state.load(Ordering::SeqCst) != EVICTED {
                 *held.entry(e.ip).or_insert(0) += 1;
             }
@@ -123,7 +123,7 @@ impl Board {
         for _ in 0..4 {
             let chosen = inner
                 .entries
-                .values()
+                .iter()
                 .filter_map(|e| {
                     let s = e.state.load(Ordering::SeqCst);
                     let waited = s != BUSY && s != EVICTED && s >> 1 <= latest;
@@ -222,7 +222,11 @@ impl Place<'_> {
 
 impl Drop for Place<'_> {
     fn drop(&mut self) {
-        self.board.lock().entries.remove(&self.id);
+        let mut inner = self.board.lock();
+        if let Ok(at) = inner.entries.binary_search_by_key(&self.id, |e| e.id) {
+            inner.entries.remove(at);
+        }
+        drop(inner);
         if self.is_evicted() {
             self.board.evicting.fetch_sub(1, Ordering::SeqCst);
         }
@@ -272,8 +276,8 @@ mod tests {
         writer.set(((board.since(t0) + 1) << 1) | WRITING);
         writer_peer.write_all(b"more and more").unwrap();
         let arrived = (0..500).any(|_| {
-            let both = has_unread(&board.lock().entries[&0].stream)
-                && has_unread(&board.lock().entries[&1].stream);
+            let both = has_unread(&board.lock().entries[0].stream)
+                && has_unread(&board.lock().entries[1].stream);
             both || {
                 std::thread::sleep(Duration::from_millis(10));
                 false

@@ -62,7 +62,7 @@ impl State {
         if sender_was_oldest {
             self.trim();
         }
-        for (&id, m) in &mut self.members {
+        for (&id, m) in self.members.iter_mut() {
             if m.waiting && m.listening && Some(id) != from {
                 m.waiting = false;
                 m.wake.notify_one();

@@ -34,9 +34,11 @@ use crate::peer::Peer;
 use crate::proto::wire;
 
 mod backlog;
+mod members;
 mod notices;
 mod operator;
 
+use members::Members;
 use notices::{Notice, NoticeGate};
 
 /// A message on its way to members: the bytes of one or more whole lines, shared by all writers.
@@ -103,7 +105,7 @@ pub struct Writer<'r> {
 #[derive(Debug, Default)]
 struct State {
     next_id: u64,
-    members: HashMap<u64, Member>,
+    members: Members,
     log: VecDeque<Entry>,
     /// The sequence number of `log[0]`.
     first_seq: u64,

@@ -17,7 +17,6 @@
 //! daemon is a hook's leftover, and `remains` reaps those that have ended. The daemon starts no
 //! other processes.
 
-use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::process::{Child, Command};
@@ -38,10 +37,11 @@ pub const RUN_ENV: &str = "FERRYD_HOOK_RUN";
 const KILL_FOR: Duration = Duration::from_secs(2);
 const KILL_STEP: Duration = Duration::from_millis(20);
 
-/// The hook leaders being waited for by their threads (never reaped here).
+/// The hook leaders being waited for by their threads (never reaped here): one per hook thread
+/// at most, so a short list.
 #[derive(Debug, Default)]
 pub struct Reaper {
-    leaders: Mutex<HashSet<i32>>,
+    leaders: Mutex<Vec<i32>>,
 }
 
 impl Reaper {
@@ -59,13 +59,13 @@ impl Reaper {
     pub fn spawn(&self, cmd: &mut Command) -> io::Result<Child> {
         let mut leaders = self.lock();
         let child = cmd.spawn()?;
-        leaders.insert(child.id() as i32);
+        leaders.push(child.id() as i32);
         Ok(child)
     }
 
     /// The leader `pid` has been reaped by its thread.
     pub fn leader_done(&self, pid: u32) {
-        self.lock().remove(&(pid as i32));
+        self.lock().retain(|&leader| leader != pid as i32);
     }
 
     /// After the leader of group `pgid` has been reaped: reaps what of the hook has ended, and
@@ -126,7 +126,7 @@ impl Reaper {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashSet<i32>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<i32>> {
         self.leaders.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, select};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::pipe::{PipeFlags, pipe_with};
 
@@ -37,7 +37,7 @@ use crate::hookargs::{self, Stored};
 use crate::logger;
 use crate::proto::decimal::Fixed;
 use crate::proto::wire;
-use crate::threads;
+use crate::threads::{self, Body};
 
 /// Bytes of a hook's output (stdout and stderr together) kept for the log; the rest is read
 /// and counted, never stored.
@@ -70,8 +70,11 @@ struct Run {
 /// The hook queue and its threads.
 #[derive(Debug)]
 pub struct Hooks {
-    tx: Sender<Run>,
-    rx: Receiver<Run>,
+    /// Each queued hook is a job that runs it (`execute`) or, once the daemon stops, only counts
+    /// it as not run (`Stop::skip`). Dropped at daemon stop: the hook threads take what is left
+    /// and, once the queue is empty, see the disconnection and end.
+    tx: Mutex<Option<Sender<Body>>>,
+    rx: Receiver<Body>,
     workers: usize,
     depth: usize,
     stack: usize,
@@ -79,9 +82,6 @@ pub struct Hooks {
     next_id: AtomicU64,
     reaper: Arc<Reaper>,
     stop: Arc<Stop>,
-    /// Dropped at daemon stop: the hook threads see the disconnection and end.
-    stop_tx: Mutex<Option<Sender<()>>>,
-    stop_rx: Receiver<()>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -125,9 +125,8 @@ impl Hooks {
     pub fn new(cfg: &Config, stack: usize) -> Hooks {
         let depth = cfg.files.hook_queue_depth.max(1);
         let (tx, rx) = crossbeam_channel::bounded(depth);
-        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         Hooks {
-            tx,
+            tx: Mutex::new(Some(tx)),
             rx,
             workers: cfg.files.hook_workers.max(1),
             depth,
@@ -136,8 +135,6 @@ impl Hooks {
             next_id: AtomicU64::new(1),
             reaper: Arc::default(),
             stop: Arc::default(),
-            stop_tx: Mutex::new(Some(stop_tx)),
-            stop_rx,
             threads: Mutex::new(Vec::new()),
         }
     }
@@ -148,13 +145,14 @@ impl Hooks {
     pub fn stop(&self, grace: Duration) {
         *self.stop.at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + grace);
         drop(
-            self.stop_tx
+            self.tx
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
-        while let Ok(run) = self.rx.try_recv() {
-            self.stop.skip(run);
+        // Each job left finds the stop set and only counts its hook as not run.
+        while let Ok(job) = self.rx.try_recv() {
+            job();
         }
         let threads =
             std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
@@ -216,15 +214,28 @@ impl Hooks {
             label: escaped(stored_name.as_bytes(), 255).to_string(),
         };
         self.start();
-        match self.tx.try_send(run) {
+        let label = run.label.clone();
+        let (stop, reaper) = (Arc::clone(&self.stop), Arc::clone(&self.reaper));
+        let job: Body = Box::new(move || {
+            if stop.at().is_some() {
+                stop.skip(run);
+            } else {
+                execute(&run, &reaper, &stop);
+            }
+        });
+        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        // After the daemon's stop a hook is not queued (nor counted: the count is logged).
+        let Some(tx) = tx.as_ref() else {
+            return;
+        };
+        match tx.try_send(job) {
             Ok(()) => {}
-            Err(TrySendError::Full(run)) => logger::warn!(
-                "hook for \"{}\" not run: {} files already wait for a hook (files.hook_queue_depth); the file stays stored",
-                run.label,
+            Err(TrySendError::Full(_)) => logger::warn!(
+                "hook for \"{label}\" not run: {} files already wait for a hook (files.hook_queue_depth); the file stays stored",
                 self.depth
             ),
-            Err(TrySendError::Disconnected(run)) => {
-                logger::warn!("hook for \"{}\" not run: no hook thread", run.label)
+            Err(TrySendError::Disconnected(_)) => {
+                logger::warn!("hook for \"{label}\" not run: no hook thread")
             }
         }
     }
@@ -241,22 +252,12 @@ impl Hooks {
         let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
         for index in 0..self.workers {
             let rx = self.rx.clone();
-            let stop_rx = self.stop_rx.clone();
-            let stop = Arc::clone(&self.stop);
-            let reaper = Arc::clone(&self.reaper);
             let spawned = threads::spawn(
                 format!("hook-{index}"),
                 Some(self.stack),
                 Box::new(move || {
-                    loop {
-                        select! {
-                            recv(rx) -> run => match run {
-                                Ok(run) if stop.at().is_some() => stop.skip(run),
-                                Ok(run) => execute(&run, &reaper, &stop),
-                                Err(_) => return,
-                            },
-                            recv(stop_rx) -> _ => return,
-                        }
+                    for job in rx.iter() {
+                        job();
                     }
                 }),
             );

@@ -1,10 +1,10 @@
-//! The index of the partial bodies in the upload directory, by file name, by the name they were
-//! sent under and oldest first, with their count and announced bytes for the budgets. Derived
-//! from the directory alone (a partial's file name holds its checksum or resume id, its size and
+//! The index of the partial bodies in the upload directory, by file name and by the name they
+//! were sent under, with their count and announced bytes for the budgets. Derived from the
+//! directory alone (a partial's file name holds its checksum or resume id, its size and
 //! a tag of its name): built by listing it at start-up and at each sweep, kept current by the
 //! claims in between, so that a claim opens one computed name and never lists the directory.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
@@ -33,7 +33,6 @@ pub struct Index {
 #[derive(Debug, Default)]
 pub struct Inner {
     entries: HashMap<String, Entry>,
-    by_age: BTreeSet<(SystemTime, String)>,
     /// The name tag's latest partial, for the superseding rule.
     by_tag: HashMap<String, String>,
     bytes: u64,
@@ -86,7 +85,6 @@ impl Inner {
     pub fn insert(&mut self, file_name: String, entry: Entry) {
         self.remove(&file_name);
         self.bytes = self.bytes.saturating_add(entry.size);
-        self.by_age.insert((entry.since, file_name.clone()));
         self.by_tag.insert(entry.tag.clone(), file_name.clone());
         self.entries.insert(file_name, entry);
     }
@@ -94,7 +92,6 @@ impl Inner {
     pub fn remove(&mut self, file_name: &str) -> Option<Entry> {
         let entry = self.entries.remove(file_name)?;
         self.bytes = self.bytes.saturating_sub(entry.size);
-        self.by_age.remove(&(entry.since, file_name.to_string()));
         if self.by_tag.get(&entry.tag).is_some_and(|n| n == file_name) {
             self.by_tag.remove(&entry.tag);
         }
@@ -114,12 +111,15 @@ impl Inner {
         self.by_tag.get(tag).map(String::as_str)
     }
 
-    /// The oldest partial not in `skip`, with when it was last claimed.
-    pub fn oldest_except(&self, skip: &HashSet<String>) -> Option<(SystemTime, String)> {
-        self.by_age
+    /// The oldest partial not in `skip`, with when it was last claimed (one pass over the
+    /// index, which `files.resume_max_count` bounds).
+    pub fn oldest_except(&self, skip: &[String]) -> Option<(SystemTime, String)> {
+        self.entries
             .iter()
-            .find(|(_, name)| !skip.contains(name))
-            .cloned()
+            .filter(|(name, _)| !skip.contains(name))
+            .map(|(name, e)| (e.since, name))
+            .min()
+            .map(|(since, name)| (since, name.clone()))
     }
 }
 
@@ -161,9 +161,9 @@ mod tests {
         i.insert("c".into(), entry("t1", 5, 2));
         assert_eq!((i.count(), i.bytes()), (3, 35));
         assert_eq!(i.by_tag("t1"), Some("c"));
-        let none = HashSet::new();
+        let none = [];
         assert_eq!(i.oldest_except(&none).map(|(_, n)| n), Some("b".into()));
-        let skip: HashSet<String> = ["b".to_string()].into();
+        let skip = ["b".to_string()];
         assert_eq!(i.oldest_except(&skip).map(|(_, n)| n), Some("c".into()));
         // Replacing an entry does not count it twice.
         i.insert("b".into(), entry("t2", 20, 9));

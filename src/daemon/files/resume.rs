@@ -14,7 +14,6 @@
 //! prefix from disk and the rest from the wire, and commits only if the whole file matches the
 //! frame's checksum (in the header, or after the body).
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::time::{Duration, SystemTime};
@@ -194,7 +193,7 @@ pub fn claim(
 /// Removes the partials unclaimed for longer than `keep`, oldest first, up to the first that is
 /// not (those held right now are left, and looked at again next time).
 fn remove_expired(idx: &mut Inner, dir: &File, now: SystemTime, keep: Duration) -> io::Result<()> {
-    let mut held = HashSet::new();
+    let mut held = Vec::new();
     while let Some((since, name)) = idx.oldest_except(&held) {
         if !now.duration_since(since).is_ok_and(|age| age > keep) {
             break;
@@ -205,7 +204,7 @@ fn remove_expired(idx: &mut Inner, dir: &File, now: SystemTime, keep: Duration) 
         } else if is_gone(dir, &name) {
             idx.remove(&name);
         } else {
-            held.insert(name);
+            held.push(name);
         }
     }
     Ok(())
@@ -214,7 +213,7 @@ fn remove_expired(idx: &mut Inner, dir: &File, now: SystemTime, keep: Duration) 
 /// Removes the oldest free partials until one more of `size` bytes fits both budgets; whether
 /// it does.
 fn make_room(idx: &mut Inner, dir: &File, size: u64, limits: Limits) -> io::Result<bool> {
-    let mut held = HashSet::new();
+    let mut held = Vec::new();
     loop {
         let over_count = idx.count() >= limits.max_count;
         if !over_count && idx.bytes().saturating_add(size) <= limits.max_bytes {
@@ -234,7 +233,7 @@ fn make_room(idx: &mut Inner, dir: &File, size: u64, limits: Limits) -> io::Resu
         } else if is_gone(dir, &name) {
             idx.remove(&name);
         } else {
-            held.insert(name);
+            held.push(name);
         }
     }
 }

@@ -8,7 +8,6 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
-use std::thread;
 
 use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
@@ -16,8 +15,8 @@ use blake3::hazmat::{
 use crossbeam_channel::Sender;
 
 use crate::daemon::files::oneshot;
-use crate::logger;
 use crate::threads;
+use crate::{cpus, logger};
 
 /// Piece size: a power of two multiple of BLAKE3's 1 KiB chunk, so that every piece but the last
 /// is a complete subtree.
@@ -68,9 +67,7 @@ impl HashPool {
 
     /// Starts the threads; `None` if none could start.
     fn spawn(&self) -> Option<Sender<Job>> {
-        let threads = thread::available_parallelism()
-            .map_or(1, usize::from)
-            .min(MAX_POOL);
+        let threads = cpus::count().min(MAX_POOL);
         let (tx, rx) = crossbeam_channel::bounded::<Job>(QUEUE);
         let mut started = 0;
         for i in 0..threads {

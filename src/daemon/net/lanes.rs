@@ -3,7 +3,7 @@
 //! `net::queue` carries it out over crossbeam channels; nothing here touches a socket or a clock.
 //!
 //! A connection joins a lane by what is known of its address group when it arrives
-//! (`AddressLoad`), and workers take from the lightest lane first (`select_biased!` in lane
+//! (`AddressLoad`), and workers take from the lightest lane first (a biased `Select` in lane
 //! order): a client from a quiet address does not wait behind a crowd from a busy one, and a
 //! newcomer (no connection held, hardly any made recently: `net::recent`) goes before addresses
 //! that churn, so that 200 addresses reconnecting as fast as they can do not shut it out.

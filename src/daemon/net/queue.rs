@@ -2,7 +2,7 @@
 //! per lane (`net::lanes`), and the worker pool's counts. The accept thread sends into the lanes
 //! and holds receivers too, so that it can take back the connections that waited
 //! `server.queue_timeout_secs` and, when the queue is full, the oldest of a heavier lane for a
-//! newcomer to wait in its place. Workers take with `select_biased!`, the lightest lane first.
+//! newcomer to wait in its place. Workers take with a biased `Select`, the lightest lane first.
 //! A worker that has read a balancer connection's PROXY header may put it back, in its client's
 //! lane with its arrival time (`Worker::put_back`); every send, the accept thread's and the
 //! workers', goes through one lock (`Sending`) that keeps the arrival times in the lanes' order.
@@ -16,17 +16,14 @@
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, select_biased};
+use crossbeam_channel::{Receiver, Select, Sender, TrySendError, bounded};
 
 use crate::daemon::net::lanes::{self, LANES, Lane};
 use crate::daemon::net::recent::Recent;
 use crate::daemon::shared::Job;
-
-// `Worker::next` has one `recv` arm per lane.
-const _: () = assert!(LANES == 4);
 
 /// A connection in the queue, with when it arrived (kept when a worker puts it back).
 pub struct Waiting {
@@ -63,9 +60,10 @@ struct Pool {
     live: AtomicUsize,
     /// Workers without a connection: starting, or waiting for one.
     idle: AtomicUsize,
-    /// A worker left the pool (at most one signal pending; the waiter counts `live` again).
-    gone_tx: Sender<()>,
-    gone_rx: Receiver<()>,
+    /// Notified when a worker leaves the pool (under `gone_lock`, so that `wait_workers_gone`,
+    /// which counts `live` under it, never misses one).
+    gone: Condvar,
+    gone_lock: Mutex<()>,
     /// Set by `close`: a worker that retires does not come back.
     closed: AtomicBool,
 }
@@ -90,7 +88,6 @@ impl Queue {
             senders.try_into().unwrap_or_else(|_| unreachable!());
         let receivers: [Receiver<Waiting>; LANES] =
             receivers.try_into().unwrap_or_else(|_| unreachable!());
-        let (gone_tx, gone_rx) = bounded(1);
         Queue {
             pool: Arc::new(Pool {
                 lanes: receivers,
@@ -102,8 +99,8 @@ impl Queue {
                 max_workers,
                 live: AtomicUsize::new(0),
                 idle: AtomicUsize::new(0),
-                gone_tx,
-                gone_rx,
+                gone: Condvar::new(),
+                gone_lock: Mutex::new(()),
                 closed: AtomicBool::new(false),
             }),
         }
@@ -161,11 +158,20 @@ impl Queue {
     /// Waits until every worker has left the pool or `deadline` passes; returns how many are
     /// still in it.
     pub fn wait_workers_gone(&self, deadline: Instant) -> usize {
+        let pool = &self.pool;
+        let mut lock = pool
+            .gone_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         loop {
             let live = self.live_workers();
-            if live == 0 || self.pool.gone_rx.recv_deadline(deadline).is_err() {
-                return self.live_workers();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if live == 0 || left.is_zero() {
+                return live;
             }
+            lock = (pool.gone.wait_timeout(lock, left))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -308,7 +314,11 @@ impl Pool {
             self.idle.fetch_sub(1, Ordering::SeqCst);
         }
         self.live.fetch_sub(1, Ordering::SeqCst);
-        let _ = self.gone_tx.try_send(());
+        let _lock = self
+            .gone_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.gone.notify_all();
     }
 }
 
@@ -316,8 +326,8 @@ impl Worker {
     /// The wait for the next connection, the lightest lane first. `None` once the queue is
     /// closed, or when none came within `keep`: the worker has then retired (it is no longer
     /// counted) and its thread ends.
-    // Not inlined: `select_biased!` builds its operations on the stack, which would otherwise
-    // stay in the worker's frame under every connection it serves (see `conn::READ_BUF`).
+    // Not inlined: the selection's state would otherwise stay in the worker's frame under
+    // every connection it serves (see `conn::READ_BUF`).
     #[inline(never)]
     pub fn next(&mut self, keep: Duration) -> Option<Waiting> {
         let pool = &*self.pool;
@@ -326,12 +336,16 @@ impl Worker {
             self.idle = true;
         }
         loop {
-            let got = select_biased! {
-                recv(pool.lanes[0]) -> w => w.ok(),
-                recv(pool.lanes[1]) -> w => w.ok(),
-                recv(pool.lanes[2]) -> w => w.ok(),
-                recv(pool.lanes[3]) -> w => w.ok(),
-                default(keep) => None,
+            let mut sel = Select::new_biased();
+            for lane in &pool.lanes {
+                sel.recv(lane);
+            }
+            let got = match sel.select_timeout(keep) {
+                Ok(op) => {
+                    let lane = op.index();
+                    op.recv(&pool.lanes[lane]).ok()
+                }
+                Err(_) => None,
             };
             if let Some(w) = got {
                 pool.idle.fetch_sub(1, Ordering::SeqCst);
