@@ -1,10 +1,10 @@
-//! The index of the partial bodies in the upload directory, by file name and by the name they
-//! were sent under, with their count and announced bytes for the budgets. Derived from the
-//! directory alone (a partial's file name holds its checksum or resume id, its size and
+//! The index of the partial bodies in the upload directory, by file name, by the name they were
+//! sent under and oldest first, with their count and announced bytes for the budgets. Derived
+//! from the directory alone (a partial's file name holds its checksum or resume id, its size and
 //! a tag of its name): built by listing it at start-up and at each sweep, kept current by the
 //! claims in between, so that a claim opens one computed name and never lists the directory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
@@ -33,6 +33,10 @@ pub struct Index {
 #[derive(Debug, Default)]
 pub struct Inner {
     entries: HashMap<String, Entry>,
+    /// Every partial, oldest first (sorted; no two share a name): making room and expiring take
+    /// from the front, a new claim usually goes at the back, so neither passes over up to
+    /// `files.resume_max_count` of them. A sorted deque instead of a B-tree: 7 KiB less code.
+    by_age: VecDeque<(SystemTime, String)>,
     /// The name tag's latest partial, for the superseding rule.
     by_tag: HashMap<String, String>,
     bytes: u64,
@@ -85,6 +89,10 @@ impl Inner {
     pub fn insert(&mut self, file_name: String, entry: Entry) {
         self.remove(&file_name);
         self.bytes = self.bytes.saturating_add(entry.size);
+        let at = self
+            .age_position(entry.since, &file_name)
+            .unwrap_or_else(|at| at);
+        self.by_age.insert(at, (entry.since, file_name.clone()));
         self.by_tag.insert(entry.tag.clone(), file_name.clone());
         self.entries.insert(file_name, entry);
     }
@@ -92,10 +100,19 @@ impl Inner {
     pub fn remove(&mut self, file_name: &str) -> Option<Entry> {
         let entry = self.entries.remove(file_name)?;
         self.bytes = self.bytes.saturating_sub(entry.size);
+        if let Ok(at) = self.age_position(entry.since, file_name) {
+            self.by_age.remove(at);
+        }
         if self.by_tag.get(&entry.tag).is_some_and(|n| n == file_name) {
             self.by_tag.remove(&entry.tag);
         }
         Some(entry)
+    }
+
+    /// Where `(since, file_name)` is in `by_age`, or where it would go.
+    fn age_position(&self, since: SystemTime, file_name: &str) -> Result<usize, usize> {
+        self.by_age
+            .binary_search_by(|(t, n)| (t, n.as_str()).cmp(&(&since, file_name)))
     }
 
     pub fn count(&self) -> usize {
@@ -111,15 +128,13 @@ impl Inner {
         self.by_tag.get(tag).map(String::as_str)
     }
 
-    /// The oldest partial not in `skip`, with when it was last claimed (one pass over the
-    /// index, which `files.resume_max_count` bounds).
+    /// The oldest partial not in `skip` (the few held by uploads right now), with when it was
+    /// last claimed.
     pub fn oldest_except(&self, skip: &[String]) -> Option<(SystemTime, String)> {
-        self.entries
+        self.by_age
             .iter()
-            .filter(|(name, _)| !skip.contains(name))
-            .map(|(name, e)| (e.since, name))
-            .min()
-            .map(|(since, name)| (since, name.clone()))
+            .find(|(_, name)| !skip.contains(name))
+            .cloned()
     }
 }
 
@@ -181,5 +196,51 @@ mod tests {
         let i = index.lock();
         assert_eq!((i.count(), i.bytes()), (2, 21));
         assert_eq!(i.by_tag("t2"), Some("b"));
+    }
+
+    #[test]
+    fn the_age_order_holds_through_any_order_of_claims() {
+        // Claimed out of time order, ties on the time broken by name, re-claimed (moved to the
+        // back), removed from the middle: the oldest is always the least (time, name) left.
+        let index = Index::default();
+        let mut i = index.lock();
+        let mut model: Vec<(u64, String)> = Vec::new();
+        let steps: &[(&str, Option<u64>)] = &[
+            ("p", Some(5)),
+            ("q", Some(2)),
+            ("r", Some(8)),
+            ("s", Some(2)),
+            ("t", Some(1)),
+            ("q", Some(9)),
+            ("r", None),
+            ("u", Some(5)),
+            ("t", None),
+            ("p", Some(0)),
+        ];
+        for (name, claimed) in steps {
+            model.retain(|(_, n)| n != name);
+            match claimed {
+                Some(secs) => {
+                    i.insert((*name).into(), entry(name, 1, *secs));
+                    model.push((*secs, (*name).into()));
+                }
+                None => drop(i.remove(name)),
+            }
+            model.sort();
+            let ages: Vec<(u64, String)> = i
+                .by_age
+                .iter()
+                .map(|(t, n)| {
+                    (
+                        t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+                        n.clone(),
+                    )
+                })
+                .collect();
+            assert_eq!(ages, model, "after {name} {claimed:?}");
+            assert_eq!(i.count(), model.len());
+        }
+        let held = ["p".to_string()];
+        assert_eq!(i.oldest_except(&held).map(|(_, n)| n), Some("s".into()));
     }
 }
