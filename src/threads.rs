@@ -1,9 +1,12 @@
 //! Starting threads through two non-generic functions: each body is a `Box<dyn FnOnce>`, so std's
 //! spawn machinery (the packet, the start routine, its unwinding guard) is in the binary once
-//! instead of once per call site (about 1 KiB each; issue 24).
+//! instead of once per call site (about 1 KiB each; issue 24). Also the thread of a job pool
+//! (the hash pool, the hooks), which runs the boxed jobs a channel brings.
 
 use std::io;
 use std::thread::{self, JoinHandle, Scope, ScopedJoinHandle};
+
+use crossbeam_channel::Receiver;
 
 /// A thread's body.
 pub type Body = Box<dyn FnOnce() + Send + 'static>;
@@ -16,6 +19,24 @@ pub fn spawn(name: String, stack: Option<usize>, body: Body) -> io::Result<JoinH
         builder = builder.stack_size(bytes);
     }
     builder.spawn(body)
+}
+
+/// Starts a pool thread named `name`: it runs each job `jobs` brings, in turn, and ends once the
+/// channel is empty and every sender is gone.
+pub fn spawn_runner(
+    name: String,
+    stack: Option<usize>,
+    jobs: Receiver<Body>,
+) -> io::Result<JoinHandle<()>> {
+    spawn(
+        name,
+        stack,
+        Box::new(move || {
+            for job in jobs.iter() {
+                job();
+            }
+        }),
+    )
 }
 
 /// Starts a thread in `scope`, as `spawn` does; the body may borrow what outlives the scope.

@@ -251,16 +251,8 @@ impl Hooks {
         let mut running = 0;
         let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
         for index in 0..self.workers {
-            let rx = self.rx.clone();
-            let spawned = threads::spawn(
-                format!("hook-{index}"),
-                Some(self.stack),
-                Box::new(move || {
-                    for job in rx.iter() {
-                        job();
-                    }
-                }),
-            );
+            let spawned =
+                threads::spawn_runner(format!("hook-{index}"), Some(self.stack), self.rx.clone());
             match spawned {
                 Ok(t) => {
                     threads.push(t);

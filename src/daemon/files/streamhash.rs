@@ -29,7 +29,7 @@ const MAX_POOL: usize = 4;
 const QUEUE: usize = 64;
 
 /// Work for a pool thread.
-pub type Job = Box<dyn FnOnce() + Send>;
+pub type Job = threads::Body;
 
 /// The hashing threads, started on first use.
 #[derive(Debug)]
@@ -71,16 +71,7 @@ impl HashPool {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(QUEUE);
         let mut started = 0;
         for i in 0..threads {
-            let rx = rx.clone();
-            let spawned = threads::spawn(
-                format!("hash-{i}"),
-                Some(self.stack),
-                Box::new(move || {
-                    for job in rx.iter() {
-                        job();
-                    }
-                }),
-            );
+            let spawned = threads::spawn_runner(format!("hash-{i}"), Some(self.stack), rx.clone());
             match spawned {
                 Ok(_) => started += 1,
                 Err(e) => logger::warn!("cannot start hashing thread {}: {e}", i + 1),
