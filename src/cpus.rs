@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// Where cgroup v2 is mounted (file-hierarchy(7)), as std also assumes.
 const CGROUP_MOUNT: &[u8] = b"/sys/fs/cgroup";
@@ -15,10 +16,14 @@ const CGROUP_MOUNT: &[u8] = b"/sys/fs/cgroup";
 const READ_LIMIT: u64 = 4096;
 
 /// The CPUs this process may run on (1 if the kernel does not say), at most its cgroup's quota
-/// in whole CPUs (at least 1).
+/// in whole CPUs (at least 1). Counted once per process: `send` asks for every file it hashes,
+/// and the count is a handful of syscalls and file reads.
 pub fn count() -> usize {
-    let cpus = rustix::thread::sched_getaffinity(None).map_or(0, |set| set.count() as usize);
-    cpus.max(1).min(quota().max(1))
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| {
+        let cpus = rustix::thread::sched_getaffinity(None).map_or(0, |set| set.count() as usize);
+        cpus.max(1).min(quota().max(1))
+    })
 }
 
 /// The cgroup v2 quota in whole CPUs: the smallest `cpu.max` from this process's cgroup up to
